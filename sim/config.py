@@ -1,0 +1,431 @@
+"""Run configuration: one frozen, documented dataclass tree, loaded from YAML and ``--set key=value``.
+
+Every key is dotted (``kl.beta``, ``train.lr``); values given on the command line are YAML-parsed. Unknown
+keys and invalid values raise :class:`ConfigError` with one line naming the key and the valid choices.
+
+Fields marked *per-run* may differ between runs trained in one batch; all others define the batch's tensor
+program and must be equal (see :func:`batch_signature`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.kl import ESTIMATORS, PLACEMENTS
+
+
+class ConfigError(ValueError):
+    """A configuration error; its message is one line naming the key and the valid choices."""
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    placement: str = "none"
+    """Where the KL penalty enters PPO: ``none`` | ``reward`` (r − β·k, k detached) | ``loss`` (+β·k). Per-run."""
+    estimator: str = "k1"
+    """Per-sample KL estimate: ``k1`` | ``k2`` | ``k3`` | ``full`` (exact per-state KL). Per-run."""
+    beta: float = 0.1
+    """KL coefficient β ≥ 0 (initial value when the controller is adaptive). Per-run."""
+    is_correction: bool = False
+    """Loss placement only: importance-weight the KL term by π_θ/π_old (THEORY.md "Off-policy"). Per-run."""
+    controller: str = "fixed"
+    """``fixed`` | ``adaptive`` (Ziegler et al. 2019: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)). Per-run."""
+    target: float = 0.1
+    """Target KL for the adaptive controller (per episode, nats). Per-run."""
+    horizon: float = 10000.0
+    """Horizon of the adaptive controller, in episodes. Per-run."""
+    clamp: float | None = None
+    """If set, clamp the log-ratio δ to [−clamp, clamp] inside the KL estimators; clamps are counted and logged."""
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    schedule: str = "frozen"
+    """``frozen`` | ``reset`` (π_ref ← π_θ every ``every`` updates) | ``ema`` (parameter-space EMA)."""
+    every: int = 100
+    """Updates between reference refreshes (reset and ema)."""
+    alpha: float = 0.6
+    """EMA weight of the policy: π_ref ← α·π_θ + (1 − α)·π_ref in parameter space."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    updates: int
+    """Number of PPO updates in this phase."""
+    reward_scale: float = 1.0
+    """Multiplier of the task reward during the phase (0 removes the reward to measure recovery)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "sampled"
+    """``sampled`` (PPO on samples) | ``exact`` (expected gradient by enumeration; tabular envs only)."""
+    updates: int = 300
+    """Number of PPO updates (ignored when ``phases`` is given: then it is their sum)."""
+    batch: int = 256
+    """Episodes sampled per update per run."""
+    epochs: int = 4
+    """PPO epochs over each batch (sampled mode)."""
+    minibatches: int = 1
+    """Minibatches per epoch (sampled mode); 1 = full-batch epochs, the least noisy choice for small envs."""
+    optimizer: str = "adam"
+    """``adam`` | ``sgd``."""
+    lr: float = 0.01
+    """Learning rate of policy and value. Per-run."""
+    clip: float = 0.2
+    """PPO ratio clip ε."""
+    gamma: float = 1.0
+    """Discount of GAE (1 = the undiscounted sequence objective of THEORY.md)."""
+    gae_lambda: float = 1.0
+    """GAE λ (1 = reward-to-go minus baseline; what the sequence-level KL gradient needs)."""
+    norm_adv: bool = False
+    """Normalize advantages per run (changes the reward/KL-in-loss balance, so off by default)."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient (sequential envs)."""
+    max_grad_norm: float | None = None
+    """Per-run gradient norm clip, or none."""
+    baseline: str = "auto"
+    """``auto`` (batch mean for one-step envs, learned value otherwise) | ``mean`` | ``value`` | ``none``."""
+    policy: str = "tabular"
+    """``tabular`` (logits per state) | ``mlp`` (per-run MLP over state features, residual on the init logits)."""
+    hidden: int = 64
+    """Hidden width of MLP policies and values."""
+    init: Any = "reference"
+    """``reference`` | ``uniform`` | a list of probabilities (one-state envs)."""
+    phases: tuple[Phase, ...] | None = None
+    """Optional list of ``{updates, reward_scale}``; e.g. reward on, then off to measure recovery."""
+    dtype: str = "float32"
+    """``float32`` | ``float64`` (exact-mode checks use float64)."""
+    backend: str = "native"
+    """``native`` (batched torch engine)."""
+
+    def phase_list(self) -> tuple[Phase, ...]:
+        """The phases actually run (a single reward-scale-1 phase when none are given)."""
+        return self.phases if self.phases else (Phase(self.updates, 1.0),)
+
+    @property
+    def total_updates(self) -> int:
+        return sum(p.updates for p in self.phase_list())
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 1
+    """Log metrics every N updates (the first and last update are always logged)."""
+    trajectories: int = 4
+    """Sampled episodes written to trajectories.parquet per logged update (0 = none)."""
+    policy_every: int = 10
+    """Write the full policy table every N updates (and at the first and last)."""
+    progress: str = "auto"
+    """``auto`` (a rich bar on a terminal, plain lines otherwise) | ``bar`` | ``plain`` | ``none``."""
+
+
+@dataclass(frozen=True)
+class Config:
+    env: dict = field(default_factory=lambda: {"id": "bandit"})
+    """Environment: ``env.id`` (bandit | gaussian_bandit | gridworld | token_tree) and that env's parameters."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0
+    """Seed of the run's random streams. Per-run."""
+    device: str = "cpu"
+    """``cpu`` | ``cuda`` | ``auto`` (CUDA when present)."""
+    threads: int | None = 1
+    """torch intra-op threads of the process training this run (none = torch's default). One thread per
+    process is fastest for reflab's small tensors; sweeps run parallel worker processes instead."""
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (JSON/YAML-serializable)."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+CHOICES: dict[str, tuple] = {
+    "kl.placement": PLACEMENTS,
+    "kl.estimator": ESTIMATORS,
+    "kl.controller": ("fixed", "adaptive"),
+    "reference.schedule": ("frozen", "reset", "ema"),
+    "train.mode": ("sampled", "exact"),
+    "train.optimizer": ("adam", "sgd"),
+    "train.baseline": ("auto", "mean", "value", "none"),
+    "train.policy": ("tabular", "mlp"),
+    "train.dtype": ("float32", "float64"),
+    "train.backend": ("native",),
+    "log.progress": ("auto", "bar", "plain", "none"),
+    "device": ("cpu", "cuda", "auto"),
+}
+
+#: Keys that may differ between runs that share one batch.
+PER_RUN_KEYS = ("seed", "kl.placement", "kl.estimator", "kl.beta", "kl.is_correction", "kl.controller",
+                "kl.target", "kl.horizon", "train.lr")
+
+_SECTIONS = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig}
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def default_dict() -> dict:
+    """The default configuration as a nested dict."""
+    return Config().to_dict()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=VALUE"`` → ``("a.b", yaml-parsed VALUE)``."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key.strip()}: cannot parse value {raw!r} as YAML ({str(e).splitlines()[0]})") from e
+    return key.strip(), value
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    """Set ``d[a][b] = value`` for ``key = "a.b"``, creating nested dicts as needed."""
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """A copy of ``base`` with ``update`` merged in recursively (dicts merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "env":
+            out[k] = deep_merge(out[k], v)
+        elif k == "env" and isinstance(v, dict) and isinstance(out.get(k), dict):
+            # A new env.id starts from that env's defaults rather than the old env's parameters.
+            out[k] = dict(v) if "id" in v and v["id"] != out[k].get("id") else {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping from ``path`` (one clear error if missing or malformed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _check_type(key: str, value: Any, annotation: Any, default: Any) -> Any:
+    ann = str(annotation)
+    if value is None and ("None" in ann or default is None):
+        return None
+    if ann in ("int", "int | None"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if ann in ("float", "float | None"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if ann == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if ann == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build_section(name: str, cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name} must be a mapping of keys, got {data!r}")
+    valid = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{name}.{k}"
+        if k not in valid:
+            raise ConfigError(f"unknown key {key!r}; valid keys of {name}: {', '.join(sorted(valid))}")
+        f = valid[k]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if key == "train.phases":
+            kwargs[k] = _parse_phases(v)
+            continue
+        v = _check_type(key, v, f.type, default)
+        if key in CHOICES and v not in CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, CHOICES[key]))}; got {v!r}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _parse_phases(v: Any) -> tuple[Phase, ...] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list | tuple) or not v:
+        raise ConfigError("train.phases must be a non-empty list of {updates, reward_scale} mappings")
+    out = []
+    for i, ph in enumerate(v):
+        if not isinstance(ph, dict) or set(ph) - {"updates", "reward_scale"} or "updates" not in ph:
+            raise ConfigError(f"train.phases[{i}] must be a mapping with keys updates, reward_scale; got {ph!r}")
+        upd = ph["updates"]
+        if isinstance(upd, bool) or not isinstance(upd, int) or upd < 1:
+            raise ConfigError(f"train.phases[{i}].updates must be a positive integer, got {upd!r}")
+        scale = ph.get("reward_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise ConfigError(f"train.phases[{i}].reward_scale must be a number, got {scale!r}")
+        out.append(Phase(int(upd), float(scale)))
+    return tuple(out)
+
+
+def _validate_env(env: Any) -> dict:
+    import envs  # local: sim depends on envs, never the reverse
+
+    if not isinstance(env, dict):
+        raise ConfigError(f"env must be a mapping with an id, got {env!r}")
+    env = dict(env)
+    env_id = env.pop("id", "bandit")
+    if env_id not in envs.ENV_PARAMS:
+        raise ConfigError(f"env.id must be one of {', '.join(envs.ENV_PARAMS)}; got {env_id!r}")
+    try:
+        params = envs.ENV_PARAMS[env_id].from_dict(env)
+    except (ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(msg if msg.startswith("env.") else f"env: {msg}") from e
+    return {"id": env_id, **_to_plain(dataclasses.asdict(params))}
+
+
+def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def from_dict(data: dict) -> Config:
+    """Validate a nested dict (partial: missing keys take defaults) and build a :class:`Config`."""
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a mapping of keys")
+    top = {f.name for f in fields(Config)}
+    for k in data:
+        if k not in top:
+            raise ConfigError(f"unknown key {k!r}; valid top-level keys: {', '.join(sorted(top))}")
+    kwargs: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        kwargs[name] = _build_section(name, cls, data.get(name, {}) or {})
+    kwargs["env"] = _validate_env(data.get("env", {"id": "bandit"}))
+    for k in ("seed", "threads"):
+        if k in data:
+            kwargs[k] = _check_type(k, data[k], "int | None" if k == "threads" else "int", None)
+    if "device" in data:
+        if data["device"] not in CHOICES["device"]:
+            raise ConfigError(f"device must be one of {', '.join(CHOICES['device'])}; got {data['device']!r}")
+        kwargs["device"] = data["device"]
+    cfg = Config(**kwargs)
+    _check_ranges(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: Config) -> None:
+    t, kl, ref, log = cfg.train, cfg.kl, cfg.reference, cfg.log
+    _positive("kl.beta", kl.beta, allow_zero=True)
+    _positive("kl.target", kl.target)
+    _positive("kl.horizon", kl.horizon)
+    _positive("kl.clamp", kl.clamp)
+    _positive("reference.every", ref.every)
+    if not 0.0 <= ref.alpha <= 1.0:
+        raise ConfigError(f"reference.alpha must be in [0, 1], got {ref.alpha!r}")
+    for key in ("updates", "batch", "epochs", "minibatches", "hidden"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.lr", t.lr)
+    _positive("train.clip", t.clip)
+    _positive("train.max_grad_norm", t.max_grad_norm)
+    _positive("train.ent_coef", t.ent_coef, allow_zero=True)
+    _positive("train.vf_coef", t.vf_coef, allow_zero=True)
+    if not 0.0 <= t.gamma <= 1.0:
+        raise ConfigError(f"train.gamma must be in [0, 1], got {t.gamma!r}")
+    if not 0.0 <= t.gae_lambda <= 1.0:
+        raise ConfigError(f"train.gae_lambda must be in [0, 1], got {t.gae_lambda!r}")
+    if isinstance(t.init, str):
+        if t.init not in ("reference", "uniform"):
+            raise ConfigError(f"train.init must be reference, uniform or a list of probabilities; got {t.init!r}")
+    elif not (isinstance(t.init, list | tuple) and all(isinstance(x, int | float) for x in t.init)):
+        raise ConfigError(f"train.init must be reference, uniform or a list of probabilities; got {t.init!r}")
+    _positive("log.every", log.every)
+    _positive("log.policy_every", log.policy_every)
+    _positive("log.trajectories", log.trajectories, allow_zero=True)
+    _positive("threads", cfg.threads)
+    if t.mode == "exact" and cfg.env["id"] == "gaussian_bandit":
+        raise ConfigError("train.mode=exact needs a discrete env (bandit, gridworld, token_tree); "
+                          "got env.id='gaussian_bandit'")
+    if t.policy == "mlp" and cfg.env["id"] == "gaussian_bandit":
+        raise ConfigError("train.policy must be tabular for env.id='gaussian_bandit' (a state-free Gaussian)")
+
+
+def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,
+            base: dict | None = None) -> Config:
+    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides, validated into a :class:`Config`."""
+    data: dict = dict(base or {})
+    if config_path is not None:
+        data = deep_merge(data, load_yaml(config_path))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        if key.startswith("env.") and key != "env.id":
+            data.setdefault("env", {})
+        if key == "env.id":
+            env = data.get("env") if isinstance(data.get("env"), dict) else {}
+            if env.get("id") not in (None, value):
+                env = {}
+            data["env"] = {**env, "id": value}
+            continue
+        set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def get_dotted(cfg_dict: dict, key: str) -> Any:
+    """``cfg_dict[a][b]`` for ``key = "a.b"`` (``KeyError`` if absent)."""
+    cur: Any = cfg_dict
+    for p in key.split("."):
+        cur = cur[p]
+    return cur
+
+
+def batch_signature(cfg: Config) -> str:
+    """JSON of everything that must be equal for runs to share one batch (all but :data:`PER_RUN_KEYS`)."""
+    d = cfg.to_dict()
+    for key in PER_RUN_KEYS:
+        parts = key.split(".")
+        cur = d
+        for p in parts[:-1]:
+            cur = cur[p]
+        cur.pop(parts[-1], None)
+    return json.dumps(d, sort_keys=True)

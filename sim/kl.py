@@ -1,0 +1,87 @@
+"""KL estimators and placements as small pure functions (THEORY.md "Notation" and "The two placements").
+
+Two independent axes: the *estimator* (``k1 | k2 | k3 | full``) says what per-sample number stands for the
+KL; the *placement* (``none | reward | loss``) says where it enters PPO. Everything is in log space:
+``delta = log π(a) − log π_ref(a)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+PLACEMENTS = ("none", "reward", "loss")
+ESTIMATORS = ("k1", "k2", "k3", "full")
+SAMPLED_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
+    """Per-sample estimate of KL(π‖π_ref) from log-probabilities of the *sampled* actions.
+
+    ``k1 = δ``, ``k2 = ½δ²``, ``k3 = e^{−δ} − 1 + δ`` with ``δ = logp − ref_logp``; shapes broadcast.
+    ``k3`` is written with ``expm1`` so it stays accurate (and ≥ 0) for small ``δ``.
+    """
+    delta = logp - ref_logp
+    if kind == "k1":
+        return delta
+    if kind == "k2":
+        return 0.5 * delta.square()
+    if kind == "k3":
+        return torch.expm1(-delta) + delta
+    raise ValueError(f"kl.estimator must be one of {SAMPLED_ESTIMATORS} here, got {kind!r}")
+
+
+def all_estimates(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """``[..., 3]``: k1, k2, k3 stacked on a new last axis (for per-run estimator selection)."""
+    delta = logp - ref_logp
+    return torch.stack([delta, 0.5 * delta.square(), torch.expm1(-delta) + delta], dim=-1)
+
+
+def full_kl(logp_all: Tensor, ref_logp_all: Tensor) -> Tensor:
+    """Exact per-state KL(π‖π_ref) ``[...]`` from full log-probability rows ``[..., A]``."""
+    pi = logp_all.exp()
+    return (pi * (logp_all - ref_logp_all)).sum(-1)
+
+
+def estimator_index(kind: str) -> int:
+    """Position of ``kind`` in :data:`ESTIMATORS` (``full`` is 3)."""
+    return ESTIMATORS.index(kind)
+
+
+def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tensor | Callable[[], Tensor] | None,
+                      logp_old: Tensor | None = None) -> Tensor:
+    """``Σ_j coef[r, j]·k_j`` per sample: each run's own estimator, scaled (by β and its placement mask).
+
+    Only estimators with a non-zero coefficient in some run are computed, so a batch mixing runs of every
+    placement × estimator costs little more than one estimator.
+
+    Args:
+        logp: ``[R, ...]`` log π of the sampled actions (carrying gradient in the loss).
+        ref_logp: ``[R, ...]`` log π_ref of the same actions.
+        coef: ``[R, 4]`` weights of (k1, k2, k3, full).
+        k_full: ``[R, ...]`` exact per-state KL, or a callable computing it (only called if used).
+        logp_old: if given, the importance-weighted loss forms for samples from π_old (THEORY.md
+            "Off-policy"): ``w·k1``, ``sg(w)·k2``, ``w·k3`` with ``w = π_θ/π_old`` carrying gradient.
+    Returns:
+        ``[R, ...]``.
+    """
+    used = (coef != 0).any(0).tolist()
+    shape = (-1,) + (1,) * (logp.dim() - 1)
+    c = coef.to(logp.dtype)
+    delta = logp - ref_logp
+    w = torch.exp(logp - logp_old) if logp_old is not None else None
+    out = torch.zeros_like(logp)
+    if used[0]:
+        out = out + c[:, 0].view(shape) * (delta if w is None else w * delta)
+    if used[1]:
+        k2 = 0.5 * delta.square()
+        out = out + c[:, 1].view(shape) * (k2 if w is None else w.detach() * k2)
+    if used[2]:
+        k3 = torch.expm1(-delta) + delta
+        out = out + c[:, 2].view(shape) * (k3 if w is None else w * k3)
+    if used[3]:
+        kf = k_full() if callable(k_full) else k_full
+        out = out + c[:, 3].view(shape) * kf
+    return out

@@ -1,0 +1,109 @@
+"""Batched policies and values: every parameter tensor has a leading run dimension ``R``.
+
+A policy is a small *structure* object plus a ``dict`` of parameter tensors, so the frozen reference is just
+another parameter dict of the same structure: a hard reset copies the dict, an EMA mixes it in parameter
+space (THEORY.md "Controllers and reference schedules").
+
+- :class:`TabularPolicy`: logits ``[R, S, A]``.
+- :class:`MLPPolicy`: ``logits(s) = base[s] + W2·tanh(W1·φ(s) + b1) + b2`` with a frozen per-run ``base``
+  table (the initial policy, e.g. the env's reference) and a zero-initialized output layer, so the network
+  starts exactly at its initial policy and a reference built from it is exact too.
+(The Gaussian policy of the continuous bandit lives in :mod:`sim.gaussian`.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from sim import rng
+
+Params = dict[str, Tensor]
+
+
+class TabularPolicy:
+    """Softmax over a free logit table per run. ``frozen_keys`` are not trained."""
+
+    frozen_keys: tuple[str, ...] = ()
+
+    def __init__(self, n_states: int, n_actions: int):
+        self.n_states, self.n_actions = n_states, n_actions
+
+    def init_params(self, init_logp: Tensor, keys: Tensor) -> Params:
+        """Parameters whose policy is ``init_logp [R, S, A]``."""
+        return {"logits": init_logp.clone()}
+
+    def table(self, params: Params) -> Tensor:
+        """Log-probabilities ``[R, S, A]`` of every state."""
+        return torch.log_softmax(params["logits"], dim=-1)
+
+
+class MLPPolicy(TabularPolicy):
+    """One-hidden-layer tanh MLP per run over state features, residual on a frozen base table."""
+
+    frozen_keys = ("base",)
+
+    def __init__(self, features: Tensor, n_actions: int, hidden: int):
+        super().__init__(features.shape[0], n_actions)
+        self.features = features  # [S, F]
+        self.hidden = hidden
+
+    def init_params(self, init_logp: Tensor, keys: Tensor) -> Params:
+        R, F, H, A = init_logp.shape[0], self.features.shape[1], self.hidden, self.n_actions
+        dt, dev = init_logp.dtype, init_logp.device
+        w1 = rng.normal(rng.fold(keys, 11), (F, H), dtype=dt) / math.sqrt(F)
+        return {
+            "base": init_logp.clone(),
+            "w1": w1,
+            "b1": torch.zeros(R, H, dtype=dt, device=dev),
+            "w2": torch.zeros(R, H, A, dtype=dt, device=dev),
+            "b2": torch.zeros(R, A, dtype=dt, device=dev),
+        }
+
+    def _net(self, params: Params, feats: Tensor) -> Tensor:
+        # feats [R, N, F] → [R, N, A]
+        h = torch.tanh(torch.bmm(feats, params["w1"]) + params["b1"].unsqueeze(1))
+        return torch.bmm(h, params["w2"]) + params["b2"].unsqueeze(1)
+
+    def table(self, params: Params) -> Tensor:
+        R = params["w1"].shape[0]
+        feats = self.features.to(params["w1"].dtype).unsqueeze(0).expand(R, -1, -1)
+        return torch.log_softmax(params["base"] + self._net(params, feats), dim=-1)
+
+
+class TabularValue:
+    """State values ``[R, S]`` (zero-initialized)."""
+
+    def __init__(self, n_states: int):
+        self.n_states = n_states
+
+    def init_params(self, n_runs: int, dtype: torch.dtype, device: torch.device, keys: Tensor) -> Params:
+        return {"v": torch.zeros(n_runs, self.n_states, dtype=dtype, device=device)}
+
+    def value(self, params: Params, states: Tensor) -> Tensor:
+        """Values ``[R, N]`` at ``states [R, N]``."""
+        return params["v"].gather(1, states)
+
+
+class MLPValue(TabularValue):
+    """One-hidden-layer tanh MLP value per run (output layer zero-initialized)."""
+
+    def __init__(self, features: Tensor, hidden: int):
+        super().__init__(features.shape[0])
+        self.features, self.hidden = features, hidden
+
+    def init_params(self, n_runs: int, dtype: torch.dtype, device: torch.device, keys: Tensor) -> Params:
+        F, H = self.features.shape[1], self.hidden
+        return {
+            "vw1": rng.normal(rng.fold(keys, 12), (F, H), dtype=dtype) / math.sqrt(F),
+            "vb1": torch.zeros(n_runs, H, dtype=dtype, device=device),
+            "vw2": torch.zeros(n_runs, H, 1, dtype=dtype, device=device),
+            "vb2": torch.zeros(n_runs, 1, dtype=dtype, device=device),
+        }
+
+    def value(self, params: Params, states: Tensor) -> Tensor:
+        feats = self.features.to(params["vw1"].dtype)[states]
+        h = torch.tanh(torch.bmm(feats, params["vw1"]) + params["vb1"].unsqueeze(1))
+        return (torch.bmm(h, params["vw2"]) + params["vb2"].unsqueeze(1)).squeeze(-1)

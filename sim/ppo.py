@@ -1,0 +1,50 @@
+"""PPO pieces as pure functions over batched tensors ``[R, N, T]`` (runs, episodes, steps).
+
+Losses are per-run means over valid samples so that the total loss is a *sum* over runs and each run's
+gradient is exactly what it would be if the run were trained alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Per-run mean ``[R]`` of ``x [R, ...]`` over entries where ``mask`` is true (0 if none)."""
+    m = mask.to(x.dtype)
+    dims = tuple(range(1, x.dim()))
+    return (x * m).sum(dims) / m.sum(dims).clamp(min=1.0)
+
+
+def gae(rewards: Tensor, values: Tensor, next_values: Tensor, done: Tensor, valid: Tensor,
+        gamma: float, lam: float) -> Tensor:
+    """Generalized advantage estimates ``[R, N, T]``.
+
+    ``δ_t = r_t + γ·V(s_{t+1})·(1 − done_t) − V(s_t)``, ``A_t = δ_t + γλ·(1 − done_t)·A_{t+1}``; steps
+    after the end of an episode (``valid`` false) get 0. With λ = 1 this is the reward-to-go minus
+    ``V(s_t)``, so a KL penalty in a later step's reward reaches earlier actions.
+    """
+    not_done = (~done).to(rewards.dtype)
+    delta = (rewards + gamma * next_values * not_done - values) * valid.to(rewards.dtype)
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[..., 0])
+    for t in range(rewards.shape[-1] - 1, -1, -1):
+        last = delta[..., t] + gamma * lam * not_done[..., t] * last
+        adv[..., t] = last
+    return adv * valid.to(rewards.dtype)
+
+
+def clipped_surrogate(logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float) -> tuple[Tensor, Tensor]:
+    """PPO's clipped policy loss per sample and whether the ratio was clipped, both shaped like ``logp``."""
+    ratio = torch.exp(logp - logp_old)
+    loss = -torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
+    return loss, (ratio - 1.0).abs() > clip
+
+
+def normalize_per_run(adv: Tensor, valid: Tensor) -> Tensor:
+    """Advantages standardized per run over valid entries."""
+    mean = masked_mean(adv, valid)
+    shape = (-1,) + (1,) * (adv.dim() - 1)
+    var = masked_mean((adv - mean.view(shape)).square(), valid)
+    return (adv - mean.view(shape)) / (var.sqrt().view(shape) + 1e-8) * valid.to(adv.dtype)

@@ -1,0 +1,130 @@
+"""Run folders on disk: ``config.json``, ``status.json`` and Parquet tables, every file written atomically.
+
+A run folder is complete when ``status.json`` says ``done`` or ``diverged``; it is written last. A run
+killed mid-way leaves ``status.json`` saying ``running`` (or nothing), never a half-written file:
+every write goes to a temporary file in the same folder and is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from sim.config import Config
+
+STATUS_FILE = "status.json"
+CONFIG_FILE = "config.json"
+TABLES = ("metrics", "policy", "trajectories")
+FINISHED = ("done", "diverged")
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
+    """``df`` to Parquet at ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def environment_info(device: torch.device | str) -> dict[str, Any]:
+    """Library versions, device and threads: written into every run's ``config.json``."""
+    import gymnasium
+    import numpy
+    import pyarrow
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pd.__version__,
+        "pyarrow": pyarrow.__version__,
+        "gymnasium": gymnasium.__version__,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """The run's status (``{"status": "pending"}`` when it has none)."""
+    p = Path(run_dir) / STATUS_FILE
+    if not p.is_file():
+        return {"status": "pending"}
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"status": "pending"}
+
+
+def is_finished(run_dir: Path) -> bool:
+    return read_status(run_dir).get("status") in FINISHED
+
+
+def start_run(run_dir: Path, cfg: Config, device: torch.device | str, extra: dict | None = None) -> None:
+    """Create the folder and write ``config.json`` and a ``running`` status."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"config": cfg.to_dict(), "environment": environment_info(device), **(extra or {})}
+    atomic_write_json(run_dir / CONFIG_FILE, info)
+    atomic_write_json(run_dir / STATUS_FILE, {"status": "running"})
+
+
+def finish_run(run_dir: Path, tables: dict[str, pd.DataFrame], status: dict[str, Any]) -> None:
+    """Write the Parquet tables, then the final status (the completion marker)."""
+    run_dir = Path(run_dir)
+    for name, df in tables.items():
+        atomic_write_parquet(run_dir / f"{name}.parquet", df)
+    atomic_write_json(run_dir / STATUS_FILE, status)
+
+
+def fail_run(run_dir: Path, error: str) -> None:
+    """Mark a run ``failed`` with its error message."""
+    atomic_write_json(Path(run_dir) / STATUS_FILE, {"status": "failed", "error": error})
+
+
+def write_output(run_dir: Path, out: Any, device: torch.device | str, extra: dict | None = None) -> None:
+    """Write a finished :class:`sim.train.RunOutput` (config, tables, status) into ``run_dir``."""
+    start_run(run_dir, out.config, device, extra)
+    finish_run(run_dir, {"metrics": out.metrics, "policy": out.policy, "trajectories": out.trajectories},
+               out.status)

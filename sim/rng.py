@@ -1,0 +1,82 @@
+"""Counter-based random numbers: one independent stream per run, the same on any batch and device.
+
+A run's samples must not depend on which other runs share its batch (a batch of 400 runs must give each
+run exactly what it gets when trained alone), nor on the device. A stateful ``torch.Generator`` cannot give
+that without a Python loop over runs, so reflab draws every random number as a hash of
+``(run key, stream, counter)``: ``u = triple32(key ^ triple32(stream ^ counter))``-style mixing, computed
+with int64 tensor ops that never overflow (32-bit products are split into 16-bit halves).
+
+The hash is Chris Wellons' ``triple32`` (an exact-bias 32-bit integer permutation); uniforms have 2^-32
+resolution, which is ample for categorical sampling of probabilities above ~1e-9.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_MASK16 = 0xFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``(x * c) mod 2**32`` for ``x`` in [0, 2**32) without int64 overflow."""
+    lo = x * (c & _MASK16)
+    hi = ((x * (c >> 16)) & _MASK16) << 16
+    return (lo + hi) & _MASK32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """The ``triple32`` integer hash, elementwise on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 17)
+    x = _mul32(x, 0xED5AD4BB)
+    x = x ^ (x >> 11)
+    x = _mul32(x, 0xAC4C1B51)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x31848BAB)
+    x = x ^ (x >> 14)
+    return x
+
+
+def fold(key: Tensor, value: int | Tensor) -> Tensor:
+    """A new key derived from ``key`` (int64 ``[R]``) and ``value``: independent streams per value."""
+    v = torch.as_tensor(value, dtype=torch.long, device=key.device) & _MASK32
+    return hash32(key ^ hash32(v ^ 0x9E3779B9))
+
+
+def run_keys(seeds: list[int] | Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """Keys ``[R]`` for runs with the given integer seeds (any int; 64-bit seeds are folded to 32)."""
+    s = torch.as_tensor(seeds, dtype=torch.long, device=device)
+    return hash32(hash32(s & _MASK32) ^ ((s >> 32) & _MASK32))
+
+
+_COUNTER_CACHE: dict[tuple[int, str], Tensor] = {}
+
+
+def _hashed_counter(n: int, device: torch.device) -> Tensor:
+    """``hash32(arange(n))``, cached: the same for every call of that size."""
+    k = (n, str(device))
+    if k not in _COUNTER_CACHE:
+        if len(_COUNTER_CACHE) > 64:
+            _COUNTER_CACHE.clear()
+        _COUNTER_CACHE[k] = hash32(torch.arange(n, dtype=torch.long, device=device))
+    return _COUNTER_CACHE[k]
+
+
+def uniform(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> Tensor:
+    """Uniforms in (0, 1), ``[R, *shape]``, from keys ``[R]``; element i of run r depends only on (key_r, i)."""
+    n = 1
+    for d in shape:
+        n *= d
+    h = hash32(key[:, None] ^ _hashed_counter(n, key.device)[None, :])
+    h = hash32(h ^ (key[:, None] >> 7))
+    u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
+    return u.reshape((key.shape[0],) + tuple(shape)).to(dtype)
+
+
+def normal(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> Tensor:
+    """Standard normals ``[R, *shape]`` by Box–Muller from two independent uniform streams."""
+    u1 = uniform(fold(key, 1), shape)
+    u2 = uniform(fold(key, 2), shape)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+    return z.to(dtype)

@@ -1,0 +1,776 @@
+"""The batched training loop: many independent runs (seeds, β, placements, estimators) as one tensor program.
+
+``train_batch(configs)`` trains every config at once and returns one :class:`RunOutput` per config. The
+runs must share a :func:`sim.config.batch_signature` (same env, shapes and schedule); the per-run keys
+(seed, ``kl.*``, ``train.lr``) become tensors ``[R]``. Every random number comes from the run's own
+counter-based stream (:mod:`sim.rng`), and every loss is a sum of per-run losses, so a run gives the same
+numbers in any batch.
+
+Reading order: ``_DiscreteTrainer.collect`` (sampling) → ``_shape_and_advantage`` (KL in the reward, GAE)
+→ ``ppo_update`` (clipped loss + KL in the loss) → ``exact_update`` (the same placement × estimator by
+enumeration) → ``BatchTrainer.run`` (phases, reference schedule, β controller, divergence, logging).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+import envs
+from envs import tabular
+from sim import rng
+from sim.config import Config, batch_signature
+from sim.kl import ESTIMATORS, PLACEMENTS, all_estimates, full_kl, weighted_estimate
+from sim.optim import BatchedOptimizer, clip_grad_norm_per_run
+from sim.policies import MLPPolicy, MLPValue, TabularPolicy, TabularValue
+from sim.ppo import clipped_surrogate, gae, masked_mean, normalize_per_run
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class RunOutput:
+    """What one run produced: the tables of the output contract and its final status."""
+
+    config: Config
+    metrics: pd.DataFrame
+    policy: pd.DataFrame
+    trajectories: pd.DataFrame
+    status: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but torch.cuda.is_available() is false")
+    return torch.device(name)
+
+
+def build_env(cfg: Config):
+    """The env's params object for ``cfg.env`` (``.build()`` gives its tables/spec)."""
+    env = dict(cfg.env)
+    return envs.ENV_PARAMS[env.pop("id")].from_dict(env)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Per-run settings as tensors
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunTensors:
+    """Per-run settings ``[R]`` of a batch."""
+
+    keys: Tensor
+    beta: Tensor
+    placement: Tensor  # index into PLACEMENTS
+    estimator: Tensor  # index into ESTIMATORS
+    is_correction: Tensor
+    adaptive: Tensor
+    target: Tensor
+    kl_horizon: Tensor
+    lr: Tensor
+
+    @classmethod
+    def from_configs(cls, configs: list[Config], device: torch.device, dtype: torch.dtype) -> RunTensors:
+        def t(values, dt=dtype):
+            return torch.tensor(values, dtype=dt, device=device)
+
+        return cls(
+            keys=rng.run_keys([c.seed for c in configs], device),
+            beta=t([c.kl.beta for c in configs], torch.float64),
+            placement=t([PLACEMENTS.index(c.kl.placement) for c in configs], torch.long),
+            estimator=t([ESTIMATORS.index(c.kl.estimator) for c in configs], torch.long),
+            is_correction=t([c.kl.is_correction for c in configs], torch.bool),
+            adaptive=t([c.kl.controller == "adaptive" for c in configs], torch.bool),
+            target=t([c.kl.target for c in configs], torch.float64),
+            kl_horizon=t([c.kl.horizon for c in configs], torch.float64),
+            lr=t([c.train.lr for c in configs], torch.float64),
+        )
+
+    def __post_init__(self) -> None:
+        onehot = torch.nn.functional.one_hot(self.estimator, len(ESTIMATORS)).to(torch.float64)
+        in_reward = (self.placement == PLACEMENTS.index("reward")).to(torch.float64)
+        in_loss = (self.placement == PLACEMENTS.index("loss")).to(torch.float64)
+        is_corr = self.is_correction.to(torch.float64)
+        # One-hot estimator masks per role; multiplied by the current β when used.
+        self._masks = {"reward": onehot * in_reward[:, None],
+                       "loss": onehot * (in_loss * (1 - is_corr))[:, None],
+                       "loss_is": onehot * (in_loss * is_corr)[:, None]}
+
+    def coef(self, role: str) -> Tensor:
+        """``[R, 4]`` weights of (k1, k2, k3, full) for ``role`` ∈ reward | loss | loss_is: β on the run's
+        estimator if its KL sits there, else 0."""
+        return self._masks[role] * self.beta[:, None]
+
+
+def _bcast(x: Tensor, like: Tensor) -> Tensor:
+    """``x [R]`` viewed to broadcast against ``like [R, ...]`` in ``like``'s dtype."""
+    return x.view((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
+
+
+def kl_reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTensors) -> Tensor:
+    """``β·k`` for runs whose KL sits in the reward (0 for the others), ``[R, ...]``, no gradient.
+
+    ``logp``/``ref_logp`` are the sampling policy's and the reference's log-probabilities of the sampled
+    actions; ``k_full`` the exact per-state KL (used by ``full``).
+    """
+    with torch.no_grad():
+        return weighted_estimate(logp, ref_logp, rt.coef("reward"), k_full)
+
+
+def kl_loss_term(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | Callable[[], Tensor],
+                 rt: RunTensors) -> Tensor:
+    """``β·k`` with gradient through ``logp`` (the current policy at the sampled actions) for runs whose KL
+    sits in the loss (0 for the others), ``[R, ...]``. Added outside the PPO clip.
+
+    Runs with ``kl.is_correction`` use the importance-weighted forms for samples from π_old;
+    ``full`` (``k_full``, carrying gradient; may be a callable so it is only computed when used) needs none.
+    """
+    out = weighted_estimate(logp, ref_logp, rt.coef("loss"), k_full)
+    coef_is = rt.coef("loss_is")
+    if bool((coef_is != 0).any()):
+        out = out + weighted_estimate(logp, ref_logp, coef_is, k_full, logp_old=logp_old)
+    return out
+
+
+class _Clamp:
+    """Optional clamp of log-ratios with a per-run count of clamped values (THEORY.md: clamps hide collapse)."""
+
+    def __init__(self, limit: float | None, n_runs: int, device: torch.device):
+        self.limit = limit
+        self.count = torch.zeros(n_runs, dtype=torch.long, device=device)
+
+    def __call__(self, logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``ref_logp`` adjusted so that ``logp − ref_logp`` lies in [−limit, limit]."""
+        if self.limit is None:
+            return ref_logp
+        delta = logp - ref_logp
+        hit = delta.detach().abs() > self.limit
+        if mask is not None:
+            hit = hit & mask
+        self.count += hit.reshape(hit.shape[0], -1).sum(-1)
+        return logp - delta.clamp(-self.limit, self.limit)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The shared loop
+# ------------------------------------------------------------------------------------------------------
+
+
+class BatchTrainer:
+    """Phases, reference schedule, β controller, divergence detection and logging for a batch of runs.
+
+    Subclasses provide sampling (``collect``), the PPO and exact updates and the env-specific metrics.
+    """
+
+    def __init__(self, configs: list[Config], device: torch.device):
+        sigs = {batch_signature(c) for c in configs}
+        if len(sigs) != 1:
+            raise ValueError("runs in one batch must share env, shapes and schedule (see sim.config.PER_RUN_KEYS)")
+        self.configs = configs
+        self.cfg = configs[0]
+        self.device = device
+        self.dtype = torch.float64 if self.cfg.train.dtype == "float64" else torch.float32
+        self.R = len(configs)
+        self.rt = RunTensors.from_configs(configs, device, self.dtype)
+        self.clamp = _Clamp(self.cfg.kl.clamp, self.R, device)
+        self.diverged_at = torch.full((self.R,), -1, dtype=torch.long, device=device)
+        self.diverge_reason: list[str] = [""] * self.R
+        self.env_steps = torch.zeros(self.R, dtype=torch.long, device=device)
+        self.reward_scale = 1.0
+        self.phase = 0
+        self.ref_version = 0
+        self.metric_log: list[dict[str, Tensor]] = []
+        self.policy_log: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.traj_log: list[dict[str, np.ndarray]] = []
+
+    # -- hooks for subclasses ------------------------------------------------------------------------
+    params: dict[str, Tensor]
+    ref_params: dict[str, Tensor]
+    trainable: list[str]
+
+    def sampled_update(self, update: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def exact_update(self, update: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def exact_metrics(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def policy_tables(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def policy_frame(self, run: int) -> pd.DataFrame:
+        raise NotImplementedError
+
+    # -- shared machinery -----------------------------------------------------------------------------
+    @property
+    def alive(self) -> Tensor:
+        return self.diverged_at < 0
+
+    def _make_optimizer(self) -> None:
+        self.opt = BatchedOptimizer({k: self.params[k] for k in self.trainable}, self.rt.lr.clone(),
+                                    self.cfg.train.optimizer)
+
+    def _apply_grads(self, loss_per_run: Tensor, update: int) -> Tensor:
+        """Backpropagate ``Σ_r loss_r``, freeze runs whose loss or gradient is non-finite, step. Returns norms."""
+        leaves = [self.params[k] for k in self.trainable]
+        total = torch.where(self.alive, loss_per_run, torch.zeros_like(loss_per_run)).sum()
+        grads_list = torch.autograd.grad(total, leaves, allow_unused=True)
+        grads = {k: (g if g is not None else torch.zeros_like(self.params[k]))
+                 for k, g in zip(self.trainable, grads_list, strict=True)}
+        finite = torch.isfinite(loss_per_run)
+        for g in grads.values():
+            finite &= torch.isfinite(g.reshape(self.R, -1)).all(-1)
+        self._mark_diverged(~finite, update, "non-finite loss or gradient")
+        for k in grads:
+            grads[k] = torch.where(_bcast(self.alive, grads[k]).bool(), grads[k], torch.zeros_like(grads[k]))
+        if self.cfg.train.max_grad_norm is not None:
+            norm = clip_grad_norm_per_run(grads, self.cfg.train.max_grad_norm)
+        else:
+            norm = torch.stack([g.reshape(self.R, -1).square().sum(-1) for g in grads.values()]).sum(0).sqrt()
+        self.opt.step(grads)
+        return norm.detach()
+
+    def _ppo_epochs(self, flat: dict[str, Tensor], update: int,
+                    loss_fn: Callable[[dict[str, Tensor], bool], tuple[Tensor, dict[str, Tensor]]]
+                    ) -> dict[str, Tensor]:
+        """``train.epochs`` passes over samples ``flat [R, n]`` in ``train.minibatches`` per-run shuffled chunks.
+
+        Each run's permutation comes from its own stream, so the minibatches of a run do not depend on the
+        batch it is trained in. ``loss_fn(minibatch, want_diagnostics)`` returns the per-run loss and, when
+        asked, diagnostics; they are averaged over the last epoch's gradient steps.
+        """
+        tr = self.cfg.train
+        n = next(iter(flat.values())).shape[1]
+        mb_key = rng.fold(self.rt.keys, update ^ 0x5A5A5A)
+        stats: dict[str, Tensor] = {}
+        n_steps = 0
+        n_mb = min(tr.minibatches, n)
+        if n_mb > 1:
+            perms = torch.argsort(rng.uniform(mb_key, (tr.epochs, n)), dim=-1)  # [R, epochs, n]
+        for epoch in range(tr.epochs):
+            chunks = torch.tensor_split(perms[:, epoch], n_mb, dim=1) if n_mb > 1 else [None]
+            for chunk in chunks:
+                mb = flat if chunk is None else {k: _take(v, chunk) for k, v in flat.items()}
+                last_epoch = epoch == tr.epochs - 1
+                loss, diag = loss_fn(mb, last_epoch)
+                norm = self._apply_grads(loss, update)
+                if last_epoch:  # diagnostics of the last epoch: how far the update moved from π_old
+                    diag["grad_norm"] = norm
+                    for k, v in diag.items():
+                        stats[k] = stats.get(k, 0.0) + v.detach().to(torch.float64)
+                    n_steps += 1
+        return {k: v / n_steps for k, v in stats.items()}
+
+    def _mark_diverged(self, bad: Tensor, update: int, reason: str) -> None:
+        new = bad & self.alive
+        if bool(new.any()):
+            self.diverged_at = torch.where(new, torch.full_like(self.diverged_at, update), self.diverged_at)
+            self.opt.lr.masked_fill_(new, 0.0)
+            for i in torch.nonzero(new).flatten().tolist():
+                self.diverge_reason[i] = reason
+
+    def _check_params(self, update: int) -> None:
+        bad = torch.zeros(self.R, dtype=torch.bool, device=self.device)
+        for k in self.trainable:
+            bad |= ~torch.isfinite(self.params[k].detach().reshape(self.R, -1)).all(-1)
+        self._mark_diverged(bad, update, "non-finite policy parameters")
+
+    def _refresh_reference(self, update: int) -> None:
+        ref = self.cfg.reference
+        if ref.schedule == "frozen" or update % ref.every != 0:
+            return
+        with torch.no_grad():
+            for k in self.ref_params:
+                if ref.schedule == "reset":
+                    self.ref_params[k] = self.params[k].detach().clone()
+                else:
+                    self.ref_params[k] = ref.alpha * self.params[k].detach() + (1 - ref.alpha) * self.ref_params[k]
+        self.ref_version += 1
+
+    def _control_beta(self, kl_per_episode: Tensor, n_episodes: int) -> None:
+        """Ziegler et al.'s proportional controller on runs with ``kl.controller = adaptive``."""
+        err = (kl_per_episode.to(torch.float64) / self.rt.target - 1.0).clamp(-0.2, 0.2)
+        new_beta = self.rt.beta * (1.0 + err * n_episodes / self.rt.kl_horizon)
+        ok = self.rt.adaptive & torch.isfinite(new_beta)
+        self.rt.beta = torch.where(ok, new_beta, self.rt.beta)
+
+    def _log(self, update: int, values: dict[str, Tensor]) -> None:
+        values = dict(values)
+        values["update"] = torch.full((self.R,), update, dtype=torch.long, device=self.device)
+        values["phase"] = torch.full((self.R,), self.phase, dtype=torch.long, device=self.device)
+        values["reward_scale"] = torch.full((self.R,), self.reward_scale, dtype=torch.float64, device=self.device)
+        values["env_steps"] = self.env_steps.clone()
+        values["beta"] = self.rt.beta.clone()
+        values["kl_clamps"] = self.clamp.count.clone()
+        values["_alive"] = self.alive.clone()
+        self.metric_log.append({k: v.detach().to("cpu", torch.float64 if v.is_floating_point() else torch.long)
+                                for k, v in values.items()})
+
+    def run(self, progress: ProgressFn | None = None) -> list[RunOutput]:
+        """Train every run through all phases and return their outputs."""
+        cfg = self.cfg
+        total = cfg.train.total_updates
+        log_every, pol_every = cfg.log.every, cfg.log.policy_every
+        t0 = time.perf_counter()
+        update = 0
+        with torch.no_grad():
+            self._log(0, self.exact_metrics())
+        self.policy_log.append((0, self.policy_tables()))
+        for phase_idx, phase in enumerate(cfg.train.phase_list()):
+            self.phase, self.reward_scale = phase_idx, phase.reward_scale
+            self._on_phase()
+            for _ in range(phase.updates):
+                update += 1
+                if cfg.train.mode == "exact":
+                    diag = self.exact_update(update)
+                else:
+                    diag = self.sampled_update(update)
+                self._check_params(update)
+                self._refresh_reference(update)
+                if update % log_every == 0 or update == total:
+                    with torch.no_grad():
+                        self._log(update, {**diag, **self.exact_metrics()})
+                if update % pol_every == 0 or update == total:
+                    self.policy_log.append((update, self.policy_tables()))
+                if progress is not None:
+                    progress(update, total)
+        self.wall_time = time.perf_counter() - t0
+        return self._outputs()
+
+    def _on_phase(self) -> None:
+        pass
+
+    def _outputs(self) -> list[RunOutput]:
+        keys = list(dict.fromkeys(k for rec in self.metric_log for k in rec))
+        nan = torch.full((self.R,), float("nan"), dtype=torch.float64)
+        cols = {k: torch.stack([rec.get(k, nan) for rec in self.metric_log], dim=1).numpy() for k in keys}
+        outs = []
+        for i, c in enumerate(self.configs):
+            keep = cols["_alive"][i].astype(bool) | (cols["update"][i] == self.diverged_at[i].item())
+            metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive"})
+            metrics = metrics.astype({"update": "int64", "phase": "int64", "env_steps": "int64",
+                                      "kl_clamps": "int64"})
+            policy = self.policy_frame(i)
+            traj = self._traj_frame(i)
+            d = int(self.diverged_at[i])
+            if d >= 0:
+                status = {"status": "diverged", "update": d, "error": self.diverge_reason[i]}
+            else:
+                status = {"status": "done", "update": cfg_total(c)}
+            status["wall_time_s"] = round(self.wall_time, 3)
+            status["n_runs_in_batch"] = self.R
+            status["kl_clamps"] = int(self.clamp.count[i])
+            outs.append(RunOutput(c, metrics, policy, traj, status))
+        return outs
+
+    def _traj_frame(self, run: int) -> pd.DataFrame:
+        cols = ["update", "episode", "t", "state", "action", "reward", "logp", "ref_logp"]
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in cols}
+        for rec in self.traj_log:
+            ep, t = np.nonzero(rec["valid"][run])
+            parts["update"].append(np.full(ep.shape, rec["update"], dtype=np.int64))
+            parts["episode"].append(ep.astype(np.int64))
+            parts["t"].append(t.astype(np.int64))
+            for k in cols[3:]:
+                parts[k].append(rec[k][run][ep, t])
+        if not self.traj_log:
+            return pd.DataFrame({k: np.zeros(0, dtype=np.int64 if k in cols[:5] else np.float64) for k in cols})
+        return pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()})
+
+
+def cfg_total(cfg: Config) -> int:
+    return cfg.train.total_updates
+
+
+# ------------------------------------------------------------------------------------------------------
+# Discrete (tabular MDP) envs: bandit, gridworld, token tree
+# ------------------------------------------------------------------------------------------------------
+
+
+class DiscreteTrainer(BatchTrainer):
+    """PPO on a :class:`envs.tabular.TabularMDP` with tabular or MLP policies."""
+
+    def __init__(self, configs: list[Config], device: torch.device):
+        super().__init__(configs, device)
+        cfg = self.cfg
+        self.mdp = build_env(cfg).build().to(device)
+        self.core = tabular.TabularCore(self.mdp)
+        S, A = self.mdp.n_states, self.mdp.n_actions
+        self.S, self.A, self.H = S, A, self.mdp.horizon
+        dt = self.dtype
+        ref_logp = self.mdp.ref_logp.to(dt).unsqueeze(0).expand(self.R, S, A).contiguous()
+        init_logp = self._init_logp(cfg.train.init, ref_logp)
+        if cfg.train.policy == "mlp":
+            self.policy = MLPPolicy(self.mdp.features, A, cfg.train.hidden)
+        else:
+            self.policy = TabularPolicy(S, A)
+        self.params = self.policy.init_params(init_logp, self.rt.keys)
+        self.ref_params = {k: v.clone() for k, v in self.params.items()}
+        if "base" in self.ref_params:
+            self.ref_params["base"] = ref_logp.clone()
+        else:
+            self.ref_params["logits"] = ref_logp.clone()
+        self.baseline = cfg.train.baseline
+        if self.baseline == "auto":
+            self.baseline = "mean" if self.H == 1 else "value"
+        self.trainable = [k for k in self.params if k not in self.policy.frozen_keys]
+        if self.baseline == "value":
+            vf = MLPValue(self.mdp.features, cfg.train.hidden) if cfg.train.policy == "mlp" else TabularValue(S)
+            self.value_fn = vf
+            vparams = vf.init_params(self.R, dt, device, self.rt.keys)
+            self.params.update(vparams)
+            self.trainable += list(vparams)
+        for k in self.trainable:
+            self.params[k].requires_grad_(True)
+        self._make_optimizer()
+        self._opt_cache: dict = {}
+        self._scaled_mdp = self.mdp
+
+    def _init_logp(self, init, ref_logp: Tensor) -> Tensor:
+        if init == "reference":
+            return ref_logp.clone()
+        if init == "uniform":
+            return torch.full_like(ref_logp, -math.log(self.A))
+        probs = torch.tensor(init, dtype=torch.float64, device=self.device)
+        if self.S != 1 or probs.shape != (self.A,):
+            raise ValueError(f"train.init as a list needs a one-state env with {self.A} actions; got {list(init)}")
+        if bool((probs < 0).any()) or abs(float(probs.sum()) - 1) > 1e-6:
+            raise ValueError(f"train.init probabilities must be non-negative and sum to 1; got {list(init)}")
+        return torch.log(probs).to(self.dtype).view(1, 1, -1).expand_as(ref_logp).contiguous()
+
+    def _on_phase(self) -> None:
+        self._scaled_mdp = replace(self.mdp, reward=self.mdp.reward * self.reward_scale)
+
+    # -- tables -------------------------------------------------------------------------------------------
+    def _tables(self) -> tuple[Tensor, Tensor]:
+        """Current policy and reference log-probability tables ``[R, S, A]`` (no grad)."""
+        with torch.no_grad():
+            return self.policy.table(self.params), self.policy.table(self.ref_params)
+
+    # -- sampling ---------------------------------------------------------------------------------------
+    def collect(self, update: int) -> dict[str, Tensor]:
+        """Sample ``train.batch`` episodes per run from the current policy; tensors ``[R, N, H]``.
+
+        Random draws come from the run's stream for this update: actions (inverse CDF), then transition
+        outcomes, the initial state and reward noise, each drawn only if the env needs it.
+        """
+        R, N, H, A, S = self.R, self.cfg.train.batch, self.H, self.A, self.S
+        key = rng.fold(self.rt.keys, update)
+        u_act = rng.uniform(rng.fold(key, 0), (N, H))
+        u_out = rng.uniform(rng.fold(key, 1), (N, H)) if self.mdp.n_outcomes > 1 else u_act
+        z = rng.normal(rng.fold(key, 3), (N, H)) if self.mdp.reward_noise > 0 else None
+        state = self.core.reset(rng.uniform(rng.fold(key, 2), (N,)) if S > 1 else u_act[:, :, 0])
+        pi_t, ref_t = self._tables()
+        cdf_t = pi_t.exp().cumsum(-1).to(u_act.dtype)
+        shape = (R, N, H)
+        buf = {
+            "state": torch.zeros(shape, dtype=torch.long, device=self.device),
+            "action": torch.zeros(shape, dtype=torch.long, device=self.device),
+            "reward": torch.zeros(shape, dtype=self.dtype, device=self.device),
+            "done": torch.ones(shape, dtype=torch.bool, device=self.device),
+            "valid": torch.zeros(shape, dtype=torch.bool, device=self.device),
+        }
+        alive = torch.ones(R, N, dtype=torch.bool, device=self.device)
+        for t in range(H):
+            s = state.clamp(max=S - 1)
+            if S == 1:  # one state: binary search in the run's CDF
+                a = torch.searchsorted(cdf_t[:, 0], u_act[:, :, t].contiguous(), right=True)
+            else:
+                cdf = cdf_t.gather(1, s.unsqueeze(-1).expand(R, N, A))
+                a = (u_act[:, :, t, None] >= cdf).sum(-1)
+            a = a.clamp_(max=A - 1)
+            nxt, r, done = self.core.step(s, a, u_out[:, :, t], None if z is None else z[:, :, t])
+            buf["state"][..., t], buf["action"][..., t] = s, a
+            buf["reward"][..., t] = torch.where(alive, r.to(self.dtype), torch.zeros((), dtype=self.dtype))
+            buf["done"][..., t], buf["valid"][..., t] = done | ~alive, alive
+            alive = alive & ~done
+            state = nxt
+            if not bool(alive.any()):
+                break
+        sa = (buf["state"], buf["action"])
+        buf["logp"] = _gather_sa(pi_t, *sa)
+        buf["ref_logp"] = _gather_sa(ref_t, *sa)
+        buf["kfull"] = full_kl(pi_t, ref_t).gather(1, buf["state"].reshape(R, N * H)).view(R, N, H)
+        self.env_steps += buf["valid"].reshape(R, -1).sum(-1)
+        return buf
+
+    # -- KL in the reward, advantages ---------------------------------------------------------------------
+    def _shape_and_advantage(self, buf: dict[str, Tensor]) -> dict[str, Tensor]:
+        tr, rt = self.cfg.train, self.rt
+        valid = buf["valid"]
+        ref_c = self.clamp(buf["logp"], buf["ref_logp"], valid)
+        penalty = kl_reward_penalty(buf["logp"], ref_c, buf["kfull"], rt)
+        shaped = (self.reward_scale * buf["reward"] - penalty) * valid.to(penalty.dtype)
+        if self.baseline == "value":
+            with torch.no_grad():
+                R, N, H = valid.shape
+                v = self.value_fn.value(self.params, buf["state"].reshape(R, N * H)).view(R, N, H)
+            v = v * valid.to(v.dtype)
+            next_v = torch.cat([v[..., 1:], torch.zeros_like(v[..., :1])], dim=-1)
+            adv = gae(shaped, v, next_v, buf["done"], valid, tr.gamma, tr.gae_lambda)
+            ret = adv + v
+        else:
+            ret = gae(shaped, torch.zeros_like(shaped), torch.zeros_like(shaped), buf["done"], valid,
+                      tr.gamma, 1.0)
+            adv = ret
+            if self.baseline == "mean":
+                # Batch-mean baseline per run and step (one-step envs: the mean shaped reward).
+                m = valid.to(ret.dtype)
+                mean = (ret * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
+                adv = (ret - mean) * m
+        if tr.norm_adv:
+            adv = normalize_per_run(adv, valid)
+        return {"adv": adv.detach(), "ret": ret.detach()}
+
+    # -- one PPO update ----------------------------------------------------------------------------------
+    def sampled_update(self, update: int) -> dict[str, Tensor]:
+        buf = self.collect(update)
+        buf.update(self._shape_and_advantage(buf))
+        R, N, H = buf["valid"].shape
+        flat = {k: v.reshape(R, N * H) for k, v in buf.items()}
+        _, ref_t = self._tables()
+        stats = self._ppo_epochs(flat, update, lambda mb, diag: self._ppo_loss(mb, ref_t, diag))
+        valid = buf["valid"]
+        vf = valid.to(torch.float64)
+        ep_sum = lambda x: (x.to(torch.float64) * vf).sum(-1).mean(-1)  # noqa: E731  per-episode sums, mean
+        ks = all_estimates(buf["logp"], buf["ref_logp"])
+        out = {
+            "reward": ep_sum(buf["reward"]),
+            "kl_k1": ep_sum(ks[..., 0]),
+            "kl_k2": ep_sum(ks[..., 1]),
+            "kl_k3": ep_sum(ks[..., 2]),
+            "kl_full_sampled": ep_sum(buf["kfull"]),
+            "episode_length": vf.sum(-1).mean(-1),
+            **stats,
+        }
+        self._control_beta(out["kl_k1"], N)
+        self._maybe_log_traj(update, buf)
+        return out
+
+    def _ppo_loss(self, mb: dict[str, Tensor], ref_t: Tensor, want_diag: bool = True
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        tr, rt = self.cfg.train, self.rt
+        valid, states = mb["valid"], mb["state"]
+        lp_table = self.policy.table(self.params)  # [R, S, A], carries gradient
+        lp = _gather_sa(lp_table, states, mb["action"])
+        pg, clipped = clipped_surrogate(lp, mb["logp"], mb["adv"], tr.clip)
+        ref_lp = self.clamp(lp, mb["ref_logp"], valid)
+        kl_term = kl_loss_term(lp, mb["logp"], ref_lp, lambda: full_kl(lp_table, ref_t).gather(1, states), rt)
+        per_sample = pg + kl_term
+        if tr.ent_coef > 0:
+            per_sample = per_sample - tr.ent_coef * tabular.entropy_per_state(lp_table).gather(1, states)
+        loss = masked_mean(per_sample, valid)
+        diag = _diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}
+        if self.baseline == "value":
+            v = self.value_fn.value(self.params, mb["state"])
+            v_loss = 0.5 * masked_mean((v - mb["ret"]).square(), valid)
+            loss = loss + tr.vf_coef * v_loss
+            if want_diag:
+                diag["v_loss"] = v_loss.detach()
+        return loss, diag
+
+    # -- exact mode ---------------------------------------------------------------------------------------
+    def exact_update(self, update: int) -> dict[str, Tensor]:
+        with torch.no_grad():
+            # What a sampled run would report as sample means, as exact expectations.
+            pi, ref = self._tables()
+            pi, ref = pi.to(torch.float64), ref.to(torch.float64)
+            occ = tabular.state_occupancy(self.mdp, pi)
+            ks = (pi.exp().unsqueeze(-1) * all_estimates(pi, ref)).sum(-2)  # [R, S, 3]
+            exp_diag = {"reward": tabular.expected_return(self.mdp, pi),
+                        **{f"kl_k{i + 1}": (occ * ks[..., i]).sum(-1) for i in range(3)},
+                        "episode_length": occ.sum(-1)}
+        loss, diag = exact_loss(self._scaled_mdp, self.policy.table(self.params),
+                                self.policy.table(self.ref_params).detach(), self.rt, self.cfg.train.ent_coef)
+        diag.update(exp_diag)
+        diag["grad_norm"] = self._apply_grads(loss, update)
+        with torch.no_grad():
+            pi = self.policy.table(self.params).to(torch.float64)
+            self._control_beta(tabular.sequence_kl(self.mdp.with_reference(self._ref64()), pi), 1)
+        return diag
+
+    def _ref64(self) -> Tensor:
+        return self.policy.table(self.ref_params).detach().to(torch.float64)
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+    def _optimum(self, ref64: Tensor) -> Tensor:
+        key = (self.phase, self.ref_version, tuple(self.rt.beta.tolist()))
+        if key not in self._opt_cache:
+            self._opt_cache.clear()
+            mdp = self._scaled_mdp.with_reference(ref64)
+            beta = self.rt.beta.clamp(min=1e-12)
+            _, _, logp_opt = tabular.soft_value_iteration(mdp, beta)
+            self._opt_cache[key] = logp_opt
+        return self._opt_cache[key]
+
+    def exact_metrics(self) -> dict[str, Tensor]:
+        """Exact (float64) KL to the reference, entropy, support, return and distance to the optimum."""
+        pi = self.policy.table(self.params).detach().to(torch.float64)
+        ref = self._ref64()
+        mdp = self.mdp.with_reference(ref)
+        occ = tabular.state_occupancy(mdp, pi)
+        length = occ.sum(-1).clamp(min=1e-12)
+        visited = occ > 1e-9
+        kl_s = tabular.kl_per_state(pi, ref)
+        ent_s = tabular.entropy_per_state(pi)
+        minp = torch.where(visited, pi.exp().min(-1).values, torch.ones_like(occ)).min(-1).values
+        support = torch.where(visited.unsqueeze(-1), (pi.exp() > 1e-3).to(torch.float64), 0.0).sum(-1)
+        out = {
+            "kl_true": (occ * kl_s).sum(-1),
+            "kl_forward": tabular.sequence_forward_kl(mdp, pi),
+            "entropy": (occ * ent_s).sum(-1) / length,
+            "min_prob": minp,
+            "support": (support * occ).sum(-1) / length,
+            "return_true": tabular.expected_return(self.mdp, pi),
+        }
+        if bool((self.rt.beta > 0).all()):
+            opt = self._optimum(ref)
+            out["tv_opt"] = (occ * tabular.total_variation(pi, opt)).sum(-1) / length
+        else:
+            out["tv_opt"] = torch.full_like(length, float("nan"))
+        return out
+
+    def policy_tables(self) -> dict[str, np.ndarray]:
+        pi = self.policy.table(self.params).detach().to(torch.float64)
+        ref = self._ref64()
+        tabs = {"prob": pi.exp(), "ref_prob": ref.exp()}
+        if bool((self.rt.beta > 0).all()):
+            tabs["opt_prob"] = self._optimum(ref).exp()
+        else:
+            tabs["opt_prob"] = torch.full_like(pi, float("nan"))
+        return {k: v.cpu().numpy() for k, v in tabs.items()}
+
+    def policy_frame(self, run: int) -> pd.DataFrame:
+        S, A = self.S, self.A
+        d = int(self.diverged_at[run])
+        logs = [(u, tabs) for u, tabs in self.policy_log if d < 0 or u <= d]
+        n = len(logs)
+        frame = {"update": np.repeat(np.array([u for u, _ in logs], dtype=np.int64), S * A),
+                 "state": np.tile(np.repeat(np.arange(S, dtype=np.int64), A), n),
+                 "action": np.tile(np.arange(A, dtype=np.int64), S * n)}
+        for k in logs[0][1]:
+            frame[k] = np.concatenate([tabs[k][run].reshape(-1) for _, tabs in logs])
+        return pd.DataFrame(frame)
+
+    def _maybe_log_traj(self, update: int, buf: dict[str, Tensor]) -> None:
+        n = self.cfg.log.trajectories
+        if n <= 0 or not (update % self.cfg.log.every == 0 or update == self.cfg.train.total_updates):
+            return
+        rec = {k: buf[k][:, :n].detach().cpu().numpy()
+               for k in ("state", "action", "reward", "logp", "ref_logp", "valid")}
+        rec["update"] = update
+        self.traj_log.append(rec)
+
+
+def _diagnostics(pg: Tensor, kl_term: Tensor, clipped: Tensor, log_ratio_old: Tensor, valid: Tensor
+                 ) -> dict[str, Tensor]:
+    """Per-run means of PPO diagnostics over valid samples (one fused reduction)."""
+    stacked = torch.stack([pg, kl_term, clipped.to(pg.dtype), log_ratio_old], dim=-1).detach()
+    m = _masked_mean_last(stacked, valid)
+    return {"pg_loss": m[:, 0], "kl_loss": m[:, 1], "clip_frac": m[:, 2], "approx_kl": m[:, 3]}
+
+
+def _masked_mean_last(x: Tensor, valid: Tensor) -> Tensor:
+    """Per-run mean ``[R, C]`` of ``x [R, n, C]`` over samples where ``valid [R, n]``."""
+    w = valid.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+def _take(x: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx [R, m]`` of ``x [R, n, ...]`` along the sample axis → ``[R, m, ...]``."""
+    if x.dim() == 2:
+        return x.gather(1, idx)
+    return x.gather(1, idx.view(idx.shape + (1,) * (x.dim() - 2)).expand(idx.shape + x.shape[2:]))
+
+
+def _gather_sa(table: Tensor, state: Tensor, action: Tensor) -> Tensor:
+    """``table [R, S, A]`` at ``(state, action)`` pairs ``[R, ...]`` → ``[R, ...]``."""
+    R, S, A = table.shape
+    flat = (state * A + action).reshape(R, -1)
+    return table.reshape(R, S * A).gather(1, flat).view(state.shape)
+
+
+def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunTensors, ent_coef: float = 0.0
+               ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-run loss ``[R]`` whose gradient is the *expected* gradient of the sampled PPO loss (first epoch).
+
+    With ``d`` the policy's state occupancy and ``L = Σ_s d(s)`` the expected episode length (sampled
+    losses are means over timesteps):
+
+    - KL in the reward: Q of the shaped reward ``r − β·k(s, a)`` (k from the current policy, detached) by
+      exact policy evaluation; the surrogate ``Σ_s d(s) Σ_a π(a|s)·sg(Q(s, a) − V(s)) / L``.
+    - KL in the loss: ``β·Σ_s d(s) Σ_a sg(π(a|s))·k(s, a) / L`` with gradient through ``log π`` in ``k``
+      (samples fixed); ``full``: ``β·Σ_s d(s)·KL_s(π‖π_ref) / L`` with gradient through everything.
+
+    Args:
+        logp: ``[R, S, A]`` policy log-probabilities (carrying gradient). ref_logp: ``[R, S, A]``.
+    Returns:
+        ``(loss [R], diagnostics)``.
+    """
+    lp_d = logp.detach()
+    with torch.no_grad():
+        occ = tabular.state_occupancy(mdp, lp_d)
+        w = occ / occ.sum(-1, keepdim=True).clamp(min=1e-12)  # [R, S]
+        penalty = weighted_estimate(lp_d, ref_logp, rt.coef("reward"), full_kl(lp_d, ref_logp)[..., None])
+        v, q = tabular.policy_evaluation(mdp, lp_d, extra_reward=-penalty)
+        adv = q - v.unsqueeze(-1)
+    surrogate = (w * (logp.exp() * adv).sum(-1)).sum(-1)
+    kfull = full_kl(logp, ref_logp)[..., None]
+    # E_{a ~ sg(π)} of the per-sample loss: its gradient flows only through k (samples fixed).
+    k_live = (weighted_estimate(logp, ref_logp, rt.coef("loss"), kfull)
+              + weighted_estimate(logp, ref_logp, rt.coef("loss_is"), kfull, logp_old=lp_d))
+    kl_term = (w * (lp_d.exp() * k_live).sum(-1)).sum(-1)
+    entropy = (w * tabular.entropy_per_state(logp)).sum(-1)
+    loss = -surrogate + kl_term - ent_coef * entropy
+    diag = {"pg_loss": -surrogate.detach(), "kl_loss": kl_term.detach(), "entropy_loss": entropy.detach()}
+    return loss, diag
+
+
+# ------------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------------
+
+
+def make_trainer(configs: list[Config], device: torch.device | None = None) -> BatchTrainer:
+    """The trainer for a batch of configs that share a batch signature."""
+    device = device or resolve_device(configs[0].device)
+    if configs[0].env["id"] == "gaussian_bandit":
+        from sim.gaussian import GaussianTrainer
+
+        return GaussianTrainer(configs, device)
+    return DiscreteTrainer(configs, device)
+
+
+def train_batch(configs: list[Config], progress: ProgressFn | None = None,
+                device: torch.device | None = None) -> list[RunOutput]:
+    """Train ``configs`` together (one tensor program) and return their outputs in order."""
+    return make_trainer(configs, device).run(progress)
+
+
+def config_with(cfg: Config, **changes) -> Config:
+    """``cfg`` with dotted-key changes, e.g. ``config_with(cfg, **{"kl.beta": 0.5})`` (no validation)."""
+    d = cfg.to_dict()
+    for key, value in changes.items():
+        parts = key.split(".")
+        cur = d
+        for p in parts[:-1]:
+            cur = cur[p]
+        cur[parts[-1]] = value
+    from sim.config import from_dict
+
+    return from_dict(d)
+
+

@@ -1,0 +1,130 @@
+"""The batched TabularCore and the generic tabular oracles on hand-made MDPs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from envs.tabular import (
+    TabularCore,
+    TabularMDP,
+    entropy_per_state,
+    expected_return,
+    forward_kl_per_state,
+    forward_kl_stationary_point,
+    kl_per_state,
+    policy_evaluation,
+    soft_value_iteration,
+    state_occupancy,
+    total_variation,
+)
+
+
+def chain_mdp(probs: list[float]) -> TabularMDP:
+    """Two states, two actions, horizon 2; outcome ``k`` pays ``k``.
+
+    From state 0 either action has outcomes ``probs``: outcome 0 leads to state 1, the others to the sink.
+    """
+    K = len(probs)
+    next_state = torch.full((2, 2, K), 2, dtype=torch.long)
+    next_state[0, :, 0] = 1
+    next_prob = torch.zeros(2, 2, K, dtype=torch.float64)
+    next_prob[0, :] = torch.tensor(probs, dtype=torch.float64)
+    next_prob[1, :, 0] = 1.0
+    reward = torch.arange(K, dtype=torch.float64).expand(2, 2, K).clone()
+    return TabularMDP(next_state=next_state, next_prob=next_prob, reward=reward,
+                      init_prob=torch.tensor([1.0, 0.0], dtype=torch.float64),
+                      ref_logp=torch.full((2, 2), -math.log(2), dtype=torch.float64), horizon=2,
+                      features=torch.eye(2), state_time=torch.tensor([0, 1]))
+
+
+def test_outcome_never_selects_a_zero_probability_outcome() -> None:
+    # 0.7 + 0.2 + 0.1 sums to 0.9999999999999999 in float64: a u in [that, 1) must still pick outcome 2,
+    # not the zero-probability outcome 3 after it
+    probs = [0.7, 0.2, 0.1, 0.0]
+    assert torch.tensor(probs, dtype=torch.float64).cumsum(0)[2].item() < 1.0
+    core = TabularCore(chain_mdp(probs))
+    u = torch.tensor([0.0, 0.69, 0.7, 0.95, 0.9999999999999999, 1.0 - 2**-53], dtype=torch.float64)
+    zeros = torch.zeros(len(u), dtype=torch.long)
+    assert core.outcome(zeros, zeros, u).tolist() == [0, 0, 1, 2, 2, 2]
+
+
+def test_sampled_outcome_frequencies_match_probabilities() -> None:
+    probs = [0.25, 0.0, 0.5, 0.25]
+    core = TabularCore(chain_mdp(probs))
+    g = torch.Generator().manual_seed(0)  # fixed seed: the check is deterministic
+    n = 200_000
+    state = torch.zeros(n, dtype=torch.long)
+    _, reward, _ = core.sample_step(state, torch.ones(n, dtype=torch.long), g)
+    freq = torch.bincount(reward.long(), minlength=4).double() / n
+    se = (torch.tensor(probs) * (1 - torch.tensor(probs)) / n).sqrt()
+    assert freq[1] == 0
+    assert ((freq - torch.tensor(probs, dtype=torch.float64)).abs() <= 5 * se + 1e-12).all()
+
+
+def test_step_any_batch_shape_and_noise() -> None:
+    mdp = chain_mdp([0.5, 0.5])
+    mdp = TabularMDP(**{**mdp.__dict__, "reward_noise": 2.0})
+    core = TabularCore(mdp)
+    state = torch.zeros(3, 5, dtype=torch.long)
+    action = torch.ones(3, 5, dtype=torch.long)
+    u = torch.full((3, 5), 0.75, dtype=torch.float64)
+    z = torch.ones(3, 5, dtype=torch.float64)
+    next_state, reward, done = core.step(state, action, u, z)
+    assert next_state.shape == reward.shape == done.shape == (3, 5)
+    assert (next_state == 2).all() and done.all()
+    assert torch.allclose(reward, torch.full((3, 5), 1.0 + 2.0, dtype=torch.float64))
+    assert core.needs_uniform and core.needs_normal
+
+
+def test_validate_names_the_field() -> None:
+    mdp = chain_mdp([0.5, 0.5])
+    bad = TabularMDP(**{**mdp.__dict__, "next_prob": mdp.next_prob * 0.5})
+    with pytest.raises(ValueError, match="next_prob"):
+        bad.validate()
+
+
+def test_small_oracles_by_hand() -> None:
+    logp = torch.tensor([[0.25, 0.75], [0.5, 0.5]], dtype=torch.float64).log()
+    ref = torch.full((2, 2), 0.5, dtype=torch.float64).log()
+    kl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert kl_per_state(logp, ref)[0].item() == pytest.approx(kl, abs=1e-14)
+    fkl = 0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75)
+    assert forward_kl_per_state(logp, ref)[0].item() == pytest.approx(fkl, abs=1e-14)
+    assert total_variation(logp, ref)[0].item() == pytest.approx(0.25)
+    assert entropy_per_state(ref)[1].item() == pytest.approx(math.log(2))
+    # zero-probability actions: 0·log 0 = 0
+    det = torch.tensor([[0.0, 1.0]], dtype=torch.float64).log()
+    assert kl_per_state(det, ref[:1]).item() == pytest.approx(math.log(2))
+    assert forward_kl_per_state(det, ref[:1]).item() == math.inf
+
+
+def test_policy_evaluation_chain() -> None:
+    mdp = chain_mdp([0.5, 0.5])  # state 0: reward 0 (→ state 1) or 1 (→ sink); state 1: reward 0
+    logp = torch.full((2, 2), -math.log(2), dtype=torch.float64)
+    v, q = policy_evaluation(mdp, logp)
+    assert v[0].item() == pytest.approx(0.5)
+    assert expected_return(mdp, logp).item() == pytest.approx(0.5)
+    assert state_occupancy(mdp, logp).tolist() == pytest.approx([1.0, 0.5])
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, math.inf, math.nan])
+def test_oracles_reject_bad_beta(beta: float) -> None:
+    mdp = chain_mdp([0.5, 0.5])
+    with pytest.raises(ValueError, match="beta must be positive"):
+        soft_value_iteration(mdp, beta)
+    if not math.isnan(beta) and beta <= 0:
+        with pytest.raises(ValueError, match="beta must be positive"):
+            forward_kl_stationary_point(torch.zeros(2), torch.full((2,), 0.5), beta)
+
+
+def test_soft_value_iteration_batched_beta_matches_scalar() -> None:
+    mdp = chain_mdp([0.3, 0.7])
+    betas = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    v, q, logp = soft_value_iteration(mdp, betas)
+    assert v.shape == (3, 2) and logp.shape == (3, 2, 2)
+    for i, b in enumerate(betas.tolist()):
+        v1, _, logp1 = soft_value_iteration(mdp, b)
+        assert torch.allclose(v[i], v1) and torch.allclose(logp[i], logp1)
