@@ -323,7 +323,7 @@ class BatchTrainer:
         """Train every run through all phases and return their outputs."""
         cfg = self.cfg
         total = cfg.train.total_updates
-        log_every, pol_every = cfg.log.every, cfg.log.policy_every
+        pol_every = cfg.log.policy_every
         t0 = time.perf_counter()
         update = 0
         with torch.no_grad():
@@ -340,7 +340,7 @@ class BatchTrainer:
                     diag = self.sampled_update(update)
                 self._check_params(update)
                 self._refresh_reference(update)
-                if update % log_every == 0 or update == total:
+                if self._logs_at(update):
                     with torch.no_grad():
                         self._log(update, {**diag, **self.exact_metrics()})
                 if update % pol_every == 0 or update == total:
@@ -352,6 +352,10 @@ class BatchTrainer:
 
     def _on_phase(self) -> None:
         pass
+
+    def _logs_at(self, update: int) -> bool:
+        """Whether metrics are logged after ``update`` (every ``log.every`` and the last)."""
+        return update % self.cfg.log.every == 0 or update == self.cfg.train.total_updates
 
     def _outputs(self) -> list[RunOutput]:
         keys = list(dict.fromkeys(k for rec in self.metric_log for k in rec))
@@ -584,6 +588,18 @@ class DiscreteTrainer(BatchTrainer):
 
     # -- exact mode ---------------------------------------------------------------------------------------
     def exact_update(self, update: int) -> dict[str, Tensor]:
+        exp_diag = self._expected_sample_stats() if self._logs_at(update) else {}
+        loss, diag = exact_loss(self._scaled_mdp, self.policy.table(self.params),
+                                self.policy.table(self.ref_params).detach(), self.rt, self.cfg.train.ent_coef)
+        diag.update(exp_diag)
+        diag["grad_norm"] = self._apply_grads(loss, update)
+        if bool(self.rt.adaptive.any()):
+            with torch.no_grad():
+                pi = self.policy.table(self.params).to(torch.float64)
+                self._control_beta(tabular.sequence_kl(self.mdp.with_reference(self._ref64()), pi), 1)
+        return diag
+
+    def _expected_sample_stats(self) -> dict[str, Tensor]:
         with torch.no_grad():
             # What a sampled run would report as sample means, as exact expectations.
             pi, ref = self._tables()
@@ -593,14 +609,7 @@ class DiscreteTrainer(BatchTrainer):
             exp_diag = {"reward": tabular.expected_return(self.mdp, pi),
                         **{f"kl_k{i + 1}": (occ * ks[..., i]).sum(-1) for i in range(3)},
                         "episode_length": occ.sum(-1)}
-        loss, diag = exact_loss(self._scaled_mdp, self.policy.table(self.params),
-                                self.policy.table(self.ref_params).detach(), self.rt, self.cfg.train.ent_coef)
-        diag.update(exp_diag)
-        diag["grad_norm"] = self._apply_grads(loss, update)
-        with torch.no_grad():
-            pi = self.policy.table(self.params).to(torch.float64)
-            self._control_beta(tabular.sequence_kl(self.mdp.with_reference(self._ref64()), pi), 1)
-        return diag
+        return exp_diag
 
     def _ref64(self) -> Tensor:
         return self.policy.table(self.ref_params).detach().to(torch.float64)
@@ -667,7 +676,7 @@ class DiscreteTrainer(BatchTrainer):
 
     def _maybe_log_traj(self, update: int, buf: dict[str, Tensor]) -> None:
         n = self.cfg.log.trajectories
-        if n <= 0 or not (update % self.cfg.log.every == 0 or update == self.cfg.train.total_updates):
+        if n <= 0 or not self._logs_at(update):
             return
         rec = {k: buf[k][:, :n].detach().cpu().numpy()
                for k in ("state", "action", "reward", "logp", "ref_logp", "valid")}
