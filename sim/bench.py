@@ -1,0 +1,212 @@
+"""``reflab bench``: throughput of the batched engine, measured on this machine in one invocation.
+
+Cases (medians over ``--repeats``; the machine may be shared and noisy):
+
+- **bandit grid**: 10-arm bandit, 8 KL variants × 5 β × 10 seeds = 400 runs, 300 updates × 256 samples,
+  4 epochs, trained as one batch; wall time and env-steps/s (target ≤ 10 s, ≥ 3 M env-steps/s on 2 cores).
+- **SB3**: the same bandit (its gymnasium shell) trained by stable-baselines3's PPO (MlpPolicy, 8 envs)
+  for a fixed number of steps; env-steps/s and the native / SB3 ratio (target ≥ 2000×).
+- **gridworld grid**: 400 runs on the 7×7 ``two_goals`` layout, horizon 30, 64 episodes per update
+  (target ≥ 2 M env-steps/s).
+- **scaling**: 1 … 10 000 bandit runs in one batch, wall time and peak RSS (each point in a fresh process;
+  target ≤ 2 GB at 10 000 runs).
+- the same on CUDA when present.
+
+Speed targets live here, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from sim.config import Config, resolve
+from sim.train import make_trainer
+
+VARIANTS = [("none", "k1"), ("reward", "k1"), ("reward", "k2"), ("reward", "k3"),
+            ("loss", "k1"), ("loss", "k2"), ("loss", "k3"), ("loss", "full")]
+BETAS = [0.01, 0.03, 0.1, 0.3, 1.0]
+
+
+def bandit_grid(updates: int = 300, seeds: int = 10, device: str = "cpu") -> list[Config]:
+    """The standard bandit grid: 8 variants × 5 β × ``seeds`` seeds on a 10-arm bandit."""
+    base = ["env.id=bandit", "env.n_arms=10", f"train.updates={updates}", "train.batch=256", "train.epochs=4",
+            f"device={device}"]
+    return [resolve(None, base + [f"kl.placement={p}", f"kl.estimator={e}", f"kl.beta={b}", f"seed={s}"])
+            for p, e in VARIANTS for b in BETAS for s in range(seeds)]
+
+
+def gridworld_grid(updates: int = 50, seeds: int = 10, device: str = "cpu") -> list[Config]:
+    """400 gridworld runs: 8 variants × 5 β × 10 seeds, 7×7 ``two_goals``, horizon 30, 64 episodes/update."""
+    base = ["env.id=gridworld", "env.layout=two_goals", "env.horizon=30", "env.ref_temperature=3",
+            f"train.updates={updates}", "train.batch=64", "log.every=10", "log.policy_every=1000",
+            f"device={device}"]
+    return [resolve(None, base + [f"kl.placement={p}", f"kl.estimator={e}", f"kl.beta={b}", f"seed={s}"])
+            for p, e in VARIANTS for b in BETAS for s in range(seeds)]
+
+
+def time_native(configs: list[Config], repeats: int) -> dict[str, Any]:
+    """Median wall time of training ``configs`` as one batch (training loop; tables built after)."""
+    times, outs_time, steps = [], [], 0
+    for _ in range(repeats):
+        trainer = make_trainer(configs)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.run()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        outs_time.append(times[-1] - trainer.wall_time)
+        steps = int(trainer.env_steps.sum())
+    wall = statistics.median(times)
+    return {"runs": len(configs), "wall_s": wall, "env_steps": steps, "steps_per_s": steps / wall,
+            "tables_s": statistics.median(outs_time), "all_s": times}
+
+
+def time_sb3(total_steps: int, repeats: int) -> dict[str, Any]:
+    """Env-steps/s of SB3's PPO (MlpPolicy, 8 envs, CPU) on the 10-arm bandit's gymnasium shell."""
+    import gymnasium
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import envs  # noqa: F401  registers reflab/*
+
+    times = []
+    for r in range(repeats):
+        venv = make_vec_env(lambda: gymnasium.make("reflab/Bandit-v0", n_arms=10), n_envs=8, seed=r)
+        model = PPO("MlpPolicy", venv, n_steps=32, batch_size=64, n_epochs=4, seed=r, device="cpu", verbose=0)
+        t0 = time.perf_counter()
+        model.learn(total_timesteps=total_steps)
+        times.append(time.perf_counter() - t0)
+        venv.close()
+    wall = statistics.median(times)
+    return {"env_steps": total_steps, "wall_s": wall, "steps_per_s": total_steps / wall, "all_s": times}
+
+
+def _scaling_point(n_runs: int, updates: int, device: str) -> dict[str, Any]:
+    """One scaling point measured in this process (called in a fresh subprocess)."""
+    seeds = max(1, n_runs // 40)
+    configs = bandit_grid(updates=updates, seeds=seeds, device=device)[:n_runs]
+    while len(configs) < n_runs:  # fewer than 40 runs: vary seeds only
+        configs.append(resolve(None, ["env.id=bandit", "env.n_arms=10", f"train.updates={updates}",
+                                      f"seed={len(configs)}", f"device={device}"]))
+    res = time_native(configs, repeats=1)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def time_scaling(sizes: list[int], updates: int, device: str, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes:
+        samples = []
+        for _ in range(repeats):
+            proc = subprocess.run([sys.executable, "-m", "sim.bench", "--_point", str(n), "--updates",
+                                   str(updates), "--device", device], capture_output=True, text=True, check=True)
+            samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        wall = statistics.median(s["wall_s"] for s in samples)
+        rows.append({"runs": n, "wall_s": wall, "steps_per_s": samples[0]["env_steps"] / wall,
+                     "peak_rss_mb": max(s["peak_rss_mb"] for s in samples)})
+    return rows
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+            f"{_cores()} cores, torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "devices": {}}
+    for dev in devices:
+        rep: dict[str, Any] = {}
+        rep["bandit_grid"] = time_native(bandit_grid(args.updates, device=dev), args.repeats)
+        _print(dev, "bandit grid (400 runs)", rep["bandit_grid"], target="≤ 10 s, ≥ 3 M steps/s")
+        rep["gridworld_grid"] = time_native(gridworld_grid(args.grid_updates, device=dev), args.repeats)
+        _print(dev, "gridworld grid (400 runs)", rep["gridworld_grid"], target="≥ 2 M steps/s")
+        if dev == "cpu" and not args.no_sb3:
+            rep["sb3"] = time_sb3(args.sb3_steps, args.repeats)
+            ratio = rep["bandit_grid"]["steps_per_s"] / rep["sb3"]["steps_per_s"]
+            rep["native_over_sb3"] = ratio
+            _print(dev, "SB3 PPO, same bandit", rep["sb3"], target="")
+            print(f"[{dev}] native / SB3 throughput: {ratio:,.0f}x (target ≥ 2000x)", flush=True)
+        rep["scaling"] = time_scaling(args.sizes, args.scaling_updates, dev, max(1, args.repeats // 2))
+        for row in rep["scaling"]:
+            print(f"[{dev}] scaling {row['runs']:>6} runs: {row['wall_s']:7.2f} s  "
+                  f"{row['steps_per_s'] / 1e6:7.2f} M steps/s  peak RSS {row['peak_rss_mb']:7.0f} MB", flush=True)
+        report["devices"][dev] = rep
+    return report
+
+
+def _print(dev: str, name: str, res: dict[str, Any], target: str) -> None:
+    extra = f" (+{res['tables_s']:.2f} s building tables)" if "tables_s" in res else ""
+    print(f"[{dev}] {name}: {res['wall_s']:.2f} s{extra}, {res['steps_per_s'] / 1e6:.2f} M env-steps/s"
+          + (f"   target {target}" if target else ""), flush=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args._point:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(_scaling_point(args._point, args.updates, args.device)))
+        return 0
+    if args.quick:
+        args.updates, args.grid_updates, args.repeats = 60, 10, 1
+        args.sb3_steps, args.sizes, args.scaling_updates = 4096, [1, 100, 1000], 20
+    torch.set_num_threads(args.threads)
+    print(f"reflab bench — {machine()}", flush=True)
+    report = run_bench(args)
+    if args.json:
+        from pathlib import Path
+
+        from sim.results import atomic_write_json
+
+        atomic_write_json(Path(args.json), report)
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=int, default=3, help="repeats per case; medians are reported (3)")
+    p.add_argument("--updates", type=int, default=300, help="updates of the bandit grid (300)")
+    p.add_argument("--grid-updates", type=int, default=50, help="updates of the gridworld grid (50)")
+    p.add_argument("--sb3-steps", type=int, default=20_000, help="env steps SB3 trains for (20000)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100, 1000, 10000], help="scaling points")
+    p.add_argument("--scaling-updates", type=int, default=50, help="updates per scaling point (50)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    p.add_argument("--no-sb3", action="store_true", help="skip the SB3 comparison")
+    p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
+    p.add_argument("--quick", action="store_true", help="a short version of every case (~1 min)")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--_point", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure engine throughput on this machine")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sim.bench")
+    add_arguments(p)
+    return cmd_bench(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
