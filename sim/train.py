@@ -462,7 +462,15 @@ class DiscreteTrainer(BatchTrainer):
     def _tables(self) -> tuple[Tensor, Tensor]:
         """Current policy and reference log-probability tables ``[R, S, A]`` (no grad)."""
         with torch.no_grad():
-            return self.policy.table(self.params), self.policy.table(self.ref_params)
+            return self.policy.table(self.params), self._ref_table()
+
+    def _ref_table(self) -> Tensor:
+        """The reference's log-probability table ``[R, S, A]``, recomputed only when the reference changes."""
+        if getattr(self, "_ref_cache_version", None) != self.ref_version:
+            with torch.no_grad():
+                self._ref_cache = self.policy.table(self.ref_params)
+            self._ref_cache_version = self.ref_version
+        return self._ref_cache
 
     # -- sampling ---------------------------------------------------------------------------------------
     def collect(self, update: int) -> dict[str, Tensor]:
@@ -545,7 +553,7 @@ class DiscreteTrainer(BatchTrainer):
         buf.update(self._shape_and_advantage(buf))
         R, N, H = buf["valid"].shape
         flat = {k: v.reshape(R, N * H) for k, v in buf.items()}
-        _, ref_t = self._tables()
+        ref_t = self._ref_table()
         stats = self._ppo_epochs(flat, update, lambda mb, diag: self._ppo_loss(mb, ref_t, diag))
         valid = buf["valid"]
         vf = valid.to(torch.float64)
@@ -590,7 +598,7 @@ class DiscreteTrainer(BatchTrainer):
     def exact_update(self, update: int) -> dict[str, Tensor]:
         exp_diag = self._expected_sample_stats() if self._logs_at(update) else {}
         loss, diag = exact_loss(self._scaled_mdp, self.policy.table(self.params),
-                                self.policy.table(self.ref_params).detach(), self.rt, self.cfg.train.ent_coef)
+                                self._ref_table(), self.rt, self.cfg.train.ent_coef)
         diag.update(exp_diag)
         diag["grad_norm"] = self._apply_grads(loss, update)
         if bool(self.rt.adaptive.any()):
@@ -612,7 +620,7 @@ class DiscreteTrainer(BatchTrainer):
         return exp_diag
 
     def _ref64(self) -> Tensor:
-        return self.policy.table(self.ref_params).detach().to(torch.float64)
+        return self._ref_table().to(torch.float64)
 
     # -- metrics ---------------------------------------------------------------------------------------------
     def _optimum(self, ref64: Tensor) -> Tensor:
