@@ -383,14 +383,17 @@ class BatchTrainer:
     def _traj_frame(self, run: int) -> pd.DataFrame:
         cols = ["update", "episode", "t", "state", "action", "reward", "logp", "ref_logp"]
         parts: dict[str, list[np.ndarray]] = {k: [] for k in cols}
+        d = int(self.diverged_at[run])
         for rec in self.traj_log:
+            if d >= 0 and rec["update"] > d:
+                continue
             ep, t = np.nonzero(rec["valid"][run])
             parts["update"].append(np.full(ep.shape, rec["update"], dtype=np.int64))
             parts["episode"].append(ep.astype(np.int64))
             parts["t"].append(t.astype(np.int64))
             for k in cols[3:]:
                 parts[k].append(rec[k][run][ep, t])
-        if not self.traj_log:
+        if not parts["update"]:
             return pd.DataFrame({k: np.zeros(0, dtype=np.int64 if k in cols[:5] else np.float64) for k in cols})
         return pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()})
 

@@ -216,7 +216,8 @@ def test_non_finite_policy_marks_run_diverged_and_spares_the_batch():
     assert out_ok.status["status"] == "done"
     assert out_bad.status["status"] == "diverged"
     assert 1 <= out_bad.status["update"] <= 10
-    assert out_bad.metrics["update"].max() <= out_bad.status["update"]
+    for table in (out_bad.metrics, out_bad.policy, out_bad.trajectories):
+        assert table["update"].max() <= out_bad.status["update"]
     (alone,) = train_batch([ok])
     pd.testing.assert_frame_equal(out_ok.metrics, alone.metrics, check_exact=True)
 
