@@ -118,4 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the canonical sim.cli, not this __main__ copy, so that UsageError raised by sim.sweep & co. is caught.
+    from sim.cli import main as _main
+
+    sys.exit(_main())
