@@ -358,15 +358,14 @@ class BatchTrainer:
         return update % self.cfg.log.every == 0 or update == self.cfg.train.total_updates
 
     def _outputs(self) -> list[RunOutput]:
-        keys = list(dict.fromkeys(k for rec in self.metric_log for k in rec))
+        lead = ["update", "phase", "reward_scale", "env_steps", "beta"]
+        keys = list(dict.fromkeys(lead + [k for rec in self.metric_log for k in rec]))
         nan = torch.full((self.R,), float("nan"), dtype=torch.float64)
         cols = {k: torch.stack([rec.get(k, nan) for rec in self.metric_log], dim=1).numpy() for k in keys}
         outs = []
         for i, c in enumerate(self.configs):
             keep = cols["_alive"][i].astype(bool) | (cols["update"][i] == self.diverged_at[i].item())
             metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive"})
-            metrics = metrics.astype({"update": "int64", "phase": "int64", "env_steps": "int64",
-                                      "kl_clamps": "int64"})
             policy = self.policy_frame(i)
             traj = self._traj_frame(i)
             d = int(self.diverged_at[i])
