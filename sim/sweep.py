@@ -49,7 +49,16 @@ import pandas as pd
 import yaml
 
 from sim import results
-from sim.config import Config, ConfigError, batch_signature, deep_merge, default_dict, from_dict, set_dotted
+from sim.config import (
+    Config,
+    ConfigError,
+    batch_signature,
+    deep_merge,
+    default_dict,
+    from_dict,
+    set_dotted,
+    yaml_load,
+)
 from sim.executors import EXECUTORS, Executor, ExecutorError, RunResult, Task, TaskOutcome, make_executor
 
 GRID_KEYS = ("base", "axes", "variants", "seeds", "exclude", "batch_size", "description")
@@ -78,7 +87,7 @@ def available_presets() -> dict[str, Path]:
     out = {}
     for path in sorted(PRESET_DIR.glob("*.yaml")):
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml_load(path.read_text())
         except (OSError, yaml.YAMLError):
             continue
         # The folder may also hold run configs for `reflab run`; a grid has only grid keys.
@@ -105,7 +114,7 @@ def load_grid(spec: str) -> tuple[dict, Path]:
     """Read the grid ``spec`` (path or preset name): its mapping and its file's path."""
     path = find_grid(spec)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"grid file {spec!r} is not valid YAML ({str(e).splitlines()[0]})") from e
     except (OSError, UnicodeDecodeError) as e:
