@@ -1,0 +1,38 @@
+"""reflab analysis: read run and sweep folders, measure drift, collapse and recovery, draw and report.
+
+The data path goes one way: ``analysis`` reads the files ``reflab run`` / ``reflab sweep`` write and never
+imports the trainer (``sim``); it uses ``envs`` only to rebuild gridworld layouts for drawing.
+
+- :func:`load` (:mod:`analysis.loading`): a run or sweep folder → :class:`Results` with tidy ``runs``,
+  ``metrics``, ``policy`` and ``trajectories`` frames (key columns such as ``variant`` and ``kl.beta`` in
+  front of every table).
+- :mod:`analysis.metrics`: per-run drift, estimator bias, collapse, recovery and distance to the optimum.
+- :mod:`analysis.stats`: IQM and mean with stratified bootstrap intervals, probability of improvement and
+  performance profiles (numpy, seeded).
+- :mod:`analysis.figures`: the paper-style figures; :mod:`analysis.report`: ``reflab report DIR``.
+
+Example::
+
+    import analysis
+    res = analysis.load("results/quickstart")
+    per_run = analysis.metrics.run_summary(res.metrics)
+    analysis.stats.aggregate(per_run, ["kl_final"], ["variant", "kl.beta"])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from analysis import metrics, stats
+from analysis.loading import VARIANT_ORDER, Results, key_columns, load, variant_label
+
+__all__ = ["VARIANT_ORDER", "Results", "figures", "key_columns", "load", "metrics", "report", "stats",
+           "variant_label"]
+
+
+def __getattr__(name: str) -> Any:
+    # figures and report import matplotlib/seaborn: only when used
+    if name in ("figures", "report", "gridworld"):
+        return importlib.import_module(f"analysis.{name}")
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")

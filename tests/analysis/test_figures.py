@@ -1,0 +1,99 @@
+"""Every figure function draws a non-empty file from a small real sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from analysis import figures as F
+from analysis.loading import load
+
+
+def written(paths: list[Path], suffixes: tuple[str, ...] = (".png",)) -> None:
+    assert [p.suffix for p in paths] == list(suffixes)
+    for p in paths:
+        assert p.is_file() and p.stat().st_size > 1000, p
+
+
+@pytest.fixture(scope="module")
+def bandit(bandit_sweep: Path):
+    return load(bandit_sweep)
+
+
+@pytest.fixture(scope="module")
+def bandit_beta(bandit):
+    """The bandit sweep's metrics at one β (one condition)."""
+    return bandit.metrics[bandit.metrics["kl.beta"] == 0.25]
+
+
+def test_variant_styles_are_distinct() -> None:
+    styles = {v: F.variant_style(v) for v in F.VARIANT_ORDER}
+    pairs = {(tuple(s["color"]) if not isinstance(s["color"], str) else s["color"], s["dashes"])
+             for s in styles.values()}
+    assert len(pairs) == len(F.VARIANT_ORDER)
+    assert F.variant_parts("k3 as loss (IS)") == ("loss", "k3", True)
+
+
+def test_kl_figure_pdf_and_png(bandit_beta, tmp_path: Path) -> None:
+    paths = F.plot_kl(bandit_beta, tmp_path / "kl.pdf", seeds=True, title="β = 0.25")
+    written(paths, (".pdf", ".png"))
+    pdf = paths[0].read_bytes()
+    assert pdf.startswith(b"%PDF") and b"/Type3" not in pdf  # TrueType (fonttype 42), no Type 3 fonts
+
+
+def test_kl_figure_log_and_single_layout(bandit_beta, tmp_path: Path) -> None:
+    written(F.plot_kl(bandit_beta, tmp_path / "kl_log", log=True, layout="single", formats=("png",)))
+
+
+def test_entropy_figure(bandit_beta, tmp_path: Path) -> None:
+    written(F.plot_entropy(bandit_beta, tmp_path / "entropy", formats=("png",)))
+
+
+def test_recovery_figure(bandit_beta, tmp_path: Path) -> None:
+    written(F.plot_recovery(bandit_beta, tmp_path / "recovery", before=10, formats=("png",)))
+
+
+def test_heatmap_over_beta(bandit, tmp_path: Path) -> None:
+    written(F.plot_heatmap(bandit.metrics, tmp_path / "heat", value="kl_final", formats=("png",)))
+    written(F.plot_heatmap(bandit.metrics, tmp_path / "heat_c", value="collapsed", stat="mean", formats=("png",)))
+
+
+def test_bandit_final_policy(bandit, tmp_path: Path) -> None:
+    pol = bandit.policy[bandit.policy["kl.beta"] == 0.25]
+    written(F.plot_final_policy(pol, tmp_path / "policy", formats=("png",)))
+
+
+def test_gridworld_final_policy(grid_sweep: Path, tmp_path: Path) -> None:
+    res = load(grid_sweep)
+    cfg = res.config(str(res.runs["run_id"].iloc[0]))
+    few = res.policy[res.policy["variant"].isin(["k1 in reward", "k3 in reward"])]  # 4 panels: ref, π*, 2 runs
+    written(F.plot_final_policy(few, tmp_path / "grid_policy", config=cfg, formats=("png",)))
+    written(F.plot_kl(res.metrics, tmp_path / "grid_kl", formats=("png",)))
+
+
+def test_gaussian_final_policy_and_curves(gauss_sweep: Path, tmp_path: Path) -> None:
+    res = load(gauss_sweep)
+    written(F.plot_final_policy(res.policy, tmp_path / "gauss_policy", formats=("png",)))
+    written(F.plot_kl(res.metrics, tmp_path / "gauss_kl", formats=("png",)))
+    written(F.plot_estimators(res.metrics, tmp_path / "gauss_est", formats=("png",)))
+
+
+def test_estimator_figure_from_trajectories_and_batches(bandit, bandit_beta, tmp_path: Path) -> None:
+    traj = bandit.trajectories[bandit.trajectories["kl.beta"] == 0.25]
+    written(F.plot_estimators(bandit_beta, tmp_path / "est_traj", trajectories=traj, formats=("png",)))
+    written(F.plot_estimators(bandit_beta, tmp_path / "est_batch", formats=("png",)))
+
+
+def test_curves_refuse_mixed_conditions(bandit, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="kl.beta"):
+        F.plot_kl(bandit.metrics, tmp_path / "mixed", formats=("png",))
+    conditions = [c for c, _ in F.split_conditions(bandit.metrics)]
+    assert conditions == [{"kl.beta": 0.25}, {"kl.beta": 1.0}]
+    assert F.condition_label(conditions[0]) == "β = 0.25"
+
+
+def test_single_run_figures(single_run: Path, tmp_path: Path) -> None:
+    res = load(single_run)
+    written(F.plot_kl(res.metrics, tmp_path / "one_kl", formats=("png",)))
+    written(F.plot_final_policy(res.policy, tmp_path / "one_policy", formats=("png",)))

@@ -1,0 +1,94 @@
+"""``reflab report DIR`` end to end: index.md, tables and figures, problems reported, bad input refused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sim.cli import main
+
+
+def test_report_of_a_sweep(bandit_sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    assert main(["report", str(bandit_sweep), "--out", str(out), "--formats", "png", "--n-boot", "200",
+                 "--max-conditions", "1"]) == 0
+    assert "32 of 32 runs" in capsys.readouterr().out
+    index = (out / "index.md").read_text()
+    for kind in ("fig1_kl_beta-0.25", "fig2_entropy_beta-0.25", "fig3_recovery_beta-0.25", "fig4_heatmap_kl_final",
+                 "fig4_heatmap_collapsed", "fig4_heatmap_kl_end", "fig5_policy_beta-0.25", "fig6_estimators_beta-0.25"):
+        files = list(out.glob(f"{kind}*.png"))
+        assert files and all(f.stat().st_size > 1000 for f in files), kind
+        assert all(f.name in index for f in files)
+    assert "## Runs without results" not in index
+    table = pd.read_csv(out / "summary.csv")
+    assert len(table) == 16 and {"variant", "kl.beta", "n", "kl_final", "kl_final_lo", "kl_final_hi", "collapsed",
+                                 "kl_end", "returned"} <= set(table.columns)
+    assert (table["n"] == 2).all()
+    assert "| variant | β | n |" in (out / "summary.md").read_text()
+    assert len(pd.read_csv(out / "runs.csv")) == 32
+
+
+def test_report_lists_failed_and_missing_runs(broken_sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main(["report", str(broken_sweep), "--out", str(out), "--formats", "png", "--n-boot", "50",
+                 "--max-conditions", "1", "--figures", "kl"]) == 0
+    index = (out / "index.md").read_text()
+    assert "## Runs without results" in index and "| failed | RuntimeError: boom |" in index
+    assert "| missing |" in index
+    assert "Curve figures were drawn for the first 1 conditions only" in index
+    assert [p.name for p in out.glob("*.png")] == ["fig1_kl_beta-0.25.png"]
+    assert pd.read_csv(out / "summary.csv")["n"].sum() == 30
+
+
+def test_report_of_a_single_run_defaults_to_dir_report(single_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(single_run, run)
+    assert main(["report", str(run), "--formats", "png", "--n-boot", "50", "--figures", "kl,recovery"]) == 0
+    out = run / "report"
+    assert (out / "index.md").is_file()
+    assert (out / "fig1_kl.png").is_file() and not (out / "fig1_kl.pdf").exists()
+    assert (out / "fig3_recovery.png").is_file() and not (out / "fig5_policy.png").exists()
+    assert len(pd.read_csv(out / "summary.csv")) == 1
+
+
+def test_report_of_a_gridworld_sweep(grid_sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main(["report", str(grid_sweep), "--out", str(out), "--formats", "png", "--n-boot", "50",
+                 "--figures", "kl,estimators"]) == 0
+    assert (out / "fig1_kl.png").is_file() and (out / "fig6_estimators.png").is_file()
+    assert "## Figures that could not be drawn" not in (out / "index.md").read_text()
+
+
+def test_report_without_results_still_writes_index(tmp_path: Path, broken_sweep: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    shutil.copytree(broken_sweep, empty)
+    for f in empty.glob("runs/*/metrics.parquet"):
+        f.unlink()
+    assert main(["report", str(empty), "--formats", "png"]) == 1
+    assert "no run" in capsys.readouterr().err
+    assert "No run has metrics" in (empty / "report" / "index.md").read_text()
+
+
+def test_report_bad_input(tmp_path: Path, bandit_sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("reflab: error:")
+    assert main(["report", str(bandit_sweep), "--formats", "gif"]) == 2
+    assert "--formats" in capsys.readouterr().err
+    assert main(["report", str(bandit_sweep), "--figures", "kl,pie"]) == 2
+    assert "--figures" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2  # an empty folder is neither a run nor a sweep
+
+
+def test_report_of_a_gaussian_sweep(gauss_sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main(["report", str(gauss_sweep), "--out", str(out), "--formats", "png", "--n-boot", "50",
+                 "--figures", "entropy,policy"]) == 0
+    index = (out / "index.md").read_text()
+    assert "Differential entropy" in index and "Gibbs optimum" in index
+    table = pd.read_csv(out / "summary.csv")
+    assert "collapsed" not in table.columns  # no absolute entropy threshold for a Gaussian
+    assert "kl_opt_final" in table.columns
