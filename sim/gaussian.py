@@ -101,12 +101,12 @@ class GaussianTrainer(BatchTrainer):
         self._control_beta(out["kl_k1"], N)
         n_traj = self.cfg.log.trajectories
         if n_traj > 0 and (update % self.cfg.log.every == 0 or update == tr.total_updates):
-            self.traj_log.append({
-                "update": update, "valid": valid[:, :n_traj, None].cpu().numpy(),
-                "state": np.zeros((self.R, n_traj, 1), dtype=np.int64),
-                "action": x[:, :n_traj, :1].cpu().numpy(), "reward": reward[:, :n_traj, None].cpu().numpy(),
-                "logp": logp[:, :n_traj, None].cpu().numpy(), "ref_logp": ref_logp[:, :n_traj, None].cpu().numpy(),
-            })
+            def keep(t: Tensor) -> np.ndarray:  # a copy, so the batch buffers are not kept alive
+                return t[:, :n_traj, None].to("cpu", copy=True).numpy()
+
+            self.traj_log.append({"update": update, "valid": keep(valid), "action": keep(x[..., 0]),
+                                  "state": np.zeros((self.R, n_traj, 1), dtype=np.int64), "reward": keep(reward),
+                                  "logp": keep(logp), "ref_logp": keep(ref_logp)})
         return out
 
     def _ppo_loss(self, mb: dict[str, Tensor], want_diag: bool = True) -> tuple[Tensor, dict[str, Tensor]]:

@@ -688,7 +688,8 @@ class DiscreteTrainer(BatchTrainer):
         n = self.cfg.log.trajectories
         if n <= 0 or not self._logs_at(update):
             return
-        rec = {k: buf[k][:, :n].detach().cpu().numpy()
+        # A copy: a numpy view of the slice would keep the whole batch buffer alive for the whole run.
+        rec = {k: buf[k][:, :n].detach().to("cpu", copy=True).numpy()
                for k in ("state", "action", "reward", "logp", "ref_logp", "valid")}
         rec["update"] = update
         self.traj_log.append(rec)
