@@ -34,20 +34,14 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
 
 
 def all_estimates(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """``[..., 3]``: k1, k2, k3 stacked on a new last axis (for per-run estimator selection)."""
-    delta = logp - ref_logp
-    return torch.stack([delta, 0.5 * delta.square(), torch.expm1(-delta) + delta], dim=-1)
+    """``[..., 3]``: k1, k2, k3 stacked on a new last axis."""
+    return torch.stack([kl_estimate(logp, ref_logp, k) for k in SAMPLED_ESTIMATORS], dim=-1)
 
 
 def full_kl(logp_all: Tensor, ref_logp_all: Tensor) -> Tensor:
     """Exact per-state KL(π‖π_ref) ``[...]`` from full log-probability rows ``[..., A]``."""
     pi = logp_all.exp()
     return (pi * (logp_all - ref_logp_all)).sum(-1)
-
-
-def estimator_index(kind: str) -> int:
-    """Position of ``kind`` in :data:`ESTIMATORS` (``full`` is 3)."""
-    return ESTIMATORS.index(kind)
 
 
 def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tensor | Callable[[], Tensor] | None,
@@ -70,17 +64,14 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tens
     used = (coef != 0).any(0).tolist()
     shape = (-1,) + (1,) * (logp.dim() - 1)
     c = coef.to(logp.dtype)
-    delta = logp - ref_logp
     w = torch.exp(logp - logp_old) if logp_old is not None else None
     out = torch.zeros_like(logp)
-    if used[0]:
-        out = out + c[:, 0].view(shape) * (delta if w is None else w * delta)
-    if used[1]:
-        k2 = 0.5 * delta.square()
-        out = out + c[:, 1].view(shape) * (k2 if w is None else w.detach() * k2)
-    if used[2]:
-        k3 = torch.expm1(-delta) + delta
-        out = out + c[:, 2].view(shape) * (k3 if w is None else w * k3)
+    for j, kind in enumerate(SAMPLED_ESTIMATORS):
+        if used[j]:
+            k = kl_estimate(logp, ref_logp, kind)
+            if w is not None:  # k2's weight carries no gradient (THEORY.md "Off-policy")
+                k = (w.detach() if kind == "k2" else w) * k
+            out = out + c[:, j].view(shape) * k
     if used[3]:
         kf = k_full() if callable(k_full) else k_full
         out = out + c[:, 3].view(shape) * kf

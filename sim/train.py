@@ -372,7 +372,7 @@ class BatchTrainer:
             if d >= 0:
                 status = {"status": "diverged", "update": d, "error": self.diverge_reason[i]}
             else:
-                status = {"status": "done", "update": cfg_total(c)}
+                status = {"status": "done", "update": c.train.total_updates}
             status["wall_time_s"] = round(self.wall_time, 3)
             status["n_runs_in_batch"] = self.R
             status["kl_clamps"] = int(self.clamp.count[i])
@@ -395,10 +395,6 @@ class BatchTrainer:
         if not parts["update"]:
             return pd.DataFrame({k: np.zeros(0, dtype=np.int64 if k in cols[:5] else np.float64) for k in cols})
         return pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()})
-
-
-def cfg_total(cfg: Config) -> int:
-    return cfg.train.total_updates
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -778,19 +774,3 @@ def train_batch(configs: list[Config], progress: ProgressFn | None = None,
                 device: torch.device | None = None) -> list[RunOutput]:
     """Train ``configs`` together (one tensor program) and return their outputs in order."""
     return make_trainer(configs, device).run(progress)
-
-
-def config_with(cfg: Config, **changes) -> Config:
-    """``cfg`` with dotted-key changes, e.g. ``config_with(cfg, **{"kl.beta": 0.5})`` (no validation)."""
-    d = cfg.to_dict()
-    for key, value in changes.items():
-        parts = key.split(".")
-        cur = d
-        for p in parts[:-1]:
-            cur = cur[p]
-        cur[parts[-1]] = value
-    from sim.config import from_dict
-
-    return from_dict(d)
-
-
