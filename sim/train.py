@@ -381,20 +381,22 @@ class BatchTrainer:
 
     def _traj_frame(self, run: int) -> pd.DataFrame:
         cols = ["update", "episode", "t", "state", "action", "reward", "logp", "ref_logp"]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in cols}
-        d = int(self.diverged_at[run])
-        for rec in self.traj_log:
-            if d >= 0 and rec["update"] > d:
-                continue
-            ep, t = np.nonzero(rec["valid"][run])
-            parts["update"].append(np.full(ep.shape, rec["update"], dtype=np.int64))
-            parts["episode"].append(ep.astype(np.int64))
-            parts["t"].append(t.astype(np.int64))
-            for k in cols[3:]:
-                parts[k].append(rec[k][run][ep, t])
-        if not parts["update"]:
+        if getattr(self, "_traj_stacked", None) is None:  # one stack over records, shared by all runs
+            self._traj_stacked = ({k: np.stack([rec[k] for rec in self.traj_log], axis=1) for k in
+                                   ("valid", *cols[3:])} if self.traj_log else {},
+                                  np.array([rec["update"] for rec in self.traj_log], dtype=np.int64))
+        stacked, updates = self._traj_stacked
+        if not stacked:
             return pd.DataFrame({k: np.zeros(0, dtype=np.int64 if k in cols[:5] else np.float64) for k in cols})
-        return pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()})
+        valid = stacked["valid"][run].copy()  # [n_records, episodes, steps]
+        d = int(self.diverged_at[run])
+        if d >= 0:
+            valid[updates > d] = False
+        rec, ep, t = np.nonzero(valid)
+        frame = {"update": updates[rec], "episode": ep.astype(np.int64), "t": t.astype(np.int64)}
+        for k in cols[3:]:
+            frame[k] = stacked[k][run][rec, ep, t]
+        return pd.DataFrame(frame)
 
 
 # ------------------------------------------------------------------------------------------------------
