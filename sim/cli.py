@@ -55,9 +55,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    try:  # building the trainer checks what needs the env (e.g. train.init's length) before anything is written
+        trainer = make_trainer([cfg], device)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
     results.start_run(out, cfg, device)
     try:
-        trainer = make_trainer([cfg], device)
         mode = "none" if args.quiet else cfg.log.progress
         with progress(f"run {out.name}", cfg.train.total_updates, mode) as advance:
             (output,) = trainer.run(lambda done, total: advance(done, total))

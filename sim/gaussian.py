@@ -20,7 +20,7 @@ from sim import rng
 from sim.config import Config
 from sim.kl import all_estimates
 from sim.ppo import clipped_surrogate, masked_mean, normalize_per_run
-from sim.train import BatchTrainer, _diagnostics, build_env, kl_loss_term, kl_reward_penalty
+from sim.train import BatchTrainer, _diagnostics, build_env, kl_loss_term, kl_reward_penalty, snapshot
 
 
 class GaussianPolicy:
@@ -100,13 +100,11 @@ class GaussianTrainer(BatchTrainer):
                "episode_length": torch.ones(self.R, dtype=torch.float64, device=self.device), **stats}
         self._control_beta(out["kl_k1"], N)
         n_traj = self.cfg.log.trajectories
-        if n_traj > 0 and (update % self.cfg.log.every == 0 or update == tr.total_updates):
-            def keep(t: Tensor) -> np.ndarray:  # a copy, so the batch buffers are not kept alive
-                return t[:, :n_traj, None].to("cpu", copy=True).numpy()
-
-            self.traj_log.append({"update": update, "valid": keep(valid), "action": keep(x[..., 0]),
-                                  "state": np.zeros((self.R, n_traj, 1), dtype=np.int64), "reward": keep(reward),
-                                  "logp": keep(logp), "ref_logp": keep(ref_logp)})
+        if n_traj > 0 and self._logs_at(update):
+            steps = {"valid": valid, "action": x[..., 0], "reward": reward, "logp": logp, "ref_logp": ref_logp}
+            rec: dict = snapshot({k: v[:, :n_traj, None] for k, v in steps.items()})
+            rec.update(update=update, state=np.zeros((self.R, n_traj, 1), dtype=np.int64))
+            self.traj_log.append(rec)
         return out
 
     def _ppo_loss(self, mb: dict[str, Tensor], want_diag: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
@@ -173,7 +171,7 @@ class GaussianTrainer(BatchTrainer):
         nan = torch.full_like(p["mean"], float("nan"))
         tabs["opt_mean"] = opt[0] if opt is not None else nan
         tabs["opt_std"] = opt[1].unsqueeze(-1).expand_as(p["mean"]) if opt is not None else nan
-        return {k: v.cpu().numpy() for k, v in tabs.items()}
+        return snapshot(tabs)
 
     def policy_frame(self, run: int) -> pd.DataFrame:
         d = self.policy.dim

@@ -6,8 +6,8 @@ runs must share a :func:`sim.config.batch_signature` (same env, shapes and sched
 counter-based stream (:mod:`sim.rng`), and every loss is a sum of per-run losses, so a run gives the same
 numbers in any batch.
 
-Reading order: ``_DiscreteTrainer.collect`` (sampling) → ``_shape_and_advantage`` (KL in the reward, GAE)
-→ ``ppo_update`` (clipped loss + KL in the loss) → ``exact_update`` (the same placement × estimator by
+Reading order: ``DiscreteTrainer.collect`` (sampling) → ``_shape_and_advantage`` (KL in the reward, GAE)
+→ ``sampled_update``/``_ppo_loss`` (clipped loss + KL in the loss) → ``exact_update`` (the same placement × estimator by
 enumeration) → ``BatchTrainer.run`` (phases, reference schedule, β controller, divergence, logging).
 """
 
@@ -81,8 +81,8 @@ class RunTensors:
     lr: Tensor
 
     @classmethod
-    def from_configs(cls, configs: list[Config], device: torch.device, dtype: torch.dtype) -> RunTensors:
-        def t(values, dt=dtype):
+    def from_configs(cls, configs: list[Config], device: torch.device) -> RunTensors:
+        def t(values, dt):
             return torch.tensor(values, dtype=dt, device=device)
 
         return cls(
@@ -182,7 +182,7 @@ class BatchTrainer:
         self.device = device
         self.dtype = torch.float64 if self.cfg.train.dtype == "float64" else torch.float32
         self.R = len(configs)
-        self.rt = RunTensors.from_configs(configs, device, self.dtype)
+        self.rt = RunTensors.from_configs(configs, device)
         self.clamp = _Clamp(self.cfg.kl.clamp, self.R, device)
         self.diverged_at = torch.full((self.R,), -1, dtype=torch.long, device=device)
         self.diverge_reason: list[str] = [""] * self.R
@@ -223,8 +223,11 @@ class BatchTrainer:
         self.opt = BatchedOptimizer({k: self.params[k] for k in self.trainable}, self.rt.lr.clone(),
                                     self.cfg.train.optimizer)
 
-    def _apply_grads(self, loss_per_run: Tensor, update: int) -> Tensor:
-        """Backpropagate ``Σ_r loss_r``, freeze runs whose loss or gradient is non-finite, step. Returns norms."""
+    def _apply_grads(self, loss_per_run: Tensor, update: int, want_norm: bool = True) -> Tensor | None:
+        """Backpropagate ``Σ_r loss_r``, freeze runs whose loss or gradient is non-finite, step.
+
+        Returns the per-run gradient norms ``[R]`` (before clipping) when clipping or ``want_norm`` needs them.
+        """
         leaves = [self.params[k] for k in self.trainable]
         total = torch.where(self.alive, loss_per_run, torch.zeros_like(loss_per_run)).sum()
         grads_list = torch.autograd.grad(total, leaves, allow_unused=True)
@@ -236,12 +239,13 @@ class BatchTrainer:
         self._mark_diverged(~finite, update, "non-finite loss or gradient")
         for k in grads:
             grads[k] = torch.where(_bcast(self.alive, grads[k]).bool(), grads[k], torch.zeros_like(grads[k]))
+        norm = None
         if self.cfg.train.max_grad_norm is not None:
             norm = clip_grad_norm_per_run(grads, self.cfg.train.max_grad_norm)
-        else:
+        elif want_norm:
             norm = torch.stack([g.reshape(self.R, -1).square().sum(-1) for g in grads.values()]).sum(0).sqrt()
         self.opt.step(grads)
-        return norm.detach()
+        return norm
 
     def _ppo_epochs(self, flat: dict[str, Tensor], update: int,
                     loss_fn: Callable[[dict[str, Tensor], bool], tuple[Tensor, dict[str, Tensor]]]
@@ -262,11 +266,11 @@ class BatchTrainer:
             perms = torch.argsort(rng.uniform(mb_key, (tr.epochs, n)), dim=-1)  # [R, epochs, n]
         for epoch in range(tr.epochs):
             chunks = torch.tensor_split(perms[:, epoch], n_mb, dim=1) if n_mb > 1 else [None]
+            last_epoch = epoch == tr.epochs - 1
             for chunk in chunks:
                 mb = flat if chunk is None else {k: _take(v, chunk) for k, v in flat.items()}
-                last_epoch = epoch == tr.epochs - 1
                 loss, diag = loss_fn(mb, last_epoch)
-                norm = self._apply_grads(loss, update)
+                norm = self._apply_grads(loss, update, want_norm=last_epoch)
                 if last_epoch:  # diagnostics of the last epoch: how far the update moved from π_old
                     diag["grad_norm"] = norm
                     for k, v in diag.items():
@@ -316,8 +320,9 @@ class BatchTrainer:
         values["beta"] = self.rt.beta.clone()
         values["kl_clamps"] = self.clamp.count.clone()
         values["_alive"] = self.alive.clone()
-        self.metric_log.append({k: v.detach().to("cpu", torch.float64 if v.is_floating_point() else torch.long)
-                                for k, v in values.items()})
+        # copy=True: a value may be a view of a live parameter (e.g. the Gaussian mean in float64)
+        self.metric_log.append({k: v.detach().to("cpu", torch.float64 if v.is_floating_point() else torch.long,
+                                                 copy=True) for k, v in values.items()})
 
     def run(self, progress: ProgressFn | None = None) -> list[RunOutput]:
         """Train every run through all phases and return their outputs."""
@@ -362,12 +367,13 @@ class BatchTrainer:
         keys = list(dict.fromkeys(lead + [k for rec in self.metric_log for k in rec]))
         nan = torch.full((self.R,), float("nan"), dtype=torch.float64)
         cols = {k: torch.stack([rec.get(k, nan) for rec in self.metric_log], dim=1).numpy() for k in keys}
+        traj_stacked = self._stack_traj_log()
         outs = []
         for i, c in enumerate(self.configs):
             keep = cols["_alive"][i].astype(bool) | (cols["update"][i] == self.diverged_at[i].item())
             metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive"})
             policy = self.policy_frame(i)
-            traj = self._traj_frame(i)
+            traj = self._traj_frame(i, *traj_stacked)
             d = int(self.diverged_at[i])
             if d >= 0:
                 status = {"status": "diverged", "update": d, "error": self.diverge_reason[i]}
@@ -379,13 +385,18 @@ class BatchTrainer:
             outs.append(RunOutput(c, metrics, policy, traj, status))
         return outs
 
-    def _traj_frame(self, run: int) -> pd.DataFrame:
-        cols = ["update", "episode", "t", "state", "action", "reward", "logp", "ref_logp"]
-        if getattr(self, "_traj_stacked", None) is None:  # one stack over records, shared by all runs
-            self._traj_stacked = ({k: np.stack([rec[k] for rec in self.traj_log], axis=1) for k in
-                                   ("valid", *cols[3:])} if self.traj_log else {},
-                                  np.array([rec["update"] for rec in self.traj_log], dtype=np.int64))
-        stacked, updates = self._traj_stacked
+    _TRAJ_COLS = ("update", "episode", "t", "state", "action", "reward", "logp", "ref_logp")
+
+    def _stack_traj_log(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Logged trajectory records stacked once: ``{key: [R, n_records, episodes, steps]}`` and their updates."""
+        if not self.traj_log:
+            return {}, np.zeros(0, dtype=np.int64)
+        keys = ("valid", *self._TRAJ_COLS[3:])
+        return ({k: np.stack([rec[k] for rec in self.traj_log], axis=1) for k in keys},
+                np.array([rec["update"] for rec in self.traj_log], dtype=np.int64))
+
+    def _traj_frame(self, run: int, stacked: dict[str, np.ndarray], updates: np.ndarray) -> pd.DataFrame:
+        cols = self._TRAJ_COLS
         if not stacked:
             return pd.DataFrame({k: np.zeros(0, dtype=np.int64 if k in cols[:5] else np.float64) for k in cols})
         valid = stacked["valid"][run].copy()  # [n_records, episodes, steps]
@@ -441,6 +452,7 @@ class DiscreteTrainer(BatchTrainer):
             self.params[k].requires_grad_(True)
         self._make_optimizer()
         self._opt_cache: dict = {}
+        self._ref_cache, self._ref_cache_version = None, -1
         self._scaled_mdp = self.mdp
 
     def _init_logp(self, init, ref_logp: Tensor) -> Tensor:
@@ -466,7 +478,7 @@ class DiscreteTrainer(BatchTrainer):
 
     def _ref_table(self) -> Tensor:
         """The reference's log-probability table ``[R, S, A]``, recomputed only when the reference changes."""
-        if getattr(self, "_ref_cache_version", None) != self.ref_version:
+        if self._ref_cache_version != self.ref_version:
             with torch.no_grad():
                 self._ref_cache = self.policy.table(self.ref_params)
             self._ref_cache_version = self.ref_version
@@ -668,7 +680,7 @@ class DiscreteTrainer(BatchTrainer):
             tabs["opt_prob"] = self._optimum(ref).exp()
         else:
             tabs["opt_prob"] = torch.full_like(pi, float("nan"))
-        return {k: v.cpu().numpy() for k, v in tabs.items()}
+        return snapshot(tabs)
 
     def policy_frame(self, run: int) -> pd.DataFrame:
         S, A = self.S, self.A
@@ -686,11 +698,15 @@ class DiscreteTrainer(BatchTrainer):
         n = self.cfg.log.trajectories
         if n <= 0 or not self._logs_at(update):
             return
-        # A copy: a numpy view of the slice would keep the whole batch buffer alive for the whole run.
-        rec = {k: buf[k][:, :n].detach().to("cpu", copy=True).numpy()
-               for k in ("state", "action", "reward", "logp", "ref_logp", "valid")}
+        rec: dict = snapshot({k: buf[k][:, :n] for k in ("state", "action", "reward", "logp", "ref_logp", "valid")})
         rec["update"] = update
         self.traj_log.append(rec)
+
+
+def snapshot(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """CPU numpy *copies* of ``tensors`` for the logs: a view could alias a live parameter (updated in place
+    by the optimizer) or keep a whole batch buffer alive behind a small slice."""
+    return {k: v.detach().to("cpu", copy=True).numpy() for k, v in tensors.items()}
 
 
 def _diagnostics(pg: Tensor, kl_term: Tensor, clipped: Tensor, log_ratio_old: Tensor, valid: Tensor
@@ -742,14 +758,12 @@ def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunT
     with torch.no_grad():
         occ = tabular.state_occupancy(mdp, lp_d)
         w = occ / occ.sum(-1, keepdim=True).clamp(min=1e-12)  # [R, S]
-        penalty = weighted_estimate(lp_d, ref_logp, rt.coef("reward"), full_kl(lp_d, ref_logp)[..., None])
+        penalty = kl_reward_penalty(lp_d, ref_logp, full_kl(lp_d, ref_logp)[..., None], rt)
         v, q = tabular.policy_evaluation(mdp, lp_d, extra_reward=-penalty)
         adv = q - v.unsqueeze(-1)
     surrogate = (w * (logp.exp() * adv).sum(-1)).sum(-1)
-    kfull = full_kl(logp, ref_logp)[..., None]
-    # E_{a ~ sg(π)} of the per-sample loss: its gradient flows only through k (samples fixed).
-    k_live = (weighted_estimate(logp, ref_logp, rt.coef("loss"), kfull)
-              + weighted_estimate(logp, ref_logp, rt.coef("loss_is"), kfull, logp_old=lp_d))
+    # E_{a ~ sg(π)} of the per-sample loss (on-policy: π_old = π): its gradient flows only through k.
+    k_live = kl_loss_term(logp, lp_d, ref_logp, full_kl(logp, ref_logp)[..., None], rt)
     kl_term = (w * (lp_d.exp() * k_live).sum(-1)).sum(-1)
     entropy = (w * tabular.entropy_per_state(logp)).sum(-1)
     loss = -surrogate + kl_term - ent_coef * entropy

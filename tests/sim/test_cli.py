@@ -54,6 +54,7 @@ def test_run_reads_a_yaml_config_and_overrides(tmp_path):
     (["--set", "foo=1"], "unknown key 'foo'"),
     (["--set", "train.phases=[{updates: 0}]"], "train.phases[0].updates"),
     (["missing.yaml"], "does not exist"),
+    (["--set", "train.init=[0.5,0.5]"], "train.init"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, needle):
     out = tmp_path / "never"

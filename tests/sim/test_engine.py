@@ -281,3 +281,14 @@ def test_cuda_path_is_rejected_cleanly_without_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="cuda"):
         train_batch([cfg("device=cuda", "train.updates=1")])
+
+
+def test_logged_values_are_snapshots_not_views_of_live_parameters():
+    """In float64 the Gaussian mean is logged straight from the parameter tensor; the logs must hold copies,
+    so the policy's history moves update by update instead of repeating the final value."""
+    c = cfg("env.id=gaussian_bandit", "kl.placement=reward", "train.updates=20", "train.dtype=float64",
+            "log.policy_every=5")
+    (out,) = train_batch([c])
+    means = out.metrics["policy_mean"].to_numpy()
+    assert means[0] == 0.0 and np.all(np.diff(means) != 0)
+    assert out.policy["mean"].nunique() == len(out.policy)

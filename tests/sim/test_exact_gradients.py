@@ -24,7 +24,7 @@ TOL = 1e-10
 def _run_tensors(placement: str, estimator: str, beta: float, is_correction: bool = False) -> RunTensors:
     cfg = resolve(None, [f"kl.placement={placement}", f"kl.estimator={estimator}", f"kl.beta={beta}",
                          f"kl.is_correction={str(is_correction).lower()}"])
-    return RunTensors.from_configs([cfg], torch.device("cpu"), torch.float64)
+    return RunTensors.from_configs([cfg], torch.device("cpu"))
 
 
 def _grad(z: torch.Tensor, rewards: tuple, placement: str, estimator: str, beta: float = 1.0,
