@@ -48,22 +48,16 @@ class BatchedOptimizer:
             denom = (v / bc2.view(shape).to(p.dtype)).sqrt_().add_(self.eps)
             p.sub_(step * m / denom)
 
-    def reset_runs(self, mask: Tensor) -> None:
-        """Zero the optimizer state of runs where ``mask [R]`` is true."""
-        for k in self.m:
-            shape = (-1,) + (1,) * (self.m[k].dim() - 1)
-            self.m[k].masked_fill_(mask.view(shape), 0.0)
-            self.v[k].masked_fill_(mask.view(shape), 0.0)
-        self.t.masked_fill_(mask, 0)
+
+def grad_norm_per_run(grads: dict[str, Tensor]) -> Tensor:
+    """Joint L2 norm ``[R]`` of each run's gradients (leading dimension = runs)."""
+    return torch.stack([g.reshape(g.shape[0], -1).square().sum(-1) for g in grads.values()]).sum(0).sqrt()
 
 
 def clip_grad_norm_per_run(grads: dict[str, Tensor], max_norm: float) -> Tensor:
-    """Scale each run's gradients so their joint L2 norm is at most ``max_norm``; returns norms ``[R]``."""
-    sq = None
-    for g in grads.values():
-        s = g.reshape(g.shape[0], -1).square().sum(-1)
-        sq = s if sq is None else sq + s
-    norm = sq.sqrt()
+    """Scale each run's gradients in ``grads`` so their joint L2 norm is at most ``max_norm``; returns the
+    norms ``[R]`` before clipping."""
+    norm = grad_norm_per_run(grads)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for k, g in grads.items():
         grads[k] = g * scale.view((-1,) + (1,) * (g.dim() - 1)).to(g.dtype)

@@ -28,7 +28,7 @@ from envs import tabular
 from sim import rng
 from sim.config import Config, batch_signature
 from sim.kl import ESTIMATORS, PLACEMENTS, all_estimates, full_kl, weighted_estimate
-from sim.optim import BatchedOptimizer, clip_grad_norm_per_run
+from sim.optim import BatchedOptimizer, clip_grad_norm_per_run, grad_norm_per_run
 from sim.policies import MLPPolicy, MLPValue, TabularPolicy, TabularValue
 from sim.ppo import clipped_surrogate, gae, masked_mean, normalize_per_run
 
@@ -243,7 +243,7 @@ class BatchTrainer:
         if self.cfg.train.max_grad_norm is not None:
             norm = clip_grad_norm_per_run(grads, self.cfg.train.max_grad_norm)
         elif want_norm:
-            norm = torch.stack([g.reshape(self.R, -1).square().sum(-1) for g in grads.values()]).sum(0).sqrt()
+            norm = grad_norm_per_run(grads)
         self.opt.step(grads)
         return norm
 
