@@ -567,21 +567,21 @@ class DiscreteTrainer(BatchTrainer):
         flat = {k: v.reshape(R, N * H) for k, v in buf.items()}
         ref_t = self._ref_table()
         stats = self._ppo_epochs(flat, update, lambda mb, diag: self._ppo_loss(mb, ref_t, diag))
-        valid = buf["valid"]
-        vf = valid.to(torch.float64)
-        ep_sum = lambda x: (x.to(torch.float64) * vf).sum(-1).mean(-1)  # noqa: E731  per-episode sums, mean
-        ks = all_estimates(buf["logp"], buf["ref_logp"])
-        out = {
-            "reward": ep_sum(buf["reward"]),
-            "kl_k1": ep_sum(ks[..., 0]),
-            "kl_k2": ep_sum(ks[..., 1]),
-            "kl_k3": ep_sum(ks[..., 2]),
-            "kl_full_sampled": ep_sum(buf["kfull"]),
-            "episode_length": vf.sum(-1).mean(-1),
-            **stats,
-        }
-        self._control_beta(out["kl_k1"], N)
         self._maybe_log_traj(update, buf)
+        logs, adaptive = self._logs_at(update), bool(self.rt.adaptive.any())
+        if not (logs or adaptive):
+            return stats
+        vf = buf["valid"].to(torch.float64)
+
+        def ep_mean(x: Tensor) -> Tensor:  # per-episode sums, averaged over the batch: [R]
+            return (x.to(torch.float64) * vf).sum(-1).mean(-1)
+
+        ks = all_estimates(buf["logp"], buf["ref_logp"])
+        out = {"reward": ep_mean(buf["reward"]), "kl_k1": ep_mean(ks[..., 0]), "kl_k2": ep_mean(ks[..., 1]),
+               "kl_k3": ep_mean(ks[..., 2]), "kl_full_sampled": ep_mean(buf["kfull"]),
+               "episode_length": vf.sum(-1).mean(-1), **stats}
+        if adaptive:
+            self._control_beta(out["kl_k1"], N)
         return out
 
     def _ppo_loss(self, mb: dict[str, Tensor], ref_t: Tensor, want_diag: bool = True
