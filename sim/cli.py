@@ -68,8 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         results.fail_run(out, f"{type(e).__name__}: {e}")
         traceback.print_exc()
         return 1
-    results.finish_run(out, {"metrics": output.metrics, "policy": output.policy,
-                             "trajectories": output.trajectories}, output.status)
+    results.finish_run(out, output.tables(), output.status)
     m = output.metrics.iloc[-1]
     summary = (f"{output.status['status']}: {out} | reward {m['reward']:.4f} kl_true {m['kl_true']:.4f} "
                f"entropy {m['entropy']:.4f} tv_opt {m['tv_opt']:.4f} ({output.status['wall_time_s']:.1f}s)")

@@ -104,8 +104,7 @@ def _train_and_write(run_dirs: list[Path], configs: list[Config], run_ids: list[
     out = []
     for run_dir, output, run_id in zip(run_dirs, outputs, run_ids, strict=True):
         try:
-            results.finish_run(run_dir, {"metrics": output.metrics, "policy": output.policy,
-                                         "trajectories": output.trajectories}, output.status)
+            results.finish_run(run_dir, output.tables(), output.status)
             out.append(RunResult(run_id, output.status["status"], output.status.get("error")))
         except Exception as e:  # e.g. disk full: this run failed, the others may still be written
             out.append(_record_failure(run_dir, run_id, f"writing results: {describe_exception(e)}"))

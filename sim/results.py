@@ -126,5 +126,4 @@ def fail_run(run_dir: Path, error: str) -> None:
 def write_output(run_dir: Path, out: Any, device: torch.device | str, extra: dict | None = None) -> None:
     """Write a finished :class:`sim.train.RunOutput` (config, tables, status) into ``run_dir``."""
     start_run(run_dir, out.config, device, extra)
-    finish_run(run_dir, {"metrics": out.metrics, "policy": out.policy, "trajectories": out.trajectories},
-               out.status)
+    finish_run(run_dir, out.tables(), out.status)

@@ -44,6 +44,12 @@ class RunOutput:
     policy: pd.DataFrame
     trajectories: pd.DataFrame
     status: dict = field(default_factory=dict)
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
+    """Further tables of this kind of run (e.g. ``preferences``), written as ``<name>.parquet``."""
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Every table of the run by file stem: metrics, policy, trajectories and the extras."""
+        return {"metrics": self.metrics, "policy": self.policy, "trajectories": self.trajectories, **self.extra}
 
 
 def resolve_device(name: str) -> torch.device:
