@@ -46,19 +46,26 @@ PAPER_RC: dict[str, Any] = {
     "axes.titlepad": 3.0, "axes.labelpad": 2.0,
 }
 _PALETTE = sns.color_palette("colorblind")
-ESTIMATOR_COLOURS = {"k1": _PALETTE[0], "k2": _PALETTE[1], "k3": _PALETTE[2], "full": _PALETTE[4]}
+ESTIMATOR_COLOURS = {"k1": _PALETTE[0], "k2": _PALETTE[1], "k3": _PALETTE[2], "full": _PALETTE[4],
+                     "DPO": _PALETTE[3], "IPO": _PALETTE[7]}
+#: Variants that are not a KL placement but preference optimization (``train.algo: dpo``).
+PREFERENCE_VARIANTS = ("DPO", "IPO")
 PLACEMENT_DASHES: dict[str, tuple] = {"reward": (), "loss": (4.0, 1.6), "none": (1.0, 1.4), "is": (4.0, 1.2, 1.0, 1.2)}
-PLACEMENT_TITLES = {"reward": "KL in the reward", "loss": "KL as a loss"}
+PLACEMENT_DASHES["preference"] = (6.0, 1.5, 1.5, 1.5)
+PLACEMENT_TITLES = {"reward": "KL in the reward", "loss": "KL as a loss", "preference": "preference optimization"}
 # Keys that never split a figure into conditions.
 _NOT_CONDITIONS = {"run_id", "seed", "variant", "kl.placement", "kl.estimator", "kl.is_correction", "device",
-                   "threads", "log.progress"}
+                   "threads", "log.progress", "train.algo", "dpo.loss"}
 KL_LABEL = r"KL($\pi\,\|\,\pi_{\mathrm{ref}}$) (nats)"
 
 
 def variant_parts(variant: str) -> tuple[str, str, bool]:
-    """``"k3 as loss (IS)"`` → ``("loss", "k3", True)``; ``"none"`` → ``("none", "", False)``."""
+    """``"k3 as loss (IS)"`` → ``("loss", "k3", True)``; ``"none"`` → ``("none", "", False)``;
+    ``"DPO"`` → ``("preference", "DPO", False)``."""
     if variant == "none":
         return "none", "", False
+    if variant in PREFERENCE_VARIANTS:
+        return "preference", variant, False
     est, _, rest = variant.partition(" ")
     placement = "reward" if rest.startswith("in reward") else "loss"
     return placement, est, rest.endswith("(IS)")
@@ -202,7 +209,7 @@ def _placement_groups(variants: list[str], layout: str) -> list[tuple[str | None
     if layout == "single":
         return [(None, variants)]
     groups: list[tuple[str | None, list[str]]] = []
-    for placement in ("reward", "loss"):
+    for placement in ("reward", "loss", "preference"):
         members = [v for v in variants if variant_parts(v)[0] == placement]
         if members:
             base = [v for v in variants if v == "none"]
@@ -256,7 +263,8 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
         ax.set_ylabel(ylabel)
         if members:
             ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2,
-                      title="estimator" if panel_title else None)
+                      title=("loss" if panel_title == PLACEMENT_TITLES["preference"] else "estimator")
+                      if panel_title else None)
     if m.empty:
         axes[0].text(0.5, 0.5, f"no {column} values", transform=axes[0].transAxes, ha="center", va="center")
     axes[-1].set_xlabel("update")
@@ -622,4 +630,255 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
     ax_bot.set_xlabel(r"true KL($\pi\,\|\,\pi_{\mathrm{ref}}$) of the sampling policy (nats)")
     if title:
         ax_top.set_title(title, loc="left")
+    return save(fig, path, formats)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPO against the PPO placements across β
+# ----------------------------------------------------------------------------------------------------------
+
+
+@paper_style
+def plot_dpo_beta(per_run: pd.DataFrame, path: str | Path, *, policy: pd.DataFrame | None = None,
+                  x: str = "kl.beta", title: str | None = None, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Figure 7: DPO (and IPO) against the PPO variants across β, each at its final policy.
+
+    - One-state envs (``policy`` given with one state): left, the final probability of the best arm (the arm
+      with the largest π*/π_ref, i.e. the highest reward) per variant — mean over seeds (line) and single
+      seeds (dots) — with the KL-regularized optimum π*(best arm) as a black curve; right, the final TV
+      distance to each run's own optimum (log scale, values below 1e-4 drawn at 1e-4; for DPO
+      π_ref·e^{r/(τβ)}, for IPO its own optimum).
+    - Other envs: the right panel only (occupancy-weighted TV).
+
+    Args:
+        per_run: :func:`analysis.metrics.run_summary` rows of one condition besides ``x`` (``variant``, ``x``,
+            ``tv_opt_final``, ``run_id``).
+        policy: final policy snapshot rows (``run_id, state, action, prob, ref_prob, opt_prob``) or ``None``.
+    """
+    variants = _variant_order(per_run["variant"].astype(str).unique())
+    xs = per_run[x].astype(float)
+    one_state = policy is not None and not policy.empty and "state" in policy and policy["state"].nunique() == 1
+    fig = _new_figure(PAGE_WIDTH if one_state else COLUMN_WIDTH, 2.0)
+    axes = list(np.atleast_1d(fig.subplots(1, 2 if one_state else 1, squeeze=False)).ravel())
+    ax_tv = axes[-1]
+    rng = np.random.default_rng(0)
+    if one_state:
+        ax_p = axes[0]
+        p = policy.assign(_ratio=np.log(policy["opt_prob"].astype(float)) - np.log(policy["ref_prob"].astype(float)))
+        best = p.loc[p.groupby("run_id", observed=True)["_ratio"].idxmax(), ["run_id", "action", "prob", "opt_prob"]]
+        best = best.assign(run_id=best["run_id"].astype(str))
+        frame = per_run.assign(run_id=per_run["run_id"].astype(str), _x=xs).merge(best, on="run_id")
+        optimum = frame[~frame["variant"].astype(str).isin(["IPO"])].groupby("_x")["opt_prob"].mean()
+        if not optimum.empty:
+            ax_p.plot(optimum.index, optimum.to_numpy(), color="black", lw=1.4, marker="D", ms=2.5, zorder=4,
+                      label=r"$\pi^*$ (optimum)")
+        for v in variants:
+            rows = frame[frame["variant"].astype(str) == v]
+            if rows.empty:
+                continue
+            style = variant_style(v)
+            mean = rows.groupby("_x")["prob"].mean()
+            ax_p.plot(mean.index, mean.to_numpy(), label=v, marker="o", ms=2.2, zorder=3, **style)
+            jitter = np.exp(rng.uniform(-0.04, 0.04, len(rows)))
+            ax_p.scatter(rows["_x"] * jitter, rows["prob"], s=3, color=style["color"], alpha=0.45, lw=0, zorder=2)
+        ax_p.set_xscale("log")
+        ax_p.set_xlabel({"kl.beta": "β"}.get(x, x))
+        ax_p.set_ylabel("final probability of the best arm")
+        ax_p.set_ylim(-0.02, 1.02)
+        ax_p.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
+    tv = per_run.assign(_x=xs, _v=per_run["tv_opt_final"].astype(float) if "tv_opt_final" in per_run else np.nan)
+    for v in variants:
+        rows = tv[(tv["variant"].astype(str) == v) & tv["_v"].notna()]
+        if rows.empty:
+            continue
+        style = variant_style(v)
+        med = rows.groupby("_x")["_v"].median()
+        ax_tv.plot(med.index, np.maximum(med.to_numpy(), 1e-4), label=v, marker="o", ms=2.2, zorder=3, **style)
+        jitter = np.exp(rng.uniform(-0.04, 0.04, len(rows)))
+        ax_tv.scatter(rows["_x"] * jitter, np.maximum(rows["_v"], 1e-4), s=3, color=style["color"], alpha=0.45,
+                      lw=0, zorder=2)
+    ax_tv.set_xscale("log")
+    ax_tv.set_yscale("log")
+    ax_tv.set_xlabel({"kl.beta": "β"}.get(x, x))
+    ax_tv.set_ylabel(r"final TV to the optimum")
+    if not one_state:
+        ax_tv.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
+    if title:
+        fig.suptitle(title, fontsize=7)
+    return save(fig, path, formats)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Continuous actions: Gaussian policy trajectories, diffusion x_0 distribution and mode mix
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _first_run_line(metrics: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(update, column)`` of the first run that has ``column`` (phase-wise optima are shared by the runs of
+    one condition)."""
+    m = metrics[metrics[column].notna()] if column in metrics else metrics.iloc[:0]
+    if m.empty:
+        return np.zeros(0), np.zeros(0)
+    first = m[m["run_id"] == m["run_id"].iloc[0]].sort_values("update")
+    return first["update"].to_numpy(float), first[column].to_numpy(float)
+
+
+@paper_style
+def plot_gaussian_trajectory(metrics: pd.DataFrame, path: str | Path, *, title: str | None = None,
+                             n_boot: int = 1000, seed: int = 0, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Gaussian bandit: the policy's mean (dimension 0) and std vs update against the Gibbs optimum.
+
+    Columns: mean, std; rows: one per KL placement (no KL repeated in each). Lines are the mean over seeds
+    with a 95 % bootstrap band; the black dashed line is the optimum ``μ*``/``σ*`` of the current phase (the
+    reference once the reward is off; metrics ``opt_mean``/``opt_std``; absent where there is no closed form).
+    """
+    _check_one_condition(metrics)
+    m = metrics[metrics["policy_mean"].notna()] if "policy_mean" in metrics else metrics.iloc[:0]
+    variants = _variant_order(m["variant"].unique()) if not m.empty else []
+    panels = _placement_groups(variants, "placement")
+    fig = _new_figure(PAGE_WIDTH * 0.8, 1.35 * len(panels) + 0.55)
+    axes = fig.subplots(len(panels), 2, sharex=True, squeeze=False)
+    spans = _off_spans(metrics)
+    by_variant = {str(k): v for k, v in m.groupby("variant", observed=True)}
+    for col, (column, opt_col, ylabel) in enumerate((("policy_mean", "opt_mean", "policy mean μ (dim 0)"),
+                                                     ("policy_std", "opt_std", "policy std σ"))):
+        ox, oy = _first_run_line(metrics, opt_col)
+        for row, (panel_title, members) in enumerate(panels):
+            ax = axes[row, col]
+            _mark_off(ax, spans, label=row == 0 and col == 0)
+            for j, v in enumerate(members):
+                label = "no KL" if v == "none" else variant_parts(v)[1]
+                _draw_variant(ax, by_variant[v], v, column, False, "mean", n_boot, seed + j, label)
+            if oy.size:
+                ax.plot(ox, oy, color="black", lw=0.9, ls=(0, (3, 1.5)), zorder=4, label="optimum")
+            if panel_title:
+                ax.set_title(panel_title, loc="left")
+            ax.set_ylabel(ylabel)
+            if col == 1 and members:
+                ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
+    for ax in axes[-1]:
+        ax.set_xlabel("update")
+    if title:
+        fig.suptitle(title, fontsize=7)
+    return save(fig, path, formats)
+
+
+def rewarded_mode(metrics: pd.DataFrame) -> int | None:
+    """The mixture component the reward favours most: largest tilt / reference mode fraction in the reward
+    phase (diffusion-chain metrics ``opt_mode_frac_<m>``, ``ref_mode_frac_<m>``); ``None`` if unknown."""
+    modes = sorted(int(c.rsplit("_", 1)[1]) for c in metrics.columns if c.startswith("opt_mode_frac_"))
+    if not modes:
+        return None
+    rows = M.reward_phase(metrics)
+    ratios = [float((rows[f"opt_mode_frac_{k}"] / rows[f"ref_mode_frac_{k}"]).mean()) for k in modes]
+    if not np.isfinite(ratios).any():
+        return None
+    return modes[int(np.nanargmax(ratios))]
+
+
+@paper_style
+def plot_mode_mix(metrics: pd.DataFrame, path: str | Path, *, mode: int | None = None, title: str | None = None,
+                  n_boot: int = 1000, seed: int = 0, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Diffusion chain: the fraction of x_0 in the rewarded mixture component vs update, per variant.
+
+    ``mode_frac_<m>`` = mean posterior probability p_data(m | x_0) over an evaluation batch. Black dashed:
+    the same statistic for the KL-optimal tilt p* ∝ p_ref·e^{r/β} of the current phase (the reference once
+    the reward is off); grey dotted: the reference chain. Mean over seeds with a 95 % bootstrap band.
+    """
+    _check_one_condition(metrics)
+    mode = rewarded_mode(metrics) if mode is None else mode
+    if mode is None:
+        raise ValueError("no mode_frac_<m> columns: not a diffusion-chain run")
+    column = f"mode_frac_{mode}"
+    m = metrics[metrics[column].notna()]
+    variants = _variant_order(m["variant"].unique()) if not m.empty else []
+    panels = _placement_groups(variants, "placement")
+    fig = _new_figure(COLUMN_WIDTH, 1.35 * len(panels) + 0.55)
+    axes = fig.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+    spans = _off_spans(metrics)
+    ox, oy = _first_run_line(metrics, f"opt_mode_frac_{mode}")
+    rx, ry = _first_run_line(metrics, f"ref_mode_frac_{mode}")
+    by_variant = {str(k): v for k, v in m.groupby("variant", observed=True)}
+    for i, (ax, (panel_title, members)) in enumerate(zip(axes, panels, strict=True)):
+        _mark_off(ax, spans, label=i == 0)
+        if ry.size:
+            ax.plot(rx, ry, color="0.5", lw=0.8, ls=(0, (1, 1)), zorder=1, label="reference")
+        if oy.size:
+            ax.plot(ox, oy, color="black", lw=0.9, ls=(0, (3, 1.5)), zorder=4, label="tilt p*")
+        for j, v in enumerate(members):
+            label = "no KL" if v == "none" else variant_parts(v)[1]
+            _draw_variant(ax, by_variant[v], v, column, False, "mean", n_boot, seed + j, label)
+        if panel_title:
+            ax.set_title(panel_title, loc="left")
+        ax.set_ylabel(f"x$_0$ in mode {mode}")
+        ax.set_ylim(-0.02, 1.02)
+        if members:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
+    axes[-1].set_xlabel("update")
+    if title:
+        fig.suptitle(title, fontsize=7)
+    return save(fig, path, formats)
+
+
+@paper_style
+def plot_x0_distribution(samples: pd.DataFrame, density: pd.DataFrame, path: str | Path, *,
+                         reward_end: int | None = None, bins: int = 40, ncols: int = 4, title: str | None = None,
+                         formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Diffusion chain: the x_0 distribution (dimension 0) of each variant against p_data and the tilt.
+
+    Per variant (samples pooled over seeds): filled histogram = x_0 at the end of the reward phase (the last
+    snapshot at or before ``reward_end``; the last snapshot if ``None``); black step outline = x_0 at the
+    last snapshot (after the reward-off phase, when there is one). Grey fill = the data density p_data;
+    dashed line = its KL-optimal tilt p_data·e^{r/β} (closed-form grid, ``density`` table).
+
+    Args:
+        samples: ``samples`` rows of one condition (``run_id, variant, update, x``).
+        density: ``density`` rows of the same condition (``x, data, tilt``; one run's grid is used).
+    """
+    _check_one_condition(samples)
+    variants = _variant_order(samples["variant"].unique())
+    ncols = max(1, min(ncols, len(variants)))
+    nrows = int(np.ceil(len(variants) / ncols))
+    fig = _new_figure(PAGE_WIDTH, 0.45 + 1.05 * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
+    grid = density[density["run_id"] == density["run_id"].iloc[0]] if not density.empty else density
+    last = int(samples["update"].max())
+    ups = np.sort(samples["update"].unique())
+    end = last if reward_end is None else int(ups[ups <= reward_end].max())
+    if not grid.empty:  # the grid spans the modes and the reward; far-off samples (diverged runs) sit on the edges
+        lo, hi = float(grid["x"].min()), float(grid["x"].max())
+    else:
+        lo, hi = np.nanpercentile(samples["x"], [1.0, 99.0])
+    edges = np.linspace(lo, hi, bins + 1)
+    for ax, v in zip(axes, variants, strict=False):
+        rows = samples[samples["variant"] == v]
+        colour = variant_style(v)["color"]
+        if not grid.empty:
+            ax.fill_between(grid["x"], grid["data"], color="0.85", lw=0, zorder=1, label=r"$p_{\mathrm{data}}$")
+            if grid["tilt"].notna().any():
+                ax.plot(grid["x"], grid["tilt"], color="black", lw=0.8, ls=(0, (3, 1.5)), zorder=4,
+                        label=r"tilt $p^*$")
+        at_end = rows.loc[rows["update"] == end, "x"].to_numpy(float)
+        at_end = at_end[np.isfinite(at_end)]
+        if at_end.size:
+            ax.hist(np.clip(at_end, lo, hi), bins=edges, density=True, color=colour, alpha=0.55, zorder=2,
+                    label=f"update {end}")
+        else:  # diverged runs keep no snapshot after their divergence
+            ax.text(0.5, 0.6, f"no samples at update {end}\n(runs diverged)", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=6, color="0.3")
+        if end != last:
+            after = rows.loc[rows["update"] == last, "x"].to_numpy(float)
+            after = after[np.isfinite(after)]
+            if after.size:
+                ax.hist(np.clip(after, lo, hi), bins=edges, density=True, histtype="step", color="0.1", lw=0.8,
+                        zorder=3, label=f"update {last} (reward off)")
+        ax.set_title(v, loc="left", pad=1.5)
+    for ax in axes[len(variants):]:
+        ax.set_visible(False)
+    fig.supxlabel("x$_0$ (dimension 0)", fontsize=7)
+    fig.supylabel("density", fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper right", ncol=4, handlelength=1.5)
+    if title:
+        fig.suptitle(title, fontsize=7)
     return save(fig, path, formats)

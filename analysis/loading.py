@@ -43,11 +43,15 @@ TABLES: tuple[str, ...] = ("metrics", "policy", "trajectories")
 _NON_CONDITION_KEYS = {"run_id", "seed", "device", "threads", "log.progress"}
 
 
-def variant_label(placement: str, estimator: str, is_correction: bool = False) -> str:
+def variant_label(placement: str, estimator: str, is_correction: bool = False, algo: str = "ppo",
+                  dpo_loss: str = "dpo") -> str:
     """The human label of a placement × estimator pair: ``"none"``, ``"k1 in reward"``, ``"k3 as loss"``.
 
-    Loss-placed KL with importance-sampling correction gets the suffix ``" (IS)"``.
+    Loss-placed KL with importance-sampling correction gets the suffix ``" (IS)"``. Runs with
+    ``train.algo = dpo`` are ``"DPO"`` or ``"IPO"`` (``dpo.loss``) whatever their ``kl.*`` keys.
     """
+    if algo == "dpo":
+        return "IPO" if dpo_loss == "ipo" else "DPO"
     if placement == "none":
         return "none"
     if placement == "reward":
@@ -122,13 +126,32 @@ class Results:
             self._cache["trajectories"] = _read_table(self.runs, "trajectories", self.keys)
         return self._cache["trajectories"]
 
+    def table(self, name: str) -> pd.DataFrame:
+        """``<name>.parquet`` of every run that has it, key columns in front (loaded on first access): the
+        extra tables of some run kinds, e.g. ``samples`` and ``density`` of the diffusion chain."""
+        if name not in self._cache:
+            self._cache[name] = _read_table(self.runs, name, self.keys)
+        return self._cache[name]
+
+    @property
+    def samples(self) -> pd.DataFrame:
+        """``samples.parquet`` of diffusion-chain runs (loaded on first access): x_0 samples of each policy
+        snapshot, ``update, sample, x[, y], reward``; empty for other envs."""
+        return self.table("samples")
+
+    @property
+    def density(self) -> pd.DataFrame:
+        """``density.parquet`` of diffusion-chain runs: ``x, data, tilt`` (dimension-0 densities of p_data and
+        of its KL-optimal tilt on a grid); empty for other envs."""
+        return self.table("density")
+
     @property
     def conditions(self) -> list[str]:
         """Key columns that define an experimental condition: seeds of one condition are repeats.
 
-        ``variant`` stands for placement × estimator (× IS correction).
+        ``variant`` stands for placement × estimator (× IS correction), or DPO / IPO (``train.algo``, ``dpo.loss``).
         """
-        skip = _NON_CONDITION_KEYS | {"kl.placement", "kl.estimator", "kl.is_correction"}
+        skip = _NON_CONDITION_KEYS | {"kl.placement", "kl.estimator", "kl.is_correction", "train.algo", "dpo.loss"}
         return [k for k in self.keys if k not in skip]
 
     @property
@@ -256,8 +279,11 @@ def _runs_frame(entries: list[_RunEntry]) -> tuple[pd.DataFrame, dict[str, dict]
     if "kl.placement" in runs:
         est = runs["kl.estimator"] if "kl.estimator" in runs else pd.Series("k1", index=runs.index)
         corr = runs["kl.is_correction"] if "kl.is_correction" in runs else pd.Series(False, index=runs.index)
-        labels = [variant_label(p, e, bool(c) if pd.notna(c) else False) if isinstance(p, str) else "unknown"
-                  for p, e, c in zip(runs["kl.placement"], est, corr, strict=True)]
+        algo = runs["train.algo"] if "train.algo" in runs else pd.Series("ppo", index=runs.index)
+        loss = runs["dpo.loss"] if "dpo.loss" in runs else pd.Series("dpo", index=runs.index)
+        labels = [variant_label(p, e, bool(c) if pd.notna(c) else False, a if isinstance(a, str) else "ppo",
+                                lo if isinstance(lo, str) else "dpo") if isinstance(p, str) else "unknown"
+                  for p, e, c, a, lo in zip(runs["kl.placement"], est, corr, algo, loss, strict=True)]
         runs["variant"] = labels
     return runs, configs
 

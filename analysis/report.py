@@ -48,11 +48,16 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 MAX_CONDITIONS = 8
 #: Figure kinds a report can draw (``--figures``).
-FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators")
+FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous")
 #: Figure file prefixes and their titles in index.md.
 FIGURE_KINDS = {"fig1": "Fig. 1: drift", "fig2": "Fig. 2: collapse", "fig3": "Fig. 3: recovery",
                 "fig4": "Fig. 4: final measure over β × variant", "fig5": "Fig. 5: final policy",
-                "fig6": "Fig. 6: estimators"}
+                "fig6": "Fig. 6: estimators", "fig7": "Fig. 7: DPO vs PPO over β",
+                "figG": "Gaussian policy vs the optimum", "figD1": "x_0 distribution", "figD2": "mode mix of x_0"}
+#: Diffusion chain: estimator figures leave out batches whose sampling policy's KL exceeds this (nats).
+DIFFUSION_ESTIMATOR_MAX_KL = 50.0
+#: Envs with continuous actions, whose entropy is differential (no absolute collapse threshold) or constant.
+CONTINUOUS_ENVS = ("gaussian_bandit", "diffusion_chain")
 
 
 def _slug(condition: dict[str, Any]) -> str:
@@ -141,7 +146,9 @@ class _Report:
     def _figure(self, entries: list[tuple[str, list[Path]]], sentence: str, fn: Any, *args: Any, **kw: Any) -> None:
         """Draw one figure; a figure that cannot be drawn is reported in index.md, not raised."""
         kind = {F.plot_kl: "kl", F.plot_entropy: "entropy", F.plot_recovery: "recovery", F.plot_heatmap: "heatmap",
-                F.plot_final_policy: "policy", F.plot_estimators: "estimators"}[fn]
+                F.plot_final_policy: "policy", F.plot_estimators: "estimators", F.plot_dpo_beta: "dpo",
+                F.plot_gaussian_trajectory: "continuous", F.plot_mode_mix: "continuous",
+                F.plot_x0_distribution: "continuous"}[fn]
         if kind not in self.kinds:
             return
         try:
@@ -160,18 +167,24 @@ class _Report:
         entries: list[tuple[str, list[Path]]] = []
         switch = M._switch_updates(m)
         off = " The grey span is the phase with the reward switched off." if not switch.empty else ""
-        self._figure(entries, f"Exact KL(π‖π_ref) to the reference vs update for each placement × estimator "
-                     f"({seeds_txt}).{off}", F.plot_kl, m, self.out / f"fig1_kl{tag}", seeds=self.seeds,
-                     title=label or None, n_boot=self.n_boot, seed=self.seed)
-        gaussian = "env.id" in m and str(m["env.id"].iloc[0]) == "gaussian_bandit"
+        env_name = str(m["env.id"].iloc[0]) if "env.id" in m else ""
+        # diffusion: sequence KL estimated on the policy's own chains; runs that blow up span many decades
+        diffusion = env_name == "diffusion_chain"
+        what = ("Sequence KL(P_θ‖P_ref) of the denoising chain (closed form per step, averaged over the policy's "
+                "own chains; log scale)" if diffusion else "Exact KL(π‖π_ref) to the reference")
+        self._figure(entries, f"{what} vs update for each placement × estimator ({seeds_txt}).{off}", F.plot_kl, m,
+                     self.out / f"fig1_kl{tag}", seeds=self.seeds, log=diffusion, title=label or None,
+                     n_boot=self.n_boot, seed=self.seed)
+        gaussian = env_name == "gaussian_bandit"
         if gaussian:
             sentence = f"Differential entropy of the Gaussian policy (nats) vs update ({seeds_txt})."
         else:
             sentence = (f"Policy entropy (nats, occupancy-weighted over visited states) vs update ({seeds_txt}); "
                         f"the dotted line is the collapse threshold ({self.threshold:g} nats).")
-        self._figure(entries, sentence, F.plot_entropy, m, self.out / f"fig2_entropy{tag}",
-                     threshold=None if gaussian else self.threshold, seeds=self.seeds, title=label or None,
-                     n_boot=self.n_boot, seed=self.seed)
+        if env_name != "diffusion_chain":  # fixed step stds: the path entropy is a constant
+            self._figure(entries, sentence, F.plot_entropy, m, self.out / f"fig2_entropy{tag}",
+                         threshold=None if gaussian else self.threshold, seeds=self.seeds, title=label or None,
+                         n_boot=self.n_boot, seed=self.seed)
         if not switch.empty:
             u0 = int(switch.min())
             self._figure(entries, f"KL to the reference on a log scale around the switch to the reward-off phase "
@@ -192,6 +205,10 @@ class _Report:
                 sentence = (f"Final policy {when} on the grid for one seed per variant, with the reference and "
                             "the KL-regularized optimum: shading = expected visits per episode to each cell, "
                             "arrows = action probabilities (occupancy-weighted over time steps).")
+            elif env_id == "diffusion_chain":
+                sentence = (f"Mode mix of x_0 {when}: mean posterior probability p_data(m | x_0) of each mixture "
+                            "component (bars: mean over seeds, dots: seeds) against the reference chain (grey "
+                            "ticks) and the KL-optimal tilt p* ∝ p_ref·e^{r/β} (diamonds).")
             elif "dim" in policy.columns:
                 sentence = (f"Final Gaussian policy {when} (first action dimension, mean over seeds) against the "
                             "reference and the Gibbs optimum.")
@@ -204,11 +221,69 @@ class _Report:
         traj = self.res.trajectories
         traj = traj[traj["run_id"].astype(str).isin(ids)] if not traj.empty else traj
         unit = "single-episode" if not traj.empty else "batch-mean"
+        m_est, left_out = m, ""
+        if env_name == "diffusion_chain" and "kl_full_sampled" in m:  # runs that blew up would set the axes
+            m_est = m[~(m["kl_full_sampled"] > DIFFUSION_ESTIMATOR_MAX_KL)]
+            if len(m_est) < len(m):
+                left_out = (f" Batches whose sampling policy had a KL above {DIFFUSION_ESTIMATOR_MAX_KL:g} nats "
+                            f"({len(m) - len(m_est)} logged updates of runs that blew up) are left out.")
         self._figure(entries, f"Bias (top) and spread (bottom) of the {unit} estimates k1, k2, k3 against the "
-                     "exact KL of the policy that sampled them, pooled over every run of this condition.",
-                     F.plot_estimators, m, self.out / f"fig6_estimators{tag}",
+                     f"exact KL of the policy that sampled them, pooled over every run of this condition.{left_out}",
+                     F.plot_estimators, m_est, self.out / f"fig6_estimators{tag}",
                      trajectories=traj if not traj.empty else None, title=label or None)
+        self._continuous(entries, m, env_name, tag, label, seeds_txt, switch)
         self.sections.append((label or "all runs", entries))
+
+    def _continuous(self, entries: list[tuple[str, list[Path]]], m: pd.DataFrame, env_name: str, tag: str,
+                    label: str, seeds_txt: str, switch: pd.Series) -> None:
+        """The continuous-action figures: Gaussian mean/std trajectories; diffusion mode mix and x_0."""
+        off = " Grey span: reward off." if not switch.empty else ""
+        if env_name == "gaussian_bandit":
+            self._figure(entries, f"Gaussian policy mean (dimension 0, left) and std (right) vs update against the "
+                         f"Gibbs optimum of the current phase (black dashed; {seeds_txt}).{off}",
+                         F.plot_gaussian_trajectory, m, self.out / f"figG_trajectory{tag}", title=label or None,
+                         n_boot=self.n_boot, seed=self.seed)
+        if env_name != "diffusion_chain":
+            return
+        self._figure(entries, f"Fraction of x_0 in the rewarded mixture component vs update ({seeds_txt}), against "
+                     "the KL-optimal tilt of the current phase (black dashed; the reference once the reward is off) "
+                     f"and the reference chain (grey dotted).{off}", F.plot_mode_mix, m,
+                     self.out / f"figD2_modes{tag}", title=label or None, n_boot=self.n_boot, seed=self.seed)
+        ids = set(m["run_id"].astype(str))
+        samples, density = self.res.samples, self.res.density
+        if samples.empty:
+            return
+        samples = samples[samples["run_id"].astype(str).isin(ids)]
+        density = density[density["run_id"].astype(str).isin(ids)] if not density.empty else density
+        end = None if switch.empty else int(switch.min())
+        after = " and after the reward-off phase (black outline)" if end is not None else ""
+        self._figure(entries, f"x_0 distribution (dimension 0, samples pooled over seeds) at the end of the reward "
+                     f"phase (filled){after}, against the data distribution p_data (grey) and its KL-optimal "
+                     "tilt p_data·e^{r/β} (dashed).", F.plot_x0_distribution, samples, density,
+                     self.out / f"figD1_x0{tag}", reward_end=end, title=label or None)
+
+    def dpo_beta(self, condition: dict[str, Any], per_run: pd.DataFrame, x: str) -> None:
+        """Fig. 7: DPO/IPO against the PPO variants of this condition across β."""
+        slug = _slug(condition)
+        label = F.condition_label(condition)
+        ids = set(per_run["run_id"].astype(str))
+        policy = self.res.policy
+        policy = policy[policy["run_id"].astype(str).isin(ids)] if not policy.empty else policy
+        if not policy.empty:
+            metrics = self.res.metrics
+            policy = _reward_end_policy(policy, metrics[metrics["run_id"].astype(str).isin(ids)])
+        one_state = not policy.empty and "state" in policy and policy["state"].nunique() == 1
+        first = ("Left: final probability of the best arm per variant (line: mean over seeds, dots: seeds) and the "
+                 "KL-regularized optimum π* (black). Right: " if one_state else "")
+        sentence = (f"DPO against the PPO variants across β. {first}final TV distance to each run's optimum (median "
+                    "over seeds, dots: seeds, log scale with values below 1e-4 on the axis floor; DPO's optimum is "
+                    "π_ref·e^{r/(τβ)} with τ the Bradley–Terry temperature, IPO's its own).")
+        entries: list[tuple[str, list[Path]]] = []
+        name = "fig7_dpo_beta" + (f"_{slug}" if slug else "")
+        self._figure(entries, sentence, F.plot_dpo_beta, per_run, self.out / name,
+                     policy=policy if not policy.empty else None, x=x, title=label or None)
+        if entries:
+            self.sections.append(("DPO vs PPO over β" + (f" ({label})" if label else ""), entries))
 
     def heatmaps(self, condition: dict[str, Any], per_run: pd.DataFrame, x: str) -> None:
         slug = _slug(condition)
@@ -272,7 +347,7 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
     if not metrics.empty:
         per_run = M.run_summary(metrics, collapse_threshold, recovery_tol)
         if "env.id" in per_run:
-            gauss = per_run["env.id"].astype(str) == "gaussian_bandit"
+            gauss = per_run["env.id"].astype(str).isin(CONTINUOUS_ENVS)
             for col in ("collapsed", "collapse_update"):  # differential entropy has no absolute threshold
                 if col in per_run:
                     per_run[col] = per_run[col].astype("float64").where(~gauss)
@@ -294,6 +369,8 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
         for condition, g in frames:
             if g["variant"].nunique() * (g[x].nunique() if x in g else 1) >= 2:
                 rep.heatmaps(condition, g, x)
+            if g["variant"].astype(str).isin(F.PREFERENCE_VARIANTS).any() and x in g and g[x].nunique() >= 2:
+                rep.dpo_beta(condition, g, x)
     else:
         skipped = 0
     index = out / "index.md"

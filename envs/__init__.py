@@ -2,8 +2,9 @@
 
 Every discrete environment compiles to a :class:`~envs.tabular.TabularMDP` (``params.build()``), so the
 trainer handles them all through :class:`~envs.tabular.TabularCore` and the tabular oracles; the Gaussian
-bandit has its own core and closed forms. Importing this package registers the gymnasium ids
-``reflab/Bandit-v0``, ``reflab/GaussianBandit-v0``, ``reflab/GridWorld-v0`` and ``reflab/TokenTree-v0``.
+bandit and the toy diffusion chain have their own cores and closed forms. Importing this package registers
+the gymnasium ids ``reflab/Bandit-v0``, ``reflab/GaussianBandit-v0``, ``reflab/GridWorld-v0``,
+``reflab/TokenTree-v0`` and ``reflab/DiffusionChain-v0``.
 This package never imports ``sim`` or ``analysis``.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 import gymnasium
 
 from envs.bandit import BanditEnv, BanditParams
+from envs.diffusion_chain import DiffusionChainEnv, DiffusionChainParams
 from envs.gaussian_bandit import (
     GaussianBanditCore,
     GaussianBanditEnv,
@@ -29,6 +31,7 @@ from envs.token_tree import TokenTreeEnv, TokenTreeParams, gibbs_sequence_optimu
 ENV_PARAMS: dict[str, type[EnvParams]] = {
     "bandit": BanditParams,
     "gaussian_bandit": GaussianBanditParams,
+    "diffusion_chain": DiffusionChainParams,
     "gridworld": GridWorldParams,
     "token_tree": TokenTreeParams,
 }
@@ -36,6 +39,7 @@ ENV_PARAMS: dict[str, type[EnvParams]] = {
 GYM_IDS: dict[str, str] = {
     "reflab/Bandit-v0": "envs.bandit:BanditEnv",
     "reflab/GaussianBandit-v0": "envs.gaussian_bandit:GaussianBanditEnv",
+    "reflab/DiffusionChain-v0": "envs.diffusion_chain:DiffusionChainEnv",
     "reflab/GridWorld-v0": "envs.gridworld:GridWorldEnv",
     "reflab/TokenTree-v0": "envs.token_tree:TokenTreeEnv",
 }
@@ -58,8 +62,8 @@ def register_gym_envs() -> None:
 register_gym_envs()
 
 __all__ = [
-    "ENV_PARAMS", "GYM_IDS", "BanditEnv", "BanditParams", "EnvParams", "GaussianBanditCore",
-    "GaussianBanditEnv", "GaussianBanditParams", "GridWorld", "GridWorldEnv", "GridWorldParams",
+    "ENV_PARAMS", "GYM_IDS", "BanditEnv", "BanditParams", "DiffusionChainEnv", "DiffusionChainParams", "EnvParams",
+    "GaussianBanditCore", "GaussianBanditEnv", "GaussianBanditParams", "GridWorld", "GridWorldEnv", "GridWorldParams",
     "TabularCore", "TabularMDP", "TokenTreeEnv", "TokenTreeParams", "builtin_layouts", "gaussian_kl",
     "gibbs_optimum", "gibbs_sequence_optimum", "make_params", "register_gym_envs", "sequence_probs",
 ]

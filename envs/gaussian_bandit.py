@@ -54,6 +54,8 @@ class GaussianBanditParams(EnvParams):
         mode_weights: heights ``w_m ≥ 0`` of the bumps, one per mode.
         mode_std: width ``s > 0`` of the bumps.
         reward_noise: standard deviation of Gaussian noise added to each sampled reward.
+        fixed_std: keep the trained policy's std at ``σ_ref`` (only its mean learns), so the KL is seed
+            eq. 39, ``‖μ − μ_ref‖²/(2σ_ref²)``; false (default): the std is learned too (eq. 38).
     """
 
     dim: int = 1
@@ -66,9 +68,12 @@ class GaussianBanditParams(EnvParams):
     mode_weights: tuple[float, ...] = (0.5, 1.0)
     mode_std: float = 0.5
     reward_noise: float = 0.0
+    fixed_std: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.fixed_std, bool):
+            raise ValueError(f"env.fixed_std must be true or false (got {self.fixed_std!r})")
         d = check_int("dim", self.dim, minimum=1)
         set_field(self, "dim", d)
         _vector("ref_mean", self.ref_mean, d)

@@ -15,6 +15,8 @@ can evaluate hundreds of runs in one call.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -246,6 +248,38 @@ def _gather_next(mdp: TabularMDP, value: Tensor) -> Tensor:
     return (mdp.next_prob.to(value) * nxt).sum(-1)
 
 
+_LAYERS: dict[int, tuple[weakref.ref, Tensor, Tensor, list[Tensor] | None]] = {}
+
+
+def layers(mdp: TabularMDP) -> list[Tensor] | None:
+    """The states of each time step, ``[states of t = 0, states of t = 1, …]``, if every possible
+    transition goes from time ``t`` to ``t + 1`` or to the sink; else ``None``.
+
+    Dynamic programming then visits each state once (in time order) instead of sweeping every state
+    ``horizon`` times. Cached per (transition, probability, time) tables.
+    """
+    key = id(mdp.next_state)
+    cached = _LAYERS.get(key)
+    if (cached is None or cached[0]() is not mdp.next_state or cached[1] is not mdp.state_time
+            or cached[2] is not mdp.next_prob):
+        t = mdp.state_time
+        S = mdp.n_states
+        nxt = mdp.next_state
+        possible = (mdp.next_prob > 0) & (nxt < S)
+        t_next = torch.cat([t, t.new_full((1,), -1)])[nxt]
+        ok = bool(((t_next == t[:, None, None] + 1) | ~possible).all()) and bool((t >= 0).all())
+        found = [torch.nonzero(t == i).flatten() for i in range(int(t.max()) + 1)] if ok else None
+        _LAYERS[key] = (weakref.ref(mdp.next_state, _forget_layers(key)), mdp.state_time, mdp.next_prob, found)
+    return _LAYERS[key][3]
+
+
+def _forget_layers(key: int) -> Callable[[weakref.ref], None]:
+    def forget(ref: weakref.ref) -> None:
+        if _LAYERS.get(key, (None,))[0] is ref:
+            del _LAYERS[key]
+    return forget
+
+
 def state_occupancy(mdp: TabularMDP, logp: Tensor) -> Tensor:
     """Expected number of visits ``[..., S]`` to each state in one episode under policy ``logp [..., S, A]``.
 
@@ -254,17 +288,53 @@ def state_occupancy(mdp: TabularMDP, logp: Tensor) -> Tensor:
     """
     pi = logp.exp()
     S, A, K = mdp.next_state.shape
-    d = mdp.init_prob.to(pi).expand(pi.shape[:-1]).clone()
-    occ = d.clone()
-    flat_idx = mdp.next_state.reshape(-1)
     P = mdp.next_prob.to(pi)
+    batch = pi.shape[:-2]
+    occ = torch.zeros(batch + (S + 1,), dtype=pi.dtype, device=pi.device)
+    occ[..., :S] = mdp.init_prob.to(pi)
+    layer_list = layers(mdp)
+    if layer_list is not None:  # forward in time order: a layer's occupancy is complete before it flows on
+        for idx in layer_list[:-1]:
+            flow = (occ[..., idx, None] * pi[..., idx, :]).unsqueeze(-1) * P[idx]  # [..., n, A, K]
+            occ.index_add_(-1, mdp.next_state[idx].reshape(-1), flow.reshape(batch + (-1,)))
+        return occ[..., :S]
+    d = occ[..., :S].clone()
+    flat_idx = mdp.next_state.reshape(-1)
     for _ in range(mdp.horizon - 1):
         flow = (d.unsqueeze(-1) * pi).unsqueeze(-1) * P  # [..., S, A, K]
-        nxt = d.new_zeros(d.shape[:-1] + (S + 1,))
-        nxt.index_add_(-1, flat_idx, flow.reshape(flow.shape[:-3] + (S * A * K,)))
+        nxt = d.new_zeros(batch + (S + 1,))
+        nxt.index_add_(-1, flat_idx, flow.reshape(batch + (S * A * K,)))
         d = nxt[..., :S]
-        occ = occ + d
-    return occ
+        occ[..., :S] += d
+    return occ[..., :S]
+
+
+def _backward_induction(mdp: TabularMDP, r: Tensor, batch: torch.Size,
+                        state_value: Callable[[Tensor, Tensor | slice], Tensor]) -> tuple[Tensor, Tensor]:
+    """Finite-horizon DP: ``Q(s,a) = r(s,a) + E[V(s')]`` and ``V(s) = state_value(Q(s, ·), s)``.
+
+    ``r`` is ``[..., S, A]`` (broadcastable to ``batch``); ``state_value(q_rows [..., n, A], idx)`` gives the
+    values ``[..., n]`` of the states ``idx``. Layered MDPs are solved one time step at a time, backwards;
+    others by ``horizon`` sweeps over all states. Returns ``(V [*batch, S], Q [*batch, S, A])``.
+    """
+    S, A, _ = mdp.next_state.shape
+    dt, dev = r.dtype, r.device
+    layer_list = layers(mdp)
+    if layer_list is None:
+        v = torch.zeros(batch + (S,), dtype=dt, device=dev)
+        q = r.expand(batch + (S, A))
+        for _ in range(mdp.horizon):
+            q = r + _gather_next(mdp, v)
+            v = state_value(q, slice(None))
+        return v, q
+    P = mdp.next_prob.to(dt)
+    v_ext = torch.zeros(batch + (S + 1,), dtype=dt, device=dev)
+    q = torch.zeros(batch + (S, A), dtype=dt, device=dev)
+    for idx in reversed(layer_list):
+        q_l = r[..., idx, :] + (P[idx] * v_ext[..., mdp.next_state[idx]]).sum(-1)  # [..., n, A]
+        q[..., idx, :] = q_l
+        v_ext[..., idx] = state_value(q_l, idx)
+    return v_ext[..., :S], q
 
 
 def kl_per_state(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -304,12 +374,8 @@ def policy_evaluation(mdp: TabularMDP, logp: Tensor, extra_reward: Tensor | None
     r = mdp.expected_reward.to(pi)
     if extra_reward is not None:
         r = r + extra_reward
-    v = pi.new_zeros(pi.shape[:-1])
-    q = r.expand(pi.shape).clone()
-    for _ in range(mdp.horizon):
-        q = r + _gather_next(mdp, v)
-        v = (pi * q).sum(-1)
-    return v, q
+    batch = torch.broadcast_shapes(pi.shape, r.shape)[:-2]
+    return _backward_induction(mdp, r, batch, lambda q, idx: (pi[..., idx, :] * q).sum(-1))
 
 
 def expected_return(mdp: TabularMDP, logp: Tensor) -> Tensor:
@@ -336,11 +402,8 @@ def soft_value_iteration(mdp: TabularMDP, beta: float | Tensor) -> tuple[Tensor,
     b = beta_t[..., None]  # [*B, 1]
     ref = mdp.ref_logp
     r = mdp.expected_reward
-    v = torch.zeros(beta_t.shape + (mdp.n_states,), dtype=torch.float64, device=ref.device)
-    q = r.expand(beta_t.shape + r.shape)
-    for _ in range(mdp.horizon):
-        q = r + _gather_next(mdp, v)
-        v = b * torch.logsumexp(ref + q / b[..., None], dim=-1)
+    v, q = _backward_induction(mdp, r, torch.broadcast_shapes(beta_t.shape, ref.shape[:-2]),
+                               lambda q, idx: b * torch.logsumexp(ref[..., idx, :] + q / b[..., None], dim=-1))
     logp_opt = ref + (q - v[..., None]) / b[..., None]
     logp_opt = logp_opt - torch.logsumexp(logp_opt, dim=-1, keepdim=True)  # remove rounding drift
     return v, q, logp_opt

@@ -6,6 +6,8 @@ Cases (medians over ``--repeats``; the machine may be shared and noisy):
   4 epochs, trained as one batch; wall time and env-steps/s (target ≤ 10 s, ≥ 3 M env-steps/s on 2 cores).
 - **SB3**: the same bandit (its gymnasium shell) trained by stable-baselines3's PPO (MlpPolicy, 8 envs)
   for a fixed number of steps; env-steps/s and the native / SB3 ratio (target ≥ 2000×).
+- **SB3 backend**: ``train.backend: sb3`` (KLRegularizedPPO, k3 in the loss) on the same bandit config
+  (256 episodes per update, 4 epochs) through ``reflab run``'s trainer; env-steps/s.
 - **gridworld grid**: 400 runs on the 7×7 ``two_goals`` layout, horizon 30, 64 episodes per update
   (target ≥ 2 M env-steps/s).
 - **scaling**: 1 … 10 000 bandit runs in one batch, wall time and peak RSS (each point in a fresh process;
@@ -55,14 +57,16 @@ def gridworld_grid(updates: int = 50, seeds: int = 10, device: str = "cpu") -> l
 
 
 def time_native(configs: list[Config], repeats: int) -> dict[str, Any]:
-    """Median wall time of training ``configs`` as one batch (training loop; tables built after)."""
+    """Median wall time of training ``configs`` as one batch and building every run's output tables (as a
+    sweep does before writing them; ``tables_s`` is that last part)."""
     times, outs_time, steps = [], [], 0
     for _ in range(repeats):
         trainer = make_trainer(configs)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        trainer.run()
+        for _output in trainer.run():  # built one run at a time, then dropped
+            pass
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -79,7 +83,8 @@ def _train_chunk(config_dicts: list[dict]) -> int:
 
     torch.set_num_threads(1)
     trainer = make_trainer([from_dict(d) for d in config_dicts])
-    trainer.run()
+    for _output in trainer.run():  # every run's tables, as a sweep builds them
+        pass
     return int(trainer.env_steps.sum())
 
 
@@ -120,6 +125,25 @@ def time_sb3(total_steps: int, repeats: int) -> dict[str, Any]:
         venv.close()
     wall = statistics.median(times)
     return {"env_steps": total_steps, "wall_s": wall, "steps_per_s": total_steps / wall, "all_s": times}
+
+
+def time_sb3_backend(total_steps: int, repeats: int) -> dict[str, Any]:
+    """Env-steps/s of ``train.backend: sb3`` (:class:`sim.sb3_backend.KLRegularizedPPO`, k3 in the loss) on the
+    bandit grid's config (10 arms, 256 episodes per update, 4 epochs), through the reflab trainer (exact
+    metrics and tables included): what ``reflab run --set train.backend=sb3`` does."""
+    updates = max(1, total_steps // 256)
+    cfg = resolve(None, ["env.id=bandit", "env.n_arms=10", f"train.updates={updates}", "train.batch=256",
+                         "train.epochs=4", "train.backend=sb3", "kl.placement=loss", "kl.estimator=k3",
+                         "kl.beta=0.1"])
+    times = []
+    for r in range(repeats):
+        trainer = make_trainer([resolve(None, [f"seed={r}"], base=cfg.to_dict())])
+        t0 = time.perf_counter()
+        trainer.run()
+        times.append(time.perf_counter() - t0)
+    wall = statistics.median(times)
+    steps = updates * 256
+    return {"env_steps": steps, "wall_s": wall, "steps_per_s": steps / wall, "all_s": times}
 
 
 def _scaling_point(n_runs: int, updates: int, device: str) -> dict[str, Any]:
@@ -203,6 +227,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             rep["native_over_sb3"] = ratio
             _print(dev, "SB3 PPO, same bandit", rep["sb3"], target="")
             print(f"[{dev}] native / SB3 throughput: {ratio:,.0f}x (target ≥ 2000x)", flush=True)
+            rep["sb3_backend"] = time_sb3_backend(args.sb3_steps, args.repeats)
+            sb = rep["sb3_backend"]
+            print(f"[{dev}] train.backend=sb3 (KLRegularizedPPO, k3 in the loss), same bandit: {sb['wall_s']:.2f} s "
+                  f"for {sb['env_steps']} env-steps, {sb['steps_per_s']:,.0f} env-steps/s "
+                  f"(plain SB3 PPO: {rep['sb3']['steps_per_s']:,.0f})", flush=True)
         rep["scaling"] = time_scaling(args.sizes, args.scaling_updates, dev, max(1, args.repeats // 2))
         for row in rep["scaling"]:
             print(f"[{dev}] scaling {row['runs']:>6} runs: {row['wall_s']:7.2f} s  "

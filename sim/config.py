@@ -126,7 +126,12 @@ class TrainConfig:
     dtype: str = "float32"
     """``float32`` | ``float64`` (exact-mode checks use float64)."""
     backend: str = "native"
-    """``native`` (batched torch engine)."""
+    """``native`` (batched torch engine) | ``sb3`` (stable-baselines3's PPO with reflab's KL placements,
+    :mod:`sim.sb3_backend`; one process per run; discrete envs, tabular policy, sampled mode, frozen
+    reference, no ``kl.clamp``)."""
+    algo: str = "ppo"
+    """``ppo`` (RL on the env's reward with a KL penalty) | ``dpo`` (direct preference optimization on pairs
+    labelled by Bradley–Terry on the env's reward; see the ``dpo`` section and :mod:`sim.dpo`)."""
 
     def phase_list(self) -> tuple[Phase, ...]:
         """The phases actually run (a single reward-scale-1 phase when none are given)."""
@@ -150,13 +155,41 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimization (``train.algo: dpo``; :mod:`sim.dpo`). Optimizer and learning rate are
+    ``train.optimizer`` and ``train.lr``; ``train.updates`` counts updates of ``epochs`` passes each."""
+
+    beta: float | None = None
+    """DPO's β; none = ``kl.beta``, so a sweep over ``kl.beta`` moves DPO and PPO together. Per-run."""
+    loss: str = "dpo"
+    """``dpo`` (−log σ(β·Δ), seed eq. 52) | ``ipo`` ((Δ − 1/(2β))², Azar et al.), Δ = the log-ratio margin.
+    Per-run."""
+    pairs: int = 2048
+    """Preference pairs in each run's dataset."""
+    sampler: Any = "reference"
+    """Policy the pairs are sampled from: ``reference`` | ``uniform`` | a list of probabilities (one-state
+    envs; zeros leave arms out of every pair)."""
+    bt_temperature: float = 1.0
+    """Temperature τ of the Bradley–Terry labels: P(y₁ ≻ y₂) = σ((r(y₁) − r(y₂))/τ). DPO's optimum is then
+    π_ref·e^{r/(τβ)}."""
+    data_seed: int | None = None
+    """Seed of the preference dataset; none = the run's ``seed``."""
+    batch_size: int | None = None
+    """Pairs per gradient step (none = all pairs, full-batch)."""
+    epochs: int = 1
+    """Passes over the dataset per update."""
+
+
+@dataclass(frozen=True)
 class Config:
     env: dict = field(default_factory=lambda: {"id": "bandit"})
-    """Environment: ``env.id`` (bandit | gaussian_bandit | gridworld | token_tree) and that env's parameters."""
+    """Environment: ``env.id`` (bandit | gaussian_bandit | gridworld | token_tree | diffusion_chain) and that
+    env's parameters."""
     kl: KLConfig = field(default_factory=KLConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     seed: int = 0
     """Seed of the run's random streams. Per-run."""
     device: str = "cpu"
@@ -183,16 +216,21 @@ CHOICES: dict[str, tuple] = {
     "train.baseline": ("auto", "mean", "value", "none"),
     "train.policy": ("tabular", "mlp"),
     "train.dtype": ("float32", "float64"),
-    "train.backend": ("native",),
+    "train.backend": ("native", "sb3"),
+    "train.algo": ("ppo", "dpo"),
+    "dpo.loss": ("dpo", "ipo"),
     "log.progress": ("auto", "bar", "plain", "none"),
     "device": ("cpu", "cuda", "auto"),
 }
 
+#: Environments with continuous actions (their own trainers; no exact mode, DPO or SB3 backend).
+CONTINUOUS_ENVS = ("gaussian_bandit", "diffusion_chain")
+
 #: Keys that may differ between runs that share one batch.
 PER_RUN_KEYS = ("seed", "kl.placement", "kl.estimator", "kl.beta", "kl.is_correction", "kl.controller",
-                "kl.target", "kl.horizon", "train.lr")
+                "kl.target", "kl.horizon", "train.lr", "dpo.beta", "dpo.loss")
 
-_SECTIONS = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig}
+_SECTIONS = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig, "dpo": DPOConfig}
 
 
 def _to_plain(x: Any) -> Any:
@@ -405,11 +443,80 @@ def _check_ranges(cfg: Config) -> None:
     _positive("log.policy_every", log.policy_every)
     _positive("log.trajectories", log.trajectories, allow_zero=True)
     _positive("threads", cfg.threads)
-    if t.mode == "exact" and cfg.env["id"] == "gaussian_bandit":
+    if t.mode == "exact" and cfg.env["id"] in CONTINUOUS_ENVS:
         raise ConfigError("train.mode=exact needs a discrete env (bandit, gridworld, token_tree); "
-                          "got env.id='gaussian_bandit'")
+                          f"got env.id={cfg.env['id']!r}")
+    if cfg.env["id"] == "diffusion_chain":
+        _check_diffusion(cfg)
+    if t.algo == "dpo":
+        _check_dpo(cfg)
     if t.policy == "mlp" and cfg.env["id"] == "gaussian_bandit":
         raise ConfigError("train.policy must be tabular for env.id='gaussian_bandit' (a state-free Gaussian)")
+    if t.backend == "sb3":
+        _check_sb3(cfg)
+
+
+def _check_diffusion(cfg: Config) -> None:
+    """``env.id = diffusion_chain``: the training options its trainer (:mod:`sim.diffusion`) supports."""
+    t = cfg.train
+    if t.baseline == "value":
+        raise ConfigError("train.baseline must be auto, mean or none for env.id='diffusion_chain'; got 'value'")
+    if t.ent_coef != 0:
+        raise ConfigError(f"train.ent_coef must be 0 for env.id='diffusion_chain' (the step std is fixed, so the "
+                          f"entropy is constant); got {t.ent_coef!r}")
+    if t.init != "reference":
+        raise ConfigError(f"train.init must be reference for env.id='diffusion_chain'; got {t.init!r}")
+
+
+def _check_sb3(cfg: Config) -> None:
+    """``train.backend = sb3``: the combinations the stable-baselines3 backend does not support."""
+    t = cfg.train
+    unsupported = [
+        (t.mode != "sampled", f"train.mode={t.mode!r} (sampled only)"),
+        (t.algo != "ppo", f"train.algo={t.algo!r} (ppo only)"),
+        (cfg.env["id"] in CONTINUOUS_ENVS, f"env.id={cfg.env['id']!r} (bandit, gridworld, token_tree only)"),
+        (t.policy != "tabular", f"train.policy={t.policy!r} (tabular only)"),
+        (cfg.reference.schedule != "frozen", f"reference.schedule={cfg.reference.schedule!r} (frozen only)"),
+        (cfg.kl.clamp is not None, f"kl.clamp={cfg.kl.clamp!r} (none only)"),
+        (t.dtype != "float32", f"train.dtype={t.dtype!r} (float32 only)"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise ConfigError(f"train.backend=sb3 does not support {what}")
+
+
+def _check_dpo(cfg: Config) -> None:
+    """``train.algo = dpo``: ranges of the ``dpo`` keys and the combinations DPO does not support."""
+    d, env = cfg.dpo, cfg.env
+    _positive("dpo.beta", d.beta)
+    _positive("dpo.pairs", d.pairs)
+    _positive("dpo.bt_temperature", d.bt_temperature)
+    _positive("dpo.batch_size", d.batch_size)
+    _positive("dpo.epochs", d.epochs)
+    if (d.beta if d.beta is not None else cfg.kl.beta) <= 0:
+        raise ConfigError(f"train.algo=dpo needs a positive β (dpo.beta or kl.beta); got {cfg.kl.beta!r}")
+    if isinstance(d.sampler, str):
+        if d.sampler not in ("reference", "uniform"):
+            raise ConfigError(f"dpo.sampler must be reference, uniform or a list of probabilities; got {d.sampler!r}")
+    elif not (isinstance(d.sampler, list | tuple) and d.sampler
+              and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in d.sampler)
+              and abs(sum(d.sampler) - 1.0) <= 1e-6):
+        raise ConfigError(f"dpo.sampler must be reference, uniform or a list of probabilities summing to 1; "
+                          f"got {d.sampler!r}")
+    elif env["id"] != "bandit":
+        raise ConfigError(f"dpo.sampler as a list of probabilities needs env.id=bandit; got env.id={env['id']!r}")
+    if env["id"] in CONTINUOUS_ENVS:
+        raise ConfigError("train.algo=dpo needs a discrete env (bandit, gridworld, token_tree); "
+                          f"got env.id={env['id']!r}")
+    if env.get("slip", 0) > 0:
+        raise ConfigError(f"train.algo=dpo needs deterministic dynamics (its optimum is the soft-VI policy only "
+                          f"then); got env.slip={env['slip']!r}")
+    if cfg.train.mode != "sampled":
+        raise ConfigError("train.mode must be sampled with train.algo=dpo (the dataset is the sample)")
+    if cfg.train.phases is not None:
+        raise ConfigError("train.phases is not supported with train.algo=dpo (the preference data are fixed)")
+    if cfg.kl.controller != "fixed":
+        raise ConfigError("kl.controller must be fixed with train.algo=dpo")
 
 
 def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,

@@ -67,7 +67,7 @@ class GaussianTrainer(BatchTrainer):
             raise ValueError("train.init must be 'reference' for env.id='gaussian_bandit'")
         self.ref_params = {"mean": mean_ref.clone(), "log_std": log_std_ref.clone()}
         self.params = {"mean": mean_ref.clone(), "log_std": log_std_ref.clone()}
-        self.trainable = ["mean", "log_std"]
+        self.trainable = ["mean"] if self.env_params.fixed_std else ["mean", "log_std"]  # fixed: seed eq. 39
         for k in self.trainable:
             self.params[k].requires_grad_(True)
         self._make_optimizer()
@@ -141,6 +141,7 @@ class GaussianTrainer(BatchTrainer):
             opt_mean, opt_std = opt
             out["kl_opt"] = gaussian_kl(p["mean"], std, opt_mean, opt_std)
             out["opt_mean_error"] = (p["mean"] - opt_mean).norm(dim=-1)
+            out["opt_mean"], out["opt_std"] = opt_mean[:, 0], opt_std  # the optimum's first coordinate and std
         return out
 
     def _optimum(self, ref: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:

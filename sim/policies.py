@@ -23,6 +23,17 @@ from sim import rng
 Params = dict[str, Tensor]
 
 
+def log_softmax_actions(logits: Tensor) -> Tensor:
+    """``log_softmax`` over the last (action) axis of ``logits [R, S, A]``.
+
+    With many states and few actions it runs over a transposed view: the reduction over a short, strided
+    axis vectorizes across states, several times faster on CPU than reducing each short row.
+    """
+    if logits.dim() == 3 and logits.shape[1] > logits.shape[2]:
+        return torch.log_softmax(logits.transpose(1, 2), dim=1).transpose(1, 2)
+    return torch.log_softmax(logits, dim=-1)
+
+
 class TabularPolicy:
     """Softmax over a free logit table per run. ``frozen_keys`` are not trained."""
 
@@ -37,7 +48,7 @@ class TabularPolicy:
 
     def table(self, params: Params) -> Tensor:
         """Log-probabilities ``[R, S, A]`` of every state."""
-        return torch.log_softmax(params["logits"], dim=-1)
+        return log_softmax_actions(params["logits"])
 
 
 class MLPPolicy(TabularPolicy):
@@ -70,7 +81,7 @@ class MLPPolicy(TabularPolicy):
     def table(self, params: Params) -> Tensor:
         R = params["w1"].shape[0]
         feats = self.features.to(params["w1"].dtype).unsqueeze(0).expand(R, -1, -1)
-        return torch.log_softmax(params["base"] + self._net(params, feats), dim=-1)
+        return log_softmax_actions(params["base"] + self._net(params, feats))
 
 
 class TabularValue:
@@ -85,6 +96,10 @@ class TabularValue:
     def value(self, params: Params, states: Tensor) -> Tensor:
         """Values ``[R, N]`` at ``states [R, N]``."""
         return params["v"].gather(1, states)
+
+    def table(self, params: Params) -> Tensor:
+        """Values ``[R, S]`` of every state."""
+        return params["v"]
 
 
 class MLPValue(TabularValue):
@@ -104,6 +119,13 @@ class MLPValue(TabularValue):
         }
 
     def value(self, params: Params, states: Tensor) -> Tensor:
-        feats = self.features.to(params["vw1"].dtype)[states]
+        return self._net(params, self.features.to(params["vw1"].dtype)[states])
+
+    def table(self, params: Params) -> Tensor:
+        R = params["vw1"].shape[0]
+        return self._net(params, self.features.to(params["vw1"].dtype).unsqueeze(0).expand(R, -1, -1))
+
+    def _net(self, params: Params, feats: Tensor) -> Tensor:
+        # feats [R, N, F] → [R, N]
         h = torch.tanh(torch.bmm(feats, params["vw1"]) + params["vb1"].unsqueeze(1))
         return (torch.bmm(h, params["vw2"]) + params["vb2"].unsqueeze(1)).squeeze(-1)

@@ -4,7 +4,9 @@ A run's samples must not depend on which other runs share its batch (a batch of 
 run exactly what it gets when trained alone), nor on the device. A stateful ``torch.Generator`` cannot give
 that without a Python loop over runs, so reflab draws every random number as a hash of
 ``(run key, stream, counter)``: ``u = triple32(key ^ triple32(stream ^ counter))``-style mixing, computed
-with int64 tensor ops that never overflow (32-bit products are split into 16-bit halves).
+with int64 tensor ops. A 32 × 32-bit product can exceed int64; tensor kernels wrap modulo 2^64, whose low
+32 bits are what the hash needs. That is checked once at import against a product split into 16-bit
+halves (which never overflows), and the split form is used if the check fails.
 
 The hash is Chris Wellons' ``triple32`` (an exact-bias 32-bit integer permutation); uniforms have 2^-32
 resolution, which is ample for categorical sampling of probabilities above ~1e-9.
@@ -19,11 +21,25 @@ _MASK32 = 0xFFFFFFFF
 _MASK16 = 0xFFFF
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
+def _mul32_split(x: Tensor, c: int) -> Tensor:
     """``(x * c) mod 2**32`` for ``x`` in [0, 2**32) without int64 overflow."""
     lo = x * (c & _MASK16)
     hi = ((x * (c >> 16)) & _MASK16) << 16
     return (lo + hi) & _MASK32
+
+
+def _mul32_wrap(x: Tensor, c: int) -> Tensor:
+    """``(x * c) mod 2**32`` relying on the int64 product wrapping modulo 2**64."""
+    return (x * c) & _MASK32
+
+
+def _wrap_is_exact() -> bool:
+    x = torch.tensor([0, 1, _MASK32, _MASK32 - 1, 0x9E3779B9, 0x7FFFFFFF, 0x80000000, 123456789], dtype=torch.long)
+    return all(torch.equal(_mul32_wrap(x, c), _mul32_split(x, c)) for c in _CONSTANTS)
+
+
+_CONSTANTS = (0xED5AD4BB, 0xAC4C1B51, 0x31848BAB)
+_mul32 = _mul32_wrap if _wrap_is_exact() else _mul32_split
 
 
 def hash32(x: Tensor) -> Tensor:

@@ -414,6 +414,8 @@ def estimate_run_bytes(cfg: Config) -> int:
     params = build_env(cfg)
     if cfg.env["id"] == "gaussian_bandit":
         n_states, n_actions, horizon, n_outcomes = 1, 2 * params.dim, 1, 1
+    elif cfg.env["id"] == "diffusion_chain":  # per step: x_t, x_{t-1} and three means of d floats
+        n_states, n_actions, horizon, n_outcomes = params.steps, 8 * params.dim, params.steps, 1
     else:
         mdp = params.build()
         n_states, n_actions, horizon, n_outcomes = mdp.n_states, mdp.n_actions, mdp.horizon, mdp.n_outcomes
@@ -483,6 +485,8 @@ def pack_tasks(runs: Sequence[PlannedRun], sweep_dir: Path, workers: int, batch_
     tasks: list[Task] = []
     for group in groups.values():
         size = batch_size or auto_batch_size(len(runs), workers, estimate_run_bytes(group[0].config), task_budget)
+        if group[0].config.train.backend == "sb3":
+            size = 1  # SB3 trains one run at a time: one task each, so workers run them in parallel
         for chunk in _split_even(group, size):
             tasks.append(Task(index=len(tasks), run_ids=tuple(r.run_id for r in chunk),
                               run_dirs=tuple(str(sweep_dir / RUNS_DIR / r.run_id) for r in chunk),

@@ -7,16 +7,19 @@ counter-based stream (:mod:`sim.rng`), and every loss is a sum of per-run losses
 numbers in any batch.
 
 Reading order: ``DiscreteTrainer.collect`` (sampling) → ``_shape_and_advantage`` (KL in the reward, GAE)
-→ ``sampled_update``/``_ppo_loss`` (clipped loss + KL in the loss) → ``exact_update`` (the same placement × estimator by
-enumeration) → ``BatchTrainer.run`` (phases, reference schedule, β controller, divergence, logging).
+→ ``sampled_update``/``_group``/``_ppo_loss`` (clipped loss + KL in the loss, on per-(s, a) sums)
+→ ``exact_update`` (the same placement × estimator by enumeration) → ``BatchTrainer.run`` (phases,
+reference schedule, β controller, divergence, logging).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import overload
 
 import numpy as np
 import pandas as pd
@@ -30,7 +33,7 @@ from sim.config import Config, batch_signature
 from sim.kl import ESTIMATORS, PLACEMENTS, all_estimates, full_kl, weighted_estimate
 from sim.optim import BatchedOptimizer, clip_grad_norm_per_run, grad_norm_per_run
 from sim.policies import MLPPolicy, MLPValue, TabularPolicy, TabularValue
-from sim.ppo import clipped_surrogate, gae, masked_mean, normalize_per_run
+from sim.ppo import gae, normalize_per_run
 
 ProgressFn = Callable[[int, int], None]
 
@@ -50,6 +53,33 @@ class RunOutput:
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table of the run by file stem: metrics, policy, trajectories and the extras."""
         return {"metrics": self.metrics, "policy": self.policy, "trajectories": self.trajectories, **self.extra}
+
+
+class RunOutputs(Sequence[RunOutput]):
+    """The outputs of a trained batch, one :class:`RunOutput` per config, built when accessed.
+
+    A run's tables are made from the batch's logs on access and not kept, so writing the runs of a batch one
+    after the other holds one run's tables in memory at a time (10 000 runs' DataFrames at once would not).
+    """
+
+    def __init__(self, trainer: BatchTrainer, cols: dict[str, np.ndarray], traj_stacked: tuple):
+        self._trainer, self._cols, self._traj = trainer, cols, traj_stacked
+
+    def __len__(self) -> int:
+        return self._trainer.R
+
+    @overload
+    def __getitem__(self, i: int) -> RunOutput: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[RunOutput]: ...
+
+    def __getitem__(self, i: int | slice) -> RunOutput | list[RunOutput]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self._trainer._run_output(i % len(self), self._cols, self._traj)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,14 +187,18 @@ class _Clamp:
         self.count = torch.zeros(n_runs, dtype=torch.long, device=device)
 
     def __call__(self, logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``ref_logp`` adjusted so that ``logp − ref_logp`` lies in [−limit, limit]."""
+        """``ref_logp`` adjusted so that ``logp − ref_logp`` lies in [−limit, limit].
+
+        ``mask`` (bool, same shape) says which entries are samples; or, for tables, integer sample counts
+        per entry, so a clamped table entry counts once per sample that uses it.
+        """
         if self.limit is None:
             return ref_logp
         delta = logp - ref_logp
         hit = delta.detach().abs() > self.limit
         if mask is not None:
-            hit = hit & mask
-        self.count += hit.reshape(hit.shape[0], -1).sum(-1)
+            hit = hit & mask if mask.dtype == torch.bool else hit * mask
+        self.count += hit.reshape(hit.shape[0], -1).sum(-1).to(self.count.dtype)
         return logp - delta.clamp(-self.limit, self.limit)
 
 
@@ -254,13 +288,15 @@ class BatchTrainer:
         return norm
 
     def _ppo_epochs(self, flat: dict[str, Tensor], update: int,
-                    loss_fn: Callable[[dict[str, Tensor], bool], tuple[Tensor, dict[str, Tensor]]]
+                    loss_fn: Callable[[dict[str, Tensor], bool], tuple[Tensor, dict[str, Tensor]]],
+                    prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
                     ) -> dict[str, Tensor]:
         """``train.epochs`` passes over samples ``flat [R, n]`` in ``train.minibatches`` per-run shuffled chunks.
 
         Each run's permutation comes from its own stream, so the minibatches of a run do not depend on the
-        batch it is trained in. ``loss_fn(minibatch, want_diagnostics)`` returns the per-run loss and, when
-        asked, diagnostics; they are averaged over the last epoch's gradient steps.
+        batch it is trained in. ``prepare(minibatch)`` (optional) turns a minibatch into what the loss needs
+        (computed once for full-batch epochs); ``loss_fn(prepared, want_diagnostics)`` returns the per-run
+        loss and, when asked, diagnostics; they are averaged over the last epoch's gradient steps.
         """
         tr = self.cfg.train
         n = next(iter(flat.values())).shape[1]
@@ -268,13 +304,16 @@ class BatchTrainer:
         stats: dict[str, Tensor] = {}
         n_steps = 0
         n_mb = min(tr.minibatches, n)
+        prepare = prepare or (lambda mb: mb)
         if n_mb > 1:
             perms = torch.argsort(rng.uniform(mb_key, (tr.epochs, n)), dim=-1)  # [R, epochs, n]
+        else:
+            whole = prepare(flat)
         for epoch in range(tr.epochs):
             chunks = torch.tensor_split(perms[:, epoch], n_mb, dim=1) if n_mb > 1 else [None]
             last_epoch = epoch == tr.epochs - 1
             for chunk in chunks:
-                mb = flat if chunk is None else {k: _take(v, chunk) for k, v in flat.items()}
+                mb = whole if chunk is None else prepare({k: _take(v, chunk) for k, v in flat.items()})
                 loss, diag = loss_fn(mb, last_epoch)
                 norm = self._apply_grads(loss, update, want_norm=last_epoch)
                 if last_epoch:  # diagnostics of the last epoch: how far the update moved from π_old
@@ -330,13 +369,16 @@ class BatchTrainer:
         self.metric_log.append({k: v.detach().to("cpu", torch.float64 if v.is_floating_point() else torch.long,
                                                  copy=True) for k, v in values.items()})
 
-    def run(self, progress: ProgressFn | None = None) -> list[RunOutput]:
-        """Train every run through all phases and return their outputs."""
+    def run(self, progress: ProgressFn | None = None) -> RunOutputs:
+        """Train every run through all phases and return their outputs (built one run at a time on access)."""
         cfg = self.cfg
         total = cfg.train.total_updates
         pol_every = cfg.log.policy_every
         t0 = time.perf_counter()
         update = 0
+        # Huge batches (≥ 2^20 samples per update) free tens of MB of temporaries every update, which
+        # fragments the C heap; giving the free pages back every 10 updates keeps the peak memory flat.
+        trim_every = 10 if self.R * cfg.train.batch * getattr(self, "H", 1) >= 1 << 20 else 0
         with torch.no_grad():
             self._log(0, self.exact_metrics())
         self.policy_log.append((0, self.policy_tables()))
@@ -358,6 +400,8 @@ class BatchTrainer:
                     self.policy_log.append((update, self.policy_tables()))
                 if progress is not None:
                     progress(update, total)
+                if trim_every and update % trim_every == 0:
+                    release_free_memory()
         self.wall_time = time.perf_counter() - t0
         return self._outputs()
 
@@ -368,28 +412,34 @@ class BatchTrainer:
         """Whether metrics are logged after ``update`` (every ``log.every`` and the last)."""
         return update % self.cfg.log.every == 0 or update == self.cfg.train.total_updates
 
-    def _outputs(self) -> list[RunOutput]:
+    def _outputs(self) -> RunOutputs:
         lead = ["update", "phase", "reward_scale", "env_steps", "beta"]
         keys = list(dict.fromkeys(lead + [k for rec in self.metric_log for k in rec]))
         nan = torch.full((self.R,), float("nan"), dtype=torch.float64)
         cols = {k: torch.stack([rec.get(k, nan) for rec in self.metric_log], dim=1).numpy() for k in keys}
-        traj_stacked = self._stack_traj_log()
-        outs = []
-        for i, c in enumerate(self.configs):
-            keep = cols["_alive"][i].astype(bool) | (cols["update"][i] == self.diverged_at[i].item())
-            metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive"})
-            policy = self.policy_frame(i)
-            traj = self._traj_frame(i, *traj_stacked)
-            d = int(self.diverged_at[i])
-            if d >= 0:
-                status = {"status": "diverged", "update": d, "error": self.diverge_reason[i]}
-            else:
-                status = {"status": "done", "update": c.train.total_updates}
-            status["wall_time_s"] = round(self.wall_time, 3)
-            status["n_runs_in_batch"] = self.R
-            status["kl_clamps"] = int(self.clamp.count[i])
-            outs.append(RunOutput(c, metrics, policy, traj, status))
-        return outs
+        self.metric_log = []  # the stacked columns replace the per-update records
+        return RunOutputs(self, cols, self._stack_traj_log())
+
+    def _extra_tables(self, run: int) -> dict[str, pd.DataFrame]:
+        """Further output tables of run ``run`` (``RunOutput.extra``); none by default."""
+        return {}
+
+    def _run_output(self, i: int, cols: dict[str, np.ndarray], traj_stacked: tuple) -> RunOutput:
+        """The :class:`RunOutput` of run ``i`` from the stacked logs."""
+        c = self.configs[i]
+        keep = cols["_alive"][i].astype(bool) | (cols["update"][i] == self.diverged_at[i].item())
+        metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive"})
+        d = int(self.diverged_at[i])
+        if d >= 0:
+            status = {"status": "diverged", "update": d, "error": self.diverge_reason[i]}
+        else:
+            status = {"status": "done", "update": c.train.total_updates}
+        status["wall_time_s"] = round(self.wall_time, 3)
+        status["n_runs_in_batch"] = self.R
+        status["kl_clamps"] = int(self.clamp.count[i])
+        status["backend"] = c.train.backend
+        return RunOutput(c, metrics, self.policy_frame(i), self._traj_frame(i, *traj_stacked), status,
+                         self._extra_tables(i))
 
     _TRAJ_COLS = ("update", "episode", "t", "state", "action", "reward", "logp", "ref_logp")
 
@@ -491,8 +541,11 @@ class DiscreteTrainer(BatchTrainer):
         return self._ref_cache
 
     # -- sampling ---------------------------------------------------------------------------------------
-    def collect(self, update: int) -> dict[str, Tensor]:
-        """Sample ``train.batch`` episodes per run from the current policy; tensors ``[R, N, H]``.
+    def collect(self, update: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Sample ``train.batch`` episodes per run from the current policy.
+
+        Returns the samples ``state, action, idx (= state·A + action), reward, done, valid`` ``[R, N, H]``
+        and the tables they were drawn with: ``logp`` (π_old) and ``ref_logp`` ``[R, S, A]``.
 
         Random draws come from the run's stream for this update: actions (inverse CDF), then transition
         outcomes, the initial state and reward noise, each drawn only if the env needs it.
@@ -530,23 +583,33 @@ class DiscreteTrainer(BatchTrainer):
             state = nxt
             if not bool(alive.any()):
                 break
-        sa = (buf["state"], buf["action"])
-        buf["logp"] = _gather_sa(pi_t, *sa)
-        buf["ref_logp"] = _gather_sa(ref_t, *sa)
-        buf["kfull"] = full_kl(pi_t, ref_t).gather(1, buf["state"].reshape(R, N * H)).view(R, N, H)
+        buf["idx"] = buf["state"] * A + buf["action"]
         self.env_steps += buf["valid"].reshape(R, -1).sum(-1)
-        return buf
+        return buf, {"logp": pi_t, "ref_logp": ref_t}
 
     # -- KL in the reward, advantages ---------------------------------------------------------------------
-    def _shape_and_advantage(self, buf: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _shape_and_advantage(self, buf: dict[str, Tensor], tabs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Shaped rewards ``r − β·k`` (KL in the reward), advantages and returns ``[R, N, H]``.
+
+        Every per-sample KL quantity depends on the sample only through its (state, action), so it is
+        computed on the tables ``[R, S, A]`` and gathered. Adds to ``tabs``: ``count`` (samples per state ×
+        action) and ``kfull`` (exact per-state KL ``[R, S]``).
+        """
         tr, rt = self.cfg.train, self.rt
         valid = buf["valid"]
-        ref_c = self.clamp(buf["logp"], buf["ref_logp"], valid)
-        penalty = kl_reward_penalty(buf["logp"], ref_c, buf["kfull"], rt)
+        R, N, H = valid.shape
+        S, A = self.S, self.A
+        pi_t, ref_t = tabs["logp"], tabs["ref_logp"]
+        idx = buf["idx"].reshape(R, N * H)
+        tabs["count"] = torch.zeros(R, S * A, dtype=self.dtype, device=self.device).scatter_add_(
+            1, idx, valid.reshape(R, N * H).to(self.dtype)).view(R, S, A)
+        tabs["kfull"] = full_kl(pi_t, ref_t)
+        ref_c = self.clamp(pi_t, ref_t, tabs["count"])
+        pen_t = kl_reward_penalty(pi_t, ref_c, tabs["kfull"].unsqueeze(-1), rt)
+        penalty = pen_t.reshape(R, S * A).gather(1, idx).view(R, N, H)
         shaped = (self.reward_scale * buf["reward"] - penalty) * valid.to(penalty.dtype)
         if self.baseline == "value":
             with torch.no_grad():
-                R, N, H = valid.shape
                 v = self.value_fn.value(self.params, buf["state"].reshape(R, N * H)).view(R, N, H)
             v = v * valid.to(v.dtype)
             next_v = torch.cat([v[..., 1:], torch.zeros_like(v[..., :1])], dim=-1)
@@ -567,46 +630,87 @@ class DiscreteTrainer(BatchTrainer):
 
     # -- one PPO update ----------------------------------------------------------------------------------
     def sampled_update(self, update: int) -> dict[str, Tensor]:
-        buf = self.collect(update)
-        buf.update(self._shape_and_advantage(buf))
+        buf, tabs = self.collect(update)
+        buf.update(self._shape_and_advantage(buf, tabs))
         R, N, H = buf["valid"].shape
-        flat = {k: v.reshape(R, N * H) for k, v in buf.items()}
-        ref_t = self._ref_table()
-        stats = self._ppo_epochs(flat, update, lambda mb, diag: self._ppo_loss(mb, ref_t, diag))
-        self._maybe_log_traj(update, buf)
+        flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid", "adv", "ret")}
+        stats = self._ppo_epochs(flat, update, self._ppo_loss, lambda mb: self._group(mb, tabs))
+        self._maybe_log_traj(update, buf, tabs)
         logs, adaptive = self._logs_at(update), bool(self.rt.adaptive.any())
         if not (logs or adaptive):
             return stats
-        vf = buf["valid"].to(torch.float64)
-
-        def ep_mean(x: Tensor) -> Tensor:  # per-episode sums, averaged over the batch: [R]
-            return (x.to(torch.float64) * vf).sum(-1).mean(-1)
-
-        ks = all_estimates(buf["logp"], buf["ref_logp"])
-        out = {"reward": ep_mean(buf["reward"]), "kl_k1": ep_mean(ks[..., 0]), "kl_k2": ep_mean(ks[..., 1]),
-               "kl_k3": ep_mean(ks[..., 2]), "kl_full_sampled": ep_mean(buf["kfull"]),
-               "episode_length": vf.sum(-1).mean(-1), **stats}
+        count = tabs["count"].to(torch.float64)
+        ks = all_estimates(tabs["logp"], tabs["ref_logp"]).to(torch.float64)  # [R, S, A, 3]
+        k_means = (count.unsqueeze(-1) * ks).sum((1, 2)) / N  # per-episode sums, averaged over the batch
+        out = {"reward": (buf["reward"].to(torch.float64) * buf["valid"]).sum((1, 2)) / N,
+               "kl_k1": k_means[:, 0], "kl_k2": k_means[:, 1], "kl_k3": k_means[:, 2],
+               "kl_full_sampled": (count.sum(-1) * tabs["kfull"].to(torch.float64)).sum(-1) / N,
+               "episode_length": count.sum((1, 2)) / N, **stats}
         if adaptive:
             self._control_beta(out["kl_k1"], N)
         return out
 
-    def _ppo_loss(self, mb: dict[str, Tensor], ref_t: Tensor, want_diag: bool = True
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
-        tr, rt = self.cfg.train, self.rt
-        valid, states = mb["valid"], mb["state"]
-        lp_table = self.policy.table(self.params)  # [R, S, A], carries gradient
-        lp = _gather_sa(lp_table, states, mb["action"])
-        pg, clipped = clipped_surrogate(lp, mb["logp"], mb["adv"], tr.clip)
-        ref_lp = self.clamp(lp, mb["ref_logp"], valid)
-        kl_term = kl_loss_term(lp, mb["logp"], ref_lp, lambda: full_kl(lp_table, ref_t).gather(1, states), rt)
-        per_sample = pg + kl_term
-        if tr.ent_coef > 0:
-            per_sample = per_sample - tr.ent_coef * tabular.entropy_per_state(lp_table).gather(1, states)
-        loss = masked_mean(per_sample, valid)
-        diag = _diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}
+    def _group(self, mb: dict[str, Tensor], tabs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sufficient statistics of a (mini)batch for the PPO loss of a tabular-state policy.
+
+        The clipped surrogate of one sample is ``−adv·min(ρ, clip(ρ))`` if ``adv ≥ 0`` and
+        ``−adv·max(ρ, clip(ρ))`` otherwise, with ``ρ = π_θ(a|s)/π_old(a|s)`` shared by every sample of the
+        same (s, a); the KL and entropy terms depend on (s, a) alone and the value loss on s alone. So summing
+        positive and negative advantages per (s, a) and returns per s once per (mini)batch gives every
+        epoch's loss and gradient exactly, on tables ``[R, S, A]`` whose shape does not depend on the samples
+        (so a run's numbers do not depend on the batch it is trained in).
+
+        Args:
+            mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, ``adv``, ``ret``, each ``[R, n]``.
+            tabs: the batch's ``logp`` (π_old) and ``ref_logp`` tables ``[R, S, A]``.
+        Returns:
+            ``count``, ``adv_pos``, ``adv_neg``, ``old`` (log π_old), ``ref`` ``[R, S, A]``; ``n`` (valid
+            samples, ≥ 1) ``[R]``; with a value baseline ``n_s``, ``ret_mean`` ``[R, S]`` and ``ret_ss``
+            (within-state sum of squares) ``[R]``.
+        """
+        R, S, A = mb["idx"].shape[0], self.S, self.A
+        w = mb["valid"].to(self.dtype)
+        adv = mb["adv"]
+        vals = torch.stack([w, adv.clamp(min=0), adv.clamp(max=0)], dim=-1)  # invalid samples carry 0
+        sums = torch.zeros(R, S * A, 3, dtype=self.dtype, device=self.device).scatter_add_(
+            1, mb["idx"].unsqueeze(-1).expand(-1, -1, 3), vals).view(R, S, A, 3)
+        g = {"count": sums[..., 0], "adv_pos": sums[..., 1], "adv_neg": sums[..., 2],
+             "old": tabs["logp"], "ref": tabs["ref_logp"], "n": w.sum(1).clamp(min=1)}
         if self.baseline == "value":
-            v = self.value_fn.value(self.params, mb["state"])
-            v_loss = 0.5 * masked_mean((v - mb["ret"]).square(), valid)
+            st = mb["state"]
+            sv = torch.zeros(R, S, 2, dtype=self.dtype, device=self.device).scatter_add_(
+                1, st.unsqueeze(-1).expand(-1, -1, 2), torch.stack([w, mb["ret"] * w], dim=-1))
+            g["n_s"] = sv[..., 0]
+            g["ret_mean"] = sv[..., 1] / sv[..., 0].clamp(min=1)
+            g["ret_ss"] = ((mb["ret"] - g["ret_mean"].gather(1, st)) * w).square().sum(1)
+        return g
+
+    def _ppo_loss(self, g: dict[str, Tensor], want_diag: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-run PPO loss ``[R]`` (mean over the minibatch's samples) from the statistics of :meth:`_group`."""
+        tr, rt = self.cfg.train, self.rt
+        ref, n = g["ref"], g["count"]
+        lp = self.policy.table(self.params)  # [R, S, A], carries gradient
+        # π_old where samples exist; elsewhere the current policy, so unsampled entries stay finite (ρ = 1).
+        old = torch.where(n > 0, g["old"], lp.detach())
+        ratio = torch.exp(lp - old)
+        clipped_ratio = ratio.clamp(1.0 - tr.clip, 1.0 + tr.clip)
+        pg = -(g["adv_pos"] * torch.minimum(ratio, clipped_ratio) + g["adv_neg"] * torch.maximum(ratio, clipped_ratio))
+        ref_lp = self.clamp(lp, ref, n)
+        kl = n * kl_loss_term(lp, old, ref_lp, lambda: full_kl(lp, ref).unsqueeze(-1), rt)
+        total = (pg + kl).sum((1, 2))
+        if tr.ent_coef > 0:
+            total = total - tr.ent_coef * (n.sum(-1) * tabular.entropy_per_state(lp)).sum(-1)
+        loss = total / g["n"]
+        diag: dict[str, Tensor] = {}
+        if want_diag:
+            with torch.no_grad():
+                sums = torch.stack([pg.sum((1, 2)), kl.sum((1, 2)),
+                                    (n * ((ratio - 1.0).abs() > tr.clip)).sum((1, 2)),
+                                    (n * (old - lp)).sum((1, 2))], dim=-1) / g["n"].unsqueeze(-1)
+            diag = {"pg_loss": sums[:, 0], "kl_loss": sums[:, 1], "clip_frac": sums[:, 2], "approx_kl": sums[:, 3]}
+        if self.baseline == "value":
+            v = self.value_fn.table(self.params)  # [R, S]
+            v_loss = 0.5 * ((g["n_s"] * (v - g["ret_mean"]).square()).sum(-1) + g["ret_ss"]) / g["n"]
             loss = loss + tr.vf_coef * v_loss
             if want_diag:
                 diag["v_loss"] = v_loss.detach()
@@ -700,13 +804,33 @@ class DiscreteTrainer(BatchTrainer):
             frame[k] = np.concatenate([tabs[k][run].reshape(-1) for _, tabs in logs])
         return pd.DataFrame(frame)
 
-    def _maybe_log_traj(self, update: int, buf: dict[str, Tensor]) -> None:
+    def _maybe_log_traj(self, update: int, buf: dict[str, Tensor], tabs: dict[str, Tensor]) -> None:
         n = self.cfg.log.trajectories
         if n <= 0 or not self._logs_at(update):
             return
-        rec: dict = snapshot({k: buf[k][:, :n] for k in ("state", "action", "reward", "logp", "ref_logp", "valid")})
+        R, S, A = self.R, self.S, self.A
+        idx = buf["idx"][:, :n]
+        steps = {k: buf[k][:, :n] for k in ("state", "action", "reward", "valid")}
+        for k in ("logp", "ref_logp"):
+            steps[k] = tabs[k].reshape(R, S * A).gather(1, idx.reshape(R, -1)).view(idx.shape)
+        rec: dict = snapshot(steps)
         rec["update"] = update
         self.traj_log.append(rec)
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the operating system (glibc's ``malloc_trim``; a no-op elsewhere)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def snapshot(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:
@@ -734,13 +858,6 @@ def _take(x: Tensor, idx: Tensor) -> Tensor:
     if x.dim() == 2:
         return x.gather(1, idx)
     return x.gather(1, idx.view(idx.shape + (1,) * (x.dim() - 2)).expand(idx.shape + x.shape[2:]))
-
-
-def _gather_sa(table: Tensor, state: Tensor, action: Tensor) -> Tensor:
-    """``table [R, S, A]`` at ``(state, action)`` pairs ``[R, ...]`` → ``[R, ...]``."""
-    R, S, A = table.shape
-    flat = (state * A + action).reshape(R, -1)
-    return table.reshape(R, S * A).gather(1, flat).view(state.shape)
 
 
 def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunTensors, ent_coef: float = 0.0
@@ -785,14 +902,26 @@ def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunT
 def make_trainer(configs: list[Config], device: torch.device | None = None) -> BatchTrainer:
     """The trainer for a batch of configs that share a batch signature."""
     device = device or resolve_device(configs[0].device)
+    if configs[0].train.backend == "sb3":
+        from sim.sb3_backend import SB3Trainer
+
+        return SB3Trainer(configs, device)
+    if configs[0].train.algo == "dpo":
+        from sim.dpo import DPOTrainer
+
+        return DPOTrainer(configs, device)
     if configs[0].env["id"] == "gaussian_bandit":
         from sim.gaussian import GaussianTrainer
 
         return GaussianTrainer(configs, device)
+    if configs[0].env["id"] == "diffusion_chain":
+        from sim.diffusion import DiffusionTrainer
+
+        return DiffusionTrainer(configs, device)
     return DiscreteTrainer(configs, device)
 
 
 def train_batch(configs: list[Config], progress: ProgressFn | None = None,
-                device: torch.device | None = None) -> list[RunOutput]:
+                device: torch.device | None = None) -> Sequence[RunOutput]:
     """Train ``configs`` together (one tensor program) and return their outputs in order."""
     return make_trainer(configs, device).run(progress)

@@ -14,7 +14,7 @@ from envs.tabular import TabularMDP
 
 
 def test_registry_names() -> None:
-    assert set(ENV_PARAMS) == {"bandit", "gaussian_bandit", "gridworld", "token_tree"}
+    assert set(ENV_PARAMS) == {"bandit", "gaussian_bandit", "gridworld", "token_tree", "diffusion_chain"}
 
 
 @pytest.mark.parametrize("env_id", sorted(ENV_PARAMS))
@@ -25,7 +25,7 @@ def test_defaults_build_and_round_trip(env_id: str) -> None:
         setattr(params, type(params).keys()[0], None)
     assert type(params).from_dict(params.to_dict()) == params
     hash(params)
-    if env_id != "gaussian_bandit":
+    if env_id not in ("gaussian_bandit", "diffusion_chain"):  # continuous envs have their own cores
         mdp = params.build()
         assert isinstance(mdp, TabularMDP)
         mdp.validate()
@@ -47,7 +47,8 @@ def test_unknown_key_is_named_with_the_valid_keys(env_id: str) -> None:
 
 
 def test_unknown_env_id() -> None:
-    expected = r"env\.id must be one of bandit, gaussian_bandit, gridworld, token_tree \(got 'cartpole'\)"
+    expected = (r"env\.id must be one of bandit, gaussian_bandit, diffusion_chain, gridworld, token_tree "
+                r"\(got 'cartpole'\)")
     with pytest.raises(ValueError, match=expected):
         make_params("cartpole")
 
