@@ -241,7 +241,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print(dev: str, name: str, res: dict[str, Any], target: str) -> None:
-    extra = f" (+{res['tables_s']:.2f} s building tables)" if "tables_s" in res else ""
+    extra = f" (of which {res['tables_s']:.2f} s building the output tables)" if "tables_s" in res else ""
     print(f"[{dev}] {name}: {res['wall_s']:.2f} s{extra}, {res['steps_per_s'] / 1e6:.2f} M env-steps/s"
           + (f"   target {target}" if target else ""), flush=True)
 

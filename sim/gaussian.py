@@ -1,7 +1,7 @@
 """PPO with a KL to a Gaussian reference on the Gaussian bandit (continuous actions, seed §5).
 
 The policy is ``N(mean, σ²I)`` per run (``mean [R, d]``, ``log_std [R, 1]``); ``full`` is the closed-form
-Gaussian KL (seed eq. 37), sampled k1/k2/k3 use the Gaussian log-densities. Everything else — placements,
+Gaussian KL (seed eq. 38), sampled k1/k2/k3 use the Gaussian log-densities. Everything else — placements,
 PPO epochs, reference schedules, the β controller, logging — is shared with the discrete trainer.
 """
 

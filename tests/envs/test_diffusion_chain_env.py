@@ -166,3 +166,11 @@ def test_gymnasium_env_checker_passes() -> None:
         warnings.simplefilter("error")  # the checker's warnings are failures here, except the advice to
         warnings.filterwarnings("ignore", message=".*symmetric and normalized space")  # normalize Box actions
         check_env(gymnasium.make("reflab/DiffusionChain-v0", dim=2, modes=[[-2.0, 0.0], [2.0, 0.0]]).unwrapped)
+
+
+def test_stable_baselines3_env_checker_passes() -> None:
+    from stable_baselines3.common.env_checker import check_env
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*symmetric and normalized")  # advice, not an error
+        check_env(gymnasium.make("reflab/DiffusionChain-v0", dim=2, modes=[[-2.0, 0.0], [2.0, 0.0]]).unwrapped)

@@ -83,6 +83,22 @@ def test_gaussian_bandit_linear_reward_converges_to_the_gibbs_mean() -> None:
         assert m["opt_mean_error"] == pytest.approx(abs(m["policy_mean"] - 1.0))
 
 
+def test_gibbs_mean_formula_with_non_unit_parameters() -> None:
+    """Reference N(1, 2²), r(x) = 0.5·x, β = 2: μ* = μ_ref + σ_ref²·c/β = 1 + 4·0.5/2 = 2, σ* = σ_ref = 2 (a wrong
+    power of σ_ref or c/β inverted would give 1.5, 1.25 or 5). Measured with 8 seeds (same settings): k1 in the
+    reward |μ − 2| ≤ 0.014 (sd 0.006), |σ − 2| ≤ 0.065; full as a loss |μ − 2| ≤ 0.089 (sd 0.053),
+    |σ − 2| ≤ 0.080. Tolerances: |μ − 2| < 0.05 and < 0.2, |σ − 2| < 0.2; seeds 0–1."""
+    params = ["env.reward_coef=0.5", "env.ref_mean=1.0", "env.ref_std=2.0", "kl.beta=2.0"]
+    variants = [("reward", "k1", 0.05), ("loss", "full", 0.2)]
+    outs = train_batch([cfg(*GAUSS, *params, f"kl.placement={p}", f"kl.estimator={e}", f"seed={s}")
+                        for p, e, _ in variants for s in range(2)])
+    for i, out in enumerate(outs):
+        m = out.metrics.iloc[-1]
+        assert m["opt_mean"] == pytest.approx(2.0) and m["opt_std"] == pytest.approx(2.0)
+        assert abs(m["policy_mean"] - 2.0) < variants[i // 2][2], (variants[i // 2], m["policy_mean"])
+        assert abs(m["policy_std"] - 2.0) < 0.2, m["policy_std"]
+
+
 def test_gaussian_bandit_fixed_std_uses_the_equal_variance_kl() -> None:
     """``env.fixed_std``: σ stays σ_ref, the closed-form KL is seed eq. 39 ‖μ − μ_ref‖²/(2σ_ref²) (to float64
     rounding), and full as a loss still ends at the Gibbs mean 1 (6 seeds measured |μ − 1| ≤ 0.091; tolerance
