@@ -446,12 +446,18 @@ def _plot_bandit_policy(p: pd.DataFrame, path: str | Path, ncols: int | None, ti
         ax.set_title(v, loc="left", pad=1.5)
         ax.set_ylim(0, 1.02)
         ax.set_xticks(arms)
-    for ax in axes[len(variants):]:
+    return _finish_panels(fig, axes, len(variants), "arm", "probability", 2, title, path, formats)
+
+
+def _finish_panels(fig: Figure, axes: Sequence[Axes], n_used: int, xlabel: str, ylabel: str, ncol: int,
+                   title: str | None, path: str | Path, formats: Sequence[str]) -> list[Path]:
+    """Hide the unused panels, label the shared axes, put the first panel's legend on top and save."""
+    for ax in axes[n_used:]:
         ax.set_visible(False)
-    fig.supylabel("probability", fontsize=7)
-    fig.supxlabel("arm", fontsize=7)
+    fig.supxlabel(xlabel, fontsize=7)
+    fig.supylabel(ylabel, fontsize=7)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", ncol=2, handlelength=1.5)
+    fig.legend(handles, labels, loc="outside upper right", ncol=ncol, handlelength=1.5)
     if title:
         fig.suptitle(title, fontsize=7)
     return save(fig, path, formats)
@@ -873,12 +879,4 @@ def plot_x0_distribution(samples: pd.DataFrame, density: pd.DataFrame, path: str
                 ax.hist(np.clip(after, lo, hi), bins=edges, density=True, histtype="step", color="0.1", lw=0.8,
                         zorder=3, label=f"update {last} (reward off)")
         ax.set_title(v, loc="left", pad=1.5)
-    for ax in axes[len(variants):]:
-        ax.set_visible(False)
-    fig.supxlabel("x$_0$ (dimension 0)", fontsize=7)
-    fig.supylabel("density", fontsize=7)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", ncol=4, handlelength=1.5)
-    if title:
-        fig.suptitle(title, fontsize=7)
-    return save(fig, path, formats)
+    return _finish_panels(fig, axes, len(variants), "x$_0$ (dimension 0)", "density", 4, title, path, formats)

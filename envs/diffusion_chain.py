@@ -54,17 +54,19 @@ from gymnasium import spaces
 from torch import Tensor
 
 from envs.gym_shell import CoreEnv
-from envs.params import EnvParams, check_beta, check_choice, check_float, check_floats, check_int, set_field
+from envs.params import (
+    EnvParams,
+    check_beta,
+    check_choice,
+    check_float,
+    check_floats,
+    check_int,
+    check_vector,
+    set_field,
+)
 
 REWARDS = ("bump", "linear", "quadratic")
 STEP_VARIANCES = ("beta", "posterior")
-
-
-def _vector(name: str, value: Any, dim: int) -> tuple[float, ...]:
-    """A scalar (broadcast to every dimension) or a length-``dim`` list, as a ``dim``-tuple."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return check_floats(name, value, length=dim)
-    return (check_float(name, value),) * dim
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class DiffusionChainParams(EnvParams):
         if not isinstance(self.modes, Sequence) or isinstance(self.modes, str) or not self.modes:
             raise ValueError(f"env.modes must be a non-empty list of centers (got {self.modes!r})")
         for m in self.modes:
-            _vector("modes", m, d)
+            check_vector("modes", m, d)
         weights = check_floats("mode_weights", self.mode_weights, length=len(self.modes))
         if min(weights) < 0 or abs(math.fsum(weights) - 1.0) > 1e-6:
             raise ValueError(f"env.mode_weights must be non-negative and sum to 1 (got {list(weights)})")
@@ -123,7 +125,7 @@ class DiffusionChainParams(EnvParams):
             raise ValueError(f"env.mode_std must be > 0 (got {self.mode_std!r})")
         check_choice("reward", self.reward, REWARDS)
         if self.reward == "linear":
-            _vector("reward_coef", self.reward_coef, d)
+            check_vector("reward_coef", self.reward_coef, d)
         elif isinstance(self.reward_coef, Sequence):
             raise ValueError(f"env.reward_coef must be a scalar for env.reward={self.reward!r} "
                              f"(got {self.reward_coef!r})")
@@ -131,14 +133,14 @@ class DiffusionChainParams(EnvParams):
             check_float("reward_coef", self.reward_coef, positive=True)
         else:
             check_float("reward_coef", self.reward_coef)
-        _vector("reward_center", self.reward_center, d)
+        check_vector("reward_center", self.reward_center, d)
         set_field(self, "reward_width", check_float("reward_width", self.reward_width, positive=True))
         set_field(self, "reward_noise", check_float("reward_noise", self.reward_noise, minimum=0.0))
 
     # -- tensors (float64, CPU) --------------------------------------------------------------------------
     def mode_centers(self) -> Tensor:
         """``[M, d]`` mixture centres."""
-        return torch.tensor([_vector("modes", m, self.dim) for m in self.modes], dtype=torch.float64)
+        return torch.tensor([check_vector("modes", m, self.dim) for m in self.modes], dtype=torch.float64)
 
     def mode_weight_vector(self) -> Tensor:
         """``[M]`` mixture weights (renormalized to sum to 1)."""
@@ -196,10 +198,10 @@ class DiffusionChainCore:
         self.log_w = params.mode_weight_vector().log().to(dev)  # [M]
         self.mode_var = params.mode_std_vector().square().to(dev)  # [M]
         self.reward_noise = params.reward_noise
-        self._coef = torch.tensor(_vector("reward_coef", params.reward_coef, params.dim)
+        self._coef = torch.tensor(check_vector("reward_coef", params.reward_coef, params.dim)
                                   if params.reward == "linear" else (float(params.reward_coef),) * params.dim,
                                   dtype=torch.float64, device=dev)
-        self._center = torch.tensor(_vector("reward_center", params.reward_center, params.dim),
+        self._center = torch.tensor(check_vector("reward_center", params.reward_center, params.dim),
                                     dtype=torch.float64, device=dev)
 
     @property
@@ -329,11 +331,11 @@ def tilted_data_mixture(params: DiffusionChainParams, beta: float) -> tuple[Tens
     w, m, s2 = params.mode_weight_vector(), params.mode_centers(), params.mode_std_vector().square()
     d = params.dim
     if params.reward == "linear":
-        a = torch.tensor(_vector("reward_coef", params.reward_coef, d), dtype=torch.float64)
+        a = torch.tensor(check_vector("reward_coef", params.reward_coef, d), dtype=torch.float64)
         log_w = w.log() + (m @ a) / beta + s2 * a.square().sum() / (2 * beta**2)
         return torch.softmax(log_w, 0), m + s2[:, None] * a / beta, s2.sqrt()
     k = float(params.reward_coef)
-    c = torch.tensor(_vector("reward_center", params.reward_center, d), dtype=torch.float64)
+    c = torch.tensor(check_vector("reward_center", params.reward_center, d), dtype=torch.float64)
     lam = 1.0 / s2 + k / beta
     mean = (m / s2[:, None] + k * c / beta) / lam[:, None]
     log_w = (w.log() - 0.5 * d * torch.log(lam * s2)
@@ -358,7 +360,7 @@ def density_grid(params: DiffusionChainParams, beta: float | None, n: int = 241,
     lo = float((centers - 5 * stds.max()).min())
     hi = float((centers + 5 * stds.max()).max())
     if params.reward in ("bump", "quadratic"):
-        c = torch.tensor(_vector("reward_center", params.reward_center, params.dim), dtype=torch.float64)
+        c = torch.tensor(check_vector("reward_center", params.reward_center, params.dim), dtype=torch.float64)
         lo, hi = min(lo, float(c.min()) - 1.0), max(hi, float(c.max()) + 1.0)
     xs = torch.linspace(lo, hi, n, dtype=torch.float64)
     core = DiffusionChainCore(params)

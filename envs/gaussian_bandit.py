@@ -25,16 +25,18 @@ from gymnasium import spaces
 from torch import Tensor
 
 from envs.gym_shell import CoreEnv
-from envs.params import EnvParams, check_beta, check_choice, check_float, check_floats, check_int, set_field
+from envs.params import (
+    EnvParams,
+    check_beta,
+    check_choice,
+    check_float,
+    check_floats,
+    check_int,
+    check_vector,
+    set_field,
+)
 
 REWARDS = ("linear", "quadratic", "two_mode")
-
-
-def _vector(name: str, value: Any, dim: int) -> tuple[float, ...]:
-    """A scalar (broadcast to every dimension) or a length-``dim`` list, as a ``dim``-tuple."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return check_floats(name, value, length=dim)
-    return (check_float(name, value),) * dim
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class GaussianBanditParams(EnvParams):
             raise ValueError(f"env.fixed_std must be true or false (got {self.fixed_std!r})")
         d = check_int("dim", self.dim, minimum=1)
         set_field(self, "dim", d)
-        _vector("ref_mean", self.ref_mean, d)
+        check_vector("ref_mean", self.ref_mean, d)
         set_field(self, "ref_std", check_float("ref_std", self.ref_std, positive=True))
         check_choice("reward", self.reward, REWARDS)
         if self.reward == "quadratic":
@@ -85,12 +87,12 @@ class GaussianBanditParams(EnvParams):
                                  f"(got {self.reward_coef!r})")
             check_float("reward_coef", self.reward_coef, positive=True)
         else:
-            _vector("reward_coef", self.reward_coef, d)
-        _vector("target", self.target, d)
+            check_vector("reward_coef", self.reward_coef, d)
+        check_vector("target", self.target, d)
         if not isinstance(self.modes, Sequence) or isinstance(self.modes, str) or not self.modes:
             raise ValueError(f"env.modes must be a non-empty list of centers (got {self.modes!r})")
         for m in self.modes:
-            _vector("modes", m, d)
+            check_vector("modes", m, d)
         weights = check_floats("mode_weights", self.mode_weights, length=len(self.modes))
         if min(weights) < 0:
             raise ValueError(f"env.mode_weights must be non-negative (got {list(weights)})")
@@ -100,19 +102,19 @@ class GaussianBanditParams(EnvParams):
     # -- tensors ---------------------------------------------------------------------------------------
     def ref_mean_vector(self) -> Tensor:
         """``[d]`` float64 reference mean ``μ_ref``."""
-        return torch.tensor(_vector("ref_mean", self.ref_mean, self.dim), dtype=torch.float64)
+        return torch.tensor(check_vector("ref_mean", self.ref_mean, self.dim), dtype=torch.float64)
 
     def coef_vector(self) -> Tensor:
         """``[d]`` float64 linear coefficient ``c`` (for ``quadratic``: the curvature in every entry)."""
-        return torch.tensor(_vector("reward_coef", self.reward_coef, self.dim), dtype=torch.float64)
+        return torch.tensor(check_vector("reward_coef", self.reward_coef, self.dim), dtype=torch.float64)
 
     def target_vector(self) -> Tensor:
         """``[d]`` float64 quadratic target ``x0``."""
-        return torch.tensor(_vector("target", self.target, self.dim), dtype=torch.float64)
+        return torch.tensor(check_vector("target", self.target, self.dim), dtype=torch.float64)
 
     def mode_centers(self) -> Tensor:
         """``[M, d]`` float64 bump centers."""
-        return torch.tensor([_vector("modes", m, self.dim) for m in self.modes], dtype=torch.float64)
+        return torch.tensor([check_vector("modes", m, self.dim) for m in self.modes], dtype=torch.float64)
 
     def action_bound(self) -> float:
         """Half-width ``b`` of the gymnasium action box ``[−b, b]^d``.

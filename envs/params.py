@@ -92,6 +92,13 @@ def check_floats(name: str, value: Any, length: int | None = None) -> tuple[floa
     return out
 
 
+
+def check_vector(name: str, value: Any, dim: int) -> tuple[float, ...]:
+    """A scalar (broadcast to every dimension) or a length-``dim`` list, as a ``dim``-tuple of floats."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return check_floats(name, value, length=dim)
+    return (check_float(name, value),) * dim
+
 def check_probs(name: str, value: Any, length: int | None = None, atol: float = 1e-6) -> tuple[float, ...]:
     """Non-negative probabilities summing to 1 within ``atol``, renormalized to sum to 1 exactly."""
     probs = check_floats(name, value, length)
