@@ -15,9 +15,9 @@ can evaluate hundreds of runs in one call.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -65,6 +65,17 @@ class TabularMDP:
     def expected_reward(self) -> Tensor:
         """``[S, A]`` expected immediate reward of each state-action pair."""
         return (self.next_prob * self.reward).sum(-1)
+
+    @cached_property
+    def layers(self) -> list[Tensor] | None:
+        """States per time step if every possible transition goes from ``t`` to ``t + 1`` or to the sink,
+        else ``None``; computed once per MDP object."""
+        t, nxt = self.state_time, self.next_state
+        possible = (self.next_prob > 0) & (nxt < self.n_states)
+        t_next = torch.cat([t, t.new_full((1,), -1)])[nxt]
+        if not (bool(((t_next == t[:, None, None] + 1) | ~possible).all()) and bool((t >= 0).all())):
+            return None
+        return [torch.nonzero(t == i).flatten() for i in range(int(t.max()) + 1)]
 
     def to(self, device: torch.device | str) -> TabularMDP:
         """The same MDP with every tensor on ``device``."""
@@ -248,36 +259,14 @@ def _gather_next(mdp: TabularMDP, value: Tensor) -> Tensor:
     return (mdp.next_prob.to(value) * nxt).sum(-1)
 
 
-_LAYERS: dict[int, tuple[weakref.ref, Tensor, Tensor, list[Tensor] | None]] = {}
-
-
 def layers(mdp: TabularMDP) -> list[Tensor] | None:
     """The states of each time step, ``[states of t = 0, states of t = 1, …]``, if every possible
-    transition goes from time ``t`` to ``t + 1`` or to the sink; else ``None``.
+    transition goes from time ``t`` to ``t + 1`` or to the sink; else ``None`` (see :attr:`TabularMDP.layers`).
 
     Dynamic programming then visits each state once (in time order) instead of sweeping every state
-    ``horizon`` times. Cached per (transition, probability, time) tables.
+    ``horizon`` times.
     """
-    key = id(mdp.next_state)
-    cached = _LAYERS.get(key)
-    if (cached is None or cached[0]() is not mdp.next_state or cached[1] is not mdp.state_time
-            or cached[2] is not mdp.next_prob):
-        t = mdp.state_time
-        S = mdp.n_states
-        nxt = mdp.next_state
-        possible = (mdp.next_prob > 0) & (nxt < S)
-        t_next = torch.cat([t, t.new_full((1,), -1)])[nxt]
-        ok = bool(((t_next == t[:, None, None] + 1) | ~possible).all()) and bool((t >= 0).all())
-        found = [torch.nonzero(t == i).flatten() for i in range(int(t.max()) + 1)] if ok else None
-        _LAYERS[key] = (weakref.ref(mdp.next_state, _forget_layers(key)), mdp.state_time, mdp.next_prob, found)
-    return _LAYERS[key][3]
-
-
-def _forget_layers(key: int) -> Callable[[weakref.ref], None]:
-    def forget(ref: weakref.ref) -> None:
-        if _LAYERS.get(key, (None,))[0] is ref:
-            del _LAYERS[key]
-    return forget
+    return mdp.layers
 
 
 def state_occupancy(mdp: TabularMDP, logp: Tensor) -> Tensor:
