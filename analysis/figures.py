@@ -28,7 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from analysis import metrics as M
-from analysis.loading import VARIANT_ORDER, key_columns
+from analysis.loading import NOT_CONDITION_KEYS, VARIANT_ORDER, key_columns, variant_order  # noqa: F401 (re-exported)
 from analysis.stats import bootstrap_curve, iqm
 
 #: Single-column width (inches) of the default figures.
@@ -54,8 +54,7 @@ PLACEMENT_DASHES: dict[str, tuple] = {"reward": (), "loss": (4.0, 1.6), "none": 
 PLACEMENT_DASHES["preference"] = (6.0, 1.5, 1.5, 1.5)
 PLACEMENT_TITLES = {"reward": "KL in the reward", "loss": "KL as a loss", "preference": "preference optimization"}
 # Keys that never split a figure into conditions.
-_NOT_CONDITIONS = {"run_id", "seed", "variant", "kl.placement", "kl.estimator", "kl.is_correction", "device",
-                   "threads", "log.progress", "train.algo", "dpo.loss"}
+_NOT_CONDITIONS = NOT_CONDITION_KEYS | {"variant"}
 KL_LABEL = r"KL($\pi\,\|\,\pi_{\mathrm{ref}}$) (nats)"
 
 
@@ -71,6 +70,14 @@ def variant_parts(variant: str) -> tuple[str, str, bool]:
     return placement, est, rest.endswith("(IS)")
 
 
+def _panel_label(variant: str) -> str:
+    """A variant's legend label inside a panel titled by its placement: the estimator (+ IS), or "no KL"."""
+    if variant == "none":
+        return "no KL"
+    _, est, is_corr = variant_parts(variant)
+    return est + (" (IS)" if is_corr else "")
+
+
 def variant_style(variant: str) -> dict[str, Any]:
     """Matplotlib line keywords (``color``, ``dashes``) of a variant label."""
     placement, est, is_corr = variant_parts(variant)
@@ -78,11 +85,6 @@ def variant_style(variant: str) -> dict[str, Any]:
         return {"color": "0.15", "dashes": PLACEMENT_DASHES["none"]}
     colour = ESTIMATOR_COLOURS.get(est, _PALETTE[7])
     return {"color": colour, "dashes": PLACEMENT_DASHES["is" if is_corr else placement]}
-
-
-def _variant_order(variants: Sequence[str]) -> list[str]:
-    present = list(dict.fromkeys(map(str, variants)))
-    return [v for v in VARIANT_ORDER if v in present] + [v for v in present if v not in VARIANT_ORDER]
 
 
 def condition_columns(frame: pd.DataFrame) -> list[str]:
@@ -237,7 +239,7 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
     """
     _check_one_condition(metrics)
     m = metrics[metrics[column].notna()] if column in metrics else metrics.iloc[:0]
-    variants = _variant_order(m["variant"].unique()) if not m.empty else []
+    variants = variant_order(m["variant"].unique()) if not m.empty else []
     panels = _placement_groups(variants, layout)
     fig = _new_figure(COLUMN_WIDTH, 1.35 * len(panels) + 0.55)
     axes = fig.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
@@ -246,8 +248,7 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
     for i, (ax, (panel_title, members)) in enumerate(zip(axes, panels, strict=True)):
         _mark_off(ax, spans, label=i == 0)
         for j, v in enumerate(members):
-            label = v if panel_title is None else ("no KL" if v == "none" else variant_parts(v)[1] +
-                                                   (" (IS)" if variant_parts(v)[2] else ""))
+            label = v if panel_title is None else _panel_label(v)
             _draw_variant(ax, by_variant[v], v, column, seeds, stat, n_boot, seed + j, label,
                           log_floor if log else None)
         if hline is not None:
@@ -310,7 +311,7 @@ def plot_recovery(metrics: pd.DataFrame, path: str | Path, *, column: str = "kl_
     a quarter of the reward phase) to the end: runs that return to the reference fall towards 0 (straight
     down on the log scale, to the 1e-6 floor of the axis), runs that do not stay flat.
     """
-    switch = M._switch_updates(metrics)
+    switch = M.switch_updates(metrics)
     rows = metrics[metrics["run_id"].isin(switch.index)]
     xlim = None
     if not switch.empty:
@@ -358,7 +359,7 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
     xs = frame[x] if x in frame else pd.Series("all", index=frame.index)
     table = frame.assign(_x=xs.astype(float) if pd.api.types.is_numeric_dtype(xs) else xs.astype(str))
     grid = table.groupby(["variant", "_x"], observed=True)["_v"].agg(reducer).unstack("_x")
-    grid = grid.reindex(_variant_order(grid.index.astype(str)))
+    grid = grid.reindex(variant_order(grid.index.astype(str)))
     grid.columns = [f"{c:g}" if isinstance(c, float) else str(c) for c in grid.columns]
     n_rows, n_cols = grid.shape
     width = min(PAGE_WIDTH, 1.35 + 0.42 * max(n_cols, 1) + 0.55)
@@ -384,13 +385,6 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _last_update(policy: pd.DataFrame, update: int | str) -> pd.DataFrame:
-    if update == "last":
-        last = policy.groupby("run_id", observed=True)["update"].transform("max")
-        return policy[policy["update"] == last]
-    return policy[policy["update"] == int(update)]
-
-
 @paper_style
 def plot_final_policy(policy: pd.DataFrame, path: str | Path, *, config: dict | None = None,
                       update: int | str = "last", seed: int | None = None, ncols: int | None = None,
@@ -410,7 +404,7 @@ def plot_final_policy(policy: pd.DataFrame, path: str | Path, *, config: dict | 
         update: the policy snapshot to draw (``"last"`` = each run's last).
     """
     _check_one_condition(policy)
-    p = _last_update(policy, update)
+    p = M.at_update(policy, update)
     if "dim" in p.columns:
         return _plot_gaussian_policy(p, path, title, formats)
     env_id = (config or {}).get("env", {}).get("id")
@@ -421,7 +415,7 @@ def plot_final_policy(policy: pd.DataFrame, path: str | Path, *, config: dict | 
 
 def _plot_bandit_policy(p: pd.DataFrame, path: str | Path, ncols: int | None, title: str | None,
                         formats: Sequence[str]) -> list[Path]:
-    variants = _variant_order(p["variant"].unique())
+    variants = variant_order(p["variant"].unique())
     ncols = max(1, min(ncols or 2, len(variants)))
     nrows = int(np.ceil(len(variants) / ncols))
     fig = _new_figure(COLUMN_WIDTH, 0.25 + 0.85 * nrows)
@@ -471,7 +465,7 @@ def _plot_grid_policy(p: pd.DataFrame, path: str | Path, config: dict, seed: int
 
     world = world_from_config(config)
     S, A = world.mdp.n_states, world.mdp.n_actions
-    variants = _variant_order(p["variant"].unique())
+    variants = variant_order(p["variant"].unique())
     chosen_seed = seed if seed is not None else int(p["seed"].min())
     first = p[p["seed"] == chosen_seed] if (p["seed"] == chosen_seed).any() else p
     any_run = first[first["run_id"] == first["run_id"].iloc[0]]
@@ -542,7 +536,7 @@ def _plot_grid_policy(p: pd.DataFrame, path: str | Path, config: dict, seed: int
 def _plot_gaussian_policy(p: pd.DataFrame, path: str | Path, title: str | None,
                           formats: Sequence[str]) -> list[Path]:
     d0 = p[p["dim"] == p["dim"].min()]
-    variants = _variant_order(d0["variant"].unique())
+    variants = variant_order(d0["variant"].unique())
     fig = _new_figure(COLUMN_WIDTH, 1.9)
     ax = fig.subplots()
     mean_all = pd.concat([d0["mean"], d0["ref_mean"], d0["opt_mean"]]).dropna()
@@ -661,7 +655,7 @@ def plot_dpo_beta(per_run: pd.DataFrame, path: str | Path, *, policy: pd.DataFra
             ``tv_opt_final``, ``run_id``).
         policy: final policy snapshot rows (``run_id, state, action, prob, ref_prob, opt_prob``) or ``None``.
     """
-    variants = _variant_order(per_run["variant"].astype(str).unique())
+    variants = variant_order(per_run["variant"].astype(str).unique())
     xs = per_run[x].astype(float)
     one_state = policy is not None and not policy.empty and "state" in policy and policy["state"].nunique() == 1
     fig = _new_figure(PAGE_WIDTH if one_state else COLUMN_WIDTH, 2.0)
@@ -740,7 +734,7 @@ def plot_gaussian_trajectory(metrics: pd.DataFrame, path: str | Path, *, title: 
     """
     _check_one_condition(metrics)
     m = metrics[metrics["policy_mean"].notna()] if "policy_mean" in metrics else metrics.iloc[:0]
-    variants = _variant_order(m["variant"].unique()) if not m.empty else []
+    variants = variant_order(m["variant"].unique()) if not m.empty else []
     panels = _placement_groups(variants, "placement")
     fig = _new_figure(PAGE_WIDTH * 0.8, 1.35 * len(panels) + 0.55)
     axes = fig.subplots(len(panels), 2, sharex=True, squeeze=False)
@@ -753,7 +747,7 @@ def plot_gaussian_trajectory(metrics: pd.DataFrame, path: str | Path, *, title: 
             ax = axes[row, col]
             _mark_off(ax, spans, label=row == 0 and col == 0)
             for j, v in enumerate(members):
-                label = "no KL" if v == "none" else variant_parts(v)[1]
+                label = _panel_label(v)
                 _draw_variant(ax, by_variant[v], v, column, False, "mean", n_boot, seed + j, label)
             if oy.size:
                 ax.plot(ox, oy, color="black", lw=0.9, ls=(0, (3, 1.5)), zorder=4, label="optimum")
@@ -797,7 +791,7 @@ def plot_mode_mix(metrics: pd.DataFrame, path: str | Path, *, mode: int | None =
         raise ValueError("no mode_frac_<m> columns: not a diffusion-chain run")
     column = f"mode_frac_{mode}"
     m = metrics[metrics[column].notna()]
-    variants = _variant_order(m["variant"].unique()) if not m.empty else []
+    variants = variant_order(m["variant"].unique()) if not m.empty else []
     panels = _placement_groups(variants, "placement")
     fig = _new_figure(COLUMN_WIDTH, 1.35 * len(panels) + 0.55)
     axes = fig.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
@@ -812,7 +806,7 @@ def plot_mode_mix(metrics: pd.DataFrame, path: str | Path, *, mode: int | None =
         if oy.size:
             ax.plot(ox, oy, color="black", lw=0.9, ls=(0, (3, 1.5)), zorder=4, label="tilt p*")
         for j, v in enumerate(members):
-            label = "no KL" if v == "none" else variant_parts(v)[1]
+            label = _panel_label(v)
             _draw_variant(ax, by_variant[v], v, column, False, "mean", n_boot, seed + j, label)
         if panel_title:
             ax.set_title(panel_title, loc="left")
@@ -842,7 +836,7 @@ def plot_x0_distribution(samples: pd.DataFrame, density: pd.DataFrame, path: str
         density: ``density`` rows of the same condition (``x, data, tilt``; one run's grid is used).
     """
     _check_one_condition(samples)
-    variants = _variant_order(samples["variant"].unique())
+    variants = variant_order(samples["variant"].unique())
     ncols = max(1, min(ncols, len(variants)))
     nrows = int(np.ceil(len(variants) / ncols))
     fig = _new_figure(PAGE_WIDTH, 0.45 + 1.05 * nrows)

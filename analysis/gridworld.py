@@ -65,20 +65,3 @@ def fold_to_cells(world: GridWorld, probs: np.ndarray) -> CellPolicy:
     with np.errstate(invalid="ignore", divide="ignore"):
         cell_probs = np.where(cell_occ[:, None] > 0, weighted / cell_occ[:, None], probs_tc[0])
     return CellPolicy(cell_occ, cell_probs, occ)
-
-
-def deterministic_cells(world: GridWorld, probs: np.ndarray, threshold: float = 0.99,
-                        min_occupancy: float = 1e-3) -> pd.DataFrame:
-    """Visited cells and whether the folded policy is deterministic there.
-
-    Returns: ``cell, row, col, occupancy, action, max_prob, deterministic`` for cells with occupancy ≥
-    ``min_occupancy``.
-    """
-    cp = fold_to_cells(world, probs)
-    rc = world.cell_rc.numpy()
-    visited = np.flatnonzero(cp.occupancy >= min_occupancy)
-    return pd.DataFrame({
-        "cell": visited, "row": rc[visited, 0], "col": rc[visited, 1], "occupancy": cp.occupancy[visited],
-        "action": cp.probs[visited].argmax(-1), "max_prob": cp.probs[visited].max(-1),
-        "deterministic": cp.probs[visited].max(-1) >= threshold,
-    })

@@ -41,6 +41,15 @@ BASE_KEYS: tuple[str, ...] = ("run_id", "variant", "seed", "env.id", "kl.placeme
 TABLES: tuple[str, ...] = ("metrics", "policy", "trajectories")
 # Config keys that never define a condition: they vary between runs without changing the experiment.
 _NON_CONDITION_KEYS = {"run_id", "seed", "device", "threads", "log.progress"}
+#: Config keys that never split runs into conditions: the above plus the keys ``variant`` stands for.
+NOT_CONDITION_KEYS = _NON_CONDITION_KEYS | {"kl.placement", "kl.estimator", "kl.is_correction", "train.algo",
+                                            "dpo.loss"}
+
+
+def variant_order(variants: Sequence[str]) -> list[str]:
+    """The distinct ``variants`` in the canonical order (:data:`VARIANT_ORDER`), unknown ones after it."""
+    present = list(dict.fromkeys(map(str, variants)))
+    return [v for v in VARIANT_ORDER if v in present] + [v for v in present if v not in VARIANT_ORDER]
 
 
 def variant_label(placement: str, estimator: str, is_correction: bool = False, algo: str = "ppo",
@@ -114,17 +123,13 @@ class Results:
         """``policy.parquet`` of every run (loaded on first access): discrete envs ``update, state, action,
         prob, ref_prob, opt_prob``; the Gaussian bandit ``update, dim, mean, std, ref_mean, ref_std, opt_mean,
         opt_std``; key columns in front."""
-        if "policy" not in self._cache:
-            self._cache["policy"] = _read_table(self.runs, "policy", self.keys)
-        return self._cache["policy"]
+        return self.table("policy")
 
     @property
     def trajectories(self) -> pd.DataFrame:
         """``trajectories.parquet`` of every run (loaded on first access): ``update, episode, t, state, action,
         reward, logp, ref_logp`` with key columns in front."""
-        if "trajectories" not in self._cache:
-            self._cache["trajectories"] = _read_table(self.runs, "trajectories", self.keys)
-        return self._cache["trajectories"]
+        return self.table("trajectories")
 
     def table(self, name: str) -> pd.DataFrame:
         """``<name>.parquet`` of every run that has it, key columns in front (loaded on first access): the
@@ -151,8 +156,7 @@ class Results:
 
         ``variant`` stands for placement × estimator (× IS correction), or DPO / IPO (``train.algo``, ``dpo.loss``).
         """
-        skip = _NON_CONDITION_KEYS | {"kl.placement", "kl.estimator", "kl.is_correction", "train.algo", "dpo.loss"}
-        return [k for k in self.keys if k not in skip]
+        return [k for k in self.keys if k not in NOT_CONDITION_KEYS]
 
     @property
     def problems(self) -> pd.DataFrame:
@@ -302,9 +306,7 @@ def _categorize(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     runs["run_id"] = pd.Categorical(runs["run_id"].astype(str), categories=list(dict.fromkeys(
         runs["run_id"].astype(str))))
     if "variant" in runs:
-        present = list(dict.fromkeys(runs["variant"]))
-        order = [v for v in VARIANT_ORDER if v in present] + [v for v in present if v not in VARIANT_ORDER]
-        runs["variant"] = pd.Categorical(runs["variant"], categories=order, ordered=True)
+        runs["variant"] = pd.Categorical(runs["variant"], categories=variant_order(runs["variant"]), ordered=True)
     for k in keys:
         if k in ("run_id", "variant") or k not in runs:
             continue

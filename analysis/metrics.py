@@ -60,17 +60,29 @@ def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["run_id", "update"], kind="stable")
 
 
-def reward_phase(metrics: pd.DataFrame) -> pd.DataFrame:
+def reward_phase(metrics: pd.DataFrame, switch: pd.Series | None = None) -> pd.DataFrame:
     """Rows up to the end of the reward phase: all rows, or for runs with a ``reward_scale = 0`` phase after a
-    rewarded one, the rows up to the last update before the first such switch."""
-    switch = _switch_updates(metrics)
+    rewarded one, the rows up to the last update before the first such switch.
+
+    ``switch`` (``run_id`` → that update, see :func:`switch_updates`) lets another table of the same runs
+    (e.g. the policy snapshots) be cut where the metrics say; by default it comes from ``metrics`` itself.
+    """
+    switch = switch_updates(metrics) if switch is None else switch
     if switch.empty:
         return metrics
     limit = metrics["run_id"].map(switch).astype("float64")
     return metrics[limit.isna().to_numpy() | (metrics["update"].to_numpy() <= limit.to_numpy())]
 
 
-def _switch_updates(metrics: pd.DataFrame) -> pd.Series:
+def at_update(frame: pd.DataFrame, update: int | str = "last") -> pd.DataFrame:
+    """Rows of ``frame`` at ``update``, or with ``"last"`` at each run's last logged update."""
+    if update == "last":
+        last = frame.groupby("run_id", observed=True)["update"].transform("max")
+        return frame[frame["update"] == last]
+    return frame[frame["update"] == int(update)]
+
+
+def switch_updates(metrics: pd.DataFrame) -> pd.Series:
     """``run_id`` → the last update before the reward is first switched off (runs without a switch absent).
 
     A switch is a logged row with ``reward_scale == 0`` whose previous row had ``reward_scale > 0``; the
@@ -283,12 +295,7 @@ def deterministic_states(policy: pd.DataFrame, threshold: float = DETERMINISTIC_
         ``deterministic``, ``became_deterministic`` (deterministic where the reference is not).
         Gridworld states are ``t·n_cells + cell`` (see :mod:`analysis.gridworld` for cells).
     """
-    p = policy
-    if update == "last":
-        last = p.groupby("run_id", observed=True)["update"].transform("max")
-        p = p[p["update"] == last]
-    else:
-        p = p[p["update"] == int(update)]
+    p = at_update(policy, update)
     keys = key_columns(p)
     idx = p.groupby(keys + ["update", "state"], observed=True, sort=False)["prob"].idxmax()
     best = p.loc[idx.to_numpy(), keys + ["update", "state", "action", "prob"]].rename(columns={"prob": "max_prob"})
@@ -342,7 +349,7 @@ def recovery(metrics: pd.DataFrame, tol: float = RECOVERY_TOL, column: str = "kl
         ``half_life`` (updates until the KL first halves, :func:`half_life`; NaN if never), and ``returned``
         (``kl_end ≤ tol``, default 0.05 nats). Empty if no run has a reward-off phase.
     """
-    switch = _switch_updates(metrics)
+    switch = switch_updates(metrics)
     cols = ["switch_update", "kl_switch", "kl_end", "kl_ratio", "half_life", "returned"]
     if switch.empty:
         return pd.DataFrame(columns=key_columns(metrics) + cols)

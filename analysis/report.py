@@ -125,12 +125,7 @@ def summary_markdown(table: pd.DataFrame, by: Sequence[str]) -> str:
 
 def _reward_end_policy(policy: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     """Each run's last policy snapshot at or before the end of its reward phase."""
-    switch = M._switch_updates(metrics)
-    if not switch.empty:
-        limit = policy["run_id"].map(switch).astype("float64")
-        policy = policy[limit.isna().to_numpy() | (policy["update"].to_numpy() <= limit.to_numpy())]
-    last = policy.groupby("run_id", observed=True)["update"].transform("max")
-    return policy[policy["update"] == last]
+    return M.at_update(M.reward_phase(policy, M.switch_updates(metrics)))
 
 
 class _Report:
@@ -165,7 +160,7 @@ class _Report:
         n_seeds = int(m.groupby("variant", observed=True)["run_id"].nunique().max())
         seeds_txt = f"mean over {n_seeds} seeds with a 95 % bootstrap band" if n_seeds > 1 else "one seed"
         entries: list[tuple[str, list[Path]]] = []
-        switch = M._switch_updates(m)
+        switch = M.switch_updates(m)
         off = " The grey span is the phase with the reward switched off." if not switch.empty else ""
         env_name = str(m["env.id"].iloc[0]) if "env.id" in m else ""
         # diffusion: sequence KL estimated on the policy's own chains; runs that blow up span many decades
