@@ -240,7 +240,6 @@ class KLRegularizedPPO(PPO):
         self.kl_is_correction, self.baseline, self.reward_scale = bool(kl_is_correction), baseline, reward_scale
         self.rollout_stats: dict[str, float] = {}
         self.train_stats: dict[str, float] = {}
-        self.raw_rewards: np.ndarray | None = None
         self.rollout_arrays: dict[str, np.ndarray] = {}
         super().__init__(policy, env, rollout_buffer_class=ShapingRolloutBuffer, **kwargs)
         if isinstance(self.observation_space, spaces.Dict):
@@ -282,8 +281,9 @@ class KLRegularizedPPO(PPO):
     def _before_gae(self, buf: RolloutBuffer, last_values: Tensor, dones: np.ndarray) -> None:
         """Shape ``buf.rewards`` (``reward_scale·r − β·k``), set mean/none baselines, record rollout stats."""
         raw = buf.rewards.copy()  # [n_steps, n_envs]; SB3 already added γ·V(terminal) at time-limit truncations
-        self.raw_rewards = raw
-        n_ep = max(1, int(buf.episode_starts[1:].sum() + np.asarray(dones).sum()))
+        ends = np.zeros_like(buf.episode_starts, dtype=bool)  # the step ends an episode
+        ends[:-1], ends[-1] = buf.episode_starts[1:].astype(bool), np.asarray(dones, dtype=bool)
+        n_ep = max(1, int(ends.sum()))
         stats: dict[str, float] = {"reward": float(raw.sum()) / n_ep, "episodes": float(n_ep),
                                    "episode_length": float(raw.size) / n_ep}
         shaped = self.reward_scale * raw if self.reward_scale != 1.0 else raw
@@ -293,12 +293,8 @@ class KLRegularizedPPO(PPO):
                 logp_old = torch.as_tensor(buf.log_probs.reshape(-1), device=self.device)
                 ref_lp = self.reference.log_prob(obs, actions).to(logp_old.dtype)
                 ks = all_estimates(logp_old, ref_lp).to(torch.float64)  # [N, 3]
-                kfull = None
-                if self.kl_estimator == "full" or self._full_available():
-                    try:
-                        kfull = self.reference.kl(self.policy.get_distribution(obs), obs).to(logp_old.dtype)
-                    except ValueError:
-                        kfull = None
+                kfull = (self.reference.kl(self.policy.get_distribution(obs), obs).to(logp_old.dtype)
+                         if self._full_available() else None)
                 for i in range(3):
                     stats[f"kl_k{i + 1}"] = float(ks[:, i].sum()) / n_ep
                 stats["kl_full_sampled"] = float(kfull.sum()) / n_ep if kfull is not None else math.nan
@@ -307,13 +303,11 @@ class KLRegularizedPPO(PPO):
                                             None if kfull is None else kfull[None])[0]
                     shaped = shaped - pen.cpu().numpy().reshape(raw.shape).astype(raw.dtype)
         buf.rewards = np.ascontiguousarray(shaped, dtype=np.float32)
-        ends = np.zeros_like(buf.episode_starts, dtype=bool)
-        ends[:-1], ends[-1] = buf.episode_starts[1:].astype(bool), np.asarray(dones, dtype=bool)
         self.rollout_arrays = {"obs": buf.observations.copy(), "actions": buf.actions.copy(),
                                "logp": buf.log_probs.copy(), "reward": raw,
                                "starts": buf.episode_starts.astype(bool), "ends": ends}
         if self.baseline == "mean":
-            if not (buf.episode_starts[1:].all() and np.asarray(dones).all()):
+            if not ends.all():
                 raise ValueError("baseline='mean' needs a one-step env (every step ends an episode)")
             buf.values[:] = float(buf.rewards.mean())
             last_values.zero_()  # never used (every step ends an episode)
@@ -545,14 +539,13 @@ class SB3Trainer(DiscreteTrainer):
         ref = self.mdp.ref_logp.to(torch.float32)
         self.models: list[KLRegularizedPPO] = []
         self._rng: list[tuple[Tensor, Any]] = []
-        self.steps_per_update = 0
         for i, cfg in enumerate(configs):
             model = build_model(cfg, ref, self.params["logits"][i].detach().float(), self.baseline,
                                 self.H, str(device))
             model.start(cfg.train.total_updates)
             self.models.append(model)
             self._rng.append((torch.get_rng_state(), np.random.get_state()))
-            self.steps_per_update = model.n_steps * model.env.num_envs
+        self.steps_per_update = self.models[0].n_steps * self.models[0].env.num_envs
         self._copy_tables(range(self.R))
 
     def _copy_tables(self, runs: Any) -> None:
@@ -575,6 +568,7 @@ class SB3Trainer(DiscreteTrainer):
         out = {k: torch.full((self.R,), math.nan, dtype=torch.float64) for k in keys}
         bad = torch.zeros(self.R, dtype=torch.bool, device=self.device)
         recs = []
+        want_traj = self.cfg.log.trajectories > 0 and self._logs_at(update)
         for i, model in enumerate(self.models):
             if not bool(self.alive[i]):
                 recs.append(None)
@@ -596,26 +590,24 @@ class SB3Trainer(DiscreteTrainer):
                 out[k][i] = model_stats.get(k, math.nan)
             self.rt.beta[i] = model.kl_beta
             self.env_steps[i] += self.steps_per_update
-            recs.append(self._trajectories(model) if self._logs_at(update) else None)
+            recs.append(self._trajectories(model) if want_traj else None)
         self._copy_tables([i for i in range(self.R) if bool(self.alive[i]) and not bool(bad[i])])
         self._mark_diverged(bad, update, "SB3 update failed (non-finite policy)")
-        if self.cfg.log.trajectories > 0 and self._logs_at(update):
+        if want_traj:
             self._log_traj(update, recs)
         return {k: v.to(self.device) for k, v in out.items()}
 
     # -- trajectories -----------------------------------------------------------------------------------------
     def _trajectories(self, model: KLRegularizedPPO) -> dict[str, np.ndarray]:
         """The first ``log.trajectories`` complete episodes of the last rollout (env by env), ``[n, H]``."""
-        n, H = self.cfg.log.trajectories, self.H
+        n = self.cfg.log.trajectories
         ro = model.rollout_arrays
         starts, ends = ro["starts"], ro["ends"]
         T, E = starts.shape
         obs = ro["obs"].reshape(T, E).astype(np.int64)
         act = ro["actions"].reshape(T, E).astype(np.int64)
         ref = model.reference.table.numpy()
-        rec = {"state": np.zeros((n, H), np.int64), "action": np.zeros((n, H), np.int64),
-               "reward": np.zeros((n, H), np.float64), "logp": np.zeros((n, H), np.float64),
-               "ref_logp": np.zeros((n, H), np.float64), "valid": np.zeros((n, H), bool)}
+        rec = self._empty_traj()
         ep = 0
         for e in range(E):
             t = 0
@@ -641,11 +633,15 @@ class SB3Trainer(DiscreteTrainer):
                 break
         return rec
 
-    def _log_traj(self, update: int, recs: list[dict[str, np.ndarray] | None]) -> None:
+    def _empty_traj(self) -> dict[str, np.ndarray]:
+        """A record of ``log.trajectories`` empty episodes ``[n, H]`` (no valid step)."""
         n, H = self.cfg.log.trajectories, self.H
-        empty = {"state": np.zeros((n, H), np.int64), "action": np.zeros((n, H), np.int64),
-                 "reward": np.zeros((n, H)), "logp": np.zeros((n, H)), "ref_logp": np.zeros((n, H)),
-                 "valid": np.zeros((n, H), bool)}
+        return {"state": np.zeros((n, H), np.int64), "action": np.zeros((n, H), np.int64),
+                "reward": np.zeros((n, H)), "logp": np.zeros((n, H)), "ref_logp": np.zeros((n, H)),
+                "valid": np.zeros((n, H), bool)}
+
+    def _log_traj(self, update: int, recs: list[dict[str, np.ndarray] | None]) -> None:
+        empty = self._empty_traj()
         stacked: dict[str, Any] = {k: np.stack([(r or empty)[k] for r in recs]) for k in empty}
         stacked["update"] = update
         self.traj_log.append(stacked)
