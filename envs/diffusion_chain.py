@@ -247,12 +247,13 @@ class DiffusionChainCore:
         """The reference denoiser's step mean ``μ_ref(x_t, t) = E_q[x_{t−1} | x_t]`` ``[*B, d]``."""
         return self.c1[t].to(x.dtype) * self.denoise(x, t) + self.c2[t].to(x.dtype) * x
 
-    def log_prob(self, x_prev: Tensor, mean: Tensor, t: int) -> Tensor:
-        """Log-density ``[*B]`` of ``x_{t−1} = x_prev`` under ``N(mean, σ_t² I)``."""
+    def log_prob(self, x_prev: Tensor, mean: Tensor, t: int | Tensor) -> Tensor:
+        """Log-density ``[*B]`` of ``x_{t−1} = x_prev`` under ``N(mean, σ_t² I)`` (``t`` an int or a tensor of
+        steps broadcasting against ``[*B]``)."""
         var = self.step_var[t].to(x_prev.dtype)
         return -0.5 * (x_prev - mean).square().sum(-1) / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
 
-    def step_kl(self, mean: Tensor, ref_mean: Tensor, t: int) -> Tensor:
+    def step_kl(self, mean: Tensor, ref_mean: Tensor, t: int | Tensor) -> Tensor:
         """Closed-form KL(N(mean, σ_t²I) ‖ N(ref_mean, σ_t²I)) = ‖mean − ref_mean‖²/(2σ_t²) ``[*B]`` (seed eq. 39)."""
         return (mean - ref_mean).square().sum(-1) / (2.0 * self.step_var[t].to(mean.dtype))
 

@@ -174,22 +174,20 @@ class DiffusionTrainer(BatchTrainer):
         eps = rng.normal(rng.fold(key, 1), (N, T, d), dtype=self.dtype)
         out = {k: torch.empty(R, N, T, d, dtype=self.dtype, device=self.device)
                for k in ("x", "a", "base", "mu", "mu_ref")}
+        frozen_ref = self.cfg.reference.schedule == "frozen"
         with torch.no_grad():
             for i in range(T):
                 t = T - i
                 base = self.core.ref_mean(x, t)
                 mu = base + self.policy(self.params, x, i)
-                mu_ref = base + self.policy(self.ref_params, x, i)
+                # a frozen reference's correction is exactly 0 (zero output layer), so μ_ref is the base denoiser
+                mu_ref = base if frozen_ref else base + self.policy(self.ref_params, x, i)
                 a = mu + self.var[i].sqrt() * eps[:, :, i]
                 for k, v in (("x", x), ("a", a), ("base", base), ("mu", mu), ("mu_ref", mu_ref)):
                     out[k][:, :, i] = v
                 x = a
         out["x0"] = x
         return out
-
-    def _step_logp(self, a: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        """Gaussian log-density ``[R, n]`` of actions ``a [R, n, d]`` under ``N(mean, var·I)`` (``var [R, n]``)."""
-        return -0.5 * (a - mean).square().sum(-1) / var - 0.5 * self.d * torch.log(2 * math.pi * var)
 
     # -- one PPO update ----------------------------------------------------------------------------------------
     def sampled_update(self, update: int) -> dict[str, Tensor]:
@@ -198,11 +196,11 @@ class DiffusionTrainer(BatchTrainer):
         self._last_update = update
         key = rng.fold(rt.keys, update)
         roll = self._rollout(key, N)
-        var = self.var.view(1, 1, T).expand(R, N, T)
+        t = torch.arange(T, 0, -1, device=self.device)  # the env's t of step index i = T − i
         with torch.no_grad():
-            logp = self._step_logp(roll["a"], roll["mu"], var)  # [R, N, T]
-            ref_logp = self._step_logp(roll["a"], roll["mu_ref"], var)
-            k_full = (roll["mu"] - roll["mu_ref"]).square().sum(-1) / (2 * var)
+            logp = self.core.log_prob(roll["a"], roll["mu"], t)  # [R, N, T]
+            ref_logp = self.core.log_prob(roll["a"], roll["mu_ref"], t)
+            k_full = self.core.step_kl(roll["mu"], roll["mu_ref"], t)
             z = rng.normal(rng.fold(key, 3), (N,), dtype=torch.float64) if self.core.reward_noise > 0 else None
             reward = self.core.noisy_reward(roll["x0"].to(torch.float64), z).to(self.dtype)  # [R, N]
         valid = torch.ones(R, N, T, dtype=torch.bool, device=self.device)
@@ -222,7 +220,7 @@ class DiffusionTrainer(BatchTrainer):
         flat = {k: v.reshape(R, N * T, d) for k, v in flat.items()}
         flat.update({k: v.reshape(R, N * T) for k, v in
                      (("logp", logp), ("ref_logp", ref_logp), ("adv", adv.detach()), ("valid", valid),
-                      ("step", step), ("var", var))})
+                      ("step", step))})
         stats = self._ppo_epochs(flat, update, self._ppo_loss)
         self.env_steps += N * T
         ks = all_estimates(logp, ref_logp).to(torch.float64).sum(2).mean(1)  # per-episode sums, batch mean
@@ -247,11 +245,11 @@ class DiffusionTrainer(BatchTrainer):
         tr, rt = self.cfg.train, self.rt
         valid = mb["valid"]
         mu = mb["base"] + self.policy(self.params, mb["x"], mb["step"])
-        lp = self._step_logp(mb["a"], mu, mb["var"])
+        t = self.T - mb["step"]
+        lp = self.core.log_prob(mb["a"], mu, t)
         pg, clipped = clipped_surrogate(lp, mb["logp"], mb["adv"], tr.clip)
         ref_lp = self.clamp(lp, mb["ref_logp"], valid)
-        kl_term = kl_loss_term(lp, mb["logp"], ref_lp,
-                               lambda: (mu - mb["mu_ref"]).square().sum(-1) / (2 * mb["var"]), rt)
+        kl_term = kl_loss_term(lp, mb["logp"], ref_lp, lambda: self.core.step_kl(mu, mb["mu_ref"], t), rt)
         diag = _diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}
         return masked_mean(pg + kl_term, valid), diag
 
@@ -264,10 +262,10 @@ class DiffusionTrainer(BatchTrainer):
         n = max(1024, self.cfg.train.batch)
         key = rng.fold(rng.fold(self.rt.keys, EVAL_STREAM), u)
         roll = self._rollout(key, n)
-        var = self.var.view(1, 1, self.T).to(torch.float64)
         mu, mu_ref = roll["mu"].to(torch.float64), roll["mu_ref"].to(torch.float64)
         x0 = roll["x0"].to(torch.float64)
-        kl = ((mu - mu_ref).square().sum(-1) / (2 * var)).sum(-1).mean(1)  # [R]
+        t = torch.arange(self.T, 0, -1, device=self.device)
+        kl = self.core.step_kl(mu, mu_ref, t).sum(-1).mean(1)  # [R]
         frac = self.core.responsibilities(x0, 0).mean(1)  # [R, M]
         opt_frac, opt_mean = self._tilt()
         x0_mean = x0.mean(1)
