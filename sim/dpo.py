@@ -43,7 +43,7 @@ from torch import Tensor
 from envs import tabular
 from sim import rng
 from sim.config import Config
-from sim.train import DiscreteTrainer, snapshot
+from sim.train import DiscreteTrainer, _take, snapshot
 
 #: Columns of ``preferences.parquet`` (one row per pair × side × step of the episode).
 PREFERENCE_COLUMNS = ("pair", "chosen", "t", "state", "action", "reward", "return", "bt_prob")
@@ -87,7 +87,6 @@ def sample_preferences(core: tabular.TabularCore, sampler: Tensor, keys: Tensor,
     u_act = rng.uniform(rng.fold(key, 0), (N, 2, H))
     u_start = rng.uniform(rng.fold(key, 1), (N,))
     u_label = rng.uniform(rng.fold(key, 2), (N,))
-    r_sa = mdp.expected_reward.to(torch.float64)
     cdf = sampler.exp().cumsum(-1)  # [S, A]
     state = core.reset(u_start).unsqueeze(-1).expand(R, N, 2).contiguous()  # both episodes of a pair: one start
     shape = (R, N, 2, H)
@@ -99,9 +98,9 @@ def sample_preferences(core: tabular.TabularCore, sampler: Tensor, keys: Tensor,
     for t in range(H):
         s = state.clamp(max=S - 1)
         a = (u_act[..., t, None] >= cdf[s]).sum(-1).clamp_(max=A - 1)
-        nxt, _, done = core.step(s, a, None)
+        nxt, r, done = core.step(s, a, None)  # no draws: deterministic dynamics, noise-free reward (float64)
         st[..., t], ac[..., t], valid[..., t] = s, a, alive
-        rw[..., t] = torch.where(alive, r_sa[s, a], torch.zeros((), dtype=torch.float64, device=dev))
+        rw[..., t] = torch.where(alive, r, torch.zeros((), dtype=torch.float64, device=dev))
         alive = alive & ~done
         state = nxt
         if not bool(alive.any()):
@@ -141,41 +140,41 @@ def ipo_optimum(mdp: tabular.TabularMDP, ref_logp: Tensor, sampler: Tensor, beta
 
 class DPOTrainer(DiscreteTrainer):
     """DPO / IPO on a preference dataset per run; the rest (metrics, logs, outputs) is the PPO engine's.
+    It trains the policy only (no value function).
 
     One *update* is ``dpo.epochs`` passes over the run's ``dpo.pairs`` pairs in minibatches of
     ``dpo.batch_size`` (each run shuffles with its own stream); ``train.updates`` updates in all.
     """
 
+    trains_value_fn = False
+
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
-        # DPO trains the policy only: drop the value function the PPO engine adds for sequential envs.
-        self.trainable = [k for k in self.trainable if k in self.ref_params]
-        for k in [k for k in self.params if k not in self.ref_params]:
-            del self.params[k]
         betas = [c.dpo.beta if c.dpo.beta is not None else c.kl.beta for c in configs]
         self.rt.beta = torch.tensor(betas, dtype=torch.float64, device=device)
         self.is_ipo = torch.tensor([c.dpo.loss == "ipo" for c in configs], dtype=torch.bool, device=device)
         self.tau = float(self.cfg.dpo.bt_temperature)
-        self._make_optimizer()
-        self._on_phase()  # the optimum DPO targets, from the first metrics on (update 0 is logged before phase 0)
-        if self.mdp.n_outcomes > 1 and bool((self.mdp.next_prob.max(-1).values < 1).any()):
+        # The labels' implied reward is r/τ: the engine's soft-VI optimum of this MDP is then π_ref·e^{r/(τβ)},
+        # the optimum DPO targets (exact_metrics' tv_opt and opt_prob use it). DPO has no reward phases.
+        self._scaled_mdp = replace(self.mdp, reward=self.mdp.reward / self.tau)
+        if self.core.needs_uniform:
             raise ValueError("train.algo=dpo needs deterministic dynamics")
         self.sampler = sampler_logp(self.cfg, self.mdp)
         data_seeds = [c.dpo.data_seed if c.dpo.data_seed is not None else c.seed for c in configs]
         self.data = sample_preferences(self.core, self.sampler, rng.run_keys(data_seeds, device),
                                        self.cfg.dpo.pairs, self.tau)
         self.env_steps += self.data["valid"].reshape(self.R, -1).sum(-1)
+        self._sa = self.data["state"] * self.A + self.data["action"]  # flat (state, action) index [R, N, 2, H]
 
     # -- the loss ---------------------------------------------------------------------------------------
     def log_ratio_margin(self, idx: Tensor | None = None) -> Tensor:
         """``Δ = h(y_w) − h(y_l)`` ``[R, n]`` of the pairs ``idx [R, n]`` (all pairs if ``None``), with gradient."""
         lr_table = self.policy.table(self.params) - self._ref_table()  # [R, S, A]
-        st, ac, valid = self.data["state"], self.data["action"], self.data["valid"]
+        sa, valid = self._sa, self.data["valid"]
         if idx is not None:
-            sel = idx.view(idx.shape + (1, 1)).expand(idx.shape + st.shape[2:])
-            st, ac, valid = st.gather(1, sel), ac.gather(1, sel), valid.gather(1, sel)
+            sa, valid = _take(sa, idx), _take(valid, idx)
         R, S, A = lr_table.shape
-        steps = lr_table.reshape(R, S * A).gather(1, (st * A + ac).reshape(R, -1)).view(st.shape)
+        steps = lr_table.reshape(R, S * A).gather(1, sa.reshape(R, -1)).view(sa.shape)
         h = torch.where(valid, steps, torch.zeros((), dtype=steps.dtype, device=steps.device)).sum(-1)  # [R, n, 2]
         return h[..., 0] - h[..., 1]
 
@@ -208,10 +207,8 @@ class DPOTrainer(DiscreteTrainer):
 
     # -- the optimum it targets -------------------------------------------------------------------------
     def _on_phase(self) -> None:
-        # The labels' implied reward is r/τ: the engine's soft-VI optimum of the reward-scaled MDP is then
-        # π_ref·e^{r/(τβ)}, the optimum DPO targets (exact_metrics' tv_opt and opt_prob use it).
-        self._scaled_mdp = replace(self.mdp, reward=self.mdp.reward / self.tau)
-        self._opt_cache.clear()
+        """Nothing to do: DPO runs one phase (the config rejects ``train.phases``) on the τ-scaled MDP set in
+        ``__init__``."""
 
     def _optimum(self, ref64: Tensor) -> Tensor:
         opt = super()._optimum(ref64)

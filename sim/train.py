@@ -474,6 +474,9 @@ class BatchTrainer:
 class DiscreteTrainer(BatchTrainer):
     """PPO on a :class:`envs.tabular.TabularMDP` with tabular or MLP policies."""
 
+    trains_value_fn = True
+    """Whether a value baseline may be trained (``False`` for algorithms without one, e.g. DPO)."""
+
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
         cfg = self.cfg
@@ -494,7 +497,7 @@ class DiscreteTrainer(BatchTrainer):
             self.ref_params["base"] = ref_logp.clone()
         else:
             self.ref_params["logits"] = ref_logp.clone()
-        self.baseline = cfg.train.baseline
+        self.baseline = cfg.train.baseline if self.trains_value_fn else "none"
         if self.baseline == "auto":
             self.baseline = "mean" if self.H == 1 else "value"
         self.trainable = [k for k in self.params if k not in self.policy.frozen_keys]
