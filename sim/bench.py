@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from sim.config import Config, resolve
+from sim.executors import default_workers
 from sim.train import make_trainer
 
 VARIANTS = [("none", "k1"), ("reward", "k1"), ("reward", "k2"), ("reward", "k3"),
@@ -189,13 +190,7 @@ def time_scaling(sizes: list[int], updates: int, device: str, repeats: int) -> l
 
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-            f"{_cores()} cores, torch {torch.__version__}, Python {platform.python_version()}")
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            f"{default_workers()} cores, torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -207,11 +202,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         rep["bandit_grid"] = time_native(bandit_grid(args.updates, device=dev), args.repeats)
         _print(dev, f"bandit grid (400 runs, one process, {args.threads} thread(s))", rep["bandit_grid"],
                target="≤ 10 s, ≥ 3 M steps/s")
-        if dev == "cpu" and _cores() > args.threads:
-            torch.set_num_threads(_cores())
+        if dev == "cpu" and default_workers() > args.threads:
+            torch.set_num_threads(default_workers())
             rep["bandit_grid_threads"] = time_native(bandit_grid(args.updates), args.repeats)
             torch.set_num_threads(args.threads)
-            _print(dev, f"bandit grid (400 runs, one process, {_cores()} threads)", rep["bandit_grid_threads"],
+            _print(dev, f"bandit grid (400 runs, one process, {default_workers()} threads)", rep["bandit_grid_threads"],
                    target="≤ 10 s, ≥ 3 M steps/s")
         if dev == "cpu" and args.workers > 1:
             rep["bandit_grid_workers"] = time_native_workers(bandit_grid(args.updates), args.workers, args.repeats)
@@ -274,7 +269,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100, 1000, 10000], help="scaling points")
     p.add_argument("--scaling-updates", type=int, default=50, help="updates per scaling point (50)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
-    p.add_argument("--workers", type=int, default=_cores(), help="worker processes for the parallel grid case")
+    p.add_argument("--workers", type=int, default=default_workers(), help="worker processes for the parallel grid case")
     p.add_argument("--no-sb3", action="store_true", help="skip the SB3 comparison")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.add_argument("--quick", action="store_true", help="a short version of every case (~1 min)")

@@ -107,11 +107,12 @@ def _train_and_write(run_dirs: list[Path], configs: list[Config], run_ids: list[
             results.finish_run(run_dir, output.tables(), output.status)
             out.append(RunResult(run_id, output.status["status"], output.status.get("error")))
         except Exception as e:  # e.g. disk full: this run failed, the others may still be written
-            out.append(_record_failure(run_dir, run_id, f"writing results: {describe_exception(e)}"))
+            out.append(record_failure(run_dir, run_id, f"writing results: {describe_exception(e)}"))
     return out
 
 
-def _record_failure(run_dir: Path, run_id: str, error: str) -> RunResult:
+def record_failure(run_dir: Path, run_id: str, error: str) -> RunResult:
+    """Mark the run ``failed`` with ``error`` (best effort) and return its result."""
     from sim import results
 
     try:
@@ -148,13 +149,13 @@ def run_task(task: Task) -> tuple[RunResult, ...]:
             done.update((r.run_id, r) for r in _train_and_write(dirs, cfgs, ids))
         except Exception as batch_error:
             if len(todo) == 1:
-                done[ids[0]] = _record_failure(dirs[0], ids[0], describe_exception(batch_error))
+                done[ids[0]] = record_failure(dirs[0], ids[0], describe_exception(batch_error))
             else:
                 for run_id, run_dir, cfg in todo:
                     try:
                         (res,) = _train_and_write([run_dir], [cfg], [run_id])
                     except Exception as e:
-                        res = _record_failure(run_dir, run_id, describe_exception(e))
+                        res = record_failure(run_dir, run_id, describe_exception(e))
                     done[run_id] = res
     return tuple(done[run_id] for run_id in task.run_ids)
 

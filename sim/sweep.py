@@ -56,10 +56,20 @@ from sim.config import (
     deep_merge,
     default_dict,
     from_dict,
+    get_dotted,
     set_dotted,
     yaml_load,
 )
-from sim.executors import EXECUTORS, Executor, ExecutorError, RunResult, Task, TaskOutcome, make_executor
+from sim.executors import (
+    EXECUTORS,
+    Executor,
+    ExecutorError,
+    RunResult,
+    Task,
+    TaskOutcome,
+    make_executor,
+    record_failure,
+)
 
 GRID_KEYS = ("base", "axes", "variants", "seeds", "exclude", "batch_size", "description")
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -237,12 +247,10 @@ def apply_assignments(base: dict, assignments: dict[str, Any]) -> dict:
 
 
 def _lookup(d: dict, key: str) -> tuple[bool, Any]:
-    cur: Any = d
-    for part in key.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return False, None
-        cur = cur[part]
-    return True, cur
+    try:
+        return True, get_dotted(d, key)
+    except (KeyError, TypeError):
+        return False, None
 
 
 def _matches(d: dict, entry: dict[str, Any]) -> bool:
@@ -713,12 +721,7 @@ def _outcome_results(outcome: TaskOutcome) -> tuple[RunResult, ...]:
         if status.get("status") in results.FINISHED:
             res.append(RunResult(rid, status["status"]))
             continue
-        error = f"task failed: {outcome.error}"
-        try:
-            results.fail_run(Path(run_dir), error)
-        except OSError:
-            pass
-        res.append(RunResult(rid, "failed", error))
+        res.append(record_failure(Path(run_dir), rid, f"task failed: {outcome.error}"))
     return tuple(res)
 
 
