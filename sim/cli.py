@@ -14,11 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sim.config import ConfigError, resolve
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line with exit code 2."""
+from sim.config import ConfigError, UsageError, resolve
 
 
 def _fail(msg: str) -> int:
@@ -120,7 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the canonical sim.cli, not this __main__ copy, so that UsageError raised by sim.sweep & co. is caught.
-    from sim.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -45,6 +45,10 @@ class ConfigError(ValueError):
     """A configuration error; its message is one line naming the key and the valid choices."""
 
 
+class UsageError(Exception):
+    """Bad command-line input other than a config key (a flag, a folder, a grid file): one line, exit 2."""
+
+
 @dataclass(frozen=True)
 class KLConfig:
     placement: str = "none"

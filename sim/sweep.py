@@ -52,6 +52,7 @@ from sim import results
 from sim.config import (
     Config,
     ConfigError,
+    UsageError,
     batch_signature,
     deep_merge,
     default_dict,
@@ -513,7 +514,6 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
 
     The lock dies with the process (even on SIGKILL), so a killed sweep never blocks its resume.
     """
-    from sim.cli import UsageError
 
     fd = os.open(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -582,7 +582,6 @@ def disk_status(run_dir: Path) -> str:
 
 def _check_sweep_dir(out: Path, plan: SweepPlan) -> None:
     """Refuse a folder that is not empty and holds no sweep, or holds a sweep of other runs."""
-    from sim.cli import UsageError
 
     if not out.is_dir():
         return
@@ -641,7 +640,6 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, progress_mode: str
     ``"auto"`` (memory-aware), or ``None`` for the grid's ``batch_size``. A task that fails as a whole marks
     its unfinished runs ``failed`` and the sweep goes on.
     """
-    from sim.cli import UsageError
     from sim.progress import progress, use_bar
 
     out = out.resolve()  # workers elsewhere (Ray, Slurm) need absolute run folders
@@ -732,7 +730,6 @@ def _outcome_results(outcome: TaskOutcome) -> tuple[RunResult, ...]:
 
 def status_report(path: Path, max_errors: int = 10) -> str:
     """A sweep's counts by status (plus failed runs' errors), or a single run folder's status."""
-    from sim.cli import UsageError
 
     path = Path(path)
     if (path / SWEEP_FILE).is_file():
@@ -790,7 +787,7 @@ def _dry_run_table(plan: SweepPlan, out: Path | None) -> str:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``reflab sweep``: expand, validate, then (unless ``--dry-run``) train into ``--out``."""
-    from sim.cli import UsageError, check_writable_dir
+    from sim.cli import check_writable_dir
 
     grid, path = load_grid(args.grid)
     plan = plan_sweep(grid, args.grid, path.parent)
