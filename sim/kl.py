@@ -38,10 +38,11 @@ def all_estimates(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.stack([kl_estimate(logp, ref_logp, k) for k in SAMPLED_ESTIMATORS], dim=-1)
 
 
-def full_kl(logp_all: Tensor, ref_logp_all: Tensor) -> Tensor:
-    """Exact per-state KL(π‖π_ref) ``[...]`` from full log-probability rows ``[..., A]``."""
+def full_kl(logp_all: Tensor, ref_logp_all: Tensor, dim: int = -1) -> Tensor:
+    """Exact per-state KL(π‖π_ref) from full log-probability rows: the action axis ``dim`` is summed out
+    (``[..., A] → [...]`` by default; ``dim=0`` for action-major tables ``[A, M] → [M]``)."""
     pi = logp_all.exp()
-    return (pi * (logp_all - ref_logp_all)).sum(-1)
+    return (pi * (logp_all - ref_logp_all)).sum(dim)
 
 
 def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tensor | Callable[[], Tensor] | None,
@@ -54,16 +55,18 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tens
     Args:
         logp: ``[R, ...]`` log π of the sampled actions (carrying gradient in the loss).
         ref_logp: ``[R, ...]`` log π_ref of the same actions.
-        coef: ``[R, 4]`` weights of (k1, k2, k3, full).
+        coef: ``[R, 4]`` weights of (k1, k2, k3, full), one row per leading index of ``logp``; or
+            ``[*B, 4]`` with ``B`` broadcasting against ``logp`` (``[1, M, 4]`` for action-major ``[A, M]``).
         k_full: ``[R, ...]`` exact per-state KL, or a callable computing it (only called if used).
         logp_old: if given, the importance-weighted loss forms for samples from π_old (THEORY.md
             "Off-policy"): ``w·k1``, ``sg(w)·k2``, ``w·k3`` with ``w = π_θ/π_old`` carrying gradient.
     Returns:
         ``[R, ...]``.
     """
-    used = (coef != 0).any(0).tolist()
-    shape = (-1,) + (1,) * (logp.dim() - 1)
-    c = coef.to(logp.dtype)
+    if coef.dim() == 2:
+        coef = coef.view((coef.shape[0],) + (1,) * (logp.dim() - 1) + (coef.shape[1],))
+    used = (coef != 0).reshape(-1, coef.shape[-1]).any(0).tolist()
+    c = coef.to(logp.dtype).movedim(-1, 0).contiguous()  # [4, ...]: each estimator's weights contiguous
     w = torch.exp(logp - logp_old) if logp_old is not None else None
     out = torch.zeros_like(logp)
     for j, kind in enumerate(SAMPLED_ESTIMATORS):
@@ -71,8 +74,8 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tens
             k = kl_estimate(logp, ref_logp, kind)
             if w is not None:  # k2's weight carries no gradient (THEORY.md "Off-policy")
                 k = (w.detach() if kind == "k2" else w) * k
-            out = out + c[:, j].view(shape) * k
+            out = out + c[j] * k
     if used[3]:
         kf = k_full() if callable(k_full) else k_full
-        out = out + c[:, 3].view(shape) * kf
+        out = out + c[3] * kf
     return out

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
+
+_PAD = 64
+"""Optimizer buffers are flat and padded to a multiple of this many elements, so the fused kernel's
+vectorized loop covers every real element (its scalar remainder may round differently): a run's update
+does not depend on where its parameters sit in the batch."""
 
 
 class BatchedOptimizer:
-    """Adam (β1 = 0.9, β2 = 0.999, ε = 1e-8; PyTorch's update rule) or plain SGD over dicts of tensors."""
+    """Adam (β1 = 0.9, β2 = 0.999, ε = 1e-8; PyTorch's update rule) or plain SGD over dicts of tensors.
+
+    Adam runs PyTorch's fused kernel (one pass) with a unit learning rate on a zero buffer, which leaves
+    the step ``−m̂/(√v̂ + ε)`` there; each run's parameters then move by its own ``lr`` times that step.
+    Every run takes the same number of steps (frozen runs included), so the bias corrections are shared.
+    """
 
     def __init__(self, params: dict[str, Tensor], lr: Tensor, kind: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -20,9 +31,15 @@ class BatchedOptimizer:
             raise ValueError(f"train.optimizer must be adam or sgd, got {kind!r}")
         self.params, self.lr, self.kind = params, lr, kind
         self.b1, self.b2, self.eps = betas[0], betas[1], eps
-        self.t = torch.zeros_like(lr)  # per-run step counts (runs frozen by lr=0 still count: harmless)
-        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+        # per tensor: flat padded (grad, first moment, second moment, step) buffers and a step counter
+        self._buf = {k: [torch.zeros(-(-p.numel() // _PAD) * _PAD, dtype=p.dtype, device=p.device)
+                         for _ in range(4)] for k, p in params.items()}
+        self._count = {k: torch.zeros((), dtype=torch.float32, device=p.device) for k, p in params.items()}
+
+    def moments(self, key: str) -> tuple[Tensor, Tensor]:
+        """Adam's first and second moment estimates of parameter ``key`` (views, parameter-shaped)."""
+        p = self.params[key]
+        return tuple(b[: p.numel()].view(p.shape) for b in self._buf[key][1:3])  # type: ignore[return-value]
 
     def _lr(self, p: Tensor) -> Tensor:
         return self.lr.view((-1,) + (1,) * (p.dim() - 1)).to(p.dtype)
@@ -34,19 +51,19 @@ class BatchedOptimizer:
             for k, g in grads.items():
                 self.params[k].sub_(self._lr(g) * g)
             return
-        self.t += 1
-        t = self.t.to(torch.float64)
-        bc1 = 1 - self.b1 ** t
-        bc2 = 1 - self.b2 ** t
-        for k, g in grads.items():
+        keys = list(grads)
+        for k in keys:
+            g_buf, _, _, d_buf = self._buf[k]
+            g_buf[: grads[k].numel()].copy_(grads[k].reshape(-1))
+            d_buf.zero_()
+        adam([self._buf[k][3] for k in keys], [self._buf[k][0] for k in keys], [self._buf[k][1] for k in keys],
+             [self._buf[k][2] for k in keys], [], [self._count[k] for k in keys], foreach=False, fused=True,
+             capturable=False, differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
+             amsgrad=False, beta1=self.b1, beta2=self.b2, lr=1.0, weight_decay=0.0, eps=self.eps, maximize=False)
+        for k in keys:
             p = self.params[k]
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            m, v = self.m[k], self.v[k]
-            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            step = (self._lr(p) / bc1.view(shape).to(p.dtype))
-            denom = (v / bc2.view(shape).to(p.dtype)).sqrt_().add_(self.eps)
-            p.sub_(step * m / denom)
+            d = self._buf[k][3][: p.numel()].view(p.shape)
+            p.addcmul_(self._lr(p), d)
 
 
 def grad_norm_per_run(grads: dict[str, Tensor]) -> Tensor:

@@ -5,6 +5,9 @@ another parameter dict of the same structure: a hard reset copies the dict, an E
 space (THEORY.md "Controllers and reference schedules").
 
 - :class:`TabularPolicy`: logits ``[R, S, A]``.
+
+Besides whole tables ``[R, S, A]``, a policy gives the log-probabilities of selected *rows* (flat indices
+``run·S + state``) as an action-major table ``[A, M]``: the PPO loss only needs the states a batch visited.
 - :class:`MLPPolicy`: ``logits(s) = base[s] + W2·tanh(W1·φ(s) + b1) + b2`` with a frozen per-run ``base``
   table (the initial policy, e.g. the env's reference) and a zero-initialized output layer, so the network
   starts exactly at its initial policy and a reference built from it is exact too.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sim import rng
@@ -34,6 +38,31 @@ def log_softmax_actions(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def gather_rows(table: Tensor, rows: Tensor, size: int) -> Tensor:
+    """Rows ``rows [M]`` of ``table [N, A]`` as an action-major ``[A, size]`` table (of ``table [N]``:
+    ``[size]``), zero beyond column ``M``; differentiable."""
+    x = table.index_select(0, rows)
+    return F.pad(x.t() if x.dim() == 2 else x, (0, size - rows.numel()))
+
+
+def log_softmax_action_major(logits: Tensor) -> Tensor:
+    """``log_softmax`` over the action axis of action-major logits ``[A, M]``.
+
+    Written as elementwise ops over the ``M`` columns (maximum, exp, a left-to-right sum over actions, log),
+    so a row's numbers do not depend on where it sits in the table or on the other rows. The maximum is
+    detached: the result does not depend on it, and its gradient would only add rounding noise.
+    """
+    m = logits[0]
+    for a in range(1, logits.shape[0]):
+        m = torch.maximum(m, logits[a])
+    z = logits - m.detach()
+    e = z.exp()
+    total = e[0]
+    for a in range(1, logits.shape[0]):
+        total = total + e[a]
+    return z - total.log()
+
+
 class TabularPolicy:
     """Softmax over a free logit table per run. ``frozen_keys`` are not trained."""
 
@@ -49,6 +78,11 @@ class TabularPolicy:
     def table(self, params: Params) -> Tensor:
         """Log-probabilities ``[R, S, A]`` of every state."""
         return log_softmax_actions(params["logits"])
+
+    def rows(self, params: Params, rows: Tensor, size: int) -> Tensor:
+        """Log-probabilities of rows ``rows [M]`` (flat ``run·S + state``, ``M ≤ size``) as an action-major
+        table ``[A, size]``; columns past ``M`` hold the uniform policy (zero logits)."""
+        return log_softmax_action_major(gather_rows(params["logits"].reshape(-1, self.n_actions), rows, size))
 
 
 class MLPPolicy(TabularPolicy):
@@ -82,6 +116,11 @@ class MLPPolicy(TabularPolicy):
         R = params["w1"].shape[0]
         feats = self.features.to(params["w1"].dtype).unsqueeze(0).expand(R, -1, -1)
         return log_softmax_actions(params["base"] + self._net(params, feats))
+
+    def rows(self, params: Params, rows: Tensor, size: int) -> Tensor:
+        """As :meth:`TabularPolicy.rows`, from the whole table (the network is shared by all states);
+        columns past ``M`` are zero."""
+        return gather_rows(self.table(params).reshape(-1, self.n_actions), rows, size)
 
 
 class TabularValue:

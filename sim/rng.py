@@ -90,6 +90,14 @@ def uniform(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.floa
     return u.reshape((key.shape[0],) + tuple(shape)).to(dtype)
 
 
+def uniform_at(key: Tensor, index: Tensor, n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Selected elements of :func:`uniform` streams, bitwise equal to them: element ``index[k]`` of
+    ``uniform(key[k], shape)`` for any ``shape`` of ``n`` elements. ``key`` and ``index`` are ``[K]``."""
+    h = hash32(key ^ _hashed_counter(n, key.device)[index])
+    h = hash32(h ^ (key >> 7))
+    return ((h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)).to(dtype)
+
+
 def normal(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> Tensor:
     """Standard normals ``[R, *shape]`` by Box–Muller from two independent uniform streams."""
     u1 = uniform(fold(key, 1), shape)

@@ -14,7 +14,6 @@ reference schedule, β controller, divergence, logging).
 
 from __future__ import annotations
 
-import ctypes
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from typing import overload
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import envs
@@ -31,11 +31,17 @@ from envs import tabular
 from sim import rng
 from sim.config import Config, batch_signature
 from sim.kl import ESTIMATORS, PLACEMENTS, all_estimates, full_kl, weighted_estimate
+from sim.memory import keep_freed_memory, release_free_memory
 from sim.optim import BatchedOptimizer, clip_grad_norm_per_run, grad_norm_per_run
-from sim.policies import MLPPolicy, MLPValue, TabularPolicy, TabularValue
+from sim.policies import MLPPolicy, MLPValue, TabularPolicy, TabularValue, gather_rows
 from sim.ppo import gae, normalize_per_run
 
 ProgressFn = Callable[[int, int], None]
+
+ROW_PAD = 64
+"""Row tables of the PPO loss are padded to a multiple of this many rows: vectorized CPU kernels then cover
+every real row (no scalar tail, whose transcendental functions may round differently), with up to two
+threads, so a row's numbers do not depend on how many other rows share its table."""
 
 
 @dataclass
@@ -154,27 +160,36 @@ def _bcast(x: Tensor, like: Tensor) -> Tensor:
     return x.view((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
 
 
-def kl_reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTensors) -> Tensor:
+def _role_coef(rt: RunTensors, role: str, row_run: Tensor | None) -> Tensor:
+    """``rt.coef(role)`` ``[R, 4]``, or per row ``[1, M, 4]`` for action-major row tables (``row_run [M]``)."""
+    coef = rt.coef(role)
+    return coef if row_run is None else coef.index_select(0, row_run).unsqueeze(0)
+
+
+def kl_reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTensors,
+                      row_run: Tensor | None = None) -> Tensor:
     """``β·k`` for runs whose KL sits in the reward (0 for the others), ``[R, ...]``, no gradient.
 
     ``logp``/``ref_logp`` are the sampling policy's and the reference's log-probabilities of the sampled
-    actions; ``k_full`` the exact per-state KL (used by ``full``).
+    actions; ``k_full`` the exact per-state KL (used by ``full``). With ``row_run [M]`` the inputs are
+    action-major row tables ``[A, M]`` whose row ``m`` belongs to run ``row_run[m]``.
     """
     with torch.no_grad():
-        return weighted_estimate(logp, ref_logp, rt.coef("reward"), k_full)
+        return weighted_estimate(logp, ref_logp, _role_coef(rt, "reward", row_run), k_full)
 
 
 def kl_loss_term(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | Callable[[], Tensor],
-                 rt: RunTensors) -> Tensor:
+                 rt: RunTensors, row_run: Tensor | None = None) -> Tensor:
     """``β·k`` with gradient through ``logp`` (the current policy at the sampled actions) for runs whose KL
     sits in the loss (0 for the others), ``[R, ...]``. Added outside the PPO clip.
 
     Runs with ``kl.is_correction`` use the importance-weighted forms for samples from π_old;
     ``full`` (``k_full``, carrying gradient; may be a callable so it is only computed when used) needs none.
+    ``row_run`` as in :func:`kl_reward_penalty`.
     """
-    out = weighted_estimate(logp, ref_logp, rt.coef("loss"), k_full)
-    coef_is = rt.coef("loss_is")
-    if bool((coef_is != 0).any()):
+    out = weighted_estimate(logp, ref_logp, _role_coef(rt, "loss", row_run), k_full)
+    if bool((rt.coef("loss_is") != 0).any()):
+        coef_is = _role_coef(rt, "loss_is", row_run)
         out = out + weighted_estimate(logp, ref_logp, coef_is, k_full, logp_old=logp_old)
     return out
 
@@ -186,11 +201,13 @@ class _Clamp:
         self.limit = limit
         self.count = torch.zeros(n_runs, dtype=torch.long, device=device)
 
-    def __call__(self, logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+    def __call__(self, logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None,
+                 row_run: Tensor | None = None) -> Tensor:
         """``ref_logp`` adjusted so that ``logp − ref_logp`` lies in [−limit, limit].
 
         ``mask`` (bool, same shape) says which entries are samples; or, for tables, integer sample counts
-        per entry, so a clamped table entry counts once per sample that uses it.
+        per entry, so a clamped table entry counts once per sample that uses it. Inputs are ``[R, ...]``,
+        or action-major row tables ``[A, M]`` with ``row_run [M]`` naming each row's run.
         """
         if self.limit is None:
             return ref_logp
@@ -198,7 +215,10 @@ class _Clamp:
         hit = delta.detach().abs() > self.limit
         if mask is not None:
             hit = hit & mask if mask.dtype == torch.bool else hit * mask
-        self.count += hit.reshape(hit.shape[0], -1).sum(-1).to(self.count.dtype)
+        if row_run is None:
+            self.count += hit.reshape(hit.shape[0], -1).sum(-1).to(self.count.dtype)
+        else:
+            self.count.index_add_(0, row_run, hit.sum(0).to(self.count.dtype))
         return logp - delta.clamp(-self.limit, self.limit)
 
 
@@ -275,10 +295,16 @@ class BatchTrainer:
                  for k, g in zip(self.trainable, grads_list, strict=True)}
         finite = torch.isfinite(loss_per_run)
         for g in grads.values():
-            finite &= torch.isfinite(g.reshape(self.R, -1)).all(-1)
+            # A run's gradient sum is finite unless an element is (or the sum overflows, which the
+            # elementwise check then tells apart): one pass over the gradients instead of four.
+            sum_ok = torch.isfinite(g.reshape(self.R, -1).sum(-1))
+            if not bool(sum_ok.all()):
+                sum_ok = torch.isfinite(g.reshape(self.R, -1)).all(-1)
+            finite &= sum_ok
         self._mark_diverged(~finite, update, "non-finite loss or gradient")
-        for k in grads:
-            grads[k] = torch.where(_bcast(self.alive, grads[k]).bool(), grads[k], torch.zeros_like(grads[k]))
+        if not bool(self.alive.all()):
+            for k in grads:
+                grads[k] = torch.where(_bcast(self.alive, grads[k]).bool(), grads[k], torch.zeros_like(grads[k]))
         norm = None
         if self.cfg.train.max_grad_norm is not None:
             norm = clip_grad_norm_per_run(grads, self.cfg.train.max_grad_norm)
@@ -296,13 +322,15 @@ class BatchTrainer:
         Each run's permutation comes from its own stream, so the minibatches of a run do not depend on the
         batch it is trained in. ``prepare(minibatch)`` (optional) turns a minibatch into what the loss needs
         (computed once for full-batch epochs); ``loss_fn(prepared, want_diagnostics)`` returns the per-run
-        loss and, when asked, diagnostics; they are averaged over the last epoch's gradient steps.
+        loss and, when asked, diagnostics; they are averaged over the last epoch's gradient steps of an update
+        whose metrics are logged (other updates compute none).
         """
         tr = self.cfg.train
         n = next(iter(flat.values())).shape[1]
         mb_key = rng.fold(self.rt.keys, update ^ 0x5A5A5A)
         stats: dict[str, Tensor] = {}
         n_steps = 0
+        logs = self._logs_at(update)
         n_mb = min(tr.minibatches, n)
         prepare = prepare or (lambda mb: mb)
         if n_mb > 1:
@@ -311,17 +339,17 @@ class BatchTrainer:
             whole = prepare(flat)
         for epoch in range(tr.epochs):
             chunks = torch.tensor_split(perms[:, epoch], n_mb, dim=1) if n_mb > 1 else [None]
-            last_epoch = epoch == tr.epochs - 1
+            diagnose = logs and epoch == tr.epochs - 1
             for chunk in chunks:
                 mb = whole if chunk is None else prepare({k: _take(v, chunk) for k, v in flat.items()})
-                loss, diag = loss_fn(mb, last_epoch)
-                norm = self._apply_grads(loss, update, want_norm=last_epoch)
-                if last_epoch:  # diagnostics of the last epoch: how far the update moved from π_old
+                loss, diag = loss_fn(mb, diagnose)
+                norm = self._apply_grads(loss, update, want_norm=diagnose)
+                if diagnose:  # diagnostics of the last epoch: how far the update moved from π_old
                     diag["grad_norm"] = norm
                     for k, v in diag.items():
                         stats[k] = stats.get(k, 0.0) + v.detach().to(torch.float64)
                     n_steps += 1
-        return {k: v / n_steps for k, v in stats.items()}
+        return {k: v / max(n_steps, 1) for k, v in stats.items()}
 
     def _mark_diverged(self, bad: Tensor, update: int, reason: str) -> None:
         new = bad & self.alive
@@ -374,6 +402,7 @@ class BatchTrainer:
         cfg = self.cfg
         total = cfg.train.total_updates
         pol_every = cfg.log.policy_every
+        keep_freed_memory()
         t0 = time.perf_counter()
         update = 0
         # Huge batches (≥ 2^20 samples per update) free tens of MB of temporaries every update, which
@@ -548,44 +577,62 @@ class DiscreteTrainer(BatchTrainer):
         """Sample ``train.batch`` episodes per run from the current policy.
 
         Returns the samples ``state, action, idx (= state·A + action), reward, done, valid`` ``[R, N, H]``
-        and the tables they were drawn with: ``logp`` (π_old) and ``ref_logp`` ``[R, S, A]``.
+        (zeros, ``done`` true, after an episode's end) and the tables they were drawn with: ``logp`` (π_old)
+        and ``ref_logp`` ``[R, S, A]``.
 
         Random draws come from the run's stream for this update: actions (inverse CDF), then transition
-        outcomes, the initial state and reward noise, each drawn only if the env needs it.
+        outcomes, the initial state and reward noise, each drawn only if the env needs it. Step ``t`` of
+        episode ``n`` uses element ``n·H + t`` of the ``[N, H]`` streams, and each step computes only the
+        episodes still running, so the cost follows the steps taken rather than ``N·H``.
         """
         R, N, H, A, S = self.R, self.cfg.train.batch, self.H, self.A, self.S
+        dev = self.device
         key = rng.fold(self.rt.keys, update)
-        u_act = rng.uniform(rng.fold(key, 0), (N, H))
-        u_out = rng.uniform(rng.fold(key, 1), (N, H)) if self.mdp.n_outcomes > 1 else u_act
-        z = rng.normal(rng.fold(key, 3), (N, H)) if self.mdp.reward_noise > 0 else None
-        state = self.core.reset(rng.uniform(rng.fold(key, 2), (N,)) if S > 1 else u_act[:, :, 0])
+        k_act = rng.fold(key, 0)
+        k_out = rng.fold(key, 1) if self.mdp.n_outcomes > 1 else None
+        z = rng.normal(rng.fold(key, 3), (N, H)).view(R * N, H) if self.mdp.reward_noise > 0 else None
+        if S > 1:
+            state = self.core.reset(rng.uniform(rng.fold(key, 2), (N,))).reshape(-1)
+        else:
+            state = torch.zeros(R * N, dtype=torch.long, device=dev)
         pi_t, ref_t = self._tables()
-        cdf_t = pi_t.exp().cumsum(-1).to(u_act.dtype)
-        shape = (R, N, H)
-        buf = {
-            "state": torch.zeros(shape, dtype=torch.long, device=self.device),
-            "action": torch.zeros(shape, dtype=torch.long, device=self.device),
-            "reward": torch.zeros(shape, dtype=self.dtype, device=self.device),
-            "done": torch.ones(shape, dtype=torch.bool, device=self.device),
-            "valid": torch.zeros(shape, dtype=torch.bool, device=self.device),
-        }
-        alive = torch.ones(R, N, dtype=torch.bool, device=self.device)
+        cdf = pi_t.exp().cumsum(-1).to(torch.float64).reshape(R * S, A)
+        taken: dict[str, list[Tensor]] = {"at": [], "state": [], "action": [], "reward": [], "done": []}
+        ep: Tensor | None = None  # running episodes (flat run·N + n); None: all of them
+        run = torch.arange(R, device=dev).unsqueeze(1)  # [R, 1] while all run, then per episode
+        n = torch.arange(N, device=dev).unsqueeze(0)  # [1, N] while all run, then per episode
         for t in range(H):
             s = state.clamp(max=S - 1)
-            if S == 1:  # one state: binary search in the run's CDF
-                a = torch.searchsorted(cdf_t[:, 0], u_act[:, :, t].contiguous(), right=True)
+            counter = n * H + t
+            u = rng.uniform_at(k_act[run], counter, N * H).reshape(-1)
+            if S == 1 and ep is None:  # one state, every episode running: binary search in the run's CDF
+                a = torch.searchsorted(cdf, u.view(R, N), right=True).view(-1)
             else:
-                cdf = cdf_t.gather(1, s.unsqueeze(-1).expand(R, N, A))
-                a = (u_act[:, :, t, None] >= cdf).sum(-1)
+                rows = (run * S).expand(R, N).reshape(-1) + s if ep is None else run * S + s
+                a = (u.unsqueeze(-1) >= cdf.index_select(0, rows)).sum(-1)
             a = a.clamp_(max=A - 1)
-            nxt, r, done = self.core.step(s, a, u_out[:, :, t], None if z is None else z[:, :, t])
-            buf["state"][..., t], buf["action"][..., t] = s, a
-            buf["reward"][..., t] = torch.where(alive, r.to(self.dtype), torch.zeros((), dtype=self.dtype))
-            buf["done"][..., t], buf["valid"][..., t] = done | ~alive, alive
-            alive = alive & ~done
-            state = nxt
-            if not bool(alive.any()):
+            u_out = u if k_out is None else rng.uniform_at(k_out[run], counter, N * H).reshape(-1)
+            zt = None if z is None else (z[:, t] if ep is None else z[ep, t])
+            nxt, r, end = self.core.step(s, a, u_out, zt)
+            at = (torch.arange(R * N, device=dev) if ep is None else ep) * H + t  # flat (run·N + n)·H + t
+            for k, v in (("at", at), ("state", s), ("action", a), ("reward", r.to(self.dtype)), ("done", end)):
+                taken[k].append(v)
+            if bool(end.all()):
                 break
+            going = (~end).nonzero().squeeze(1)
+            if ep is None:
+                ep, run, n = going, going // N, going % N
+            else:
+                ep, run, n = ep[going], run[going], n[going]
+            state = nxt[going]
+        if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
+            buf = {k: v[0].view(R, N, 1) for k, v in taken.items() if k != "at"}
+            buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
+        else:  # one scatter per buffer; steps after an episode's end stay zero (done true, valid false)
+            at = torch.cat(taken.pop("at"))
+            buf = {k: torch.full((R * N * H,), k == "done", dtype=v[0].dtype, device=dev)
+                   .index_copy_(0, at, torch.cat(v)).view(R, N, H) for k, v in taken.items()}
+            buf["valid"] = torch.zeros(R * N * H, dtype=torch.bool, device=dev).index_fill_(0, at, True).view(R, N, H)
         buf["idx"] = buf["state"] * A + buf["action"]
         self.env_steps += buf["valid"].reshape(R, -1).sum(-1)
         return buf, {"logp": pi_t, "ref_logp": ref_t}
@@ -660,64 +707,103 @@ class DiscreteTrainer(BatchTrainer):
         ``−adv·max(ρ, clip(ρ))`` otherwise, with ``ρ = π_θ(a|s)/π_old(a|s)`` shared by every sample of the
         same (s, a); the KL and entropy terms depend on (s, a) alone and the value loss on s alone. So summing
         positive and negative advantages per (s, a) and returns per s once per (mini)batch gives every
-        epoch's loss and gradient exactly, on tables ``[R, S, A]`` whose shape does not depend on the samples
-        (so a run's numbers do not depend on the batch it is trained in).
+        epoch's loss and gradient exactly.
+
+        Only the (run, state) rows the batch visited carry loss, so the statistics are kept for those rows
+        alone, as action-major tables ``[A, P]``: columns ``0 … M−1`` are the visited rows in (run, state)
+        order, the rest zero padding up to a multiple of :data:`ROW_PAD`. Every sum runs over one row's
+        samples in sample order and every per-row computation is elementwise, so a run's numbers do not
+        depend on the batch it is trained in.
 
         Args:
             mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, ``adv``, ``ret``, each ``[R, n]``.
             tabs: the batch's ``logp`` (π_old) and ``ref_logp`` tables ``[R, S, A]``.
         Returns:
-            ``count``, ``adv_pos``, ``adv_neg``, ``old`` (log π_old), ``ref`` ``[R, S, A]``; ``n`` (valid
-            samples, ≥ 1) ``[R]``; with a value baseline ``n_s``, ``ret_mean`` ``[R, S]`` and ``ret_ss``
+            ``rows [M]`` (flat ``run·S + state``), ``run [P]`` (each column's run; padding: 0), ``count``,
+            ``adv_pos``, ``adv_neg``, ``old`` (log π_old; 0 where unsampled), ``ref`` ``[A, P]``; ``n_s`` (samples per row) ``[P]``;
+            ``n`` (valid samples, ≥ 1) ``[R]``; with a value baseline ``ret_mean`` ``[P]`` and ``ret_ss``
             (within-state sum of squares) ``[R]``.
         """
         R, S, A = mb["idx"].shape[0], self.S, self.A
-        w = mb["valid"].to(self.dtype)
-        adv = mb["adv"]
-        vals = torch.stack([w, adv.clamp(min=0), adv.clamp(max=0)], dim=-1)  # invalid samples carry 0
-        sums = torch.zeros(R, S * A, 3, dtype=self.dtype, device=self.device).scatter_add_(
-            1, mb["idx"].unsqueeze(-1).expand(-1, -1, 3), vals).view(R, S, A, 3)
-        g = {"count": sums[..., 0], "adv_pos": sums[..., 1], "adv_neg": sums[..., 2],
-             "old": tabs["logp"], "ref": tabs["ref_logp"], "n": w.sum(1).clamp(min=1)}
+        dev, dt = self.device, self.dtype
+        valid = mb["valid"]
+        flat_row = mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)  # [R, n]
+        if bool(valid.all()):
+            def take(x: Tensor) -> Tensor:
+                return x.reshape(-1)
+        else:
+            sel = valid.reshape(-1).nonzero().squeeze(1)  # valid samples, run-major sample order
+
+            def take(x: Tensor) -> Tensor:
+                return x.reshape(-1)[sel]
+        row_of = take(flat_row)
+        seen = torch.zeros(R * S, dtype=torch.bool, device=dev)
+        seen[row_of] = True
+        rows = seen.nonzero().squeeze(1)
+        M = rows.numel()
+        P = -(-max(M, 1) // ROW_PAD) * ROW_PAD
+        pos = torch.zeros(R * S, dtype=torch.long, device=dev)
+        pos[rows] = torch.arange(M, device=dev)
+        entry = (take(mb["idx"]) - take(mb["state"]) * A) * P + pos[row_of]  # action·P + column
+        adv = take(mb["adv"])
+        zeros = torch.zeros(A * P, dtype=dt, device=dev)
+        run = F.pad(rows // S, (0, P - M))
+        g = {"rows": rows, "run": run, "count": torch.bincount(entry, minlength=A * P).to(dt).view(A, P),
+             "adv_pos": zeros.index_add(0, entry, adv.clamp(min=0)).view(A, P),
+             "adv_neg": zeros.index_add(0, entry, adv.clamp(max=0)).view(A, P),
+             "old": gather_rows(tabs["logp"].reshape(R * S, A), rows, P),  # log π_old; 0 where unsampled
+             "ref": gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P),
+             "n": valid.to(dt).sum(1).clamp(min=1)}
+        # Entries without samples carry no loss; log π_old := 0 there keeps their ratio finite (π_old may be 0).
+        g["old"] = torch.where(g["count"] > 0, g["old"], torch.zeros_like(g["old"]))
+        g["n_s"] = _sum_actions(g["count"])
         if self.baseline == "value":
-            st = mb["state"]
-            sv = torch.zeros(R, S, 2, dtype=self.dtype, device=self.device).scatter_add_(
-                1, st.unsqueeze(-1).expand(-1, -1, 2), torch.stack([w, mb["ret"] * w], dim=-1))
-            g["n_s"] = sv[..., 0]
-            g["ret_mean"] = sv[..., 1] / sv[..., 0].clamp(min=1)
-            g["ret_ss"] = ((mb["ret"] - g["ret_mean"].gather(1, st)) * w).square().sum(1)
+            ret_sum = torch.zeros(P, dtype=dt, device=dev).index_add_(0, pos[row_of], take(mb["ret"]))
+            g["ret_mean"] = ret_sum / g["n_s"].clamp(min=1)
+            mean_at = g["ret_mean"][pos[flat_row]]  # [R, n]
+            g["ret_ss"] = ((mb["ret"] - mean_at) * valid.to(dt)).square().sum(1)
         return g
 
     def _ppo_loss(self, g: dict[str, Tensor], want_diag: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-run PPO loss ``[R]`` (mean over the minibatch's samples) from the statistics of :meth:`_group`."""
         tr, rt = self.cfg.train, self.rt
-        ref, n = g["ref"], g["count"]
-        lp = self.policy.table(self.params)  # [R, S, A], carries gradient
-        # π_old where samples exist; elsewhere the current policy, so unsampled entries stay finite (ρ = 1).
-        old = torch.where(n > 0, g["old"], lp.detach())
+        ref, n, run, rows = g["ref"], g["count"], g["run"], g["rows"]
+        P = n.shape[1]
+        lp = self.policy.rows(self.params, rows, P)  # [A, P], carries gradient
+        old = g["old"]
         ratio = torch.exp(lp - old)
-        clipped_ratio = ratio.clamp(1.0 - tr.clip, 1.0 + tr.clip)
-        pg = -(g["adv_pos"] * torch.minimum(ratio, clipped_ratio) + g["adv_neg"] * torch.maximum(ratio, clipped_ratio))
-        ref_lp = self.clamp(lp, ref, n)
-        kl = n * kl_loss_term(lp, old, ref_lp, lambda: full_kl(lp, ref).unsqueeze(-1), rt)
-        total = (pg + kl).sum((1, 2))
+        # min(ρ, clip(ρ)) = min(ρ, 1 + ε) and max(ρ, clip(ρ)) = max(ρ, 1 − ε), with the same gradient
+        pg = -(g["adv_pos"] * ratio.clamp(max=1.0 + tr.clip) + g["adv_neg"] * ratio.clamp(min=1.0 - tr.clip))
+        ref_lp = self.clamp(lp, ref, n, row_run=run)
+        kl = n * kl_loss_term(lp, old, ref_lp, lambda: full_kl(lp, ref, dim=0).unsqueeze(0), rt, row_run=run)
+        per_row = _sum_actions(pg + kl)
         if tr.ent_coef > 0:
-            total = total - tr.ent_coef * (n.sum(-1) * tabular.entropy_per_state(lp)).sum(-1)
-        loss = total / g["n"]
+            pi = lp.exp()
+            entropy = -_sum_actions(torch.where(pi > 0, pi * lp, torch.zeros_like(pi)))
+            per_row = per_row - tr.ent_coef * g["n_s"] * entropy
+        zeros = torch.zeros(self.R, dtype=per_row.dtype, device=self.device)
+        loss = zeros.index_add(0, run, per_row) / g["n"]
         diag: dict[str, Tensor] = {}
         if want_diag:
             with torch.no_grad():
-                sums = torch.stack([pg.sum((1, 2)), kl.sum((1, 2)),
-                                    (n * ((ratio - 1.0).abs() > tr.clip)).sum((1, 2)),
-                                    (n * (old - lp)).sum((1, 2))], dim=-1) / g["n"].unsqueeze(-1)
+                terms = torch.stack([pg, kl, n * ((ratio - 1.0).abs() > tr.clip), n * (old - lp)], dim=-1)
+                sums = self._per_run_sum(terms, rows) / g["n"].unsqueeze(-1)
             diag = {"pg_loss": sums[:, 0], "kl_loss": sums[:, 1], "clip_frac": sums[:, 2], "approx_kl": sums[:, 3]}
         if self.baseline == "value":
-            v = self.value_fn.table(self.params)  # [R, S]
-            v_loss = 0.5 * ((g["n_s"] * (v - g["ret_mean"]).square()).sum(-1) + g["ret_ss"]) / g["n"]
+            v = gather_rows(self.value_fn.table(self.params).reshape(-1), rows, P)
+            v_loss = 0.5 * (zeros.index_add(0, run, g["n_s"] * (v - g["ret_mean"]).square()) + g["ret_ss"]) / g["n"]
             loss = loss + tr.vf_coef * v_loss
             if want_diag:
                 diag["v_loss"] = v_loss.detach()
         return loss, diag
+
+    def _per_run_sum(self, x: Tensor, rows: Tensor) -> Tensor:
+        """Per-run sums ``[R, C]`` of action-major row values ``x [A, P, C]``, summed over the dense
+        ``[S, A]`` table in a fixed order, so a run's sum does not depend on the other runs' rows."""
+        A, _, C = x.shape
+        dense = torch.zeros(self.R * self.S, A, C, dtype=x.dtype, device=x.device)
+        dense[rows] = x[:, : rows.numel()].transpose(0, 1)
+        return dense.view(self.R, -1, C).sum(1)
 
     # -- exact mode ---------------------------------------------------------------------------------------
     def exact_update(self, update: int) -> dict[str, Tensor]:
@@ -821,21 +907,6 @@ class DiscreteTrainer(BatchTrainer):
         self.traj_log.append(rec)
 
 
-def release_free_memory() -> None:
-    """Return the C heap's free pages to the operating system (glibc's ``malloc_trim``; a no-op elsewhere)."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
-
-
 def snapshot(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:
     """CPU numpy *copies* of ``tensors`` for the logs: a view could alias a live parameter (updated in place
     by the optimizer) or keep a whole batch buffer alive behind a small slice."""
@@ -854,6 +925,14 @@ def _masked_mean_last(x: Tensor, valid: Tensor) -> Tensor:
     """Per-run mean ``[R, C]`` of ``x [R, n, C]`` over samples where ``valid [R, n]``."""
     w = valid.to(x.dtype).unsqueeze(-1)
     return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+def _sum_actions(x: Tensor) -> Tensor:
+    """``x [A, P] → [P]``: the sum over actions, left to right (the same order for every column)."""
+    total = x[0]
+    for a in range(1, x.shape[0]):
+        total = total + x[a]
+    return total
 
 
 def _take(x: Tensor, idx: Tensor) -> Tensor:
