@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -183,7 +184,7 @@ class TabularCore:
             return torch.zeros_like(state)
         if u is None:
             raise ValueError("TabularCore.outcome needs uniforms u: this MDP has stochastic transitions")
-        cdf = self._cdf[state * self._n_actions + action]  # [*B, K]
+        cdf = self._cdf.index_select(0, (state * self._n_actions + action).reshape(-1)).view(state.shape + (-1,))
         return (u.unsqueeze(-1) >= cdf.to(u.dtype)).sum(-1).clamp_(max=self._n_outcomes - 1)
 
     def transition(self, state: Tensor, action: Tensor, k: Tensor, z: Tensor | None = None
@@ -193,9 +194,11 @@ class TabularCore:
         ``z`` ``[*B]`` are standard normals for the reward noise (ignored when ``reward_noise == 0``).
         The reward is float64 unless ``z`` has another floating dtype.
         """
-        flat = (state * self._n_actions + action) * self._n_outcomes + k
-        next_state = self._next_state_flat[flat]
-        reward = self._reward_flat[flat]
+        flat = state * self._n_actions + action
+        if self._n_outcomes > 1:
+            flat = flat * self._n_outcomes + k
+        next_state = torch.take(self._next_state_flat, flat)
+        reward = torch.take(self._reward_flat, flat)
         if self.mdp.reward_noise > 0 and z is not None:
             reward = reward.to(z.dtype) + self.mdp.reward_noise * z
         return next_state, reward, next_state == self.mdp.n_states
@@ -363,8 +366,13 @@ def policy_evaluation(mdp: TabularMDP, logp: Tensor, extra_reward: Tensor | None
     r = mdp.expected_reward.to(pi)
     if extra_reward is not None:
         r = r + extra_reward
-    batch = torch.broadcast_shapes(pi.shape, r.shape)[:-2]
+    batch = _broadcast_shapes(pi.shape, r.shape)[:-2]
     return _backward_induction(mdp, r, batch, lambda q, idx: (pi[..., idx, :] * q).sum(-1))
+
+
+def _broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
+    """The broadcast of ``shapes`` (``torch.broadcast_shapes`` would import sympy on its first call)."""
+    return torch.Size(np.broadcast_shapes(*shapes))
 
 
 def expected_return(mdp: TabularMDP, logp: Tensor) -> Tensor:
@@ -391,7 +399,7 @@ def soft_value_iteration(mdp: TabularMDP, beta: float | Tensor) -> tuple[Tensor,
     b = beta_t[..., None]  # [*B, 1]
     ref = mdp.ref_logp
     r = mdp.expected_reward
-    v, q = _backward_induction(mdp, r, torch.broadcast_shapes(beta_t.shape, ref.shape[:-2]),
+    v, q = _backward_induction(mdp, r, _broadcast_shapes(beta_t.shape, ref.shape[:-2]),
                                lambda q, idx: b * torch.logsumexp(ref[..., idx, :] + q / b[..., None], dim=-1))
     logp_opt = ref + (q - v[..., None]) / b[..., None]
     logp_opt = logp_opt - torch.logsumexp(logp_opt, dim=-1, keepdim=True)  # remove rounding drift

@@ -46,36 +46,45 @@ def full_kl(logp_all: Tensor, ref_logp_all: Tensor, dim: int = -1) -> Tensor:
 
 
 def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tensor | Callable[[], Tensor] | None,
-                      logp_old: Tensor | None = None) -> Tensor:
+                      logp_old: Tensor | None = None, run_index: Tensor | None = None) -> Tensor:
     """``Σ_j coef[r, j]·k_j`` per sample: each run's own estimator, scaled (by β and its placement mask).
 
     Only estimators with a non-zero coefficient in some run are computed, so a batch mixing runs of every
     placement × estimator costs little more than one estimator.
 
     Args:
-        logp: ``[R, ...]`` log π of the sampled actions (carrying gradient in the loss).
-        ref_logp: ``[R, ...]`` log π_ref of the same actions.
-        coef: ``[R, 4]`` weights of (k1, k2, k3, full), one row per leading index of ``logp``; or
-            ``[*B, 4]`` with ``B`` broadcasting against ``logp`` (``[1, M, 4]`` for action-major ``[A, M]``).
-        k_full: ``[R, ...]`` exact per-state KL, or a callable computing it (only called if used).
+        logp: ``[R, ...]`` log π of the sampled actions (carrying gradient in the loss); with
+            ``run_index``, any shape whose last axis is indexed by it (e.g. action-major rows ``[A, M]``).
+        ref_logp: log π_ref of the same actions, shaped like ``logp``.
+        coef: ``[R, 4]`` weights of (k1, k2, k3, full) per run.
+        k_full: exact per-state KL (broadcasting against ``logp``), or a callable computing it (only called
+            if used).
         logp_old: if given, the importance-weighted loss forms for samples from π_old (THEORY.md
             "Off-policy"): ``w·k1``, ``sg(w)·k2``, ``w·k3`` with ``w = π_θ/π_old`` carrying gradient.
+        run_index: ``[M]`` the run of each index of ``logp``'s last axis; without it the runs are ``logp``'s
+            leading axis.
     Returns:
-        ``[R, ...]``.
+        shaped like ``logp``.
     """
-    if coef.dim() == 2:
-        coef = coef.view((coef.shape[0],) + (1,) * (logp.dim() - 1) + (coef.shape[1],))
-    used = (coef != 0).reshape(-1, coef.shape[-1]).any(0).tolist()
-    c = coef.to(logp.dtype).movedim(-1, 0).contiguous()  # [4, ...]: each estimator's weights contiguous
+    used = (coef != 0).any(0).tolist()
+    c = coef.to(logp.dtype).t().contiguous()  # [4, R]: each estimator's weights contiguous
+
+    def weight(j: int) -> Tensor:
+        if run_index is not None:
+            return c[j].index_select(0, run_index)
+        return c[j].view((-1,) + (1,) * (logp.dim() - 1))
+
     w = torch.exp(logp - logp_old) if logp_old is not None else None
-    out = torch.zeros_like(logp)
+    out: Tensor | None = None
     for j, kind in enumerate(SAMPLED_ESTIMATORS):
         if used[j]:
             k = kl_estimate(logp, ref_logp, kind)
             if w is not None:  # k2's weight carries no gradient (THEORY.md "Off-policy")
                 k = (w.detach() if kind == "k2" else w) * k
-            out = out + c[j] * k
+            out = weight(j) * k if out is None else out + weight(j) * k
     if used[3]:
         kf = k_full() if callable(k_full) else k_full
-        out = out + c[3] * kf
-    return out
+        out = weight(3) * kf if out is None else out + weight(3) * kf
+    if out is None:
+        return torch.zeros_like(logp)
+    return out if out.shape == logp.shape else out.expand_as(logp).clone()

@@ -92,8 +92,9 @@ def uniform(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.floa
 
 def uniform_at(key: Tensor, index: Tensor, n: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """Selected elements of :func:`uniform` streams, bitwise equal to them: element ``index[k]`` of
-    ``uniform(key[k], shape)`` for any ``shape`` of ``n`` elements. ``key`` and ``index`` are ``[K]``."""
-    h = hash32(key ^ _hashed_counter(n, key.device)[index])
+    ``uniform(key[k], shape)`` for any ``shape`` of ``n`` elements. ``key`` and ``index`` are ``[K]`` (or
+    broadcast against each other)."""
+    h = hash32(key ^ torch.take(_hashed_counter(n, key.device), index))
     h = hash32(h ^ (key >> 7))
     return ((h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)).to(dtype)
 

@@ -160,12 +160,6 @@ def _bcast(x: Tensor, like: Tensor) -> Tensor:
     return x.view((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
 
 
-def _role_coef(rt: RunTensors, role: str, row_run: Tensor | None) -> Tensor:
-    """``rt.coef(role)`` ``[R, 4]``, or per row ``[1, M, 4]`` for action-major row tables (``row_run [M]``)."""
-    coef = rt.coef(role)
-    return coef if row_run is None else coef.index_select(0, row_run).unsqueeze(0)
-
-
 def kl_reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTensors,
                       row_run: Tensor | None = None) -> Tensor:
     """``β·k`` for runs whose KL sits in the reward (0 for the others), ``[R, ...]``, no gradient.
@@ -175,7 +169,7 @@ def kl_reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTen
     action-major row tables ``[A, M]`` whose row ``m`` belongs to run ``row_run[m]``.
     """
     with torch.no_grad():
-        return weighted_estimate(logp, ref_logp, _role_coef(rt, "reward", row_run), k_full)
+        return weighted_estimate(logp, ref_logp, rt.coef("reward"), k_full, run_index=row_run)
 
 
 def kl_loss_term(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | Callable[[], Tensor],
@@ -187,10 +181,10 @@ def kl_loss_term(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tenso
     ``full`` (``k_full``, carrying gradient; may be a callable so it is only computed when used) needs none.
     ``row_run`` as in :func:`kl_reward_penalty`.
     """
-    out = weighted_estimate(logp, ref_logp, _role_coef(rt, "loss", row_run), k_full)
-    if bool((rt.coef("loss_is") != 0).any()):
-        coef_is = _role_coef(rt, "loss_is", row_run)
-        out = out + weighted_estimate(logp, ref_logp, coef_is, k_full, logp_old=logp_old)
+    out = weighted_estimate(logp, ref_logp, rt.coef("loss"), k_full, run_index=row_run)
+    coef_is = rt.coef("loss_is")
+    if bool((coef_is != 0).any()):
+        out = out + weighted_estimate(logp, ref_logp, coef_is, k_full, logp_old=logp_old, run_index=row_run)
     return out
 
 
@@ -295,12 +289,7 @@ class BatchTrainer:
                  for k, g in zip(self.trainable, grads_list, strict=True)}
         finite = torch.isfinite(loss_per_run)
         for g in grads.values():
-            # A run's gradient sum is finite unless an element is (or the sum overflows, which the
-            # elementwise check then tells apart): one pass over the gradients instead of four.
-            sum_ok = torch.isfinite(g.reshape(self.R, -1).sum(-1))
-            if not bool(sum_ok.all()):
-                sum_ok = torch.isfinite(g.reshape(self.R, -1)).all(-1)
-            finite &= sum_ok
+            finite &= _finite_per_run(g.reshape(self.R, -1))
         self._mark_diverged(~finite, update, "non-finite loss or gradient")
         if not bool(self.alive.all()):
             for k in grads:
@@ -360,10 +349,10 @@ class BatchTrainer:
                 self.diverge_reason[i] = reason
 
     def _check_params(self, update: int) -> None:
-        bad = torch.zeros(self.R, dtype=torch.bool, device=self.device)
+        finite = torch.ones(self.R, dtype=torch.bool, device=self.device)
         for k in self.trainable:
-            bad |= ~torch.isfinite(self.params[k].detach().reshape(self.R, -1)).all(-1)
-        self._mark_diverged(bad, update, "non-finite policy parameters")
+            finite &= _finite_per_run(self.params[k].detach().reshape(self.R, -1))
+        self._mark_diverged(~finite, update, "non-finite policy parameters")
 
     def _refresh_reference(self, update: int) -> None:
         ref = self.cfg.reference
@@ -541,6 +530,8 @@ class DiscreteTrainer(BatchTrainer):
         self._make_optimizer()
         self._opt_cache: dict = {}
         self._ref_cache, self._ref_cache_version = None, -1
+        self._ref_derived_cache: dict[str, Tensor] = {}
+        self._ref_derived_version = -1
         self._scaled_mdp = self.mdp
 
     def _init_logp(self, init, ref_logp: Tensor) -> Tensor:
@@ -560,15 +551,15 @@ class DiscreteTrainer(BatchTrainer):
 
     # -- tables -------------------------------------------------------------------------------------------
     def _tables(self) -> tuple[Tensor, Tensor]:
-        """Current policy and reference log-probability tables ``[R, S, A]`` (no grad)."""
+        """Current policy and reference log-probability tables ``[R, S, A]`` (no grad, contiguous)."""
         with torch.no_grad():
-            return self.policy.table(self.params), self._ref_table()
+            return self.policy.table(self.params).contiguous(), self._ref_table()
 
     def _ref_table(self) -> Tensor:
         """The reference's log-probability table ``[R, S, A]``, recomputed only when the reference changes."""
         if self._ref_cache_version != self.ref_version:
             with torch.no_grad():
-                self._ref_cache = self.policy.table(self.ref_params)
+                self._ref_cache = self.policy.table(self.ref_params).contiguous()
             self._ref_cache_version = self.ref_version
         return self._ref_cache
 
@@ -604,15 +595,18 @@ class DiscreteTrainer(BatchTrainer):
         for t in range(H):
             s = state.clamp(max=S - 1)
             counter = n * H + t
-            u = rng.uniform_at(k_act[run], counter, N * H).reshape(-1)
+            u = rng.uniform_at(k_act.index_select(0, run.view(-1)).view(run.shape), counter, N * H).reshape(-1)
             if S == 1 and ep is None:  # one state, every episode running: binary search in the run's CDF
                 a = torch.searchsorted(cdf, u.view(R, N), right=True).view(-1)
             else:
                 rows = (run * S).expand(R, N).reshape(-1) + s if ep is None else run * S + s
                 a = (u.unsqueeze(-1) >= cdf.index_select(0, rows)).sum(-1)
             a = a.clamp_(max=A - 1)
-            u_out = u if k_out is None else rng.uniform_at(k_out[run], counter, N * H).reshape(-1)
-            zt = None if z is None else (z[:, t] if ep is None else z[ep, t])
+            if k_out is None:
+                u_out = u
+            else:
+                u_out = rng.uniform_at(k_out.index_select(0, run.view(-1)).view(run.shape), counter, N * H).reshape(-1)
+            zt = None if z is None else (z[:, t] if ep is None else z[:, t].index_select(0, ep))
             nxt, r, end = self.core.step(s, a, u_out, zt)
             at = (torch.arange(R * N, device=dev) if ep is None else ep) * H + t  # flat (run·N + n)·H + t
             for k, v in (("at", at), ("state", s), ("action", a), ("reward", r.to(self.dtype)), ("done", end)):
@@ -623,41 +617,92 @@ class DiscreteTrainer(BatchTrainer):
             if ep is None:
                 ep, run, n = going, going // N, going % N
             else:
-                ep, run, n = ep[going], run[going], n[going]
-            state = nxt[going]
+                ep, run, n = (x.index_select(0, going) for x in (ep, run, n))
+            state = nxt.index_select(0, going)
         if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
             buf = {k: v[0].view(R, N, 1) for k, v in taken.items() if k != "at"}
             buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
         else:  # one scatter per buffer; steps after an episode's end stay zero (done true, valid false)
             at = torch.cat(taken.pop("at"))
             buf = {k: torch.full((R * N * H,), k == "done", dtype=v[0].dtype, device=dev)
-                   .index_copy_(0, at, torch.cat(v)).view(R, N, H) for k, v in taken.items()}
-            buf["valid"] = torch.zeros(R * N * H, dtype=torch.bool, device=dev).index_fill_(0, at, True).view(R, N, H)
+                   .scatter_(0, at, torch.cat(v)).view(R, N, H) for k, v in taken.items()}
+            buf["valid"] = torch.zeros(R * N * H, dtype=torch.bool, device=dev).scatter_(0, at, True).view(R, N, H)
         buf["idx"] = buf["state"] * A + buf["action"]
         self.env_steps += buf["valid"].reshape(R, -1).sum(-1)
         return buf, {"logp": pi_t, "ref_logp": ref_t}
 
     # -- KL in the reward, advantages ---------------------------------------------------------------------
-    def _shape_and_advantage(self, buf: dict[str, Tensor], tabs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _visits(self, mb: dict[str, Tensor], tabs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Where a (mini)batch's valid samples fall: the (run, state) rows they visited, as columns of
+        action-major tables ``[A, P]``.
+
+        Columns ``0 … M−1`` are the visited rows in (run, state) order, the rest zero padding up to a multiple
+        of :data:`ROW_PAD`. Per-sample KL quantities depend on the sample only through its (state, action),
+        so they are computed on these tables and gathered; only visited rows carry loss.
+
+        Args:
+            mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, each ``[R, n]``.
+            tabs: the batch's ``logp`` (π_old) and ``ref_logp`` tables ``[R, S, A]``.
+        Returns:
+            ``rows [M]`` (flat ``run·S + state``), ``run [P]`` (each column's run; padding: 0), ``sel`` (the
+            valid samples' flat indices into ``[R·n]``, run-major; absent when every sample is valid),
+            ``entry`` (each valid sample's flat index ``action·P + column``), ``count`` (samples per entry),
+            ``old`` (log π_old) and ``ref`` (log π_ref) ``[A, P]``.
+        """
+        R, S, A = mb["idx"].shape[0], self.S, self.A
+        dev = self.device
+        flat_row = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)  # [R·n]
+        v: dict[str, Tensor] = {}
+        if not bool(mb["valid"].all()):
+            v["sel"] = mb["valid"].reshape(-1).nonzero().squeeze(1)  # run-major sample order
+        row_of = self._take_valid(flat_row, v)
+        seen = torch.zeros(R * S, dtype=torch.bool, device=dev)
+        seen.index_fill_(0, row_of, True)
+        rows = seen.nonzero().squeeze(1)
+        M = rows.numel()
+        P = -(-max(M, 1) // ROW_PAD) * ROW_PAD
+        pos = torch.zeros(R * S, dtype=torch.long, device=dev)
+        pos.index_copy_(0, rows, torch.arange(M, device=dev))
+        col = pos.index_select(0, row_of)
+        action = self._take_valid(mb["idx"].reshape(-1), v) - row_of % S * A
+        v.update(rows=rows, run=F.pad(rows // S, (0, P - M)), col=col, entry=action * P + col,
+                 count=torch.bincount(action * P + col, minlength=A * P).to(self.dtype).view(A, P),
+                 old=gather_rows(tabs["logp"].reshape(R * S, A), rows, P),
+                 ref=gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P))
+        return v
+
+    @staticmethod
+    def _take_valid(x: Tensor, vis: dict[str, Tensor]) -> Tensor:
+        """The valid samples' values of a flat per-sample tensor ``x [R·n]`` (see :meth:`_visits`)."""
+        return x.index_select(0, vis["sel"]) if "sel" in vis else x
+
+    @staticmethod
+    def _scatter_valid(x: Tensor, vis: dict[str, Tensor], size: int) -> Tensor:
+        """The valid samples' values ``x`` put back into a flat per-sample tensor ``[size]`` (0 elsewhere)."""
+        if "sel" not in vis:
+            return x
+        return torch.zeros(size, dtype=x.dtype, device=x.device).index_copy_(0, vis["sel"], x)
+
+    # -- KL in the reward, advantages ---------------------------------------------------------------------
+    def _shape_and_advantage(self, buf: dict[str, Tensor], tabs: dict[str, Tensor],
+                             vis: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Shaped rewards ``r − β·k`` (KL in the reward), advantages and returns ``[R, N, H]``.
 
-        Every per-sample KL quantity depends on the sample only through its (state, action), so it is
-        computed on the tables ``[R, S, A]`` and gathered. Adds to ``tabs``: ``count`` (samples per state ×
-        action) and ``kfull`` (exact per-state KL ``[R, S]``).
+        The penalty of a sample depends on it only through its (state, action): it is computed on the
+        visited rows (``vis``, from :meth:`_visits`; computed here if not given) and gathered. Adds ``kfull``
+        (exact per-state KL of the visited rows ``[P]``) to ``vis``.
         """
         tr, rt = self.cfg.train, self.rt
         valid = buf["valid"]
         R, N, H = valid.shape
-        S, A = self.S, self.A
-        pi_t, ref_t = tabs["logp"], tabs["ref_logp"]
-        idx = buf["idx"].reshape(R, N * H)
-        tabs["count"] = torch.zeros(R, S * A, dtype=self.dtype, device=self.device).scatter_add_(
-            1, idx, valid.reshape(R, N * H).to(self.dtype)).view(R, S, A)
-        tabs["kfull"] = full_kl(pi_t, ref_t)
-        ref_c = self.clamp(pi_t, ref_t, tabs["count"])
-        pen_t = kl_reward_penalty(pi_t, ref_c, tabs["kfull"].unsqueeze(-1), rt)
-        penalty = pen_t.reshape(R, S * A).gather(1, idx).view(R, N, H)
-        shaped = (self.reward_scale * buf["reward"] - penalty) * valid.to(penalty.dtype)
+        if vis is None:
+            vis = self._visits({k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}, tabs)
+        old, ref, run = vis["old"], vis["ref"], vis["run"]
+        vis["kfull"] = full_kl(old, ref, dim=0)
+        ref_c = self.clamp(old, ref, vis["count"], row_run=run)
+        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), rt, row_run=run).reshape(-1)
+        penalty = self._scatter_valid(pen.index_select(0, vis["entry"]), vis, R * N * H)
+        shaped = (self.reward_scale * buf["reward"] - penalty.view(R, N, H)) * valid.to(pen.dtype)
         if self.baseline == "value":
             with torch.no_grad():
                 v = self.value_fn.value(self.params, buf["state"].reshape(R, N * H)).view(R, N, H)
@@ -681,26 +726,31 @@ class DiscreteTrainer(BatchTrainer):
     # -- one PPO update ----------------------------------------------------------------------------------
     def sampled_update(self, update: int) -> dict[str, Tensor]:
         buf, tabs = self.collect(update)
-        buf.update(self._shape_and_advantage(buf, tabs))
         R, N, H = buf["valid"].shape
-        flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid", "adv", "ret")}
-        stats = self._ppo_epochs(flat, update, self._ppo_loss, lambda mb: self._group(mb, tabs))
+        flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}
+        vis = self._visits(flat, tabs)
+        buf.update(self._shape_and_advantage(buf, tabs, vis))
+        flat.update({k: buf[k].reshape(R, N * H) for k in ("adv", "ret")})
+        whole = min(self.cfg.train.minibatches, N * H) == 1  # one full-batch minibatch: its visits are vis
+        stats = self._ppo_epochs(flat, update, self._ppo_loss, lambda mb: self._group(mb, tabs, vis if whole else None))
         self._maybe_log_traj(update, buf, tabs)
         logs, adaptive = self._logs_at(update), bool(self.rt.adaptive.any())
         if not (logs or adaptive):
             return stats
-        count = tabs["count"].to(torch.float64)
-        ks = all_estimates(tabs["logp"], tabs["ref_logp"]).to(torch.float64)  # [R, S, A, 3]
-        k_means = (count.unsqueeze(-1) * ks).sum((1, 2)) / N  # per-episode sums, averaged over the batch
+        count = vis["count"].to(torch.float64)
+        ks = all_estimates(vis["old"], vis["ref"]).to(torch.float64)  # [A, P, 3]
+        kfull = vis["kfull"].to(torch.float64)
+        per_run = self._per_run_sum(torch.cat([count.unsqueeze(-1) * ks, count.unsqueeze(-1),
+                                               (count * kfull).unsqueeze(-1)], dim=-1), vis["rows"]) / N
         out = {"reward": (buf["reward"].to(torch.float64) * buf["valid"]).sum((1, 2)) / N,
-               "kl_k1": k_means[:, 0], "kl_k2": k_means[:, 1], "kl_k3": k_means[:, 2],
-               "kl_full_sampled": (count.sum(-1) * tabs["kfull"].to(torch.float64)).sum(-1) / N,
-               "episode_length": count.sum((1, 2)) / N, **stats}
+               "kl_k1": per_run[:, 0], "kl_k2": per_run[:, 1], "kl_k3": per_run[:, 2],  # per-episode sums
+               "kl_full_sampled": per_run[:, 4], "episode_length": per_run[:, 3], **stats}
         if adaptive:
             self._control_beta(out["kl_k1"], N)
         return out
 
-    def _group(self, mb: dict[str, Tensor], tabs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _group(self, mb: dict[str, Tensor], tabs: dict[str, Tensor], vis: dict[str, Tensor] | None = None
+               ) -> dict[str, Tensor]:
         """Sufficient statistics of a (mini)batch for the PPO loss of a tabular-state policy.
 
         The clipped surrogate of one sample is ``−adv·min(ρ, clip(ρ))`` if ``adv ≥ 0`` and
@@ -709,9 +759,8 @@ class DiscreteTrainer(BatchTrainer):
         positive and negative advantages per (s, a) and returns per s once per (mini)batch gives every
         epoch's loss and gradient exactly.
 
-        Only the (run, state) rows the batch visited carry loss, so the statistics are kept for those rows
-        alone, as action-major tables ``[A, P]``: columns ``0 … M−1`` are the visited rows in (run, state)
-        order, the rest zero padding up to a multiple of :data:`ROW_PAD`. Every sum runs over one row's
+        The statistics are kept for the visited rows alone, as the action-major tables of :meth:`_visits`
+        (``vis``: the minibatch's visits, computed here if not given). Every sum runs over one entry's
         samples in sample order and every per-row computation is elementwise, so a run's numbers do not
         depend on the batch it is trained in.
 
@@ -719,49 +768,30 @@ class DiscreteTrainer(BatchTrainer):
             mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, ``adv``, ``ret``, each ``[R, n]``.
             tabs: the batch's ``logp`` (π_old) and ``ref_logp`` tables ``[R, S, A]``.
         Returns:
-            ``rows [M]`` (flat ``run·S + state``), ``run [P]`` (each column's run; padding: 0), ``count``,
-            ``adv_pos``, ``adv_neg``, ``old`` (log π_old; 0 where unsampled), ``ref`` ``[A, P]``; ``n_s`` (samples per row) ``[P]``;
-            ``n`` (valid samples, ≥ 1) ``[R]``; with a value baseline ``ret_mean`` ``[P]`` and ``ret_ss``
-            (within-state sum of squares) ``[R]``.
+            ``rows [M]``, ``run [P]``, ``count``, ``ref`` (as in :meth:`_visits`), ``adv_pos``, ``adv_neg``,
+            ``old`` (log π_old; 0 where unsampled) ``[A, P]``; ``n_s`` (samples per row) ``[P]``; ``n`` (valid
+            samples, ≥ 1) ``[R]``; with a value baseline ``ret_mean`` ``[P]`` and ``ret_ss`` (within-state sum
+            of squares) ``[R]``.
         """
-        R, S, A = mb["idx"].shape[0], self.S, self.A
-        dev, dt = self.device, self.dtype
-        valid = mb["valid"]
-        flat_row = mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)  # [R, n]
-        if bool(valid.all()):
-            def take(x: Tensor) -> Tensor:
-                return x.reshape(-1)
-        else:
-            sel = valid.reshape(-1).nonzero().squeeze(1)  # valid samples, run-major sample order
-
-            def take(x: Tensor) -> Tensor:
-                return x.reshape(-1)[sel]
-        row_of = take(flat_row)
-        seen = torch.zeros(R * S, dtype=torch.bool, device=dev)
-        seen[row_of] = True
-        rows = seen.nonzero().squeeze(1)
-        M = rows.numel()
-        P = -(-max(M, 1) // ROW_PAD) * ROW_PAD
-        pos = torch.zeros(R * S, dtype=torch.long, device=dev)
-        pos[rows] = torch.arange(M, device=dev)
-        entry = (take(mb["idx"]) - take(mb["state"]) * A) * P + pos[row_of]  # action·P + column
-        adv = take(mb["adv"])
+        vis = vis if vis is not None else self._visits(mb, tabs)
+        R, (A, P) = mb["idx"].shape[0], vis["count"].shape
+        dt, dev = self.dtype, self.device
+        adv = self._take_valid(mb["adv"].reshape(-1), vis)
         zeros = torch.zeros(A * P, dtype=dt, device=dev)
-        run = F.pad(rows // S, (0, P - M))
-        g = {"rows": rows, "run": run, "count": torch.bincount(entry, minlength=A * P).to(dt).view(A, P),
-             "adv_pos": zeros.index_add(0, entry, adv.clamp(min=0)).view(A, P),
-             "adv_neg": zeros.index_add(0, entry, adv.clamp(max=0)).view(A, P),
-             "old": gather_rows(tabs["logp"].reshape(R * S, A), rows, P),  # log π_old; 0 where unsampled
-             "ref": gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P),
-             "n": valid.to(dt).sum(1).clamp(min=1)}
-        # Entries without samples carry no loss; log π_old := 0 there keeps their ratio finite (π_old may be 0).
-        g["old"] = torch.where(g["count"] > 0, g["old"], torch.zeros_like(g["old"]))
-        g["n_s"] = _sum_actions(g["count"])
+        count = vis["count"]
+        g = {"rows": vis["rows"], "run": vis["run"], "count": count, "ref": vis["ref"],
+             "adv_pos": zeros.index_add(0, vis["entry"], adv.clamp(min=0)).view(A, P),
+             "adv_neg": zeros.index_add(0, vis["entry"], adv.clamp(max=0)).view(A, P),
+             # entries without samples carry no loss; log π_old := 0 there keeps their ratio finite
+             "old": torch.where(count > 0, vis["old"], torch.zeros_like(vis["old"])),
+             "n": mb["valid"].to(dt).sum(1).clamp(min=1), "n_s": _sum_actions(count)}
         if self.baseline == "value":
-            ret_sum = torch.zeros(P, dtype=dt, device=dev).index_add_(0, pos[row_of], take(mb["ret"]))
+            ret = mb["ret"]
+            ret_valid = self._take_valid(ret.reshape(-1), vis)
+            ret_sum = torch.zeros(P, dtype=dt, device=dev).index_add_(0, vis["col"], ret_valid)
             g["ret_mean"] = ret_sum / g["n_s"].clamp(min=1)
-            mean_at = g["ret_mean"][pos[flat_row]]  # [R, n]
-            g["ret_ss"] = ((mb["ret"] - mean_at) * valid.to(dt)).square().sum(1)
+            mean_at = self._scatter_valid(g["ret_mean"].index_select(0, vis["col"]), vis, R * ret.shape[1])
+            g["ret_ss"] = ((ret - mean_at.view(ret.shape)) * mb["valid"].to(dt)).square().sum(1)
         return g
 
     def _ppo_loss(self, g: dict[str, Tensor], want_diag: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
@@ -831,17 +861,37 @@ class DiscreteTrainer(BatchTrainer):
         return exp_diag
 
     def _ref64(self) -> Tensor:
-        return self._ref_table().to(torch.float64)
+        """The reference table in float64 ``[R, S, A]`` (recomputed only when the reference changes)."""
+        return self._ref_derived("ref64", lambda: self._ref_table().to(torch.float64))
+
+    def _ref_derived(self, name: str, make: Callable[[], Tensor]) -> Tensor:
+        """``make()``, cached until the reference changes."""
+        if self._ref_derived_version != self.ref_version:
+            self._ref_derived_cache, self._ref_derived_version = {}, self.ref_version
+        if name not in self._ref_derived_cache:
+            self._ref_derived_cache[name] = make()
+        return self._ref_derived_cache[name]
 
     # -- metrics ---------------------------------------------------------------------------------------------
+    def _optimum_key(self) -> tuple:
+        return (self.phase, self.ref_version, tuple(self.rt.beta.tolist()))
+
     def _optimum(self, ref64: Tensor) -> Tensor:
-        key = (self.phase, self.ref_version, tuple(self.rt.beta.tolist()))
+        """log π* ``[R, S, A]``: each run's KL-regularized optimum (cached until phase, reference or β change)."""
+        key = self._optimum_key()
         if key not in self._opt_cache:
             self._opt_cache.clear()
             mdp = self._scaled_mdp.with_reference(ref64)
             beta = self.rt.beta.clamp(min=1e-12)
             _, _, logp_opt = tabular.soft_value_iteration(mdp, beta)
             self._opt_cache[key] = logp_opt
+        return self._opt_cache[key]
+
+    def _optimum_prob(self, ref64: Tensor) -> Tensor:
+        """π* ``[R, S, A]`` (``exp`` of :meth:`_optimum`, cached the same way)."""
+        key = ("prob", self._optimum_key())
+        if key not in self._opt_cache:
+            self._opt_cache[key] = self._optimum(ref64).exp()
         return self._opt_cache[key]
 
     def exact_metrics(self) -> dict[str, Tensor]:
@@ -854,19 +904,22 @@ class DiscreteTrainer(BatchTrainer):
         visited = occ > 1e-9
         kl_s = tabular.kl_per_state(pi, ref)
         ent_s = tabular.entropy_per_state(pi)
-        minp = torch.where(visited, pi.exp().min(-1).values, torch.ones_like(occ)).min(-1).values
-        support = torch.where(visited.unsqueeze(-1), (pi.exp() > 1e-3).to(torch.float64), 0.0).sum(-1)
+        prob = pi.exp()
+        minp = torch.where(visited, prob.min(-1).values, torch.ones_like(occ)).min(-1).values
+        support = torch.where(visited.unsqueeze(-1), (prob > 1e-3).to(torch.float64), 0.0).sum(-1)
+        # KL(π_ref(τ)‖π(τ)) = Σ_s occupancy_ref(s)·KL(π_ref‖π)_s, the reference's occupancy computed once
+        occ_ref = self._ref_derived("occupancy", lambda: tabular.state_occupancy(mdp, ref))
         out = {
             "kl_true": (occ * kl_s).sum(-1),
-            "kl_forward": tabular.sequence_forward_kl(mdp, pi),
+            "kl_forward": (occ_ref * tabular.forward_kl_per_state(pi, ref)).sum(-1),
             "entropy": (occ * ent_s).sum(-1) / length,
             "min_prob": minp,
             "support": (support * occ).sum(-1) / length,
             "return_true": tabular.expected_return(self.mdp, pi),
         }
         if bool((self.rt.beta > 0).all()):
-            opt = self._optimum(ref)
-            out["tv_opt"] = (occ * tabular.total_variation(pi, opt)).sum(-1) / length
+            tv = 0.5 * (prob - self._optimum_prob(ref)).abs().sum(-1)  # tabular.total_variation, exps reused
+            out["tv_opt"] = (occ * tv).sum(-1) / length
         else:
             out["tv_opt"] = torch.full_like(length, float("nan"))
         return out
@@ -874,9 +927,9 @@ class DiscreteTrainer(BatchTrainer):
     def policy_tables(self) -> dict[str, np.ndarray]:
         pi = self.policy.table(self.params).detach().to(torch.float64)
         ref = self._ref64()
-        tabs = {"prob": pi.exp(), "ref_prob": ref.exp()}
+        tabs = {"prob": pi.exp(), "ref_prob": self._ref_derived("prob", ref.exp)}
         if bool((self.rt.beta > 0).all()):
-            tabs["opt_prob"] = self._optimum(ref).exp()
+            tabs["opt_prob"] = self._optimum_prob(ref)
         else:
             tabs["opt_prob"] = torch.full_like(pi, float("nan"))
         return snapshot(tabs)
@@ -925,6 +978,16 @@ def _masked_mean_last(x: Tensor, valid: Tensor) -> Tensor:
     """Per-run mean ``[R, C]`` of ``x [R, n, C]`` over samples where ``valid [R, n]``."""
     w = valid.to(x.dtype).unsqueeze(-1)
     return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+def _finite_per_run(x: Tensor) -> Tensor:
+    """``[R]``: whether every element of run ``r``'s row of ``x [R, n]`` is finite.
+
+    A row's sum is finite unless an element is not (or the sum overflows, which the elementwise check then
+    tells apart): one pass over ``x`` in the common case instead of four.
+    """
+    ok = torch.isfinite(x.sum(-1))
+    return ok if bool(ok.all()) else torch.isfinite(x).all(-1)
 
 
 def _sum_actions(x: Tensor) -> Tensor:
