@@ -23,7 +23,10 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     ``k1 = δ``, ``k2 = ½δ²``, ``k3 = e^{−δ} − 1 + δ`` with ``δ = logp − ref_logp``; shapes broadcast.
     ``k3`` is written with ``expm1`` so it stays accurate (and ≥ 0) for small ``δ``.
     """
-    delta = logp - ref_logp
+    return _from_delta(logp - ref_logp, kind)
+
+
+def _from_delta(delta: Tensor, kind: str) -> Tensor:
     if kind == "k1":
         return delta
     if kind == "k2":
@@ -75,10 +78,11 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tens
         return c[j].view((-1,) + (1,) * (logp.dim() - 1))
 
     w = torch.exp(logp - logp_old) if logp_old is not None else None
+    delta = logp - ref_logp if any(used[:3]) else None
     out: Tensor | None = None
     for j, kind in enumerate(SAMPLED_ESTIMATORS):
         if used[j]:
-            k = kl_estimate(logp, ref_logp, kind)
+            k = _from_delta(delta, kind)
             if w is not None:  # k2's weight carries no gradient (THEORY.md "Off-policy")
                 k = (w.detach() if kind == "k2" else w) * k
             out = weight(j) * k if out is None else out + weight(j) * k

@@ -36,6 +36,12 @@ class BatchedOptimizer:
                          for _ in range(4)] for k, p in params.items()}
         self._count = {k: torch.zeros((), dtype=torch.float32, device=p.device) for k, p in params.items()}
 
+    def grad_buffer(self, key: str) -> Tensor:
+        """The optimizer's gradient buffer for parameter ``key`` (a parameter-shaped view): a caller may write
+        gradients into it and pass it to :meth:`step`, which then skips copying them."""
+        p = self.params[key]
+        return self._buf[key][0][: p.numel()].view(p.shape)
+
     def moments(self, key: str) -> tuple[Tensor, Tensor]:
         """Adam's first and second moment estimates of parameter ``key`` (views, parameter-shaped)."""
         p = self.params[key]
@@ -54,7 +60,8 @@ class BatchedOptimizer:
         keys = list(grads)
         for k in keys:
             g_buf, _, _, d_buf = self._buf[k]
-            g_buf[: grads[k].numel()].copy_(grads[k].reshape(-1))
+            if grads[k].data_ptr() != g_buf.data_ptr():
+                g_buf[: grads[k].numel()].copy_(grads[k].reshape(-1))
             d_buf.zero_()
         adam([self._buf[k][3] for k in keys], [self._buf[k][0] for k in keys], [self._buf[k][1] for k in keys],
              [self._buf[k][2] for k in keys], [], [self._count[k] for k in keys], foreach=False, fused=True,

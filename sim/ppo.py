@@ -24,6 +24,10 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor, done: Tensor, vali
     ``δ_t = r_t + γ·V(s_{t+1})·(1 − done_t) − V(s_t)``, ``A_t = δ_t + γλ·(1 − done_t)·A_{t+1}``; steps
     after the end of an episode (``valid`` false) get 0. With λ = 1 this is the reward-to-go minus
     ``V(s_t)``, so a KL penalty in a later step's reward reaches earlier actions.
+
+    Each row ``[..., T]`` holds one episode from ``t = 0``: ``valid`` is a prefix and ``done`` is set at most
+    at its last valid step (as the samplers write them). With ``γλ = 1`` the recursion is then a reverse
+    cumulative sum of ``δ``, which is how it is computed.
     """
     not_done = (~done).to(rewards.dtype)
     delta = (rewards + gamma * next_values * not_done - values) * valid.to(rewards.dtype)

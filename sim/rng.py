@@ -6,7 +6,9 @@ that without a Python loop over runs, so reflab draws every random number as a h
 ``(run key, stream, counter)``: ``u = triple32(key ^ triple32(stream ^ counter))``-style mixing, computed
 with int64 tensor ops. A 32 × 32-bit product can exceed int64; tensor kernels wrap modulo 2^64, whose low
 32 bits are what the hash needs. That is checked once at import against a product split into 16-bit
-halves (which never overflows), and the split form is used if the check fails.
+halves (which never overflows), and the split form is used if the check fails. Per-element draws
+(:func:`uniform_at`) run the same hash on int32 bit patterns when a check at import shows int32 products
+wrap modulo 2^32 (bitwise the same numbers, half the memory traffic).
 
 The hash is Chris Wellons' ``triple32`` (an exact-bias 32-bit integer permutation); uniforms have 2^-32
 resolution, which is ample for categorical sampling of probabilities above ~1e-9.
@@ -54,6 +56,32 @@ def hash32(x: Tensor) -> Tensor:
     return x
 
 
+def _signed32(c: int) -> int:
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _hash32_i32(x: Tensor) -> Tensor:
+    """:func:`hash32` on int32 tensors holding the same 32-bit patterns (products wrap modulo 2^32; the
+    right shifts are made logical by masking). Half the memory of the int64 form and a native vector
+    multiply; used for the per-element draws when :data:`_I32_EXACT`."""
+    x = x ^ ((x >> 17) & 0x7FFF)
+    x = x * _signed32(0xED5AD4BB)
+    x = x ^ ((x >> 11) & 0x1FFFFF)
+    x = x * _signed32(0xAC4C1B51)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _signed32(0x31848BAB)
+    return x ^ ((x >> 14) & 0x3FFFF)
+
+
+def _i32_is_exact() -> bool:
+    x = torch.cat([torch.tensor([0, 1, 2**31 - 1, 2**31, _MASK32 - 1, _MASK32, 0x9E3779B9]),
+                   torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0))])
+    x = x.repeat(3)  # long enough for the vectorized loops and their remainders
+    as_i32 = hash32(x).to(torch.int32)
+    return torch.equal(_hash32_i32(x.to(torch.int32)), as_i32) and torch.equal(
+        _hash32_i32(x[:7].to(torch.int32)), as_i32[:7])
+
+
 def fold(key: Tensor, value: int | Tensor) -> Tensor:
     """A new key derived from ``key`` (int64 ``[R]``) and ``value``: independent streams per value."""
     v = torch.as_tensor(value, dtype=torch.long, device=key.device) & _MASK32
@@ -66,16 +94,17 @@ def run_keys(seeds: list[int] | Tensor, device: torch.device | str = "cpu") -> T
     return hash32(hash32(s & _MASK32) ^ ((s >> 32) & _MASK32))
 
 
-_COUNTER_CACHE: dict[tuple[int, str], Tensor] = {}
+_COUNTER_CACHE: dict[tuple[int, str, torch.dtype], Tensor] = {}
+_I32_EXACT = _i32_is_exact()
 
 
-def _hashed_counter(n: int, device: torch.device) -> Tensor:
-    """``hash32(arange(n))``, cached: the same for every call of that size."""
-    k = (n, str(device))
+def _hashed_counter(n: int, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """``hash32(arange(n))`` (as ``dtype``: int64, or int32 bit patterns), cached per size."""
+    k = (n, str(device), dtype)
     if k not in _COUNTER_CACHE:
         if len(_COUNTER_CACHE) > 64:
             _COUNTER_CACHE.clear()
-        _COUNTER_CACHE[k] = hash32(torch.arange(n, dtype=torch.long, device=device))
+        _COUNTER_CACHE[k] = hash32(torch.arange(n, dtype=torch.long, device=device)).to(dtype)
     return _COUNTER_CACHE[k]
 
 
@@ -94,9 +123,14 @@ def uniform_at(key: Tensor, index: Tensor, n: int, dtype: torch.dtype = torch.fl
     """Selected elements of :func:`uniform` streams, bitwise equal to them: element ``index[k]`` of
     ``uniform(key[k], shape)`` for any ``shape`` of ``n`` elements. ``key`` and ``index`` are ``[K]`` (or
     broadcast against each other)."""
-    h = hash32(key ^ torch.take(_hashed_counter(n, key.device), index))
-    h = hash32(h ^ (key >> 7))
-    return ((h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)).to(dtype)
+    if not _I32_EXACT:
+        h = hash32(key ^ torch.take(_hashed_counter(n, key.device), index))
+        h = hash32(h ^ (key >> 7))
+        return ((h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)).to(dtype)
+    k = key.to(torch.int32)
+    h = _hash32_i32(k ^ torch.take(_hashed_counter(n, key.device, torch.int32), index))
+    h = _hash32_i32(h ^ ((key >> 7).to(torch.int32)))
+    return (((h.to(torch.long) & _MASK32).to(torch.float64) + 0.5) * (1.0 / 4294967296.0)).to(dtype)
 
 
 def normal(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> Tensor:
