@@ -52,8 +52,8 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tens
                       logp_old: Tensor | None = None, run_index: Tensor | None = None) -> Tensor:
     """``Σ_j coef[r, j]·k_j`` per sample: each run's own estimator, scaled (by β and its placement mask).
 
-    Only estimators with a non-zero coefficient in some run are computed, so a batch mixing runs of every
-    placement × estimator costs little more than one estimator.
+    Only estimators with a non-zero coefficient in some run (with ``run_index``: some indexed run) are
+    computed, so a batch mixing runs of every placement × estimator costs little more than one estimator.
 
     Args:
         logp: ``[R, ...]`` log π of the sampled actions (carrying gradient in the loss); with
@@ -71,13 +71,16 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tens
     """
     used = (coef != 0).any(0).tolist()
     c = coef.to(logp.dtype).t().contiguous()  # [4, R]: each estimator's weights contiguous
+    weights: list[Tensor | None] = [None] * 4
+    for j in range(4):
+        if used[j]:
+            if run_index is None:
+                weights[j] = c[j].view((-1,) + (1,) * (logp.dim() - 1))
+            else:  # only estimators that some indexed run uses (e.g. a block of rows)
+                weights[j] = c[j].index_select(0, run_index)
+                used[j] = bool((weights[j] != 0).any())
 
-    def weight(j: int) -> Tensor:
-        if run_index is not None:
-            return c[j].index_select(0, run_index)
-        return c[j].view((-1,) + (1,) * (logp.dim() - 1))
-
-    w = torch.exp(logp - logp_old) if logp_old is not None else None
+    w = torch.exp(logp - logp_old) if logp_old is not None and any(used[:3]) else None
     delta = logp - ref_logp if any(used[:3]) else None
     out: Tensor | None = None
     for j, kind in enumerate(SAMPLED_ESTIMATORS):
@@ -85,10 +88,10 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tens
             k = _from_delta(delta, kind)
             if w is not None:  # k2's weight carries no gradient (THEORY.md "Off-policy")
                 k = (w.detach() if kind == "k2" else w) * k
-            out = weight(j) * k if out is None else out + weight(j) * k
+            out = weights[j] * k if out is None else out + weights[j] * k
     if used[3]:
         kf = k_full() if callable(k_full) else k_full
-        out = weight(3) * kf if out is None else out + weight(3) * kf
+        out = weights[3] * kf if out is None else out + weights[3] * kf
     if out is None:
         return torch.zeros_like(logp)
     return out if out.shape == logp.shape else out.expand_as(logp).clone()
