@@ -595,7 +595,8 @@ class DiscreteTrainer(BatchTrainer):
         else:
             state = torch.zeros(R * N, dtype=torch.long, device=dev)
         pi_t, ref_t = self._tables()
-        cdf = pi_t.exp().cumsum(-1).to(torch.float64).reshape(R * S, A)
+        # float32 CDF rows (compared with float64 uniforms after exact promotion)
+        cdf = pi_t.exp().cumsum(-1).reshape(R * S, A)
         taken: dict[str, list[Tensor]] = {"at": [], "state": [], "action": [], "reward": [], "done": []}
         ep: Tensor | None = None  # running episodes (flat run·N + n); None: all of them
         run = torch.arange(R, device=dev).unsqueeze(1)  # [R, 1] while all run, then per episode
@@ -605,7 +606,7 @@ class DiscreteTrainer(BatchTrainer):
             counter = n * H + t
             u = rng.uniform_at(k_act.index_select(0, run.view(-1)).view(run.shape), counter, N * H).reshape(-1)
             if S == 1 and ep is None:  # one state, every episode running: binary search in the run's CDF
-                a = torch.searchsorted(cdf, u.view(R, N), right=True).view(-1)
+                a = torch.searchsorted(cdf.to(u.dtype), u.view(R, N), right=True).view(-1)
             else:
                 rows = (run * S).expand(R, N).reshape(-1) + s if ep is None else run * S + s
                 a = (u.unsqueeze(-1) >= cdf.index_select(0, rows)).sum(-1)
