@@ -272,13 +272,13 @@ def layers(mdp: TabularMDP) -> list[Tensor] | None:
     return mdp.layers
 
 
-def state_occupancy(mdp: TabularMDP, logp: Tensor) -> Tensor:
+def state_occupancy(mdp: TabularMDP, logp: Tensor, prob: Tensor | None = None) -> Tensor:
     """Expected number of visits ``[..., S]`` to each state in one episode under policy ``logp [..., S, A]``.
 
     For layered MDPs this is the probability that the episode passes through the state; its sum is the
-    expected episode length.
+    expected episode length. ``prob`` (optional) is ``logp.exp()`` when the caller has it already.
     """
-    pi = logp.exp()
+    pi = logp.exp() if prob is None else prob
     S, A, K = mdp.next_state.shape
     P = mdp.next_prob.to(pi)
     batch = pi.shape[:-2]
@@ -329,15 +329,16 @@ def _backward_induction(mdp: TabularMDP, r: Tensor, batch: torch.Size,
     return v_ext[..., :S], q
 
 
-def kl_per_state(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Reverse KL(π‖π_ref) per state, ``[..., S]``; ``0·log 0`` counts as 0."""
-    pi = logp.exp()
+def kl_per_state(logp: Tensor, ref_logp: Tensor, prob: Tensor | None = None) -> Tensor:
+    """Reverse KL(π‖π_ref) per state, ``[..., S]``; ``0·log 0`` counts as 0 (``prob``: ``logp.exp()`` if known)."""
+    pi = logp.exp() if prob is None else prob
     return torch.where(pi > 0, pi * (logp - ref_logp), torch.zeros_like(pi)).sum(-1)
 
 
-def forward_kl_per_state(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Forward KL(π_ref‖π) per state, ``[..., S]`` (``inf`` where π drops an action π_ref keeps)."""
-    ref = ref_logp.exp()
+def forward_kl_per_state(logp: Tensor, ref_logp: Tensor, ref_prob: Tensor | None = None) -> Tensor:
+    """Forward KL(π_ref‖π) per state, ``[..., S]`` (``inf`` where π drops an action π_ref keeps;
+    ``ref_prob``: ``ref_logp.exp()`` if known)."""
+    ref = ref_logp.exp() if ref_prob is None else ref_prob
     return torch.where(ref > 0, ref * (ref_logp - logp), torch.zeros_like(ref)).sum(-1)
 
 
@@ -353,16 +354,17 @@ def sequence_forward_kl(mdp: TabularMDP, logp: Tensor) -> Tensor:
     return (state_occupancy(mdp, ref) * forward_kl_per_state(logp, ref)).sum(-1)
 
 
-def policy_evaluation(mdp: TabularMDP, logp: Tensor, extra_reward: Tensor | None = None
-                      ) -> tuple[Tensor, Tensor]:
+def policy_evaluation(mdp: TabularMDP, logp: Tensor, extra_reward: Tensor | None = None,
+                      prob: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact finite-horizon values of policy ``logp [..., S, A]``.
 
     Args:
         extra_reward: optional ``[..., S, A]`` added to the expected reward (e.g. a KL penalty).
+        prob: ``logp.exp()``, if the caller has it already.
     Returns:
         ``(V [..., S], Q [..., S, A])``.
     """
-    pi = logp.exp()
+    pi = logp.exp() if prob is None else prob
     r = mdp.expected_reward.to(pi)
     if extra_reward is not None:
         r = r + extra_reward
@@ -375,9 +377,10 @@ def _broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
     return torch.Size(np.broadcast_shapes(*shapes))
 
 
-def expected_return(mdp: TabularMDP, logp: Tensor) -> Tensor:
-    """Exact expected episode reward ``[...]`` of policy ``logp [..., S, A]``."""
-    v, _ = policy_evaluation(mdp, logp)
+def expected_return(mdp: TabularMDP, logp: Tensor, prob: Tensor | None = None) -> Tensor:
+    """Exact expected episode reward ``[...]`` of policy ``logp [..., S, A]`` (``prob``: ``logp.exp()`` if
+    known)."""
+    v, _ = policy_evaluation(mdp, logp, prob=prob)
     return (mdp.init_prob.to(v) * v).sum(-1)
 
 
@@ -411,9 +414,9 @@ def total_variation(logp: Tensor, other_logp: Tensor) -> Tensor:
     return 0.5 * (logp.exp() - other_logp.exp()).abs().sum(-1)
 
 
-def entropy_per_state(logp: Tensor) -> Tensor:
-    """Per-state entropy ``[..., S]`` in nats."""
-    pi = logp.exp()
+def entropy_per_state(logp: Tensor, prob: Tensor | None = None) -> Tensor:
+    """Per-state entropy ``[..., S]`` in nats (``prob``: ``logp.exp()`` if known)."""
+    pi = logp.exp() if prob is None else prob
     return -torch.where(pi > 0, pi * logp, torch.zeros_like(pi)).sum(-1)
 
 

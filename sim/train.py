@@ -981,25 +981,27 @@ class DiscreteTrainer(BatchTrainer):
     def exact_metrics(self) -> dict[str, Tensor]:
         """Exact (float64) KL to the reference, entropy, support, return and distance to the optimum."""
         pi = self.policy.table(self.params).detach().to(torch.float64)
+        prob = pi.exp()
         ref = self._ref64()
         mdp = self.mdp.with_reference(ref)
-        occ = tabular.state_occupancy(mdp, pi)
+        occ = tabular.state_occupancy(mdp, pi, prob)
         length = occ.sum(-1).clamp(min=1e-12)
         visited = occ > 1e-9
-        kl_s = tabular.kl_per_state(pi, ref)
-        ent_s = tabular.entropy_per_state(pi)
-        prob = pi.exp()
+        kl_s = tabular.kl_per_state(pi, ref, prob)
+        ent_s = tabular.entropy_per_state(pi, prob)
         minp = torch.where(visited, prob.min(-1).values, torch.ones_like(occ)).min(-1).values
         support = torch.where(visited.unsqueeze(-1), (prob > 1e-3).to(torch.float64), 0.0).sum(-1)
-        # KL(π_ref(τ)‖π(τ)) = Σ_s occupancy_ref(s)·KL(π_ref‖π)_s, the reference's occupancy computed once
-        occ_ref = self._ref_derived("occupancy", lambda: tabular.state_occupancy(mdp, ref))
+        # KL(π_ref(τ)‖π(τ)) = Σ_s occupancy_ref(s)·KL(π_ref‖π)_s; the reference's occupancy and probabilities
+        # are computed once per reference
+        ref_prob = self._ref_derived("prob", ref.exp)
+        occ_ref = self._ref_derived("occupancy", lambda: tabular.state_occupancy(mdp, ref, ref_prob))
         out = {
             "kl_true": (occ * kl_s).sum(-1),
-            "kl_forward": (occ_ref * tabular.forward_kl_per_state(pi, ref)).sum(-1),
+            "kl_forward": (occ_ref * tabular.forward_kl_per_state(pi, ref, ref_prob)).sum(-1),
             "entropy": (occ * ent_s).sum(-1) / length,
             "min_prob": minp,
             "support": (support * occ).sum(-1) / length,
-            "return_true": tabular.expected_return(self.mdp, pi),
+            "return_true": tabular.expected_return(self.mdp, pi, prob),
         }
         if bool((self.rt.beta > 0).all()):
             tv = 0.5 * (prob - self._optimum_prob(ref)).abs().sum(-1)  # tabular.total_variation, exps reused
