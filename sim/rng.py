@@ -60,17 +60,33 @@ def _signed32(c: int) -> int:
     return c - (1 << 32) if c >= 1 << 31 else c
 
 
+_I32_CONSTANTS: dict[str, dict[str, Tensor]] = {}
+
+
+def _i32(device: torch.device) -> dict[str, Tensor]:
+    """The int32 hash's constants as 0-d int32 tensors on ``device`` (a Python int operand would be cast
+    from int64 on every op)."""
+    key = str(device)
+    if key not in _I32_CONSTANTS:
+        values = {"s17": 17, "m15": 0x7FFF, "c1": _signed32(0xED5AD4BB), "s11": 11, "m21": 0x1FFFFF,
+                  "c2": _signed32(0xAC4C1B51), "s15": 15, "m17": 0x1FFFF, "c3": _signed32(0x31848BAB),
+                  "s14": 14, "m18": 0x3FFFF, "s7": 7, "m25": 0x1FFFFFF}
+        _I32_CONSTANTS[key] = {k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in values.items()}
+    return _I32_CONSTANTS[key]
+
+
 def _hash32_i32(x: Tensor) -> Tensor:
     """:func:`hash32` on int32 tensors holding the same 32-bit patterns (products wrap modulo 2^32; the
     right shifts are made logical by masking). Half the memory of the int64 form and a native vector
     multiply; used for the per-element draws when :data:`_I32_EXACT`."""
-    x = x ^ ((x >> 17) & 0x7FFF)
-    x = x * _signed32(0xED5AD4BB)
-    x = x ^ ((x >> 11) & 0x1FFFFF)
-    x = x * _signed32(0xAC4C1B51)
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _signed32(0x31848BAB)
-    return x ^ ((x >> 14) & 0x3FFFF)
+    c = _i32(x.device)
+    x = x ^ ((x >> c["s17"]) & c["m15"])
+    x = x * c["c1"]
+    x = x ^ ((x >> c["s11"]) & c["m21"])
+    x = x * c["c2"]
+    x = x ^ ((x >> c["s15"]) & c["m17"])
+    x = x * c["c3"]
+    return x ^ ((x >> c["s14"]) & c["m18"])
 
 
 def _i32_is_exact() -> bool:
@@ -127,10 +143,13 @@ def uniform_at(key: Tensor, index: Tensor, n: int, dtype: torch.dtype = torch.fl
         h = hash32(key ^ torch.take(_hashed_counter(n, key.device), index))
         h = hash32(h ^ (key >> 7))
         return ((h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)).to(dtype)
+    c = _i32(key.device)
     k = key.to(torch.int32)
     h = _hash32_i32(k ^ torch.take(_hashed_counter(n, key.device, torch.int32), index))
-    h = _hash32_i32(h ^ ((key >> 7).to(torch.int32)))
-    return (((h.to(torch.long) & _MASK32).to(torch.float64) + 0.5) * (1.0 / 4294967296.0)).to(dtype)
+    h = _hash32_i32(h ^ ((k >> c["s7"]) & c["m25"]))  # key >> 7 of the 32-bit key
+    u = h.to(torch.float64)
+    u = torch.where(h < 0, u + 4294967296.0, u)  # the unsigned value of the bit pattern
+    return ((u + 0.5) * (1.0 / 4294967296.0)).to(dtype)
 
 
 def normal(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> Tensor:
