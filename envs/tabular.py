@@ -409,9 +409,13 @@ def soft_value_iteration(mdp: TabularMDP, beta: float | Tensor) -> tuple[Tensor,
     return v, q, logp_opt
 
 
-def total_variation(logp: Tensor, other_logp: Tensor) -> Tensor:
-    """Per-state total variation distance ``[..., S]`` between two policies."""
-    return 0.5 * (logp.exp() - other_logp.exp()).abs().sum(-1)
+def total_variation(logp: Tensor, other_logp: Tensor, prob: Tensor | None = None,
+                    other_prob: Tensor | None = None) -> Tensor:
+    """Per-state total variation distance ``[..., S]`` between two policies (``prob``, ``other_prob``: their
+    ``exp`` if known)."""
+    p = logp.exp() if prob is None else prob
+    q = other_logp.exp() if other_prob is None else other_prob
+    return 0.5 * (p - q).abs().sum(-1)
 
 
 def entropy_per_state(logp: Tensor, prob: Tensor | None = None) -> Tensor:

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -200,27 +201,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "devices": {}}
     for dev in devices:
         rep: dict[str, Any] = {}
-        rep["bandit_grid"] = time_native(bandit_grid(args.updates, device=dev), args.repeats)
-        _print(dev, f"bandit grid (400 runs, one process, {args.threads} thread(s))", rep["bandit_grid"],
-               target="≤ 10 s, ≥ 3 M steps/s")
-        if dev == "cpu" and default_workers() > args.threads:
-            torch.set_num_threads(default_workers())
-            rep["bandit_grid_threads"] = time_native(bandit_grid(args.updates), args.repeats)
-            torch.set_num_threads(args.threads)
-            _print(dev, f"bandit grid (400 runs, one process, {default_workers()} threads)", rep["bandit_grid_threads"],
-                   target="≤ 10 s, ≥ 3 M steps/s")
-        if dev == "cpu" and args.workers > 1:
-            rep["bandit_grid_workers"] = time_native_workers(bandit_grid(args.updates), args.workers, args.repeats)
-            _print(dev, f"bandit grid (400 runs, {args.workers} worker processes)", rep["bandit_grid_workers"],
-                   target="≤ 10 s, ≥ 3 M steps/s")
-        rep["gridworld_grid"] = time_native(gridworld_grid(args.grid_updates, device=dev), args.repeats)
-        _print(dev, f"gridworld grid (400 runs, one process, {args.threads} thread(s))", rep["gridworld_grid"],
-               target="≥ 2 M steps/s")
-        if dev == "cpu" and args.workers > 1:
-            rep["gridworld_grid_workers"] = time_native_workers(gridworld_grid(args.grid_updates), args.workers,
-                                                                args.repeats)
-            _print(dev, f"gridworld grid (400 runs, {args.workers} worker processes)", rep["gridworld_grid_workers"],
-                   target="≥ 2 M steps/s")
+        _grid_cases(rep, dev, args, "bandit_grid", "bandit grid", lambda d: bandit_grid(args.updates, device=d),
+                    "≤ 10 s, ≥ 3 M steps/s", with_threads=True)
+        _grid_cases(rep, dev, args, "gridworld_grid", "gridworld grid",
+                    lambda d: gridworld_grid(args.grid_updates, device=d), "≥ 2 M steps/s", with_threads=False)
         if dev == "cpu" and not args.no_sb3:
             rep["sb3"] = time_sb3(args.sb3_steps, args.repeats)
             best = max(rep[k]["steps_per_s"] for k in ("bandit_grid", "bandit_grid_threads", "bandit_grid_workers")
@@ -240,6 +224,23 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                   f"{row['steps_per_s'] / 1e6:7.2f} M steps/s  peak RSS {row['peak_rss_mb']:7.0f} MB", flush=True)
         report["devices"][dev] = rep
     return report
+
+
+def _grid_cases(rep: dict[str, Any], dev: str, args: argparse.Namespace, key: str, label: str,
+                make: Callable[[str], list[Config]], target: str, with_threads: bool) -> None:
+    """A 400-run grid in one process (``args.threads`` threads), optionally with all cores' threads, and on
+    CPU split over ``args.workers`` worker processes; results under ``key``, ``key_threads``, ``key_workers``."""
+    rep[key] = time_native(make(dev), args.repeats)
+    _print(dev, f"{label} (400 runs, one process, {args.threads} thread(s))", rep[key], target=target)
+    if with_threads and dev == "cpu" and default_workers() > args.threads:
+        torch.set_num_threads(default_workers())
+        rep[f"{key}_threads"] = time_native(make("cpu"), args.repeats)
+        torch.set_num_threads(args.threads)
+        _print(dev, f"{label} (400 runs, one process, {default_workers()} threads)", rep[f"{key}_threads"],
+               target=target)
+    if dev == "cpu" and args.workers > 1:
+        rep[f"{key}_workers"] = time_native_workers(make("cpu"), args.workers, args.repeats)
+        _print(dev, f"{label} (400 runs, {args.workers} worker processes)", rep[f"{key}_workers"], target=target)
 
 
 def _print(dev: str, name: str, res: dict[str, Any], target: str) -> None:

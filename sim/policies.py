@@ -45,6 +45,15 @@ def gather_rows(table: Tensor, rows: Tensor, size: int) -> Tensor:
     return F.pad(x.t() if x.dim() == 2 else x, (0, size - rows.numel()))
 
 
+def sum_actions(x: Tensor) -> Tensor:
+    """``x [A, M] → [M]``: the sum over the action axis of an action-major table, left to right (the same
+    order for every column, wherever it sits)."""
+    total = x[0]
+    for a in range(1, x.shape[0]):
+        total = total + x[a]
+    return total
+
+
 def log_softmax_action_major(logits: Tensor) -> Tensor:
     """``log_softmax`` over the action axis of action-major logits ``[A, M]``.
 
@@ -56,11 +65,7 @@ def log_softmax_action_major(logits: Tensor) -> Tensor:
     for a in range(1, logits.shape[0]):
         m = torch.maximum(m, logits[a])
     z = logits - m.detach()
-    e = z.exp()
-    total = e[0]
-    for a in range(1, logits.shape[0]):
-        total = total + e[a]
-    return z - total.log()
+    return z - sum_actions(z.exp()).log()
 
 
 class TabularPolicy:
@@ -79,10 +84,15 @@ class TabularPolicy:
         """Log-probabilities ``[R, S, A]`` of every state."""
         return log_softmax_actions(params["logits"])
 
+    def row_logits(self, params: Params, rows: Tensor, size: int) -> Tensor:
+        """The logits of rows ``rows [M]`` (flat ``run·S + state``, ``M ≤ size``) as an action-major table
+        ``[A, size]``, zero past column ``M``."""
+        return gather_rows(params["logits"].reshape(-1, self.n_actions), rows, size)
+
     def rows(self, params: Params, rows: Tensor, size: int) -> Tensor:
-        """Log-probabilities of rows ``rows [M]`` (flat ``run·S + state``, ``M ≤ size``) as an action-major
-        table ``[A, size]``; columns past ``M`` hold the uniform policy (zero logits)."""
-        return log_softmax_action_major(gather_rows(params["logits"].reshape(-1, self.n_actions), rows, size))
+        """Log-probabilities of rows ``rows [M]`` as an action-major table ``[A, size]``; columns past ``M``
+        hold the uniform policy (zero logits)."""
+        return log_softmax_action_major(self.row_logits(params, rows, size))
 
 
 class MLPPolicy(TabularPolicy):

@@ -33,7 +33,15 @@ from sim.config import Config, batch_signature
 from sim.kl import ESTIMATORS, PLACEMENTS, all_estimates, full_kl, weighted_estimate
 from sim.memory import keep_freed_memory, release_free_memory
 from sim.optim import BatchedOptimizer, clip_grad_norm_per_run, grad_norm_per_run
-from sim.policies import MLPPolicy, MLPValue, TabularPolicy, TabularValue, gather_rows, log_softmax_action_major
+from sim.policies import (
+    MLPPolicy,
+    MLPValue,
+    TabularPolicy,
+    TabularValue,
+    gather_rows,
+    log_softmax_action_major,
+    sum_actions,
+)
 from sim.ppo import gae, normalize_per_run
 
 ProgressFn = Callable[[int, int], None]
@@ -538,7 +546,6 @@ class DiscreteTrainer(BatchTrainer):
             self.params[k].requires_grad_(True)
         self._make_optimizer()
         self._opt_cache: dict = {}
-        self._ref_cache, self._ref_cache_version = None, -1
         self._ref_derived_cache: dict[str, Tensor] = {}
         self._ref_derived_version = -1
         self._scaled_mdp = self.mdp
@@ -566,11 +573,10 @@ class DiscreteTrainer(BatchTrainer):
 
     def _ref_table(self) -> Tensor:
         """The reference's log-probability table ``[R, S, A]``, recomputed only when the reference changes."""
-        if self._ref_cache_version != self.ref_version:
+        def make() -> Tensor:
             with torch.no_grad():
-                self._ref_cache = self.policy.table(self.ref_params).contiguous()
-            self._ref_cache_version = self.ref_version
-        return self._ref_cache
+                return self.policy.table(self.ref_params).contiguous()
+        return self._ref_derived("table", make)
 
     # -- sampling ---------------------------------------------------------------------------------------
     def collect(self, update: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -599,23 +605,24 @@ class DiscreteTrainer(BatchTrainer):
         # float32 CDF rows (compared with float64 uniforms after exact promotion)
         cdf = pi_t.exp().cumsum(-1).reshape(R * S, A)
         taken: dict[str, list[Tensor]] = {"at": [], "state": [], "action": [], "reward": [], "done": []}
+        def draw(stream_key: Tensor, run: Tensor, counter: Tensor) -> Tensor:
+            """Element ``counter`` of each running episode's ``[N, H]`` stream, flat."""
+            return rng.uniform_at(stream_key.index_select(0, run.view(-1)).view(run.shape), counter, N * H).reshape(-1)
+
         ep: Tensor | None = None  # running episodes (flat run·N + n); None: all of them
         run = torch.arange(R, device=dev).unsqueeze(1)  # [R, 1] while all run, then per episode
         n = torch.arange(N, device=dev).unsqueeze(0)  # [1, N] while all run, then per episode
         for t in range(H):
             s = state  # running episodes only: never the sink
             counter = n * H + t
-            u = rng.uniform_at(k_act.index_select(0, run.view(-1)).view(run.shape), counter, N * H).reshape(-1)
+            u = draw(k_act, run, counter)
             if S == 1 and ep is None:  # one state, every episode running: binary search in the run's CDF
                 a = torch.searchsorted(cdf.to(u.dtype), u.view(R, N), right=True).view(-1)
             else:
                 rows = (run * S).expand(R, N).reshape(-1) + s if ep is None else run * S + s
                 a = (u.unsqueeze(-1) >= cdf.index_select(0, rows)).sum(-1)
             a = a.clamp_(max=A - 1)
-            if k_out is None:
-                u_out = u
-            else:
-                u_out = rng.uniform_at(k_out.index_select(0, run.view(-1)).view(run.shape), counter, N * H).reshape(-1)
+            u_out = u if k_out is None else draw(k_out, run, counter)
             zt = None if z is None else (z[:, t] if ep is None else z[:, t].index_select(0, ep))
             nxt, r, end = self.core.step(s, a, u_out, zt)
             at = (torch.arange(R * N, device=dev) if ep is None else ep) * H + t  # flat (run·N + n)·H + t
@@ -675,8 +682,9 @@ class DiscreteTrainer(BatchTrainer):
         pos.index_copy_(0, rows, torch.arange(M, device=dev))
         col = pos.index_select(0, row_of)
         action = self._take_valid(mb["idx"].reshape(-1), v) - row_of % S * A
-        v.update(rows=rows, run=F.pad(rows // S, (0, P - M)), col=col, entry=action * P + col,
-                 count=torch.bincount(action * P + col, minlength=A * P).to(self.dtype).view(A, P),
+        entry = action * P + col
+        v.update(rows=rows, run=F.pad(rows // S, (0, P - M)), col=col, entry=entry,
+                 count=torch.bincount(entry, minlength=A * P).to(self.dtype).view(A, P),
                  old=gather_rows(tabs["logp"].reshape(R * S, A), rows, P),
                  ref=gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P))
         return v
@@ -795,7 +803,7 @@ class DiscreteTrainer(BatchTrainer):
              "adv_neg": zeros.index_add(0, vis["entry"], adv.clamp(max=0)).view(A, P),
              # entries without samples carry no loss; log π_old := 0 there keeps their ratio finite
              "old": torch.where(count > 0, vis["old"], torch.zeros_like(vis["old"])),
-             "n": mb["valid"].to(dt).sum(1).clamp(min=1), "n_s": _sum_actions(count)}
+             "n": mb["valid"].to(dt).sum(1).clamp(min=1), "n_s": sum_actions(count)}
         if self.baseline == "value":
             ret = mb["ret"]
             ret_valid = self._take_valid(ret.reshape(-1), vis)
@@ -810,12 +818,14 @@ class DiscreteTrainer(BatchTrainer):
         differentiable with respect to the policy and value parameters."""
         rows, P = g["rows"], g["count"].shape[1]
         lp = self.policy.rows(self.params, rows, P)  # [A, P], carries gradient
-        v = None
-        if self.baseline == "value":
-            v = gather_rows(self.value_fn.table(self.params).reshape(-1), rows, P)
+        v = self._value_rows(rows, P) if self.baseline == "value" else None
         per_row, parts = self._rows_loss(g, slice(None), lp, v, want_diag)
         sums = torch.zeros(self.R, dtype=per_row.dtype, device=self.device).index_add(0, g["run"], per_row)
         return self._mean_loss(g, sums), self._loss_diagnostics(g, parts) if want_diag else {}
+
+    def _value_rows(self, rows: Tensor, size: int) -> Tensor:
+        """State values of rows ``rows [M]`` as ``[size]`` (zero past ``M``)."""
+        return gather_rows(self.value_fn.table(self.params).reshape(-1), rows, size)
 
     def _mean_loss(self, g: dict[str, Tensor], sums: Tensor) -> Tensor:
         """Per-run loss ``[R]`` from :meth:`_rows_loss`'s sums: divided by the samples, plus the value loss's
@@ -839,8 +849,9 @@ class DiscreteTrainer(BatchTrainer):
         """
         rows, (A, P) = g["rows"], g["count"].shape
         M = rows.numel()
-        x_all = gather_rows(self.params["logits"].detach().reshape(-1, A), rows, P)
-        v_all = gather_rows(self.params["v"].detach().reshape(-1), rows, P) if self.baseline == "value" else None
+        with torch.no_grad():
+            x_all = self.policy.row_logits(self.params, rows, P)
+            v_all = self._value_rows(rows, P) if self.baseline == "value" else None
         gx = torch.empty_like(x_all)
         gv = torch.empty_like(v_all) if v_all is not None else None
         loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
@@ -886,10 +897,10 @@ class DiscreteTrainer(BatchTrainer):
                + g["adv_neg"][:, cols] * ratio.clamp(min=1.0 - tr.clip))
         ref_lp = self.clamp(lp, ref, n, row_run=run)
         kl = n * kl_loss_term(lp, old, ref_lp, lambda: full_kl(lp, ref, dim=0).unsqueeze(0), rt, row_run=run)
-        per_row = _sum_actions(pg + kl)
+        per_row = sum_actions(pg + kl)
         if tr.ent_coef > 0:
             pi = lp.exp()
-            entropy = -_sum_actions(torch.where(pi > 0, pi * lp, torch.zeros_like(pi)))
+            entropy = -sum_actions(torch.where(pi > 0, pi * lp, torch.zeros_like(pi)))
             per_row = per_row - tr.ent_coef * g["n_s"][cols] * entropy
         if v is not None:
             v_sq = g["n_s"][cols] * (v - g["ret_mean"][cols]).square()
@@ -918,7 +929,7 @@ class DiscreteTrainer(BatchTrainer):
         ``[S, A]`` table in a fixed order, so a run's sum does not depend on the other runs' rows."""
         A, _, C = x.shape
         dense = torch.zeros(self.R * self.S, A, C, dtype=x.dtype, device=x.device)
-        dense[rows] = x[:, : rows.numel()].transpose(0, 1)
+        dense.index_copy_(0, rows, x[:, : rows.numel()].transpose(0, 1))
         return dense.view(self.R, -1, C).sum(1)
 
     # -- exact mode ---------------------------------------------------------------------------------------
@@ -1006,7 +1017,7 @@ class DiscreteTrainer(BatchTrainer):
             "return_true": tabular.expected_return(self.mdp, pi, prob),
         }
         if bool((self.rt.beta > 0).all()):
-            tv = 0.5 * (prob - self._optimum_prob(ref)).abs().sum(-1)  # tabular.total_variation, exps reused
+            tv = tabular.total_variation(pi, self._optimum(ref), prob, self._optimum_prob(ref))
             out["tv_opt"] = (occ * tv).sum(-1) / length
         else:
             out["tv_opt"] = torch.full_like(length, float("nan"))
@@ -1076,14 +1087,6 @@ def _finite_per_run(x: Tensor) -> Tensor:
     """
     ok = torch.isfinite(x.sum(-1))
     return ok if bool(ok.all()) else torch.isfinite(x).all(-1)
-
-
-def _sum_actions(x: Tensor) -> Tensor:
-    """``x [A, P] → [P]``: the sum over actions, left to right (the same order for every column)."""
-    total = x[0]
-    for a in range(1, x.shape[0]):
-        total = total + x[a]
-    return total
 
 
 def _take(x: Tensor, idx: Tensor) -> Tensor:

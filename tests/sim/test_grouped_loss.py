@@ -61,19 +61,25 @@ def per_sample_loss(tr: DiscreteTrainer, mb: dict, tabs: dict) -> torch.Tensor:
     return loss
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-def test_grouped_loss_equals_per_sample_loss(setting: str) -> None:
+def moved_batch(setting: str) -> tuple[DiscreteTrainer, dict, dict]:
+    """A float64 trainer of ``RUNS`` in ``setting``, one collected batch ``[R, n]`` and its tables, with the
+    policy (and value) then moved away from the one that sampled the batch, as later PPO epochs do."""
     base = [*SETTINGS[setting], "kl.beta=0.4", "train.dtype=float64"]
     tr = DiscreteTrainer([resolve(None, base + run) for run in RUNS], torch.device("cpu"))
     buf, tabs = tr.collect(1)
     buf.update(tr._shape_and_advantage(buf, tabs))
     R, N, H = buf["valid"].shape
     mb = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid", "adv", "ret")}
-    # Move the policy (and value) away from the one that sampled the batch, as later PPO epochs do.
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for k in tr.trainable:
             tr.params[k].add_(0.3 * torch.randn(tr.params[k].shape, generator=gen, dtype=torch.float64))
+    return tr, mb, tabs
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_grouped_loss_equals_per_sample_loss(setting: str) -> None:
+    tr, mb, tabs = moved_batch(setting)
     ratio = (tr.policy.table(tr.params) - tabs["logp"]).exp()
     assert bool((ratio > 1 + tr.cfg.train.clip).any()) and bool((ratio < 1 - tr.cfg.train.clip).any())
 
@@ -110,16 +116,7 @@ def test_blocked_loss_and_gradients_equal_one_pass(setting: str, monkeypatch: py
     in the same column order."""
     import sim.train
 
-    base = [*SETTINGS[setting], "kl.beta=0.4", "train.dtype=float64"]
-    tr = DiscreteTrainer([resolve(None, base + run) for run in RUNS], torch.device("cpu"))
-    buf, tabs = tr.collect(1)
-    buf.update(tr._shape_and_advantage(buf, tabs))
-    R, N, H = buf["valid"].shape
-    mb = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid", "adv", "ret")}
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for k in tr.trainable:
-            tr.params[k].add_(0.3 * torch.randn(tr.params[k].shape, generator=gen, dtype=torch.float64))
+    tr, mb, tabs = moved_batch(setting)
     g = tr._group(mb, tabs)
     assert g["count"].shape[1] > 64 or "bandit" in setting  # the gridworld batch spans several blocks
     loss, diag = tr._ppo_loss(g, want_diag=True)
