@@ -68,15 +68,20 @@ class TabularMDP:
         return (self.next_prob * self.reward).sum(-1)
 
     @cached_property
-    def layers(self) -> list[Tensor] | None:
+    def layers(self) -> list[Tensor] | list[slice] | None:
         """States per time step if every possible transition goes from ``t`` to ``t + 1`` or to the sink,
-        else ``None``; computed once per MDP object."""
+        else ``None``; computed once per MDP object (and kept by :meth:`with_reference`). When every time
+        step's states are a contiguous range of indices (as the gridworld numbers them) the layers are slices,
+        so indexing a table by a layer is a view rather than a gather."""
         t, nxt = self.state_time, self.next_state
         possible = (self.next_prob > 0) & (nxt < self.n_states)
         t_next = torch.cat([t, t.new_full((1,), -1)])[nxt]
         if not (bool(((t_next == t[:, None, None] + 1) | ~possible).all()) and bool((t >= 0).all())):
             return None
-        return [torch.nonzero(t == i).flatten() for i in range(int(t.max()) + 1)]
+        idx = [torch.nonzero(t == i).flatten() for i in range(int(t.max()) + 1)]
+        if all(i.numel() > 0 and int(i[-1]) - int(i[0]) + 1 == i.numel() for i in idx):  # sorted, so a range
+            return [slice(int(i[0]), int(i[-1]) + 1) for i in idx]
+        return idx
 
     def to(self, device: torch.device | str) -> TabularMDP:
         """The same MDP with every tensor on ``device``."""
@@ -93,7 +98,10 @@ class TabularMDP:
 
     def with_reference(self, ref_logp: Tensor) -> TabularMDP:
         """The same dynamics with another reference policy ``[S, A]`` (log-probabilities)."""
-        return replace(self, ref_logp=ref_logp.to(self.ref_logp))
+        new = replace(self, ref_logp=ref_logp.to(self.ref_logp))
+        if "layers" in self.__dict__:  # the same dynamics: the same layers
+            new.__dict__["layers"] = self.__dict__["layers"]
+        return new
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field if the tables are inconsistent."""
@@ -262,7 +270,7 @@ def _gather_next(mdp: TabularMDP, value: Tensor) -> Tensor:
     return (mdp.next_prob.to(value) * nxt).sum(-1)
 
 
-def layers(mdp: TabularMDP) -> list[Tensor] | None:
+def layers(mdp: TabularMDP) -> list[Tensor] | list[slice] | None:
     """The states of each time step, ``[states of t = 0, states of t = 1, …]``, if every possible
     transition goes from time ``t`` to ``t + 1`` or to the sink; else ``None`` (see :attr:`TabularMDP.layers`).
 

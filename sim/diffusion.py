@@ -241,7 +241,8 @@ class DiffusionTrainer(BatchTrainer):
             self.traj_log.append(rec)
         return out
 
-    def _ppo_loss(self, mb: dict[str, Tensor], want_diag: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    def _ppo_loss(self, mb: dict[str, Tensor], want_diag: bool = True, want_loss: bool = True
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
         tr, rt = self.cfg.train, self.rt
         valid = mb["valid"]
         mu = mb["base"] + self.policy(self.params, mb["x"], mb["step"])

@@ -107,7 +107,8 @@ class GaussianTrainer(BatchTrainer):
             self.traj_log.append(rec)
         return out
 
-    def _ppo_loss(self, mb: dict[str, Tensor], want_diag: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    def _ppo_loss(self, mb: dict[str, Tensor], want_diag: bool = True, want_loss: bool = True
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
         tr, rt = self.cfg.train, self.rt
         valid = mb["valid"]
         lp = self.policy.log_prob(self.params, mb["x"])

@@ -27,12 +27,19 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
 
 
 def _from_delta(delta: Tensor, kind: str) -> Tensor:
+    return _with_slope(delta, kind, slope=False)[0]
+
+
+def _with_slope(delta: Tensor, kind: str, slope: bool, value: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """``(k, dk/dδ)`` of a sampled estimator at ``delta``: ``k`` only if ``value``, the slope only if
+    ``slope`` (``None`` for k1's constant 1)."""
     if kind == "k1":
-        return delta
+        return delta, None
     if kind == "k2":
-        return 0.5 * delta.square()
+        return 0.5 * delta.square() if value else None, delta if slope else None
     if kind == "k3":
-        return torch.expm1(-delta) + delta
+        e = torch.expm1(-delta)
+        return e + delta if value else None, -e if slope else None  # d(e^{−δ} − 1 + δ)/dδ = 1 − e^{−δ}
     raise ValueError(f"kl.estimator must be one of {SAMPLED_ESTIMATORS} here, got {kind!r}")
 
 
@@ -41,14 +48,47 @@ def all_estimates(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.stack([kl_estimate(logp, ref_logp, k) for k in SAMPLED_ESTIMATORS], dim=-1)
 
 
-def full_kl(logp_all: Tensor, ref_logp_all: Tensor, dim: int = -1) -> Tensor:
+def full_kl(logp_all: Tensor, ref_logp_all: Tensor, dim: int = -1, prob_all: Tensor | None = None) -> Tensor:
     """Exact per-state KL(π‖π_ref) from full log-probability rows: the action axis ``dim`` is summed out
-    (``[..., A] → [...]`` by default; ``dim=0`` for action-major tables ``[A, M] → [M]``)."""
-    pi = logp_all.exp()
+    (``[..., A] → [...]`` by default; ``dim=0`` for action-major tables ``[A, M] → [M]``). ``prob_all``:
+    ``e^{logp_all}`` if already computed."""
+    pi = logp_all.exp() if prob_all is None else prob_all
     return (pi * (logp_all - ref_logp_all)).sum(dim)
 
 
-def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tensor | Callable[[], Tensor] | None,
+def full_kl_slope(logp_all: Tensor, ref_logp_all: Tensor, prob_all: Tensor | None = None) -> Tensor:
+    """``∂ full_kl / ∂ logp_all``, shaped like ``logp_all``, with each log-probability taken as a free variable
+    (``π = e^{log π}``): ``π·(log π − log π_ref + 1)``. Chained through a log-softmax it gives the gradient with
+    respect to the logits. ``prob_all``: ``e^{logp_all}`` if already computed."""
+    pi = logp_all.exp() if prob_all is None else prob_all
+    return pi * (logp_all - ref_logp_all + 1.0)
+
+
+Weights = list[Tensor | None]
+"""Each estimator's (k1, k2, k3, full) weight broadcasting against the samples, ``None`` where unused (see
+:func:`estimator_weights`)."""
+
+
+def estimator_weights(coef: Tensor, like: Tensor, run_index: Tensor | None = None) -> Weights:
+    """The per-sample weights of (k1, k2, k3, full) from per-run coefficients ``coef [R, 4]``, each shaped to
+    broadcast against samples ``like`` (runs on its leading axis, or with ``run_index [M]`` the run of each
+    index of its last axis); ``None`` for an estimator no run (no indexed run) uses. Computed once, the
+    weights can be reused for many evaluations on the same samples (e.g. every epoch of an update)."""
+    used = (coef != 0).any(0).tolist()
+    c = coef.to(like.dtype).t().contiguous()  # [4, R]: each estimator's weights contiguous
+    weights: Weights = [None] * 4
+    for j in range(4):
+        if used[j]:
+            if run_index is None:
+                weights[j] = c[j].view((-1,) + (1,) * (like.dim() - 1))
+            else:
+                w = c[j].index_select(0, run_index)
+                weights[j] = w if bool((w != 0).any()) else None
+    return weights
+
+
+def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
+                      k_full: Tensor | Callable[[], Tensor] | None,
                       logp_old: Tensor | None = None, run_index: Tensor | None = None) -> Tensor:
     """``Σ_j coef[r, j]·k_j`` per sample: each run's own estimator, scaled (by β and its placement mask).
 
@@ -59,7 +99,8 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tens
         logp: ``[R, ...]`` log π of the sampled actions (carrying gradient in the loss); with
             ``run_index``, any shape whose last axis is indexed by it (e.g. action-major rows ``[A, M]``).
         ref_logp: log π_ref of the same actions, shaped like ``logp``.
-        coef: ``[R, 4]`` weights of (k1, k2, k3, full) per run.
+        coef: ``[R, 4]`` weights of (k1, k2, k3, full) per run, or their per-sample :func:`estimator_weights`
+            (``run_index`` is then not used).
         k_full: exact per-state KL (broadcasting against ``logp``), or a callable computing it (only called
             if used).
         logp_old: if given, the importance-weighted loss forms for samples from π_old (THEORY.md
@@ -69,29 +110,69 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor, k_full: Tens
     Returns:
         shaped like ``logp``.
     """
-    used = (coef != 0).any(0).tolist()
-    c = coef.to(logp.dtype).t().contiguous()  # [4, R]: each estimator's weights contiguous
-    weights: list[Tensor | None] = [None] * 4
-    for j in range(4):
-        if used[j]:
-            if run_index is None:
-                weights[j] = c[j].view((-1,) + (1,) * (logp.dim() - 1))
-            else:  # only estimators that some indexed run uses (e.g. a block of rows)
-                weights[j] = c[j].index_select(0, run_index)
-                used[j] = bool((weights[j] != 0).any())
+    out = _weighted(logp, ref_logp, coef, k_full, logp_old, run_index, None, slope=False)[0]
+    assert out is not None
+    return out
+
+
+def weighted_estimate_and_slope(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
+                                k_full: Tensor | Callable[[], Tensor] | None, logp_old: Tensor | None = None,
+                                run_index: Tensor | None = None, delta_slope: Tensor | None = None,
+                                value: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`weighted_estimate` (the same values, computed the same way) and its derivative, for a loss
+    differentiated by hand.
+
+    Args are those of :func:`weighted_estimate`, plus ``delta_slope``: ``∂δ/∂logp`` entry by entry where
+    ``ref_logp`` depends on ``logp`` (a clamp of the log-ratio: 1 inside, 0 where clamped); ``None``: 1;
+    and ``value``: whether to compute the value (``False``: ``None``, and ``k_full`` is not used).
+    Returns:
+        ``(value, slope, full_weight)``: ``slope`` is ``∂value/∂logp`` entry by entry from the sampled
+        estimators (``k_full`` held fixed; ``None`` if no used estimator has one); ``full_weight`` is
+        ``coef[:, 3]`` broadcast like the value's terms (``None`` if no run uses ``full``). The exact KL of a
+        state couples its actions, so its gradient is the caller's: ``full_weight`` times the derivative of
+        the state's total (e.g. :func:`full_kl_slope` times the state's sample count).
+    """
+    return _weighted(logp, ref_logp, coef, k_full, logp_old, run_index, delta_slope, slope=True, value=value)
+
+
+def _weighted(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
+              k_full: Tensor | Callable[[], Tensor] | None, logp_old: Tensor | None, run_index: Tensor | None,
+              delta_slope: Tensor | None, slope: bool, value: bool = True
+              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`weighted_estimate_and_slope` (the value only if ``value``, the slope only if ``slope``)."""
+    weights = coef if isinstance(coef, list) else estimator_weights(coef, logp, run_index)
+    used = [w is not None for w in weights]
 
     w = torch.exp(logp - logp_old) if logp_old is not None and any(used[:3]) else None
     delta = logp - ref_logp if any(used[:3]) else None
     out: Tensor | None = None
+    d_delta: Tensor | None = None  # Σ_j weight_j·∂k_j/∂δ
+    d_w: Tensor | None = None  # Σ_j weight_j·k_j over the estimators whose IS weight carries gradient
     for j, kind in enumerate(SAMPLED_ESTIMATORS):
         if used[j]:
-            k = _from_delta(delta, kind)
-            if w is not None:  # k2's weight carries no gradient (THEORY.md "Off-policy")
-                k = (w.detach() if kind == "k2" else w) * k
-            out = weights[j] * k if out is None else out + weights[j] * k
-    if used[3]:
+            w_grad = slope and w is not None and kind != "k2"  # k2's weight carries no gradient (THEORY.md)
+            k, dk = _with_slope(delta, kind, slope, value or w_grad)
+            if w_grad:
+                d_w = weights[j] * k if d_w is None else d_w + weights[j] * k
+            if value:
+                if w is not None:
+                    k = (w.detach() if kind == "k2" else w) * k
+                out = weights[j] * k if out is None else out + weights[j] * k
+            if slope:
+                s = weights[j] if dk is None else weights[j] * dk
+                d_delta = s if d_delta is None else d_delta + s
+    if used[3] and value:
         kf = k_full() if callable(k_full) else k_full
         out = weights[3] * kf if out is None else out + weights[3] * kf
-    if out is None:
-        return torch.zeros_like(logp)
-    return out if out.shape == logp.shape else out.expand_as(logp).clone()
+    if value:
+        if out is None:
+            out = torch.zeros_like(logp)
+        elif out.shape != logp.shape:
+            out = out.expand_as(logp).clone()
+    grad = None
+    if d_delta is not None:  # ∂/∂logp of Σ_j weight_j·(w·)k_j(δ): through δ, and through w = e^{logp − logp_old}
+        if delta_slope is not None:
+            d_delta = d_delta * delta_slope
+        grad = d_delta if w is None else w * (d_delta if d_w is None else d_delta + d_w)
+        grad = grad if grad.shape == logp.shape else grad.expand_as(logp)
+    return out, grad, weights[3] if used[3] else None

@@ -30,7 +30,16 @@ import envs
 from envs import tabular
 from sim import rng
 from sim.config import Config, batch_signature
-from sim.kl import ESTIMATORS, PLACEMENTS, all_estimates, full_kl, weighted_estimate
+from sim.kl import (
+    ESTIMATORS,
+    PLACEMENTS,
+    Weights,
+    all_estimates,
+    full_kl,
+    full_kl_slope,
+    weighted_estimate,
+    weighted_estimate_and_slope,
+)
 from sim.memory import keep_freed_memory, release_free_memory
 from sim.optim import BatchedOptimizer, clip_grad_norm_per_run, grad_norm_per_run
 from sim.policies import (
@@ -187,19 +196,52 @@ def kl_reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTen
 
 
 def kl_loss_term(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | Callable[[], Tensor],
-                 rt: RunTensors, row_run: Tensor | None = None) -> Tensor:
+                 rt: RunTensors, row_run: Tensor | None = None, weights: tuple[Weights, Weights] | None = None
+                 ) -> Tensor:
     """``β·k`` with gradient through ``logp`` (the current policy at the sampled actions) for runs whose KL
     sits in the loss (0 for the others), ``[R, ...]``. Added outside the PPO clip.
 
     Runs with ``kl.is_correction`` use the importance-weighted forms for samples from π_old;
     ``full`` (``k_full``, carrying gradient; may be a callable so it is only computed when used) needs none.
-    ``row_run`` as in :func:`kl_reward_penalty`.
+    ``row_run`` as in :func:`kl_reward_penalty`. ``weights``: the samples' :func:`sim.kl.estimator_weights`
+    for the plain and the importance-weighted forms, if already computed (``rt`` and ``row_run`` are then
+    not used for them).
     """
-    out = weighted_estimate(logp, ref_logp, rt.coef("loss"), k_full, run_index=row_run)
-    coef_is = rt.coef("loss_is")
-    if bool((coef_is != 0).any()):
-        out = out + weighted_estimate(logp, ref_logp, coef_is, k_full, logp_old=logp_old, run_index=row_run)
+    out = _kl_loss(logp, logp_old, ref_logp, k_full, rt, row_run, weights, None, slope=False)[0]
+    assert out is not None
     return out
+
+
+def kl_loss_term_and_slope(logp: Tensor, logp_old: Tensor, ref_logp: Tensor,
+                           k_full: Tensor | Callable[[], Tensor], rt: RunTensors, row_run: Tensor | None = None,
+                           weights: tuple[Weights, Weights] | None = None, delta_slope: Tensor | None = None,
+                           value: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`kl_loss_term` (the same values; ``None`` unless ``value``) with its derivative
+    ``(value, slope, full_weight)`` as in :func:`sim.kl.weighted_estimate_and_slope`, for losses
+    differentiated by hand."""
+    return _kl_loss(logp, logp_old, ref_logp, k_full, rt, row_run, weights, delta_slope, slope=True, value=value)
+
+
+def _kl_loss(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | Callable[[], Tensor],
+             rt: RunTensors, row_run: Tensor | None, weights: tuple[Weights, Weights] | None,
+             delta_slope: Tensor | None, slope: bool, value: bool = True
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def estimate(coef: Tensor | Weights, old: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if slope:
+            return weighted_estimate_and_slope(logp, ref_logp, coef, k_full, old, row_run, delta_slope, value)
+        return weighted_estimate(logp, ref_logp, coef, k_full, old, row_run), None, None
+
+    plain, is_weighted = weights if weights is not None else (rt.coef("loss"), rt.coef("loss_is"))
+    parts = [estimate(plain, None)]
+    if (any(w is not None for w in is_weighted) if isinstance(is_weighted, list)
+            else bool((is_weighted != 0).any())):
+        parts.append(estimate(is_weighted, logp_old))
+
+    def total(xs: list[Tensor | None]) -> Tensor | None:
+        xs = [x for x in xs if x is not None]
+        return None if not xs else xs[0] if len(xs) == 1 else xs[0] + xs[1]
+
+    return total([p[0] for p in parts]), total([p[1] for p in parts]), total([p[2] for p in parts])
 
 
 class _Clamp:
@@ -228,6 +270,13 @@ class _Clamp:
         else:
             self.count.index_add_(0, row_run, hit.sum(0).to(self.count.dtype))
         return logp - delta.clamp(-self.limit, self.limit)
+
+    def slope(self, logp: Tensor, ref_logp: Tensor) -> Tensor | None:
+        """``∂δ/∂logp`` of the clamped log-ratio ``δ = logp − clamped ref``: 1 where ``|logp − ref_logp|`` is
+        within the limit (bounds included, as autograd's clamp), 0 where clamped; ``None`` without a clamp."""
+        if self.limit is None:
+            return None
+        return ((logp - ref_logp).abs() <= self.limit).to(logp.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -291,10 +340,11 @@ class BatchTrainer:
         self.opt = BatchedOptimizer({k: self.params[k] for k in self.trainable}, self.rt.lr.clone(),
                                     self.cfg.train.optimizer)
 
-    def _apply_grads(self, loss_per_run: Tensor, update: int, want_norm: bool = True,
+    def _apply_grads(self, loss_per_run: Tensor | None, update: int, want_norm: bool = True,
                      grads: dict[str, Tensor] | None = None) -> Tensor | None:
         """Backpropagate ``Σ_r loss_r`` (unless the gradients ``grads`` are given), freeze runs whose loss or
-        gradient is non-finite, step.
+        gradient is non-finite, step. With ``grads`` given the loss may be ``None`` (not computed on this
+        step): only the gradients are checked.
 
         Returns the per-run gradient norms ``[R]`` (before clipping) when clipping or ``want_norm`` needs them.
         """
@@ -304,7 +354,8 @@ class BatchTrainer:
             grads_list = torch.autograd.grad(total, leaves, allow_unused=True)
             grads = {k: (g if g is not None else torch.zeros_like(self.params[k]))
                      for k, g in zip(self.trainable, grads_list, strict=True)}
-        finite = torch.isfinite(loss_per_run)
+        finite = (torch.isfinite(loss_per_run) if loss_per_run is not None
+                  else torch.ones(self.R, dtype=torch.bool, device=self.device))
         for g in grads.values():
             finite &= _finite_per_run(g.reshape(self.R, -1))
         self._mark_diverged(~finite, update, "non-finite loss or gradient")
@@ -320,16 +371,19 @@ class BatchTrainer:
         return norm
 
     def _ppo_epochs(self, flat: dict[str, Tensor], update: int,
-                    loss_fn: Callable[[dict[str, Tensor], bool], tuple],
+                    loss_fn: Callable[[dict[str, Tensor], bool, bool], tuple],
                     prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
                     ) -> dict[str, Tensor]:
         """``train.epochs`` passes over samples ``flat [R, n]`` in ``train.minibatches`` per-run shuffled chunks.
 
         Each run's permutation comes from its own stream, so the minibatches of a run do not depend on the
         batch it is trained in. ``prepare(minibatch)`` (optional) turns a minibatch into what the loss needs
-        (computed once for full-batch epochs); ``loss_fn(prepared, want_diagnostics)`` returns the per-run
-        loss, diagnostics (when asked) and optionally the gradients it computed itself; diagnostics are averaged
-        over the last epoch's gradient steps of an update whose metrics are logged (other updates compute none).
+        (computed once for full-batch epochs); ``loss_fn(prepared, want_diagnostics, want_loss)`` returns the
+        per-run loss, diagnostics (when asked) and optionally the gradients it computed itself, in which case
+        the loss may be ``None`` unless ``want_loss``. The loss is asked for on the last epoch: a loss that
+        is not finite there marks the run diverged at this update, as a non-finite gradient does at any step.
+        Diagnostics are averaged over the last epoch's gradient steps of an update whose metrics are logged
+        (other updates compute none).
         """
         tr = self.cfg.train
         n = next(iter(flat.values())).shape[1]
@@ -345,10 +399,11 @@ class BatchTrainer:
             whole = prepare(flat)
         for epoch in range(tr.epochs):
             chunks = torch.tensor_split(perms[:, epoch], n_mb, dim=1) if n_mb > 1 else [None]
-            diagnose = logs and epoch == tr.epochs - 1
+            last = epoch == tr.epochs - 1
+            diagnose = logs and last
             for chunk in chunks:
                 mb = whole if chunk is None else prepare({k: _take(v, chunk) for k, v in flat.items()})
-                loss, diag, *grads = loss_fn(mb, diagnose)
+                loss, diag, *grads = loss_fn(mb, diagnose, last)
                 norm = self._apply_grads(loss, update, want_norm=diagnose, grads=grads[0] if grads else None)
                 if diagnose:  # diagnostics of the last epoch: how far the update moved from π_old
                     diag["grad_norm"] = norm
@@ -463,7 +518,8 @@ class BatchTrainer:
         """The :class:`RunOutput` of run ``i`` from the stacked logs."""
         c = self.configs[i]
         keep = cols["_alive"][i].astype(bool) | (cols["update"][i] == self.diverged_at[i].item())
-        metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive"})
+        # copy=False: every column is a fresh array (boolean indexing copies), not shared with other runs
+        metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive"}, copy=False)
         d = int(self.diverged_at[i])
         if d >= 0:
             status = {"status": "diverged", "update": d, "error": self.diverge_reason[i]}
@@ -498,7 +554,7 @@ class BatchTrainer:
         frame = {"update": updates[rec], "episode": ep.astype(np.int64), "t": t.astype(np.int64)}
         for k in cols[3:]:
             frame[k] = stacked[k][run][rec, ep, t]
-        return pd.DataFrame(frame)
+        return pd.DataFrame(frame, copy=False)  # fresh arrays (fancy indexing copies)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -596,45 +652,53 @@ class DiscreteTrainer(BatchTrainer):
         key = rng.fold(self.rt.keys, update)
         k_act = rng.fold(key, 0)
         k_out = rng.fold(key, 1) if self.mdp.n_outcomes > 1 else None
-        z = rng.normal(rng.fold(key, 3), (N, H)).view(R * N, H) if self.mdp.reward_noise > 0 else None
+        z = rng.normal(rng.fold(key, 3), (N, H)).view(-1) if self.mdp.reward_noise > 0 else None  # [R·N·H]
         if S > 1:
             state = self.core.reset(rng.uniform(rng.fold(key, 2), (N,))).reshape(-1)
         else:
             state = torch.zeros(R * N, dtype=torch.long, device=dev)
         pi_t, ref_t = self._tables()
-        # float32 CDF rows (compared with float64 uniforms after exact promotion)
+        # float32 CDF rows (compared with float64 uniforms after exact promotion); with several states, its
+        # first A − 1 columns action-major: the action is the number of them at or below u (the CDF does not
+        # decrease, and u ≥ the last column only happens where the others are all below u)
         cdf = pi_t.exp().cumsum(-1).reshape(R * S, A)
+        cdf_cols = cdf[:, : A - 1].t().contiguous() if S > 1 else None
         taken: dict[str, list[Tensor]] = {"at": [], "state": [], "action": [], "reward": [], "done": []}
         def draw(stream_key: Tensor, run: Tensor, counter: Tensor) -> Tensor:
             """Element ``counter`` of each running episode's ``[N, H]`` stream, flat."""
             return rng.uniform_at(stream_key.index_select(0, run.view(-1)).view(run.shape), counter, N * H).reshape(-1)
 
-        ep: Tensor | None = None  # running episodes (flat run·N + n); None: all of them
-        run = torch.arange(R, device=dev).unsqueeze(1)  # [R, 1] while all run, then per episode
-        n = torch.arange(N, device=dev).unsqueeze(0)  # [1, N] while all run, then per episode
+        # per running episode: its run, run·S, n·H and (run·N + n)·H; while every episode runs, broadcastable
+        # [R, 1] / [1, N] forms and ep_h = None
+        run = torch.arange(R, device=dev).unsqueeze(1)
+        run_s = run * S
+        n_h = (torch.arange(N, device=dev) * H).unsqueeze(0)
+        ep_h: Tensor | None = None
         for t in range(H):
             s = state  # running episodes only: never the sink
-            counter = n * H + t
-            u = draw(k_act, run, counter)
-            if S == 1 and ep is None:  # one state, every episode running: binary search in the run's CDF
-                a = torch.searchsorted(cdf.to(u.dtype), u.view(R, N), right=True).view(-1)
+            u = draw(k_act, run, n_h + t)
+            if S == 1 and ep_h is None:  # one state, every episode running: binary search in the run's CDF
+                a = torch.searchsorted(cdf.to(u.dtype), u.view(R, N), right=True).view(-1).clamp_(max=A - 1)
+            elif cdf_cols is None:
+                a = (u.unsqueeze(-1) >= cdf.index_select(0, run)).sum(-1).clamp_(max=A - 1)
             else:
-                rows = (run * S).expand(R, N).reshape(-1) + s if ep is None else run * S + s
-                a = (u.unsqueeze(-1) >= cdf.index_select(0, rows)).sum(-1)
-            a = a.clamp_(max=A - 1)
-            u_out = u if k_out is None else draw(k_out, run, counter)
-            zt = None if z is None else (z[:, t] if ep is None else z[:, t].index_select(0, ep))
-            nxt, r, end = self.core.step(s, a, u_out, zt)
-            at = (torch.arange(R * N, device=dev) if ep is None else ep) * H + t  # flat (run·N + n)·H + t
+                rows = run_s.expand(R, N).reshape(-1) + s if ep_h is None else run_s + s
+                a = torch.zeros_like(rows)
+                for j in range(A - 1):
+                    a += u >= cdf_cols[j].index_select(0, rows)
+            u_out = u if k_out is None else draw(k_out, run, n_h + t)
+            at = (torch.arange(0, R * N * H, H, device=dev) if ep_h is None else ep_h) + t  # (run·N + n)·H + t
+            nxt, r, end = self.core.step(s, a, u_out, None if z is None else z.take(at))
             for k, v in (("at", at), ("state", s), ("action", a), ("reward", r.to(self.dtype)), ("done", end)):
                 taken[k].append(v)
-            if bool(end.all()):
-                break
             going = (~end).nonzero().squeeze(1)
-            if ep is None:
-                ep, run, n = going, going // N, going % N
+            if going.numel() == 0:
+                break
+            if ep_h is None:
+                run = going // N
+                run_s, n_h, ep_h = run * S, going % N * H, going * H
             else:
-                ep, run, n = (x.index_select(0, going) for x in (ep, run, n))
+                run, run_s, n_h, ep_h = (x.index_select(0, going) for x in (run, run_s, n_h, ep_h))
             state = nxt.index_select(0, going)
         if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
             buf = {k: v[0].view(R, N, 1) for k, v in taken.items() if k != "at"}
@@ -645,7 +709,7 @@ class DiscreteTrainer(BatchTrainer):
                    .scatter_(0, at, torch.cat(v)).view(R, N, H) for k, v in taken.items()}
             buf["valid"] = torch.zeros(R * N * H, dtype=torch.bool, device=dev).scatter_(0, at, True).view(R, N, H)
         buf["idx"] = buf["state"] * A + buf["action"]
-        self.env_steps += buf["valid"].reshape(R, -1).sum(-1)
+        self.env_steps += torch.count_nonzero(buf["valid"].reshape(R, -1), 1)
         return buf, {"logp": pi_t, "ref_logp": ref_t}
 
     # -- KL in the reward, advantages ---------------------------------------------------------------------
@@ -662,17 +726,20 @@ class DiscreteTrainer(BatchTrainer):
             tabs: the batch's ``logp`` (π_old) and ``ref_logp`` tables ``[R, S, A]``.
         Returns:
             ``rows [M]`` (flat ``run·S + state``), ``run [P]`` (each column's run; padding: 0), ``sel`` (the
-            valid samples' flat indices into ``[R·n]``, run-major; absent when every sample is valid),
+            valid samples' flat indices into ``[R·n]``, run-major; absent for a one-step env whose samples are
+            all valid),
             ``entry`` (each valid sample's flat index ``action·P + column``), ``count`` (samples per entry),
             ``old`` (log π_old) and ``ref`` (log π_ref) ``[A, P]``.
         """
-        R, S, A = mb["idx"].shape[0], self.S, self.A
+        (R, n), S, A = mb["idx"].shape, self.S, self.A
         dev = self.device
-        flat_row = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)  # [R·n]
         v: dict[str, Tensor] = {}
-        if not bool(mb["valid"].all()):
+        # episodes shorter than the horizon leave invalid samples; one-step envs rarely do (checked)
+        if self.H > 1 or not bool(mb["valid"].all()):
             v["sel"] = mb["valid"].reshape(-1).nonzero().squeeze(1)  # run-major sample order
-        row_of = self._take_valid(flat_row, v)
+            row_of = self._take_valid(mb["state"].reshape(-1), v) + v["sel"] // n * S  # flat run·S + state
+        else:
+            row_of = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)
         seen = torch.zeros(R * S, dtype=torch.bool, device=dev)
         seen.index_fill_(0, row_of, True)
         rows = seen.nonzero().squeeze(1)
@@ -681,7 +748,7 @@ class DiscreteTrainer(BatchTrainer):
         pos = torch.zeros(R * S, dtype=torch.long, device=dev)
         pos.index_copy_(0, rows, torch.arange(M, device=dev))
         col = pos.index_select(0, row_of)
-        action = self._take_valid(mb["idx"].reshape(-1), v) - row_of % S * A
+        action = self._take_valid(mb["idx"].reshape(-1), v) % A  # idx = state·A + action
         entry = action * P + col
         v.update(rows=rows, run=F.pad(rows // S, (0, P - M)), col=col, entry=entry,
                  count=torch.bincount(entry, minlength=A * P).to(self.dtype).view(A, P),
@@ -694,13 +761,6 @@ class DiscreteTrainer(BatchTrainer):
         """The valid samples' values of a flat per-sample tensor ``x [R·n]`` (see :meth:`_visits`)."""
         return x.index_select(0, vis["sel"]) if "sel" in vis else x
 
-    @staticmethod
-    def _scatter_valid(x: Tensor, vis: dict[str, Tensor], size: int) -> Tensor:
-        """The valid samples' values ``x`` put back into a flat per-sample tensor ``[size]`` (0 elsewhere)."""
-        if "sel" not in vis:
-            return x
-        return torch.zeros(size, dtype=x.dtype, device=x.device).index_copy_(0, vis["sel"], x)
-
     # -- KL in the reward, advantages ---------------------------------------------------------------------
     def _shape_and_advantage(self, buf: dict[str, Tensor], tabs: dict[str, Tensor],
                              vis: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -711,20 +771,25 @@ class DiscreteTrainer(BatchTrainer):
         (exact per-state KL of the visited rows ``[P]``) to ``vis``.
         """
         tr, rt = self.cfg.train, self.rt
-        valid = buf["valid"]
-        R, N, H = valid.shape
+        R, N, H = buf["valid"].shape
+        valid = buf["valid"].to(self.dtype)  # the mask as a float, made once (a float mask is used as is)
         if vis is None:
             vis = self._visits({k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}, tabs)
         old, ref, run = vis["old"], vis["ref"], vis["run"]
         vis["kfull"] = full_kl(old, ref, dim=0)
         ref_c = self.clamp(old, ref, vis["count"], row_run=run)
         pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), rt, row_run=run).reshape(-1)
-        penalty = self._scatter_valid(pen.index_select(0, vis["entry"]), vis, R * N * H)
-        shaped = (self.reward_scale * buf["reward"] - penalty.view(R, N, H)) * valid.to(pen.dtype)
+        penalty = pen.index_select(0, vis["entry"])  # the valid samples'
+        shaped = (self.reward_scale * buf["reward"]).view(-1)
+        if "sel" in vis:  # r − β·k at the valid samples (x + (−y) is x − y exactly)
+            shaped.index_add_(0, vis["sel"], penalty, alpha=-1)
+        else:
+            shaped = shaped - penalty
+        shaped = shaped.view(R, N, H) * valid
         if self.baseline == "value":
             with torch.no_grad():
                 v = self.value_fn.value(self.params, buf["state"].reshape(R, N * H)).view(R, N, H)
-            v = v * valid.to(v.dtype)
+            v = v * valid
             next_v = torch.cat([v[..., 1:], torch.zeros_like(v[..., :1])], dim=-1)
             adv = gae(shaped, v, next_v, buf["done"], valid, tr.gamma, tr.gae_lambda)
             ret = adv + v
@@ -734,9 +799,8 @@ class DiscreteTrainer(BatchTrainer):
             adv = ret
             if self.baseline == "mean":
                 # Batch-mean baseline per run and step (one-step envs: the mean shaped reward).
-                m = valid.to(ret.dtype)
-                mean = (ret * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
-                adv = (ret - mean) * m
+                mean = (ret * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+                adv = (ret - mean) * valid
         if tr.norm_adv:
             adv = normalize_per_run(adv, valid)
         return {"adv": adv.detach(), "ret": ret.detach()}
@@ -789,8 +853,9 @@ class DiscreteTrainer(BatchTrainer):
         Returns:
             ``rows [M]``, ``run [P]``, ``count``, ``ref`` (as in :meth:`_visits`), ``adv_pos``, ``adv_neg``,
             ``old`` (log π_old; 0 where unsampled) ``[A, P]``; ``n_s`` (samples per row) ``[P]``; ``n`` (valid
-            samples, ≥ 1) ``[R]``; with a value baseline ``ret_mean`` ``[P]`` and ``ret_ss`` (within-state sum
-            of squares) ``[R]``.
+            samples, ≥ 1) ``[R]``; ``kl_weights`` ``[2, 4, P]``, each column's weights of (k1, k2, k3, full)
+            in the loss, plain and importance-weighted (β where the column's run uses them, else 0); with a
+            value baseline ``ret_mean`` ``[P]`` and ``ret_ss`` (within-state sum of squares) ``[R]``.
         """
         vis = vis if vis is not None else self._visits(mb, tabs)
         R, (A, P) = mb["idx"].shape[0], vis["count"].shape
@@ -803,23 +868,29 @@ class DiscreteTrainer(BatchTrainer):
              "adv_neg": zeros.index_add(0, vis["entry"], adv.clamp(max=0)).view(A, P),
              # entries without samples carry no loss; log π_old := 0 there keeps their ratio finite
              "old": torch.where(count > 0, vis["old"], torch.zeros_like(vis["old"])),
-             "n": mb["valid"].to(dt).sum(1).clamp(min=1), "n_s": sum_actions(count)}
+             "n": torch.count_nonzero(mb["valid"], 1).to(dt).clamp(min=1), "n_s": sum_actions(count),
+             # the KL-in-loss weights of each column's run (β on its estimator), plain and IS forms
+             "kl_weights": torch.cat([self.rt.coef("loss"), self.rt.coef("loss_is")], 1).to(dt).t().contiguous()
+             .index_select(1, vis["run"]).view(2, 4, P)}
         if self.baseline == "value":
-            ret = mb["ret"]
-            ret_valid = self._take_valid(ret.reshape(-1), vis)
+            ret_valid = self._take_valid(mb["ret"].reshape(-1), vis)
             ret_sum = torch.zeros(P, dtype=dt, device=dev).index_add_(0, vis["col"], ret_valid)
             g["ret_mean"] = ret_sum / g["n_s"].clamp(min=1)
-            mean_at = self._scatter_valid(g["ret_mean"].index_select(0, vis["col"]), vis, R * ret.shape[1])
-            g["ret_ss"] = ((ret - mean_at.view(ret.shape)) * mb["valid"].to(dt)).square().sum(1)
+            # Σ (return − its state's mean)² over each run's valid samples, summed in sample order
+            spread = (ret_valid - g["ret_mean"].index_select(0, vis["col"])).square()
+            g["ret_ss"] = torch.zeros(R, dtype=dt, device=dev).index_add_(
+                0, vis["run"].index_select(0, vis["col"]), spread)
         return g
 
-    def _ppo_loss(self, g: dict[str, Tensor], want_diag: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    def _ppo_loss(self, g: dict[str, Tensor], want_diag: bool = True, want_loss: bool = True
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-run PPO loss ``[R]`` (mean over the minibatch's samples) from the statistics of :meth:`_group`,
-        differentiable with respect to the policy and value parameters."""
+        differentiable with respect to the policy and value parameters (always computed: ``want_loss`` is
+        part of :meth:`_ppo_epochs`' protocol)."""
         rows, P = g["rows"], g["count"].shape[1]
         lp = self.policy.rows(self.params, rows, P)  # [A, P], carries gradient
         v = self._value_rows(rows, P) if self.baseline == "value" else None
-        per_row, parts = self._rows_loss(g, slice(None), lp, v, want_diag)
+        per_row, parts, _ = self._rows_loss(g, slice(None), lp, v, want_diag)
         sums = torch.zeros(self.R, dtype=per_row.dtype, device=self.device).index_add(0, g["run"], per_row)
         return self._mean_loss(g, sums), self._loss_diagnostics(g, parts) if want_diag else {}
 
@@ -835,41 +906,46 @@ class DiscreteTrainer(BatchTrainer):
             loss = loss + self.cfg.train.vf_coef * 0.5 * g["ret_ss"] / g["n"]
         return loss
 
-    def _ppo_loss_and_grads(self, g: dict[str, Tensor], want_diag: bool = True
-                            ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """:meth:`_ppo_loss` and its gradients, for tabular policies and values, in column blocks.
+    @torch.no_grad()
+    def _ppo_loss_and_grads(self, g: dict[str, Tensor], want_diag: bool = True, want_loss: bool = True
+                            ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`_ppo_loss` and its gradients, for tabular policies and values, derived by hand.
 
-        A visited row's logits (and value) get gradient only from that row's loss terms, so the loss and
-        its backward pass run on blocks of :data:`ROW_CHUNK` columns (smaller working sets; estimators no run
-        of a block uses are skipped there), with the blocks' logits as leaves; the gradients are then written
-        into the optimizer's dense gradient buffers. The same elementwise arithmetic as in one pass: loss,
-        diagnostics and gradients do not depend on the blocking (``tests/sim/test_grouped_loss.py``).
+        A visited row's logits (and value) get gradient only from that row's loss terms. :meth:`_rows_loss`
+        gives each row's loss with its derivatives with respect to the row's log-probabilities and value, and
+        the log-softmax is chained by hand (``∂/∂x_a = g_a − π_a·Σ_b g_b``): no autograd graph, about half
+        the tensor passes of autograd's backward. The rows run in blocks of :data:`ROW_CHUNK` columns
+        (smaller working sets; estimators no run of a block uses are skipped there), and the gradients are
+        written into the optimizer's dense gradient buffers. Loss and diagnostics are bitwise those of the
+        one-pass loss, whatever the blocking; the gradients equal autograd's to rounding
+        (``tests/sim/test_grouped_loss.py``).
 
-        Returns ``(loss [R], diagnostics, gradients)`` (gradients keyed like the trainable parameters).
+        Returns ``(loss [R], diagnostics, gradients)`` (gradients keyed like the trainable parameters); the
+        loss is ``None`` when neither ``want_loss`` nor ``want_diag`` asks for it.
         """
+        want_loss = want_loss or want_diag
         rows, (A, P) = g["rows"], g["count"].shape
         M = rows.numel()
-        with torch.no_grad():
-            x_all = self.policy.row_logits(self.params, rows, P)
-            v_all = self._value_rows(rows, P) if self.baseline == "value" else None
+        x_all = self.policy.row_logits(self.params, rows, P)
+        v_all = self._value_rows(rows, P) if self.baseline == "value" else None
         gx = torch.empty_like(x_all)
         gv = torch.empty_like(v_all) if v_all is not None else None
         loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
         parts: list[dict[str, Tensor]] = []
         for c0 in range(0, P, ROW_CHUNK):
             cols = slice(c0, min(P, c0 + ROW_CHUNK))
-            x = x_all[:, cols].contiguous().requires_grad_(True)
-            v = v_all[cols].clone().requires_grad_(True) if v_all is not None else None
-            per_row, block_parts = self._rows_loss(g, cols, log_softmax_action_major(x), v, want_diag)
+            run = g["run"][cols]
+            v = v_all[cols] if v_all is not None else None
+            per_row, block_parts, (g_lp, g_v, prob) = self._rows_loss(
+                g, cols, log_softmax_action_major(x_all[:, cols]), v, want_diag, grad=True, want_loss=want_loss)
             parts.append(block_parts)
-            block = torch.zeros_like(loss).index_add(0, g["run"][cols], per_row)
-            grads = torch.autograd.grad((block / g["n"]).sum(), [x] if v is None else [x, v])
-            gx[:, cols] = grads[0]
+            n_run = g["n"].index_select(0, run)  # the per-run mean's divisor
+            gx[:, cols] = (g_lp - prob * sum_actions(g_lp)) / n_run
             if gv is not None:
-                gv[cols] = grads[1]
-            # summed into one buffer block after block: each run's terms in column order, as in one pass
-            loss.index_add_(0, g["run"][cols], per_row.detach())
-        loss = self._mean_loss(g, loss)
+                gv[cols] = g_v / n_run
+            if per_row is not None:  # summed block after block: each run's terms in column order, as in one pass
+                loss.index_add_(0, run, per_row)
+        loss = self._mean_loss(g, loss) if want_loss else None
         # written straight into the optimizer's gradient buffers (zero outside the visited rows)
         out = {"logits": self.opt.grad_buffer("logits")}
         out["logits"].zero_().view(-1, A).index_copy_(0, rows, gx[:, :M].t())
@@ -880,39 +956,70 @@ class DiscreteTrainer(BatchTrainer):
             if want_diag else {}
         return loss, diag, out
 
-    def _rows_loss(self, g: dict[str, Tensor], cols: slice, lp: Tensor, v: Tensor | None, keep: bool
-                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _rows_loss(self, g: dict[str, Tensor], cols: slice, lp: Tensor, v: Tensor | None, keep: bool,
+                   grad: bool = False, want_loss: bool = True
+                   ) -> tuple[Tensor | None, dict[str, Tensor], tuple | None]:
         """The PPO loss of columns ``cols`` of the row tables, per row ``[c]`` (a sum over the row's samples;
         with a value ``v``, ``vf_coef·½·n_s·(v − mean return)²`` too: the within-state spread ``ret_ss`` is
         added per run by :meth:`_mean_loss`).
 
-        ``lp [A, c]`` are the log-probabilities of those columns (carrying gradient), ``v [c]`` their values.
-        Also returns the per-entry parts the diagnostics need when ``keep``.
+        ``lp [A, c]`` are the log-probabilities of those columns, ``v [c]`` their values. Also returns the
+        per-entry parts the diagnostics need when ``keep``, and with ``grad`` the loss's derivatives derived
+        by hand, ``(∂/∂lp [A, c]`` with each log-probability a free variable, ``∂/∂v [c]`` or ``None``,
+        ``π = e^{lp} [A, c])``; else ``None`` (differentiate the loss by autograd through ``lp`` and ``v``).
+        With ``grad``, ``want_loss=False`` skips the loss itself (returned as ``None``).
         """
         tr, rt = self.cfg.train, self.rt
+        want_loss = want_loss or keep or not grad
         n, old, ref, run = g["count"][:, cols], g["old"][:, cols], g["ref"][:, cols], g["run"][cols]
+        n_s = g["n_s"][cols]
+        hi, lo = 1.0 + tr.clip, 1.0 - tr.clip
+        adv_pos, adv_neg = g["adv_pos"][:, cols], g["adv_neg"][:, cols]
         ratio = torch.exp(lp - old)
-        # min(ρ, clip(ρ)) = min(ρ, 1 + ε) and max(ρ, clip(ρ)) = max(ρ, 1 − ε), with the same gradient
-        pg = -(g["adv_pos"][:, cols] * ratio.clamp(max=1.0 + tr.clip)
-               + g["adv_neg"][:, cols] * ratio.clamp(min=1.0 - tr.clip))
+        prob = lp.exp() if grad or tr.ent_coef > 0 else None
         ref_lp = self.clamp(lp, ref, n, row_run=run)
-        kl = n * kl_loss_term(lp, old, ref_lp, lambda: full_kl(lp, ref, dim=0).unsqueeze(0), rt, row_run=run)
-        per_row = sum_actions(pg + kl)
-        if tr.ent_coef > 0:
-            pi = lp.exp()
-            entropy = -sum_actions(torch.where(pi > 0, pi * lp, torch.zeros_like(pi)))
-            per_row = per_row - tr.ent_coef * g["n_s"][cols] * entropy
+        k_full = lambda: full_kl(lp, ref, dim=0, prob_all=prob).unsqueeze(0)  # noqa: E731
+        kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
+        used = (kl_w != 0).any(-1).tolist()
+        weights = tuple([kl_w[f, j] if used[f][j] else None for j in range(4)] for f in range(2))
+        if grad:
+            kl, kl_slope, full_w = kl_loss_term_and_slope(lp, old, ref_lp, k_full, rt, weights=weights,
+                                                          delta_slope=self.clamp.slope(lp, ref), value=want_loss)
+        else:
+            kl = kl_loss_term(lp, old, ref_lp, k_full, rt, weights=weights)
+        per_row = pg = None
+        if want_loss:
+            # min(ρ, clip(ρ)) = min(ρ, 1 + ε) and max(ρ, clip(ρ)) = max(ρ, 1 − ε), with the same gradient
+            pg = -(adv_pos * ratio.clamp(max=hi) + adv_neg * ratio.clamp(min=lo))
+            kl = n * kl
+            per_row = sum_actions(pg + kl)
+            if tr.ent_coef > 0:
+                entropy = -sum_actions(torch.where(prob > 0, prob * lp, torch.zeros_like(prob)))
+                per_row = per_row - tr.ent_coef * n_s * entropy
         if v is not None:
-            v_sq = g["n_s"][cols] * (v - g["ret_mean"][cols]).square()
-            per_row = per_row + tr.vf_coef * 0.5 * v_sq
+            v_err = v - g["ret_mean"][cols]
+            if want_loss:
+                v_sq = n_s * v_err.square()
+                per_row = per_row + tr.vf_coef * 0.5 * v_sq
+        grads = None
+        if grad:
+            # ∂pg/∂lp = −adv·ρ where the clip passes ρ (bounds included, as autograd's clamp), else 0
+            g_lp = -(adv_pos * (ratio <= hi) + adv_neg * (ratio >= lo)) * ratio
+            if kl_slope is not None:
+                g_lp = g_lp + n * kl_slope
+            if full_w is not None:  # the row's exact KL counts once per sample of the row
+                g_lp = g_lp + (n_s * full_w) * full_kl_slope(lp, ref, prob)
+            if tr.ent_coef > 0:  # ∂(−c·n_s·H)/∂lp = c·n_s·π·(lp + 1) where π > 0
+                g_lp = g_lp + (tr.ent_coef * n_s) * torch.where(prob > 0, prob * (lp + 1.0), 0.0)
+            grads = (g_lp, tr.vf_coef * n_s * v_err if v is not None else None, prob)
         if not keep:
-            return per_row, {}
+            return per_row, {}, grads
         with torch.no_grad():
             parts = {"terms": torch.stack([pg, kl, n * ((ratio - 1.0).abs() > tr.clip), n * (old - lp)], dim=-1)
                      .transpose(-1, -2)}  # [A, 4, c]
             if v is not None:
                 parts["v_sq"] = v_sq
-        return per_row, parts
+        return per_row, parts, grads
 
     def _loss_diagnostics(self, g: dict[str, Tensor], parts: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-run means of the PPO diagnostics from :meth:`_rows_loss`'s parts (all columns)."""
@@ -1043,7 +1150,7 @@ class DiscreteTrainer(BatchTrainer):
                  "action": np.tile(np.arange(A, dtype=np.int64), S * n)}
         for k in logs[0][1]:
             frame[k] = np.concatenate([tabs[k][run].reshape(-1) for _, tabs in logs])
-        return pd.DataFrame(frame)
+        return pd.DataFrame(frame, copy=False)  # fresh arrays
 
     def _maybe_log_traj(self, update: int, buf: dict[str, Tensor], tabs: dict[str, Tensor]) -> None:
         n = self.cfg.log.trajectories

@@ -26,6 +26,8 @@ RUNS = [
     ["seed=5", "kl.placement=loss", "kl.estimator=k3", "kl.is_correction=true"],
     ["seed=6", "kl.placement=loss", "kl.estimator=full"],
     ["seed=7", "kl.placement=none"],
+    ["seed=8", "kl.placement=loss", "kl.estimator=k1", "kl.is_correction=true"],
+    ["seed=9", "kl.placement=loss", "kl.estimator=full", "kl.is_correction=true"],
 ]
 
 SETTINGS = {
@@ -110,10 +112,12 @@ def test_grouped_loss_on_a_minibatch_subset() -> None:
 
 @pytest.mark.parametrize("setting", ["bandit, mean baseline, entropy bonus, clamp", "gridworld slip, tabular value"])
 def test_blocked_loss_and_gradients_equal_one_pass(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tabular policies compute the loss and its gradient in column blocks (``_ppo_loss_and_grads``); with
-    blocks of 64 columns (several blocks here) the loss, the diagnostics and the gradients equal those of the
-    one-pass loss (``_ppo_loss``) differentiated by autograd: the same elementwise arithmetic, summed per run
-    in the same column order."""
+    """Tabular policies compute the loss and its hand-derived gradient in column blocks
+    (``_ppo_loss_and_grads``); with blocks of 64 columns (several blocks here) the loss and the diagnostics
+    are bitwise those of the one-pass loss (``_ppo_loss``: the same elementwise arithmetic, summed per run in
+    the same column order), and the gradients equal autograd's gradient of the one-pass loss to float64
+    rounding (measured: ≤ 3e-17 absolute on gradients of order 0.01–0.4). The runs cover every estimator in
+    the loss with and without IS correction; the settings add the clamp, the entropy bonus and a value."""
     import sim.train
 
     tr, mb, tabs = moved_batch(setting)
@@ -126,4 +130,10 @@ def test_blocked_loss_and_gradients_equal_one_pass(setting: str, monkeypatch: py
     assert torch.equal(b_loss, loss.detach())
     assert diag.keys() == b_diag.keys() and all(torch.equal(diag[k], b_diag[k]) for k in diag)
     for k, ref in zip(tr.trainable, grads, strict=True):
-        assert torch.equal(b_grads[k], ref), k
+        torch.testing.assert_close(b_grads[k], ref, rtol=1e-10, atol=1e-13, msg=k)
+    b_grads = {k: v.clone() for k, v in b_grads.items()}  # the optimizer's buffers, reused below
+    # epochs before the last skip the loss itself; the gradients are the same numbers
+    no_loss, no_diag, grads_only = tr._ppo_loss_and_grads(g, want_diag=False, want_loss=False)
+    assert no_loss is None and no_diag == {}
+    for k in tr.trainable:
+        assert torch.equal(grads_only[k], b_grads[k]), k
