@@ -172,6 +172,11 @@ class TabularCore:
         return not self._deterministic
 
     @property
+    def needs_reset_uniform(self) -> bool:
+        """Whether ``reset`` reads its uniforms (the start state is random)."""
+        return not self._single_init
+
+    @property
     def needs_normal(self) -> bool:
         """Whether ``step`` reads ``z`` (the rewards are noisy)."""
         return self.mdp.reward_noise > 0
@@ -195,9 +200,10 @@ class TabularCore:
         cdf = self._cdf.index_select(0, (state * self._n_actions + action).reshape(-1)).view(state.shape + (-1,))
         return (u.unsqueeze(-1) >= cdf.to(u.dtype)).sum(-1).clamp_(max=self._n_outcomes - 1)
 
-    def transition(self, state: Tensor, action: Tensor, k: Tensor, z: Tensor | None = None
+    def transition(self, state: Tensor, action: Tensor, k: Tensor | None, z: Tensor | None = None
                    ) -> tuple[Tensor, Tensor, Tensor]:
         """The transition of outcome ``k`` ``[*B]``: ``(next_state [*B] int64, reward [*B], done [*B] bool)``.
+        ``k`` may be ``None`` when every pair has a single outcome.
 
         ``z`` ``[*B]`` are standard normals for the reward noise (ignored when ``reward_noise == 0``).
         The reward is float64 unless ``z`` has another floating dtype.
@@ -225,7 +231,7 @@ class TabularCore:
             ``(next_state [*B] int64, reward [*B] float, done [*B] bool)``; the reward has ``u``'s dtype
             (when ``u`` is ``None``: that of ``z`` if the rewards are noisy, else float64).
         """
-        k = self.outcome(state, action, u)
+        k = self.outcome(state, action, u) if self._n_outcomes > 1 else None  # one outcome: none to draw
         next_state, reward, done = self.transition(state, action, k, z)
         if u is not None and reward.dtype != u.dtype:
             reward = reward.to(u.dtype)

@@ -147,9 +147,9 @@ def uniform_at(key: Tensor, index: Tensor, n: int, dtype: torch.dtype = torch.fl
     k = key.to(torch.int32)
     h = _hash32_i32(k ^ torch.take(_hashed_counter(n, key.device, torch.int32), index))
     h = _hash32_i32(h ^ ((k >> c["s7"]) & c["m25"]))  # key >> 7 of the 32-bit key
-    u = h.to(torch.float64)
-    u = torch.where(h < 0, u + 4294967296.0, u)  # the unsigned value of the bit pattern
-    return ((u + 0.5) * (1.0 / 4294967296.0)).to(dtype)
+    # (h + 0.5)/2^32 of the signed pattern h lies in (−½, ½); mod 1 adds 1 to the negative ones, which gives
+    # (unsigned h + 0.5)/2^32. Every step is exact in float64, so the numbers are bitwise those of uniform().
+    return torch.remainder((h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0), 1.0).to(dtype)
 
 
 def normal(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> Tensor:

@@ -61,10 +61,10 @@ every real row (no scalar tail, whose transcendental functions may round differe
 threads, so a row's numbers do not depend on how many other rows share its table."""
 
 ROW_CHUNK = 20416
-"""Columns per block of the tabular loss and its backward pass (a multiple of :data:`ROW_PAD`; not a power
-of two, whose equally spaced buffers alias in the CPU caches). On the gridworld grid (81 024 visited rows),
-40 paired timings of loss, backward and optimizer step: blocks of this size took 0.79–0.92× the one-pass
-time (medians of two sessions)."""
+"""Most columns per block of the tabular loss and its gradient; the columns are split into equal blocks of
+at most this many (multiples of :data:`ROW_PAD`). Sized for the autograd backward pass the loss once had
+(40 paired timings on the gridworld grid: 0.79–0.92× the one-pass time); not a power of two, whose equally
+spaced buffers alias in the CPU caches."""
 
 
 @dataclass
@@ -601,6 +601,7 @@ class DiscreteTrainer(BatchTrainer):
         for k in self.trainable:
             self.params[k].requires_grad_(True)
         self._make_optimizer()
+        self._grad_rows: Tensor | None = None  # the rows the gradient buffers were last written at
         self._opt_cache: dict = {}
         self._ref_derived_cache: dict[str, Tensor] = {}
         self._ref_derived_version = -1
@@ -653,16 +654,16 @@ class DiscreteTrainer(BatchTrainer):
         k_act = rng.fold(key, 0)
         k_out = rng.fold(key, 1) if self.mdp.n_outcomes > 1 else None
         z = rng.normal(rng.fold(key, 3), (N, H)).view(-1) if self.mdp.reward_noise > 0 else None  # [R·N·H]
-        if S > 1:
+        if self.core.needs_reset_uniform:
             state = self.core.reset(rng.uniform(rng.fold(key, 2), (N,))).reshape(-1)
-        else:
-            state = torch.zeros(R * N, dtype=torch.long, device=dev)
+        else:  # a fixed start state: no draw
+            state = self.core.reset(torch.zeros(R * N, dtype=torch.float64, device=dev))
         pi_t, ref_t = self._tables()
-        # float32 CDF rows (compared with float64 uniforms after exact promotion); with several states, its
-        # first A − 1 columns action-major: the action is the number of them at or below u (the CDF does not
-        # decrease, and u ≥ the last column only happens where the others are all below u)
+        # float32 CDF rows (compared with float64 uniforms after exact promotion); with several states and
+        # a few actions, its first A − 1 columns action-major: the action is the number of them at or below u
+        # (the CDF does not decrease, and u ≥ the last column only happens where the others are all below u)
         cdf = pi_t.exp().cumsum(-1).reshape(R * S, A)
-        cdf_cols = cdf[:, : A - 1].t().contiguous() if S > 1 else None
+        cdf_cols = cdf[:, : A - 1].t().contiguous() if S > 1 and 1 < A <= 9 else None
         taken: dict[str, list[Tensor]] = {"at": [], "state": [], "action": [], "reward": [], "done": []}
         def draw(stream_key: Tensor, run: Tensor, counter: Tensor) -> Tensor:
             """Element ``counter`` of each running episode's ``[N, H]`` stream, flat."""
@@ -679,17 +680,20 @@ class DiscreteTrainer(BatchTrainer):
             u = draw(k_act, run, n_h + t)
             if S == 1 and ep_h is None:  # one state, every episode running: binary search in the run's CDF
                 a = torch.searchsorted(cdf.to(u.dtype), u.view(R, N), right=True).view(-1).clamp_(max=A - 1)
-            elif cdf_cols is None:
-                a = (u.unsqueeze(-1) >= cdf.index_select(0, run)).sum(-1).clamp_(max=A - 1)
             else:
                 rows = run_s.expand(R, N).reshape(-1) + s if ep_h is None else run_s + s
-                a = torch.zeros_like(rows)
-                for j in range(A - 1):
-                    a += u >= cdf_cols[j].index_select(0, rows)
+                if cdf_cols is None:  # one state, or many actions: compare with whole CDF rows
+                    a = (u.unsqueeze(-1) >= cdf.index_select(0, rows)).sum(-1).clamp_(max=A - 1)
+                else:  # count the columns at or below u, in uint8 (at most A − 1 ≤ 8)
+                    hits = [(u >= cdf_cols[j].index_select(0, rows)).view(torch.uint8) for j in range(A - 1)]
+                    a = hits[0]
+                    for h in hits[1:]:
+                        a = a + h
+                    a = a.long()
             u_out = u if k_out is None else draw(k_out, run, n_h + t)
             at = (torch.arange(0, R * N * H, H, device=dev) if ep_h is None else ep_h) + t  # (run·N + n)·H + t
             nxt, r, end = self.core.step(s, a, u_out, None if z is None else z.take(at))
-            for k, v in (("at", at), ("state", s), ("action", a), ("reward", r.to(self.dtype)), ("done", end)):
+            for k, v in (("at", at), ("state", s), ("action", a), ("reward", r), ("done", end)):
                 taken[k].append(v)
             going = (~end).nonzero().squeeze(1)
             if going.numel() == 0:
@@ -700,13 +704,15 @@ class DiscreteTrainer(BatchTrainer):
             else:
                 run, run_s, n_h, ep_h = (x.index_select(0, going) for x in (run, run_s, n_h, ep_h))
             state = nxt.index_select(0, going)
+        taken["reward"] = [torch.cat(taken["reward"]).to(self.dtype)]  # cast once, not per step
         if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
             buf = {k: v[0].view(R, N, 1) for k, v in taken.items() if k != "at"}
             buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
         else:  # one scatter per buffer; steps after an episode's end stay zero (done true, valid false)
             at = torch.cat(taken.pop("at"))
-            buf = {k: torch.full((R * N * H,), k == "done", dtype=v[0].dtype, device=dev)
-                   .scatter_(0, at, torch.cat(v)).view(R, N, H) for k, v in taken.items()}
+            cat = {k: torch.cat(v) for k, v in taken.items()}
+            buf = {k: torch.full((R * N * H,), k == "done", dtype=v.dtype, device=dev).scatter_(0, at, v)
+                   .view(R, N, H) for k, v in cat.items()}
             buf["valid"] = torch.zeros(R * N * H, dtype=torch.bool, device=dev).scatter_(0, at, True).view(R, N, H)
         buf["idx"] = buf["state"] * A + buf["action"]
         self.env_steps += torch.count_nonzero(buf["valid"].reshape(R, -1), 1)
@@ -932,26 +938,34 @@ class DiscreteTrainer(BatchTrainer):
         gv = torch.empty_like(v_all) if v_all is not None else None
         loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
         parts: list[dict[str, Tensor]] = []
-        for c0 in range(0, P, ROW_CHUNK):
-            cols = slice(c0, min(P, c0 + ROW_CHUNK))
+        n_blocks = -(-P // ROW_CHUNK)
+        size = -(-P // (n_blocks * ROW_PAD)) * ROW_PAD  # equal blocks, each a multiple of ROW_PAD
+        for c0 in range(0, P, size):
+            cols = slice(c0, min(P, c0 + size))
             run = g["run"][cols]
             v = v_all[cols] if v_all is not None else None
             per_row, block_parts, (g_lp, g_v, prob) = self._rows_loss(
                 g, cols, log_softmax_action_major(x_all[:, cols]), v, want_diag, grad=True, want_loss=want_loss)
             parts.append(block_parts)
             n_run = g["n"].index_select(0, run)  # the per-run mean's divisor
-            gx[:, cols] = (g_lp - prob * sum_actions(g_lp)) / n_run
+            torch.div(torch.addcmul(g_lp, prob, sum_actions(g_lp), value=-1), n_run, out=gx[:, cols])
             if gv is not None:
                 gv[cols] = g_v / n_run
             if per_row is not None:  # summed block after block: each run's terms in column order, as in one pass
                 loss.index_add_(0, run, per_row)
         loss = self._mean_loss(g, loss) if want_loss else None
-        # written straight into the optimizer's gradient buffers (zero outside the visited rows)
+        # written straight into the optimizer's gradient buffers, zero outside the visited rows: zeroed only
+        # when the rows differ from the last write's (every epoch of a full-batch update has the same rows)
         out = {"logits": self.opt.grad_buffer("logits")}
-        out["logits"].zero_().view(-1, A).index_copy_(0, rows, gx[:, :M].t())
         if gv is not None:
             out["v"] = self.opt.grad_buffer("v")
-            out["v"].zero_().view(-1).index_copy_(0, rows, gv[:M])
+        if self._grad_rows is not rows:
+            for buf in out.values():
+                buf.zero_()
+            self._grad_rows = rows
+        out["logits"].view(-1, A).index_copy_(0, rows, gx[:, :M].t())
+        if gv is not None:
+            out["v"].view(-1).index_copy_(0, rows, gv[:M])
         diag = self._loss_diagnostics(g, {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}) \
             if want_diag else {}
         return loss, diag, out

@@ -137,3 +137,21 @@ def test_blocked_loss_and_gradients_equal_one_pass(setting: str, monkeypatch: py
     assert no_loss is None and no_diag == {}
     for k in tr.trainable:
         assert torch.equal(grads_only[k], b_grads[k]), k
+
+
+def test_gradient_buffers_hold_only_the_current_rows() -> None:
+    """The blocked loss writes gradients into the optimizer's buffers and zeroes them only when the rows
+    change: after a call on the whole batch, a call on a minibatch (other rows) gives exactly the minibatch's
+    gradient, and a repeated call on the same rows gives the same numbers."""
+    tr, mb, tabs = moved_batch("gridworld slip, tabular value")
+    R, n = mb["idx"].shape
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(2))[: n // 4]
+    sub = tr._group({k: v[:, keep] for k, v in mb.items()}, tabs)
+    assert sub["rows"].numel() < tr._group(mb, tabs)["rows"].numel()  # the minibatch visits fewer rows
+    loss, _ = tr._ppo_loss(sub, want_diag=False)
+    expected = torch.autograd.grad(loss.sum(), [tr.params[k] for k in tr.trainable])
+    tr._ppo_loss_and_grads(tr._group(mb, tabs), want_diag=False)  # the whole batch's rows first
+    for _ in range(2):
+        _, _, grads = tr._ppo_loss_and_grads(sub, want_diag=False, want_loss=False)
+        for k, ref in zip(tr.trainable, expected, strict=True):
+            torch.testing.assert_close(grads[k], ref, rtol=1e-10, atol=1e-13, msg=k)
