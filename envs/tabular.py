@@ -68,6 +68,11 @@ class TabularMDP:
         return (self.next_prob * self.reward).sum(-1)
 
     @cached_property
+    def single_outcome_is_certain(self) -> bool:
+        """Whether every state-action pair has one outcome, of probability exactly 1."""
+        return self.n_outcomes == 1 and bool((self.next_prob == 1).all())
+
+    @cached_property
     def layers(self) -> list[Tensor] | list[slice] | None:
         """States per time step if every possible transition goes from ``t`` to ``t + 1`` or to the sink,
         else ``None``; computed once per MDP object (and kept by :meth:`with_reference`). When every time
@@ -99,8 +104,9 @@ class TabularMDP:
     def with_reference(self, ref_logp: Tensor) -> TabularMDP:
         """The same dynamics with another reference policy ``[S, A]`` (log-probabilities)."""
         new = replace(self, ref_logp=ref_logp.to(self.ref_logp))
-        if "layers" in self.__dict__:  # the same dynamics: the same layers
-            new.__dict__["layers"] = self.__dict__["layers"]
+        for name in ("layers", "single_outcome_is_certain"):  # the same dynamics: the same derived facts
+            if name in self.__dict__:
+                new.__dict__[name] = self.__dict__[name]
         return new
 
     def validate(self) -> None:
@@ -301,7 +307,11 @@ def state_occupancy(mdp: TabularMDP, logp: Tensor, prob: Tensor | None = None) -
     layer_list = layers(mdp)
     if layer_list is not None:  # forward in time order: a layer's occupancy is complete before it flows on
         for idx in layer_list[:-1]:
-            flow = (occ[..., idx, None] * pi[..., idx, :]).unsqueeze(-1) * P[idx]  # [..., n, A, K]
+            flow = occ[..., idx, None] * pi[..., idx, :]  # [..., n, A]
+            if K > 1:
+                flow = flow.unsqueeze(-1) * P[idx]  # [..., n, A, K]
+            elif not mdp.single_outcome_is_certain:
+                flow = flow * P[idx][..., 0]
             occ.index_add_(-1, mdp.next_state[idx].reshape(-1), flow.reshape(batch + (-1,)))
         return occ[..., :S]
     d = occ[..., :S].clone()
@@ -316,12 +326,14 @@ def state_occupancy(mdp: TabularMDP, logp: Tensor, prob: Tensor | None = None) -
 
 
 def _backward_induction(mdp: TabularMDP, r: Tensor, batch: torch.Size,
-                        state_value: Callable[[Tensor, Tensor | slice], Tensor]) -> tuple[Tensor, Tensor]:
+                        state_value: Callable[[Tensor, Tensor | slice], Tensor], want_q: bool = True
+                        ) -> tuple[Tensor, Tensor | None]:
     """Finite-horizon DP: ``Q(s,a) = r(s,a) + E[V(s')]`` and ``V(s) = state_value(Q(s, ·), s)``.
 
     ``r`` is ``[..., S, A]`` (broadcastable to ``batch``); ``state_value(q_rows [..., n, A], idx)`` gives the
     values ``[..., n]`` of the states ``idx``. Layered MDPs are solved one time step at a time, backwards;
-    others by ``horizon`` sweeps over all states. Returns ``(V [*batch, S], Q [*batch, S, A])``.
+    others by ``horizon`` sweeps over all states. Returns ``(V [*batch, S], Q [*batch, S, A])`` (for a
+    layered MDP, ``Q`` is ``None`` unless ``want_q``).
     """
     S, A, _ = mdp.next_state.shape
     dt, dev = r.dtype, r.device
@@ -334,11 +346,19 @@ def _backward_induction(mdp: TabularMDP, r: Tensor, batch: torch.Size,
             v = state_value(q, slice(None))
         return v, q
     P = mdp.next_prob.to(dt)
+    K = P.shape[-1]
     v_ext = torch.zeros(batch + (S + 1,), dtype=dt, device=dev)
-    q = torch.zeros(batch + (S, A), dtype=dt, device=dev)
+    q = torch.zeros(batch + (S, A), dtype=dt, device=dev) if want_q else None
     for idx in reversed(layer_list):
-        q_l = r[..., idx, :] + (P[idx] * v_ext[..., mdp.next_state[idx]]).sum(-1)  # [..., n, A]
-        q[..., idx, :] = q_l
+        nxt = mdp.next_state[idx]  # [n, A, K]
+        v_next = v_ext.index_select(-1, nxt.reshape(-1)).view(batch + nxt.shape)
+        if K > 1:
+            ev = (P[idx] * v_next).sum(-1)
+        else:  # one outcome (probability 1 unless the MDP says otherwise): the same numbers, fewer passes
+            ev = v_next[..., 0] if mdp.single_outcome_is_certain else P[idx][..., 0] * v_next[..., 0]
+        q_l = r[..., idx, :] + ev  # [..., n, A]
+        if q is not None:
+            q[..., idx, :] = q_l
         v_ext[..., idx] = state_value(q_l, idx)
     return v_ext[..., :S], q
 
@@ -394,7 +414,10 @@ def _broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
 def expected_return(mdp: TabularMDP, logp: Tensor, prob: Tensor | None = None) -> Tensor:
     """Exact expected episode reward ``[...]`` of policy ``logp [..., S, A]`` (``prob``: ``logp.exp()`` if
     known)."""
-    v, _ = policy_evaluation(mdp, logp, prob=prob)
+    pi = logp.exp() if prob is None else prob
+    r = mdp.expected_reward.to(pi)
+    v, _ = _backward_induction(mdp, r, _broadcast_shapes(pi.shape, r.shape)[:-2],
+                               lambda q, idx: (pi[..., idx, :] * q).sum(-1), want_q=False)
     return (mdp.init_prob.to(v) * v).sum(-1)
 
 

@@ -645,8 +645,9 @@ class DiscreteTrainer(BatchTrainer):
 
         Random draws come from the run's stream for this update: actions (inverse CDF), then transition
         outcomes, the initial state and reward noise, each drawn only if the env needs it. Step ``t`` of
-        episode ``n`` uses element ``n·H + t`` of the ``[N, H]`` streams, and each step computes only the
-        episodes still running, so the cost follows the steps taken rather than ``N·H``.
+        episode ``n`` uses element ``n·H + t`` of the ``[N, H]`` streams. Each step computes only the
+        episodes still running (uniforms: those running at the first of each pair of steps), so the cost
+        follows the steps taken rather than ``N·H``.
         """
         R, N, H, A, S = self.R, self.cfg.train.batch, self.H, self.A, self.S
         dev = self.device
@@ -665,9 +666,28 @@ class DiscreteTrainer(BatchTrainer):
         cdf = pi_t.exp().cumsum(-1).reshape(R * S, A)
         cdf_cols = cdf[:, : A - 1].t().contiguous() if S > 1 and 1 < A <= 9 else None
         taken: dict[str, list[Tensor]] = {"at": [], "state": [], "action": [], "reward": [], "done": []}
-        def draw(stream_key: Tensor, run: Tensor, counter: Tensor) -> Tensor:
-            """Element ``counter`` of each running episode's ``[N, H]`` stream, flat."""
-            return rng.uniform_at(stream_key.index_select(0, run.view(-1)).view(run.shape), counter, N * H).reshape(-1)
+        streams = [k_act] if k_out is None else [k_act, k_out]
+        ahead: list[Tensor] = []  # the streams' next-step uniforms for the running episodes, if drawn
+
+        def draw(t: int) -> list[Tensor]:
+            """Element ``n·H + t`` of each running episode's ``[N, H]`` streams (actions, outcomes), flat.
+
+            Steps are drawn in pairs, ``t`` and ``t + 1`` in one hash pass (half the passes); the second is
+            kept in ``ahead`` for the episodes still running at ``t + 1``. The numbers are the same.
+            """
+            if ahead:
+                out = list(ahead)
+                ahead.clear()
+                return out
+            two = t + 1 < H
+            counter = torch.stack([n_h + t, n_h + t + 1]) if two else n_h + t
+            out = []
+            for key in streams:
+                u = rng.uniform_at(key.index_select(0, run.view(-1)).view(run.shape), counter, N * H)
+                out.append(u[0].reshape(-1) if two else u.reshape(-1))
+                if two:
+                    ahead.append(u[1].reshape(-1))
+            return out
 
         # per running episode: its run, run·S, n·H and (run·N + n)·H; while every episode runs, broadcastable
         # [R, 1] / [1, N] forms and ep_h = None
@@ -677,7 +697,7 @@ class DiscreteTrainer(BatchTrainer):
         ep_h: Tensor | None = None
         for t in range(H):
             s = state  # running episodes only: never the sink
-            u = draw(k_act, run, n_h + t)
+            u, *u_outcome = draw(t)
             if S == 1 and ep_h is None:  # one state, every episode running: binary search in the run's CDF
                 a = torch.searchsorted(cdf.to(u.dtype), u.view(R, N), right=True).view(-1).clamp_(max=A - 1)
             else:
@@ -690,7 +710,7 @@ class DiscreteTrainer(BatchTrainer):
                     for h in hits[1:]:
                         a = a + h
                     a = a.long()
-            u_out = u if k_out is None else draw(k_out, run, n_h + t)
+            u_out = u_outcome[0] if u_outcome else u
             at = (torch.arange(0, R * N * H, H, device=dev) if ep_h is None else ep_h) + t  # (run·N + n)·H + t
             nxt, r, end = self.core.step(s, a, u_out, None if z is None else z.take(at))
             for k, v in (("at", at), ("state", s), ("action", a), ("reward", r), ("done", end)):
@@ -704,6 +724,7 @@ class DiscreteTrainer(BatchTrainer):
             else:
                 run, run_s, n_h, ep_h = (x.index_select(0, going) for x in (run, run_s, n_h, ep_h))
             state = nxt.index_select(0, going)
+            ahead[:] = [x.index_select(0, going) for x in ahead]
         taken["reward"] = [torch.cat(taken["reward"]).to(self.dtype)]  # cast once, not per step
         if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
             buf = {k: v[0].view(R, N, 1) for k, v in taken.items() if k != "at"}
@@ -1046,12 +1067,12 @@ class DiscreteTrainer(BatchTrainer):
         return diag
 
     def _per_run_sum(self, x: Tensor, rows: Tensor) -> Tensor:
-        """Per-run sums ``[R, C]`` of action-major row values ``x [A, P, C]``, summed over the dense
-        ``[S, A]`` table in a fixed order, so a run's sum does not depend on the other runs' rows."""
-        A, _, C = x.shape
-        dense = torch.zeros(self.R * self.S, A, C, dtype=x.dtype, device=x.device)
-        dense.index_copy_(0, rows, x[:, : rows.numel()].transpose(0, 1))
-        return dense.view(self.R, -1, C).sum(1)
+        """Per-run sums ``[R, C]`` of action-major row values ``x [A, P, C]`` of rows ``rows [M]`` (columns
+        past ``M`` are padding): each row's actions summed left to right, then a run's rows added one after
+        the other in column order, so a run's sum does not depend on the other runs' rows."""
+        per_row = sum_actions(x[:, : rows.numel()])  # [M, C]
+        out = torch.zeros(self.R, x.shape[-1], dtype=x.dtype, device=x.device)
+        return out.index_add_(0, rows // self.S, per_row)
 
     # -- exact mode ---------------------------------------------------------------------------------------
     def exact_update(self, update: int) -> dict[str, Tensor]:
