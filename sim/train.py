@@ -761,7 +761,7 @@ class DiscreteTrainer(BatchTrainer):
         (R, n), S, A = mb["idx"].shape, self.S, self.A
         dev = self.device
         v: dict[str, Tensor] = {}
-        # episodes shorter than the horizon leave invalid samples; one-step envs rarely do (checked)
+        # episodes that end before the horizon leave invalid samples; a one-step env's samples are checked
         if self.H > 1 or not bool(mb["valid"].all()):
             v["sel"] = mb["valid"].reshape(-1).nonzero().squeeze(1)  # run-major sample order
             row_of = self._take_valid(mb["state"].reshape(-1), v) + v["sel"] // n * S  # flat run·S + state
@@ -941,9 +941,9 @@ class DiscreteTrainer(BatchTrainer):
         A visited row's logits (and value) get gradient only from that row's loss terms. :meth:`_rows_loss`
         gives each row's loss with its derivatives with respect to the row's log-probabilities and value, and
         the log-softmax is chained by hand (``∂/∂x_a = g_a − π_a·Σ_b g_b``): no autograd graph, about half
-        the tensor passes of autograd's backward. The rows run in blocks of :data:`ROW_CHUNK` columns
-        (smaller working sets; estimators no run of a block uses are skipped there), and the gradients are
-        written into the optimizer's dense gradient buffers. Loss and diagnostics are bitwise those of the
+        the tensor passes of autograd's backward. The rows run in equal blocks of at most :data:`ROW_CHUNK`
+        columns (smaller working sets; estimators no run of a block uses are skipped there), and the
+        gradients are written into the optimizer's dense gradient buffers. Loss and diagnostics are bitwise those of the
         one-pass loss, whatever the blocking; the gradients equal autograd's to rounding
         (``tests/sim/test_grouped_loss.py``).
 
