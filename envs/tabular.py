@@ -398,12 +398,20 @@ def policy_evaluation(mdp: TabularMDP, logp: Tensor, extra_reward: Tensor | None
     Returns:
         ``(V [..., S], Q [..., S, A])``.
     """
+    v, q = _evaluate(mdp, logp, extra_reward, prob, want_q=True)
+    assert q is not None
+    return v, q
+
+
+def _evaluate(mdp: TabularMDP, logp: Tensor, extra_reward: Tensor | None, prob: Tensor | None, want_q: bool
+              ) -> tuple[Tensor, Tensor | None]:
+    """:func:`policy_evaluation` (``Q`` only if ``want_q``)."""
     pi = logp.exp() if prob is None else prob
     r = mdp.expected_reward.to(pi)
     if extra_reward is not None:
         r = r + extra_reward
     batch = _broadcast_shapes(pi.shape, r.shape)[:-2]
-    return _backward_induction(mdp, r, batch, lambda q, idx: (pi[..., idx, :] * q).sum(-1))
+    return _backward_induction(mdp, r, batch, lambda q, idx: (pi[..., idx, :] * q).sum(-1), want_q)
 
 
 def _broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
@@ -414,10 +422,7 @@ def _broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
 def expected_return(mdp: TabularMDP, logp: Tensor, prob: Tensor | None = None) -> Tensor:
     """Exact expected episode reward ``[...]`` of policy ``logp [..., S, A]`` (``prob``: ``logp.exp()`` if
     known)."""
-    pi = logp.exp() if prob is None else prob
-    r = mdp.expected_reward.to(pi)
-    v, _ = _backward_induction(mdp, r, _broadcast_shapes(pi.shape, r.shape)[:-2],
-                               lambda q, idx: (pi[..., idx, :] * q).sum(-1), want_q=False)
+    v, _ = _evaluate(mdp, logp, None, prob, want_q=False)
     return (mdp.init_prob.to(v) * v).sum(-1)
 
 

@@ -169,6 +169,38 @@ def test_layered_dynamic_programming_equals_full_sweeps(name: str, monkeypatch: 
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["gridworld_slip", "token_tree"])
+def test_layers_as_slices_or_index_tensors_give_the_same_numbers(name: str) -> None:
+    """States numbered time step by time step give layers as slices (views); the same MDP with its states
+    shuffled gives index tensors (gathers). Occupancy, values, return and the soft optimum agree state for
+    state to float64 rounding (1e-12: the flows into a state are summed in the order of the numbering)."""
+    import envs
+
+    spec = dict(LAYERED_MDPS[name])
+    mdp = envs.ENV_PARAMS[spec.pop("id")].from_dict(spec).build()
+    S = mdp.n_states
+    perm = torch.randperm(S, generator=torch.Generator().manual_seed(5))  # new state i is old state perm[i]
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(S)
+    new_index = torch.cat([inv, torch.tensor([S])])  # the sink stays last
+    shuffled = replace(mdp, next_state=new_index[mdp.next_state[perm]], next_prob=mdp.next_prob[perm],
+                       reward=mdp.reward[perm], init_prob=mdp.init_prob[perm], ref_logp=mdp.ref_logp[perm],
+                       features=mdp.features[perm], state_time=mdp.state_time[perm])
+    assert all(isinstance(idx, slice) for idx in tabular.layers(mdp))
+    assert all(isinstance(idx, Tensor) for idx in tabular.layers(shuffled))
+    gen = torch.Generator().manual_seed(6)
+    logp = torch.log_softmax(torch.randn((3, S, mdp.n_actions), generator=gen, dtype=torch.float64), -1)
+    ordered = [tabular.state_occupancy(mdp, logp), *tabular.policy_evaluation(mdp, logp),
+               *tabular.soft_value_iteration(mdp, 0.5)]
+    mixed = [tabular.state_occupancy(shuffled, logp[:, perm]), *tabular.policy_evaluation(shuffled, logp[:, perm]),
+             *tabular.soft_value_iteration(shuffled, 0.5)]
+    for a, b in zip(ordered, mixed, strict=True):
+        a = a[..., perm, :] if a.shape[-1] == mdp.n_actions and a.shape[-2] == S else a[..., perm]
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(tabular.expected_return(mdp, logp), tabular.expected_return(shuffled, logp[:, perm]),
+                               rtol=1e-12, atol=1e-15)
+
+
 def test_layers_reject_transitions_that_skip_time() -> None:
     """An MDP whose possible transitions do not go from t to t + 1 is not layered (DP falls back to sweeps)."""
     mdp = chain_mdp([0.5, 0.5])
