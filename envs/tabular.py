@@ -68,11 +68,6 @@ class TabularMDP:
         return (self.next_prob * self.reward).sum(-1)
 
     @cached_property
-    def single_outcome_is_certain(self) -> bool:
-        """Whether every state-action pair has one outcome, of probability exactly 1."""
-        return self.n_outcomes == 1 and bool((self.next_prob == 1).all())
-
-    @cached_property
     def layers(self) -> list[Tensor] | list[slice] | None:
         """States per time step if every possible transition goes from ``t`` to ``t + 1`` or to the sink,
         else ``None``; computed once per MDP object (and kept by :meth:`with_reference`). When every time
@@ -104,9 +99,8 @@ class TabularMDP:
     def with_reference(self, ref_logp: Tensor) -> TabularMDP:
         """The same dynamics with another reference policy ``[S, A]`` (log-probabilities)."""
         new = replace(self, ref_logp=ref_logp.to(self.ref_logp))
-        for name in ("layers", "single_outcome_is_certain"):  # the same dynamics: the same derived facts
-            if name in self.__dict__:
-                new.__dict__[name] = self.__dict__[name]
+        if "layers" in self.__dict__:  # the same dynamics: the same layers
+            new.__dict__["layers"] = self.__dict__["layers"]
         return new
 
     def validate(self) -> None:
@@ -206,10 +200,9 @@ class TabularCore:
         cdf = self._cdf.index_select(0, (state * self._n_actions + action).reshape(-1)).view(state.shape + (-1,))
         return (u.unsqueeze(-1) >= cdf.to(u.dtype)).sum(-1).clamp_(max=self._n_outcomes - 1)
 
-    def transition(self, state: Tensor, action: Tensor, k: Tensor | None, z: Tensor | None = None
+    def transition(self, state: Tensor, action: Tensor, k: Tensor, z: Tensor | None = None
                    ) -> tuple[Tensor, Tensor, Tensor]:
         """The transition of outcome ``k`` ``[*B]``: ``(next_state [*B] int64, reward [*B], done [*B] bool)``.
-        ``k`` may be ``None`` when every pair has a single outcome.
 
         ``z`` ``[*B]`` are standard normals for the reward noise (ignored when ``reward_noise == 0``).
         The reward is float64 unless ``z`` has another floating dtype.
@@ -237,7 +230,7 @@ class TabularCore:
             ``(next_state [*B] int64, reward [*B] float, done [*B] bool)``; the reward has ``u``'s dtype
             (when ``u`` is ``None``: that of ``z`` if the rewards are noisy, else float64).
         """
-        k = self.outcome(state, action, u) if self._n_outcomes > 1 else None  # one outcome: none to draw
+        k = self.outcome(state, action, u)
         next_state, reward, done = self.transition(state, action, k, z)
         if u is not None and reward.dtype != u.dtype:
             reward = reward.to(u.dtype)
@@ -307,11 +300,7 @@ def state_occupancy(mdp: TabularMDP, logp: Tensor, prob: Tensor | None = None) -
     layer_list = layers(mdp)
     if layer_list is not None:  # forward in time order: a layer's occupancy is complete before it flows on
         for idx in layer_list[:-1]:
-            flow = occ[..., idx, None] * pi[..., idx, :]  # [..., n, A]
-            if K > 1:
-                flow = flow.unsqueeze(-1) * P[idx]  # [..., n, A, K]
-            elif not mdp.single_outcome_is_certain:
-                flow = flow * P[idx][..., 0]
+            flow = (occ[..., idx, None] * pi[..., idx, :]).unsqueeze(-1) * P[idx]  # [..., n, A, K]
             occ.index_add_(-1, mdp.next_state[idx].reshape(-1), flow.reshape(batch + (-1,)))
         return occ[..., :S]
     d = occ[..., :S].clone()
@@ -346,17 +335,12 @@ def _backward_induction(mdp: TabularMDP, r: Tensor, batch: torch.Size,
             v = state_value(q, slice(None))
         return v, q
     P = mdp.next_prob.to(dt)
-    K = P.shape[-1]
     v_ext = torch.zeros(batch + (S + 1,), dtype=dt, device=dev)
     q = torch.zeros(batch + (S, A), dtype=dt, device=dev) if want_q else None
     for idx in reversed(layer_list):
         nxt = mdp.next_state[idx]  # [n, A, K]
         v_next = v_ext.index_select(-1, nxt.reshape(-1)).view(batch + nxt.shape)
-        if K > 1:
-            ev = (P[idx] * v_next).sum(-1)
-        else:  # one outcome (probability 1 unless the MDP says otherwise): the same numbers, fewer passes
-            ev = v_next[..., 0] if mdp.single_outcome_is_certain else P[idx][..., 0] * v_next[..., 0]
-        q_l = r[..., idx, :] + ev  # [..., n, A]
+        q_l = r[..., idx, :] + (P[idx] * v_next).sum(-1)  # [..., n, A]
         if q is not None:
             q[..., idx, :] = q_l
         v_ext[..., idx] = state_value(q_l, idx)

@@ -5,13 +5,13 @@ another parameter dict of the same structure: a hard reset copies the dict, an E
 space (THEORY.md "Controllers and reference schedules").
 
 - :class:`TabularPolicy`: logits ``[R, S, A]``.
-
-Besides whole tables ``[R, S, A]``, a policy gives the log-probabilities of selected *rows* (flat indices
-``run·S + state``) as an action-major table ``[A, M]``: the PPO loss only needs the states a batch visited.
 - :class:`MLPPolicy`: ``logits(s) = base[s] + W2·tanh(W1·φ(s) + b1) + b2`` with a frozen per-run ``base``
   table (the initial policy, e.g. the env's reference) and a zero-initialized output layer, so the network
   starts exactly at its initial policy and a reference built from it is exact too.
 (The Gaussian policy of the continuous bandit lives in :mod:`sim.gaussian`.)
+
+Besides whole tables ``[R, S, A]``, a policy gives the log-probabilities of selected *rows* (flat indices
+``run·S + state``) as an action-major table ``[A, M]``: the PPO loss only needs the states a batch visited.
 """
 
 from __future__ import annotations
@@ -57,14 +57,11 @@ def sum_actions(x: Tensor) -> Tensor:
 def log_softmax_action_major(logits: Tensor) -> Tensor:
     """``log_softmax`` over the action axis of action-major logits ``[A, M]``.
 
-    Written as elementwise ops over the ``M`` columns (maximum, exp, a left-to-right sum over actions, log),
+    Written as column-wise ops over the ``M`` columns (maximum, exp, a left-to-right sum over actions, log),
     so a row's numbers do not depend on where it sits in the table or on the other rows. The maximum is
     detached: the result does not depend on it, and its gradient would only add rounding noise.
     """
-    m = logits[0]
-    for a in range(1, logits.shape[0]):
-        m = torch.maximum(m, logits[a])
-    z = logits - m.detach()
+    z = logits - logits.detach().amax(0)
     return z - sum_actions(z.exp()).log()
 
 

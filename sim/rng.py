@@ -131,8 +131,12 @@ def uniform(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.floa
         n *= d
     h = hash32(key[:, None] ^ _hashed_counter(n, key.device)[None, :])
     h = hash32(h ^ (key[:, None] >> 7))
-    u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
-    return u.reshape((key.shape[0],) + tuple(shape)).to(dtype)
+    return _unit(h).reshape((key.shape[0],) + tuple(shape)).to(dtype)
+
+
+def _unit(h: Tensor) -> Tensor:
+    """``(h + 0.5)/2^32`` in float64: a uniform in (0, 1) from a hash value ``h`` in [0, 2^32) (exact)."""
+    return (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
 
 
 def uniform_at(key: Tensor, index: Tensor, n: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -141,15 +145,14 @@ def uniform_at(key: Tensor, index: Tensor, n: int, dtype: torch.dtype = torch.fl
     broadcast against each other)."""
     if not _I32_EXACT:
         h = hash32(key ^ torch.take(_hashed_counter(n, key.device), index))
-        h = hash32(h ^ (key >> 7))
-        return ((h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)).to(dtype)
+        return _unit(hash32(h ^ (key >> 7))).to(dtype)
     c = _i32(key.device)
     k = key.to(torch.int32)
     h = _hash32_i32(k ^ torch.take(_hashed_counter(n, key.device, torch.int32), index))
     h = _hash32_i32(h ^ ((k >> c["s7"]) & c["m25"]))  # key >> 7 of the 32-bit key
-    # (h + 0.5)/2^32 of the signed pattern h lies in (−½, ½); mod 1 adds 1 to the negative ones, which gives
-    # (unsigned h + 0.5)/2^32. Every step is exact in float64, so the numbers are bitwise those of uniform().
-    return torch.remainder((h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0), 1.0).to(dtype)
+    # _unit of the signed pattern h lies in (−½, ½); mod 1 adds 1 to the negative ones, which gives _unit of
+    # the unsigned value. Every step is exact in float64, so the numbers are bitwise those of uniform().
+    return torch.remainder(_unit(h), 1.0).to(dtype)
 
 
 def normal(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> Tensor:

@@ -35,6 +35,7 @@ from sim.kl import (
     PLACEMENTS,
     Weights,
     all_estimates,
+    estimator_weights,
     full_kl,
     full_kl_slope,
     weighted_estimate,
@@ -226,15 +227,17 @@ def _kl_loss(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | 
              rt: RunTensors, row_run: Tensor | None, weights: tuple[Weights, Weights] | None,
              delta_slope: Tensor | None, slope: bool, value: bool = True
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    def estimate(coef: Tensor | Weights, old: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def estimate(w: Weights, old: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if slope:
-            return weighted_estimate_and_slope(logp, ref_logp, coef, k_full, old, row_run, delta_slope, value)
-        return weighted_estimate(logp, ref_logp, coef, k_full, old, row_run), None, None
+            return weighted_estimate_and_slope(logp, ref_logp, w, k_full, old, delta_slope=delta_slope, value=value)
+        return weighted_estimate(logp, ref_logp, w, k_full, old), None, None
 
-    plain, is_weighted = weights if weights is not None else (rt.coef("loss"), rt.coef("loss_is"))
+    if weights is None:
+        weights = (estimator_weights(rt.coef("loss"), logp, row_run),
+                   estimator_weights(rt.coef("loss_is"), logp, row_run))
+    plain, is_weighted = weights
     parts = [estimate(plain, None)]
-    if (any(w is not None for w in is_weighted) if isinstance(is_weighted, list)
-            else bool((is_weighted != 0).any())):
+    if any(w is not None for w in is_weighted):
         parts.append(estimate(is_weighted, logp_old))
 
     def total(xs: list[Tensor | None]) -> Tensor | None:
@@ -679,14 +682,12 @@ class DiscreteTrainer(BatchTrainer):
                 out = list(ahead)
                 ahead.clear()
                 return out
-            two = t + 1 < H
-            counter = torch.stack([n_h + t, n_h + t + 1]) if two else n_h + t
+            counter = torch.stack([n_h + t + i for i in range(min(2, H - t))])
             out = []
             for key in streams:
                 u = rng.uniform_at(key.index_select(0, run.view(-1)).view(run.shape), counter, N * H)
-                out.append(u[0].reshape(-1) if two else u.reshape(-1))
-                if two:
-                    ahead.append(u[1].reshape(-1))
+                out.append(u[0].reshape(-1))
+                ahead.extend(x.reshape(-1) for x in u[1:])
             return out
 
         # per running episode: its run, run·S, n·H and (run·N + n)·H; while every episode runs, broadcastable
@@ -739,7 +740,7 @@ class DiscreteTrainer(BatchTrainer):
         self.env_steps += torch.count_nonzero(buf["valid"].reshape(R, -1), 1)
         return buf, {"logp": pi_t, "ref_logp": ref_t}
 
-    # -- KL in the reward, advantages ---------------------------------------------------------------------
+    # -- visited rows ---------------------------------------------------------------------------------------
     def _visits(self, mb: dict[str, Tensor], tabs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Where a (mini)batch's valid samples fall: the (run, state) rows they visited, as columns of
         action-major tables ``[A, P]``.
