@@ -251,7 +251,9 @@ def collapse(metrics: pd.DataFrame, threshold: float = COLLAPSE_ENTROPY, column:
     Returns:
         One row per run: key columns, ``entropy_final``, ``min_prob_final``, ``support_final`` (from the
         logged columns, when present), ``collapse_update`` (first logged update with entropy < threshold,
-        NaN if never), ``collapsed`` (entropy at the end of the reward phase < threshold).
+        NaN if never), ``collapsed`` (entropy at the end of the reward phase < threshold). Runs with
+        continuous actions (no finite ``min_prob`` logged: their entropy is differential, so a threshold in
+        nats has no absolute meaning) get NaN in both.
     """
     m = _sorted(reward_phase(metrics))
     g = m.groupby("run_id", observed=True, sort=False)
@@ -262,6 +264,11 @@ def collapse(metrics: pd.DataFrame, threshold: float = COLLAPSE_ENTROPY, column:
     below = m[m[column] < threshold]
     per["collapse_update"] = below.groupby("run_id", observed=True)["update"].min().reindex(per.index)
     per["collapsed"] = per["entropy_final"] < threshold
+    if "min_prob" in m:
+        continuous = ~m["min_prob"].notna().groupby(m["run_id"], observed=True).any().reindex(per.index)
+        if bool(continuous.any()):
+            per["collapse_update"] = per["collapse_update"].astype("float64").where(~continuous)
+            per["collapsed"] = per["collapsed"].astype("float64").where(~continuous)
     return _with_keys(metrics, per)
 
 

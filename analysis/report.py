@@ -56,8 +56,6 @@ FIGURE_KINDS = {"fig1": "Fig. 1: drift", "fig2": "Fig. 2: collapse", "fig3": "Fi
                 "figG": "Gaussian policy vs the optimum", "figD1": "x_0 distribution", "figD2": "mode mix of x_0"}
 #: Diffusion chain: estimator figures leave out batches whose sampling policy's KL exceeds this (nats).
 DIFFUSION_ESTIMATOR_MAX_KL = 50.0
-#: Envs with continuous actions, whose entropy is differential (no absolute collapse threshold) or constant.
-CONTINUOUS_ENVS = ("gaussian_bandit", "diffusion_chain")
 
 
 def _slug(condition: dict[str, Any]) -> str:
@@ -162,23 +160,24 @@ class _Report:
         entries: list[tuple[str, list[Path]]] = []
         switch = M.switch_updates(m)
         off = " The grey span is the phase with the reward switched off." if not switch.empty else ""
-        env_name = str(m["env.id"].iloc[0]) if "env.id" in m else ""
-        # diffusion: sequence KL estimated on the policy's own chains; runs that blow up span many decades
-        diffusion = env_name == "diffusion_chain"
+        # what the runs logged tells their kind: continuous actions log no action probability (min_prob), a
+        # diffusion chain the mode mix of its samples (its sequence KL is estimated on the policy's own chains,
+        # and runs that blow up span many decades)
+        continuous = "min_prob" in m and not bool(m["min_prob"].notna().any())
+        diffusion = any(c.startswith("mode_frac_") for c in m.columns)
         what = ("Sequence KL(P_θ‖P_ref) of the denoising chain (closed form per step, averaged over the policy's "
                 "own chains; log scale)" if diffusion else "Exact KL(π‖π_ref) to the reference")
         self._figure(entries, f"{what} vs update for each placement × estimator ({seeds_txt}).{off}", F.plot_kl, m,
                      self.out / f"fig1_kl{tag}", seeds=self.seeds, log=diffusion, title=label or None,
                      n_boot=self.n_boot, seed=self.seed)
-        gaussian = env_name == "gaussian_bandit"
-        if gaussian:
-            sentence = f"Differential entropy of the Gaussian policy (nats) vs update ({seeds_txt})."
+        if continuous:
+            sentence = f"Differential entropy of the policy (nats) vs update ({seeds_txt})."
         else:
             sentence = (f"Policy entropy (nats, occupancy-weighted over visited states) vs update ({seeds_txt}); "
                         f"the dotted line is the collapse threshold ({self.threshold:g} nats).")
-        if env_name != "diffusion_chain":  # fixed step stds: the path entropy is a constant
+        if bool(m["entropy"].notna().any()):  # none logged: e.g. fixed step stds, whose path entropy is constant
             self._figure(entries, sentence, F.plot_entropy, m, self.out / f"fig2_entropy{tag}",
-                         threshold=None if gaussian else self.threshold, seeds=self.seeds, title=label or None,
+                         threshold=None if continuous else self.threshold, seeds=self.seeds, title=label or None,
                          n_boot=self.n_boot, seed=self.seed)
         if not switch.empty:
             u0 = int(switch.min())
@@ -217,7 +216,7 @@ class _Report:
         traj = traj[traj["run_id"].astype(str).isin(ids)] if not traj.empty else traj
         unit = "single-episode" if not traj.empty else "batch-mean"
         m_est, left_out = m, ""
-        if env_name == "diffusion_chain" and "kl_full_sampled" in m:  # runs that blew up would set the axes
+        if diffusion and "kl_full_sampled" in m:  # runs that blew up would set the axes
             m_est = m[~(m["kl_full_sampled"] > DIFFUSION_ESTIMATOR_MAX_KL)]
             if len(m_est) < len(m):
                 left_out = (f" Batches whose sampling policy had a KL above {DIFFUSION_ESTIMATOR_MAX_KL:g} nats "
@@ -226,19 +225,20 @@ class _Report:
                      f"exact KL of the policy that sampled them, pooled over every run of this condition.{left_out}",
                      F.plot_estimators, m_est, self.out / f"fig6_estimators{tag}",
                      trajectories=traj if not traj.empty else None, title=label or None)
-        self._continuous(entries, m, env_name, tag, label, seeds_txt, switch)
+        self._continuous(entries, m, diffusion, tag, label, seeds_txt, switch)
         self.sections.append((label or "all runs", entries))
 
-    def _continuous(self, entries: list[tuple[str, list[Path]]], m: pd.DataFrame, env_name: str, tag: str,
+    def _continuous(self, entries: list[tuple[str, list[Path]]], m: pd.DataFrame, diffusion: bool, tag: str,
                     label: str, seeds_txt: str, switch: pd.Series) -> None:
-        """The continuous-action figures: Gaussian mean/std trajectories; diffusion mode mix and x_0."""
+        """The continuous-action figures: Gaussian mean/std trajectories (runs that log ``policy_mean``);
+        diffusion mode mix and x_0."""
         off = " Grey span: reward off." if not switch.empty else ""
-        if env_name == "gaussian_bandit":
+        if "policy_mean" in m:
             self._figure(entries, f"Gaussian policy mean (dimension 0, left) and std (right) vs update against the "
                          f"Gibbs optimum of the current phase (black dashed; {seeds_txt}).{off}",
                          F.plot_gaussian_trajectory, m, self.out / f"figG_trajectory{tag}", title=label or None,
                          n_boot=self.n_boot, seed=self.seed)
-        if env_name != "diffusion_chain":
+        if not diffusion:
             return
         self._figure(entries, f"Fraction of x_0 in the rewarded mixture component vs update ({seeds_txt}), against "
                      "the KL-optimal tilt of the current phase (black dashed; the reference once the reward is off) "
@@ -341,11 +341,6 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
     table = pd.DataFrame()
     if not metrics.empty:
         per_run = M.run_summary(metrics, collapse_threshold, recovery_tol)
-        if "env.id" in per_run:
-            gauss = per_run["env.id"].astype(str).isin(CONTINUOUS_ENVS)
-            for col in ("collapsed", "collapse_update"):  # differential entropy has no absolute threshold
-                if col in per_run:
-                    per_run[col] = per_run[col].astype("float64").where(~gauss)
         per_run.to_csv(out / "runs.csv", index=False)
         conds = F.condition_columns(per_run)
         by = ["variant"] + conds
@@ -447,7 +442,7 @@ def _usage_error(msg: str) -> int:
     return 2
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """``reflab report DIR``: 0 on success, 1 if no run had metrics, 2 on bad input."""
     src = Path(args.dir)
     if not src.is_dir():
@@ -475,12 +470,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(subparsers: Any) -> None:
-    """Add ``reflab report DIR`` to the ``reflab`` command line."""
-    p = subparsers.add_parser(
-        "report", help="figures, a summary table and index.md for a run or sweep folder",
-        description="Load a run or sweep folder and write DIR/report/: index.md, summary.csv/.md, runs.csv and "
-                    "figures (KL, entropy, recovery, heatmaps over beta x variant, final policy, estimators).")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``reflab report DIR``."""
+    p.description = ("Load a run or sweep folder and write DIR/report/: index.md, summary.csv/.md, runs.csv and "
+                     "figures (KL, entropy, recovery, heatmaps over beta x variant, final policy, estimators).")
     p.add_argument("dir", metavar="DIR", help="a run folder (reflab run) or a sweep folder (reflab sweep)")
     p.add_argument("--out", default=None, help="output folder (default: DIR/report)")
     p.add_argument("--formats", default="pdf,png", help="figure formats, comma-separated (default: pdf,png)")
@@ -496,4 +489,3 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--seed-lines", action="store_true", help="also draw every seed as a thin line")
     p.add_argument("--max-conditions", type=int, default=MAX_CONDITIONS,
                    help=f"curve figures for at most this many conditions (default {MAX_CONDITIONS})")
-    p.set_defaults(func=cmd_report)

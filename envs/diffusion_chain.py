@@ -161,6 +161,10 @@ class DiffusionChainParams(EnvParams):
         """Half-width of the gymnasium boxes: the farthest mode centre plus 10 (x_T is N(0, I))."""
         return float(self.mode_centers().abs().max()) + 10.0
 
+    def size_hint(self) -> tuple[int, int, int, int]:
+        """``steps`` denoising steps; per step a sample holds x_t, x_{t−1} and three means of ``dim`` floats."""
+        return self.steps, 8 * self.dim, self.steps, 1
+
     def core(self, device: torch.device | str | None = None) -> DiffusionChainCore:
         """The batched core of these params."""
         return DiffusionChainCore(self, device)

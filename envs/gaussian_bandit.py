@@ -1,6 +1,6 @@
 """A one-step bandit with continuous actions ``x ∈ R^d`` and a Gaussian reference ``N(μ_ref, σ_ref² I)``.
 
-The continuous counterpart of :mod:`envs.bandit` (THEORY.md, "Continuous actions"): a Gaussian policy
+The continuous counterpart of :mod:`envs.bandit` (docs/theory.md "Continuous actions"): a Gaussian policy
 ``N(μ, σ² I)`` has the closed-form KL of :func:`gaussian_kl`, and for a linear or quadratic reward the
 KL-regularized optimum is again Gaussian (:func:`gibbs_optimum`). This env is not a
 :class:`~envs.tabular.TabularMDP`; its batched core is :class:`GaussianBanditCore`.
@@ -128,6 +128,10 @@ class GaussianBanditParams(EnvParams):
         if self.reward == "two_mode":
             points.append(self.mode_centers().abs().max())
         return float(max(points)) + 10.0 * self.ref_std
+
+    def size_hint(self) -> tuple[int, int, int, int]:
+        """One state, one step; a sample holds ``2·dim`` floats (action and mean)."""
+        return 1, 2 * self.dim, 1, 1
 
     def core(self, device: torch.device | str | None = None) -> GaussianBanditCore:
         """The batched core of these params."""

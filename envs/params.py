@@ -51,6 +51,13 @@ class EnvParams:
         """The params as a plain mapping (tuples kept), the inverse of :meth:`from_dict`."""
         return asdict(self)
 
+    def size_hint(self) -> tuple[int, int, int, int]:
+        """``(states, actions, steps per episode, transition outcomes)`` as a trainer holds the env: what the
+        memory of one run scales with. Discrete envs read it off their tabular MDP (``self.build()``);
+        continuous envs override it."""
+        mdp = self.build()  # type: ignore[attr-defined]
+        return mdp.n_states, mdp.n_actions, mdp.horizon, mdp.n_outcomes
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Checks shared by the params classes. Each raises ValueError("env.<name> ...") and returns the clean value.

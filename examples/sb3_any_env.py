@@ -1,4 +1,4 @@
-"""reflab's KL placements on any gymnasium env through stable-baselines3 (:class:`sim.sb3_backend.KLRegularizedPPO`).
+"""reflab's KL placements on any gymnasium env through stable-baselines3 (:class:`sim.algos.sb3_ppo.KLRegularizedPPO`).
 
 Two cases (``--env cartpole|pendulum|both``):
 
@@ -25,7 +25,7 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
-from sim.sb3_backend import CallableReference, KLRegularizedPPO
+from sim.algos.sb3_ppo import CallableReference, KLRegularizedPPO
 
 
 def _summary(name: str, model: KLRegularizedPPO) -> dict[str, float]:

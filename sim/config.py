@@ -5,6 +5,10 @@ keys and invalid values raise :class:`ConfigError` with one line naming the key 
 
 Fields marked *per-run* may differ between runs trained in one batch; all others define the batch's tensor
 program and must be equal (see :func:`batch_signature`).
+
+This module checks what any run needs (types, ranges, choices, the env's own keys); what a trainer does not
+support is checked by that trainer (``check_config`` of each class in :mod:`sim.algos`, applied by
+:func:`sim.lab.dispatch.check_config`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from sim.kl import ESTIMATORS, PLACEMENTS
+import envs
 
 
 class _Loader(yaml.SafeLoader):
@@ -58,7 +62,7 @@ class KLConfig:
     beta: float = 0.1
     """KL coefficient β ≥ 0 (initial value when the controller is adaptive). Per-run."""
     is_correction: bool = False
-    """Loss placement only: importance-weight the KL term by π_θ/π_old (THEORY.md "Off-policy"). Per-run."""
+    """Loss placement only: importance-weight the KL term by π_θ/π_old (docs/theory.md "Off-policy"). Per-run."""
     controller: str = "fixed"
     """``fixed`` | ``adaptive`` (Ziegler et al. 2019: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)). Per-run."""
     target: float = 0.1
@@ -106,7 +110,7 @@ class TrainConfig:
     clip: float = 0.2
     """PPO ratio clip ε."""
     gamma: float = 1.0
-    """Discount of GAE (1 = the undiscounted sequence objective of THEORY.md)."""
+    """Discount of GAE (1 = the undiscounted sequence objective of docs/theory.md "Sequences")."""
     gae_lambda: float = 1.0
     """GAE λ (1 = reward-to-go minus baseline; what the sequence-level KL gradient needs)."""
     norm_adv: bool = False
@@ -131,11 +135,11 @@ class TrainConfig:
     """``float32`` | ``float64`` (exact-mode checks use float64)."""
     backend: str = "native"
     """``native`` (batched torch engine) | ``sb3`` (stable-baselines3's PPO with reflab's KL placements,
-    :mod:`sim.sb3_backend`; one process per run; discrete envs, tabular policy, sampled mode, frozen
+    :mod:`sim.algos.sb3`; one process per run; discrete envs, tabular policy, sampled mode, frozen
     reference, no ``kl.clamp``)."""
     algo: str = "ppo"
     """``ppo`` (RL on the env's reward with a KL penalty) | ``dpo`` (direct preference optimization on pairs
-    labelled by Bradley–Terry on the env's reward; see the ``dpo`` section and :mod:`sim.dpo`)."""
+    labelled by Bradley–Terry on the env's reward; see the ``dpo`` section and :mod:`sim.algos.dpo`)."""
 
     def phase_list(self) -> tuple[Phase, ...]:
         """The phases actually run (a single reward-scale-1 phase when none are given)."""
@@ -160,7 +164,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class DPOConfig:
-    """Direct preference optimization (``train.algo: dpo``; :mod:`sim.dpo`). Optimizer and learning rate are
+    """Direct preference optimization (``train.algo: dpo``; :mod:`sim.algos.dpo`). Optimizer and learning rate are
     ``train.optimizer`` and ``train.lr``; ``train.updates`` counts updates of ``epochs`` passes each."""
 
     beta: float | None = None
@@ -210,6 +214,11 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+PLACEMENTS = ("none", "reward", "loss")
+"""Where the KL enters PPO (docs/theory.md "The two placements")."""
+ESTIMATORS = ("k1", "k2", "k3", "full")
+"""What stands for the KL per sample; the engine's estimator weights follow this order."""
+
 CHOICES: dict[str, tuple] = {
     "kl.placement": PLACEMENTS,
     "kl.estimator": ESTIMATORS,
@@ -226,9 +235,6 @@ CHOICES: dict[str, tuple] = {
     "log.progress": ("auto", "bar", "plain", "none"),
     "device": ("cpu", "cuda", "auto"),
 }
-
-#: Environments with continuous actions (their own trainers; no exact mode, DPO or SB3 backend).
-CONTINUOUS_ENVS = ("gaussian_bandit", "diffusion_chain")
 
 #: Keys that may differ between runs that share one batch.
 PER_RUN_KEYS = ("seed", "kl.placement", "kl.estimator", "kl.beta", "kl.is_correction", "kl.controller",
@@ -282,11 +288,27 @@ def deep_merge(base: dict, update: dict) -> dict:
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "env":
             out[k] = deep_merge(out[k], v)
         elif k == "env" and isinstance(v, dict) and isinstance(out.get(k), dict):
-            # A new env.id starts from that env's defaults rather than the old env's parameters.
-            out[k] = dict(v) if "id" in v and v["id"] != out[k].get("id") else {**out[k], **v}
+            out[k] = merge_env(out[k], v)
         else:
             out[k] = v
     return out
+
+
+def merge_env(old: dict, new: dict) -> dict:
+    """The ``env`` mapping ``new`` merged over ``old``: a new ``env.id`` starts from that env's defaults
+    rather than the old env's parameters (an ``old`` without an id keeps its keys, checked against the new env)."""
+    if old.get("id") not in (None, new.get("id", old.get("id"))):
+        return dict(new)
+    return {**old, **new}
+
+
+def set_key(data: dict, key: str, value: Any) -> None:
+    """Set the dotted config ``key`` in the config dict ``data`` (as ``--set`` does): ``env.id`` through
+    :func:`merge_env`, any other key with :func:`set_dotted`."""
+    if key == "env.id":
+        data["env"] = merge_env(data["env"] if isinstance(data.get("env"), dict) else {}, {"id": value})
+    else:
+        set_dotted(data, key, value)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -371,23 +393,22 @@ def _parse_phases(v: Any) -> tuple[Phase, ...] | None:
 
 
 def _validate_env(env: Any) -> dict:
-    import envs  # local: sim depends on envs, never the reverse
-
     if not isinstance(env, dict):
         raise ConfigError(f"env must be a mapping with an id, got {env!r}")
     env = dict(env)
     env_id = env.pop("id", "bandit")
-    if env_id not in envs.ENV_PARAMS:
-        raise ConfigError(f"env.id must be one of {', '.join(envs.ENV_PARAMS)}; got {env_id!r}")
+    if env_id not in envs.REGISTRY:
+        raise ConfigError(f"env.id must be one of {', '.join(envs.REGISTRY)}; got {env_id!r}")
     try:
-        params = envs.ENV_PARAMS[env_id].from_dict(env)
+        params = envs.make_params(env_id, **env)
     except (ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(msg if msg.startswith("env.") else f"env: {msg}") from e
     return {"id": env_id, **_to_plain(dataclasses.asdict(params))}
 
 
-def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+def check_positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` (if not ``None``) is > 0 (``allow_zero``: >= 0)."""
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
@@ -420,20 +441,20 @@ def from_dict(data: dict) -> Config:
 
 def _check_ranges(cfg: Config) -> None:
     t, kl, ref, log = cfg.train, cfg.kl, cfg.reference, cfg.log
-    _positive("kl.beta", kl.beta, allow_zero=True)
-    _positive("kl.target", kl.target)
-    _positive("kl.horizon", kl.horizon)
-    _positive("kl.clamp", kl.clamp)
-    _positive("reference.every", ref.every)
+    check_positive("kl.beta", kl.beta, allow_zero=True)
+    check_positive("kl.target", kl.target)
+    check_positive("kl.horizon", kl.horizon)
+    check_positive("kl.clamp", kl.clamp)
+    check_positive("reference.every", ref.every)
     if not 0.0 <= ref.alpha <= 1.0:
         raise ConfigError(f"reference.alpha must be in [0, 1], got {ref.alpha!r}")
     for key in ("updates", "batch", "epochs", "minibatches", "hidden"):
-        _positive(f"train.{key}", getattr(t, key))
-    _positive("train.lr", t.lr)
-    _positive("train.clip", t.clip)
-    _positive("train.max_grad_norm", t.max_grad_norm)
-    _positive("train.ent_coef", t.ent_coef, allow_zero=True)
-    _positive("train.vf_coef", t.vf_coef, allow_zero=True)
+        check_positive(f"train.{key}", getattr(t, key))
+    check_positive("train.lr", t.lr)
+    check_positive("train.clip", t.clip)
+    check_positive("train.max_grad_norm", t.max_grad_norm)
+    check_positive("train.ent_coef", t.ent_coef, allow_zero=True)
+    check_positive("train.vf_coef", t.vf_coef, allow_zero=True)
     if not 0.0 <= t.gamma <= 1.0:
         raise ConfigError(f"train.gamma must be in [0, 1], got {t.gamma!r}")
     if not 0.0 <= t.gae_lambda <= 1.0:
@@ -443,84 +464,10 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"train.init must be reference, uniform or a list of probabilities; got {t.init!r}")
     elif not (isinstance(t.init, list | tuple) and all(isinstance(x, int | float) for x in t.init)):
         raise ConfigError(f"train.init must be reference, uniform or a list of probabilities; got {t.init!r}")
-    _positive("log.every", log.every)
-    _positive("log.policy_every", log.policy_every)
-    _positive("log.trajectories", log.trajectories, allow_zero=True)
-    _positive("threads", cfg.threads)
-    if t.mode == "exact" and cfg.env["id"] in CONTINUOUS_ENVS:
-        raise ConfigError("train.mode=exact needs a discrete env (bandit, gridworld, token_tree); "
-                          f"got env.id={cfg.env['id']!r}")
-    if cfg.env["id"] == "diffusion_chain":
-        _check_diffusion(cfg)
-    if t.algo == "dpo":
-        _check_dpo(cfg)
-    if t.policy == "mlp" and cfg.env["id"] == "gaussian_bandit":
-        raise ConfigError("train.policy must be tabular for env.id='gaussian_bandit' (a state-free Gaussian)")
-    if t.backend == "sb3":
-        _check_sb3(cfg)
-
-
-def _check_diffusion(cfg: Config) -> None:
-    """``env.id = diffusion_chain``: the training options its trainer (:mod:`sim.diffusion`) supports."""
-    t = cfg.train
-    if t.baseline == "value":
-        raise ConfigError("train.baseline must be auto, mean or none for env.id='diffusion_chain'; got 'value'")
-    if t.ent_coef != 0:
-        raise ConfigError(f"train.ent_coef must be 0 for env.id='diffusion_chain' (the step std is fixed, so the "
-                          f"entropy is constant); got {t.ent_coef!r}")
-    if t.init != "reference":
-        raise ConfigError(f"train.init must be reference for env.id='diffusion_chain'; got {t.init!r}")
-
-
-def _check_sb3(cfg: Config) -> None:
-    """``train.backend = sb3``: the combinations the stable-baselines3 backend does not support."""
-    t = cfg.train
-    unsupported = [
-        (t.mode != "sampled", f"train.mode={t.mode!r} (sampled only)"),
-        (t.algo != "ppo", f"train.algo={t.algo!r} (ppo only)"),
-        (cfg.env["id"] in CONTINUOUS_ENVS, f"env.id={cfg.env['id']!r} (bandit, gridworld, token_tree only)"),
-        (t.policy != "tabular", f"train.policy={t.policy!r} (tabular only)"),
-        (cfg.reference.schedule != "frozen", f"reference.schedule={cfg.reference.schedule!r} (frozen only)"),
-        (cfg.kl.clamp is not None, f"kl.clamp={cfg.kl.clamp!r} (none only)"),
-        (t.dtype != "float32", f"train.dtype={t.dtype!r} (float32 only)"),
-    ]
-    for bad, what in unsupported:
-        if bad:
-            raise ConfigError(f"train.backend=sb3 does not support {what}")
-
-
-def _check_dpo(cfg: Config) -> None:
-    """``train.algo = dpo``: ranges of the ``dpo`` keys and the combinations DPO does not support."""
-    d, env = cfg.dpo, cfg.env
-    _positive("dpo.beta", d.beta)
-    _positive("dpo.pairs", d.pairs)
-    _positive("dpo.bt_temperature", d.bt_temperature)
-    _positive("dpo.batch_size", d.batch_size)
-    _positive("dpo.epochs", d.epochs)
-    if (d.beta if d.beta is not None else cfg.kl.beta) <= 0:
-        raise ConfigError(f"train.algo=dpo needs a positive β (dpo.beta or kl.beta); got {cfg.kl.beta!r}")
-    if isinstance(d.sampler, str):
-        if d.sampler not in ("reference", "uniform"):
-            raise ConfigError(f"dpo.sampler must be reference, uniform or a list of probabilities; got {d.sampler!r}")
-    elif not (isinstance(d.sampler, list | tuple) and d.sampler
-              and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in d.sampler)
-              and abs(sum(d.sampler) - 1.0) <= 1e-6):
-        raise ConfigError(f"dpo.sampler must be reference, uniform or a list of probabilities summing to 1; "
-                          f"got {d.sampler!r}")
-    elif env["id"] != "bandit":
-        raise ConfigError(f"dpo.sampler as a list of probabilities needs env.id=bandit; got env.id={env['id']!r}")
-    if env["id"] in CONTINUOUS_ENVS:
-        raise ConfigError("train.algo=dpo needs a discrete env (bandit, gridworld, token_tree); "
-                          f"got env.id={env['id']!r}")
-    if env.get("slip", 0) > 0:
-        raise ConfigError(f"train.algo=dpo needs deterministic dynamics (its optimum is the soft-VI policy only "
-                          f"then); got env.slip={env['slip']!r}")
-    if cfg.train.mode != "sampled":
-        raise ConfigError("train.mode must be sampled with train.algo=dpo (the dataset is the sample)")
-    if cfg.train.phases is not None:
-        raise ConfigError("train.phases is not supported with train.algo=dpo (the preference data are fixed)")
-    if cfg.kl.controller != "fixed":
-        raise ConfigError("kl.controller must be fixed with train.algo=dpo")
+    check_positive("log.every", log.every)
+    check_positive("log.policy_every", log.policy_every)
+    check_positive("log.trajectories", log.trajectories, allow_zero=True)
+    check_positive("threads", cfg.threads)
 
 
 def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,
@@ -530,16 +477,7 @@ def resolve(config_path: str | Path | None = None, overrides: list[str] | None =
     if config_path is not None:
         data = deep_merge(data, load_yaml(config_path))
     for item in overrides or []:
-        key, value = parse_override(item)
-        if key.startswith("env.") and key != "env.id":
-            data.setdefault("env", {})
-        if key == "env.id":
-            env = data.get("env") if isinstance(data.get("env"), dict) else {}
-            if env.get("id") not in (None, value):
-                env = {}
-            data["env"] = {**env, "id": value}
-            continue
-        set_dotted(data, key, value)
+        set_key(data, *parse_override(item))
     return from_dict(data)
 
 

@@ -3,7 +3,7 @@
 The layout written here is the output contract analysis reads: ``DIR/index.parquet`` (one row per run:
 ``run_id, status, seed, env.id, kl.placement, kl.estimator, kl.beta`` and every swept dotted key),
 ``DIR/sweep.json`` and ``DIR/runs/<run_id>/`` run folders. Used to validate the presets in
-``sim/presets/`` and to build the small real sweeps the figure and report tests run on.
+``sim/lab/presets/`` and to build the small real sweeps the figure and report tests run on.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from sim import results
-from sim.config import Config, batch_signature, from_dict, get_dotted, set_dotted
-from sim.train import train_batch
+from sim.config import Config, batch_signature, get_dotted, set_dotted
+from sim.lab import runs as results
+from sim.lab.dispatch import from_dict, train_batch
 
 GRID_KEYS = {"base", "axes", "variants", "seeds", "exclude", "batch_size"}
 

@@ -11,7 +11,7 @@ from sweep_fixture import write_sweep
 
 import analysis
 from analysis.loading import variant_label
-from sim.cli import main
+from sim.lab.cli import main
 
 GRID = {
     "base": {"env": {"id": "bandit", "rewards": [1, 0, 0], "ref_probs": [0.2, 0.5, 0.3]},

@@ -1,15 +1,14 @@
-"""The science presets in sim/presets expand into valid runs of the intended shape and size."""
+"""The science presets in sim/lab/presets expand into valid runs of the intended shape and size."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 from sweep_fixture import GRID_KEYS, expand_grid
 
-PRESETS = Path(__file__).resolve().parents[2] / "sim" / "presets"
+PRESETS = Path(__file__).resolve().parents[2] / "sim" / "lab" / "presets"
 STANDARD_VARIANTS = {("none", "k1"), ("reward", "k1"), ("reward", "k2"), ("reward", "k3"), ("loss", "k1"),
                      ("loss", "k2"), ("loss", "k3"), ("loss", "full")}
 # A bound on the work of a preset: Σ over runs of updates × batch × horizon (env steps). The quickstart must
@@ -48,10 +47,9 @@ def test_preset_science_settings() -> None:
     assert len(grid("beta")["axes"]["kl.beta"]) >= 5
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sim.sweep") is None, reason="reflab sweep not available")
 @pytest.mark.parametrize("name", sorted(MAX_STEPS))
 def test_reflab_sweep_accepts_preset(name: str) -> None:
-    from sim.sweep import plan_sweep
+    from sim.lab.grid import plan_sweep
 
     plan = plan_sweep(grid(name), name, PRESETS)
     assert len(plan.runs) == len(expand_grid(grid(name)))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sim.cli import main
+from sim.lab.cli import main
 
 
 def test_report_of_a_sweep(bandit_sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,7 +86,7 @@ def test_gibbs_optimum_batched_beta_and_theory_formula() -> None:
     betas = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     mean, std = gibbs_optimum(params, betas)
     assert mean.shape == (3, 2) and std.shape == (3,)
-    # THEORY.md: N(μ_ref + σ_ref² c/β, σ_ref² I)
+    # docs/theory.md: N(μ_ref + σ_ref² c/β, σ_ref² I)
     expected = torch.tensor([0.0, 1.0]) + 0.25 * torch.tensor([1.0, -2.0]) / betas[:, None]
     assert torch.allclose(mean, expected.double()) and torch.allclose(std, torch.full((3,), 0.5).double())
 

@@ -83,23 +83,13 @@ CASES: dict[str, list[list[str]]] = {
 }
 
 
-def _trainer():
-    """The engine's batch entry point, wherever the layout puts it."""
-    try:
-        from sim.lab.dispatch import train_batch
-    except ImportError:
-        from sim.train import train_batch
-    return train_batch
-
-
 def run_cases(out: Path, names: list[str]) -> None:
     import pandas as pd
     import torch
 
-    from sim.config import resolve
+    from sim.lab.dispatch import resolve, train_batch
 
     torch.set_num_threads(1)
-    train_batch = _trainer()
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         configs = [resolve(None, list(c) + ["log.progress=none"]) for c in CASES[name]]

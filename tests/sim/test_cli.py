@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from sim.cli import main
+from sim.lab.cli import main
 
 FAST = ["--set", "train.updates=5", "--set", "train.batch=16"]
 
@@ -82,7 +82,7 @@ def test_diverged_run_is_recorded_not_crashed(tmp_path):
 
 def test_console_script_prints_plain_progress_off_terminal(tmp_path):
     out = tmp_path / "p"
-    proc = subprocess.run([sys.executable, "-m", "sim.cli", "run", *FAST, "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "sim.lab.cli", "run", *FAST, "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "5/5 updates" in proc.stderr

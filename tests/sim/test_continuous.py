@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from envs.gaussian_bandit import gaussian_kl
-from sim.cli import main
-from sim.config import ConfigError, resolve
-from sim.train import train_batch
+from sim.config import ConfigError
+from sim.lab.cli import main
+from sim.lab.dispatch import resolve, train_batch
 
 
 def cfg(*overrides: str):
@@ -190,9 +190,9 @@ def test_continuous_presets_plan_every_variant_with_a_reward_off_phase(name: str
     from pathlib import Path
 
     from sim.config import yaml_load
-    from sim.sweep import plan_sweep
+    from sim.lab.grid import plan_sweep
 
-    presets = Path(__file__).resolve().parents[2] / "sim" / "presets"
+    presets = Path(__file__).resolve().parents[2] / "sim" / "lab" / "presets"
     grid = yaml_load((presets / f"{name}.yaml").read_text())
     plan = plan_sweep(grid, name, presets)
     configs = [r.config for r in plan.runs]

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sim.config import ConfigError, resolve
-from sim.dpo import ipo_optimum, preference_loss
-from sim.train import make_trainer, train_batch
+from sim.algos.dpo import ipo_optimum, preference_loss
+from sim.config import ConfigError
+from sim.lab.dispatch import make_trainer, resolve, train_batch
 
 REWARDS, REF, BETA = [1.0, 0.0, 0.0], [0.2, 0.5, 0.3], 0.5
 

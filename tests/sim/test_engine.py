@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sim.config import resolve
-from sim.train import train_batch
+from sim.config import ConfigError
+from sim.lab.dispatch import resolve, train_batch
 
 BANDIT = ["env.id=bandit", "env.rewards=[1,0,0]", "env.ref_probs=[0.2,0.5,0.3]", "kl.beta=0.5"]
 VARIANTS = {
@@ -79,9 +79,9 @@ def test_batch_invariance_holds_when_row_blocks_split_runs(monkeypatch):
     """The tabular loss runs in column blocks of the visited rows (``sim.train.ROW_CHUNK``); with 64-column
     blocks a run's rows fall into different blocks, at different offsets, in the batch and alone. Its
     numbers must still be bitwise the same."""
-    import sim.train
+    import sim.engine.rows
 
-    monkeypatch.setattr(sim.train, "ROW_CHUNK", 64)
+    monkeypatch.setattr(sim.engine.rows, "ROW_CHUNK", 64)
     common = ["env.id=gridworld", "env.layout=open_5x5", "env.horizon=10", "env.slip=0.1", "train.batch=16",
               "train.updates=8", "log.policy_every=4"]
     configs = [cfg(*common, *m) for m in MIXED]
@@ -296,7 +296,7 @@ def test_gaussian_bandit_k1_in_reward_moves_toward_gibbs_mean():
 def test_cuda_path_is_rejected_cleanly_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match="cuda"):
+    with pytest.raises(ConfigError, match="device=cuda .*CUDA build of torch"):
         train_batch([cfg("device=cuda", "train.updates=1")])
 
 

@@ -1,4 +1,4 @@
-"""Exact mode: the expected gradient of every placement × estimator against THEORY.md's table.
+"""Exact mode: the expected gradient of every placement × estimator against docs/theory.md's table.
 
 On a 3-arm bandit with softmax logits z the penalty's expected gradient must be, to 1e-10 (float64):
 k1-in-reward = k2-as-loss = full = ∇RKL = π⊙(δ − E_π δ); k1-as-loss = 0; k3-as-loss = ∇FKL = π − π_ref;
@@ -14,8 +14,9 @@ import torch
 
 from envs import tabular
 from envs.bandit import BanditParams
-from sim.config import resolve
-from sim.train import RunTensors, exact_loss, train_batch
+from sim.engine.exact import exact_loss
+from sim.engine.placement import RunTensors
+from sim.lab.dispatch import resolve, train_batch
 
 REF = (0.2, 0.5, 0.3)
 TOL = 1e-10

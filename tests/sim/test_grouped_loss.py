@@ -1,8 +1,8 @@
 """The PPO loss on per-(state, action) sums equals the textbook per-sample PPO loss, value and gradient.
 
-``DiscreteTrainer`` sums advantages per (s, a) and returns per s once per (mini)batch and evaluates the
+``PPOTrainer`` sums advantages per (s, a) and returns per s once per (mini)batch and evaluates the
 clipped surrogate, the KL-in-loss term, the entropy bonus and the value loss on the tables (see
-``DiscreteTrainer._group``). Here the same quantities are computed sample by sample, the way CleanRL writes
+``PPOTrainer._group``). Here the same quantities are computed sample by sample, the way CleanRL writes
 PPO, on a batch where the policy has moved away from π_old (so ratios are clipped both ways), for a batch
 mixing every placement × estimator (with and without IS correction). float64: agreement to 1e-10.
 """
@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from envs import tabular
-from sim.config import resolve
-from sim.kl import full_kl
-from sim.ppo import masked_mean
-from sim.train import DiscreteTrainer, kl_loss_term
+from sim.algos.ppo import PPOTrainer
+from sim.engine.kl import full_kl
+from sim.engine.placement import kl_loss_term
+from sim.engine.rows import visited_rows
+from sim.engine.ppo import masked_mean
+from sim.lab.dispatch import resolve
 
 RUNS = [
     ["seed=1", "kl.placement=reward", "kl.estimator=k1"],
@@ -40,7 +42,7 @@ SETTINGS = {
 }
 
 
-def per_sample_loss(tr: DiscreteTrainer, mb: dict, tabs: dict) -> torch.Tensor:
+def per_sample_loss(tr: PPOTrainer, mb: dict, tabs: dict) -> torch.Tensor:
     """Per-run PPO loss ``[R]`` written sample by sample (mean over valid samples)."""
     cfg = tr.cfg.train
     lp_table = tr.policy.table(tr.params)
@@ -63,14 +65,15 @@ def per_sample_loss(tr: DiscreteTrainer, mb: dict, tabs: dict) -> torch.Tensor:
     return loss
 
 
-def moved_batch(setting: str) -> tuple[DiscreteTrainer, dict, dict]:
+def moved_batch(setting: str) -> tuple[PPOTrainer, dict, dict]:
     """A float64 trainer of ``RUNS`` in ``setting``, one collected batch ``[R, n]`` and its tables, with the
     policy (and value) then moved away from the one that sampled the batch, as later PPO epochs do."""
     base = [*SETTINGS[setting], "kl.beta=0.4", "train.dtype=float64"]
-    tr = DiscreteTrainer([resolve(None, base + run) for run in RUNS], torch.device("cpu"))
-    buf, tabs = tr.collect(1)
-    buf.update(tr._shape_and_advantage(buf, tabs))
+    tr = PPOTrainer([resolve(None, base + run) for run in RUNS], torch.device("cpu"))
+    buf, tabs = tr._collect(1)
     R, N, H = buf["valid"].shape
+    vis = visited_rows({k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}, tabs, tr.H == 1, tr.dtype)
+    buf.update(tr._shape_and_advantage(buf, tabs, vis))
     mb = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid", "adv", "ret")}
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -100,10 +103,11 @@ def test_grouped_loss_equals_per_sample_loss(setting: str) -> None:
 def test_grouped_loss_on_a_minibatch_subset() -> None:
     """With minibatches, the statistics are those of the minibatch's samples alone."""
     base = [*SETTINGS["gridworld slip, tabular value"], "kl.beta=0.4", "train.dtype=float64"]
-    tr = DiscreteTrainer([resolve(None, base + run) for run in RUNS], torch.device("cpu"))
-    buf, tabs = tr.collect(1)
-    buf.update(tr._shape_and_advantage(buf, tabs))
+    tr = PPOTrainer([resolve(None, base + run) for run in RUNS], torch.device("cpu"))
+    buf, tabs = tr._collect(1)
     R, N, H = buf["valid"].shape
+    vis = visited_rows({k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}, tabs, tr.H == 1, tr.dtype)
+    buf.update(tr._shape_and_advantage(buf, tabs, vis))
     keep = torch.randperm(N * H, generator=torch.Generator().manual_seed(1))[: N * H // 3]
     mb = {k: buf[k].reshape(R, N * H)[:, keep] for k in ("idx", "state", "valid", "adv", "ret")}
     grouped, _ = tr._ppo_loss(tr._group(mb, tabs), want_diag=False)
@@ -118,14 +122,14 @@ def test_blocked_loss_and_gradients_equal_one_pass(setting: str, monkeypatch: py
     the same column order), and the gradients equal autograd's gradient of the one-pass loss to float64
     rounding (measured: ≤ 3e-17 absolute on gradients of order 0.01–0.4). The runs cover every estimator in
     the loss with and without IS correction; the settings add the clamp, the entropy bonus and a value."""
-    import sim.train
+    import sim.engine.rows
 
     tr, mb, tabs = moved_batch(setting)
     g = tr._group(mb, tabs)
     assert g["count"].shape[1] > 64 or "bandit" in setting  # the gridworld batch spans several blocks
     loss, diag = tr._ppo_loss(g, want_diag=True)
     grads = torch.autograd.grad(loss.sum(), [tr.params[k] for k in tr.trainable])
-    monkeypatch.setattr(sim.train, "ROW_CHUNK", 64)
+    monkeypatch.setattr(sim.engine.rows, "ROW_CHUNK", 64)
     b_loss, b_diag, b_grads = tr._ppo_loss_and_grads(g, want_diag=True)
     assert torch.equal(b_loss, loss.detach())
     assert diag.keys() == b_diag.keys() and all(torch.equal(diag[k], b_diag[k]) for k in diag)

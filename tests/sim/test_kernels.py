@@ -5,8 +5,8 @@ few small pieces, each of which promises either bitwise results or agreement wit
 
 - ``sim.rng.uniform_at``: per-element draws, bitwise equal to the matching elements of ``sim.rng.uniform``
   (both the int64 hash and, where the import-time check enables it, the int32 hash).
-- ``sim.optim.BatchedOptimizer``: Adam through PyTorch's fused kernel on flat buffers padded to a multiple
-  of ``sim.optim._PAD``; a run's parameters must not depend on the other runs in the batch, must follow
+- ``sim.engine.optim.BatchedOptimizer``: Adam through PyTorch's fused kernel on flat buffers padded to a multiple
+  of ``sim.engine.optim._PAD``; a run's parameters must not depend on the other runs in the batch, must follow
   ``torch.optim.Adam``, a run with lr 0 is frozen. The padding is shown to matter (``_PAD = 1`` breaks the
   invariance here), so the invariance test is not vacuous.
 - ``sim.policies.log_softmax_action_major`` / ``gather_rows``: the action-major tables of visited rows;
@@ -26,15 +26,16 @@ import math
 import pytest
 import torch
 
-import sim.optim
+import sim.engine.optim
+from envs import from_config
 from envs.tabular import TabularCore
-from sim import rng
-from sim.config import resolve
-from sim.kl import weighted_estimate
-from sim.optim import BatchedOptimizer
-from sim.policies import gather_rows, log_softmax_action_major
-from sim.ppo import gae
-from sim.train import _finite_per_run, build_env
+from sim.engine import rng
+from sim.engine.kl import weighted_estimate
+from sim.engine.loop import finite_per_run
+from sim.engine.optim import BatchedOptimizer
+from sim.engine.policies import gather_rows, log_softmax_action_major
+from sim.engine.ppo import gae
+from sim.lab.dispatch import resolve
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +98,7 @@ def test_uniform_at_broadcast_key_column_index_row(hash_path, n_episodes, horizo
 
 
 # ------------------------------------------------------------------------------------------------------
-# sim.optim.BatchedOptimizer
+# sim.engine.optim.BatchedOptimizer
 # ------------------------------------------------------------------------------------------------------
 
 OPT_SHAPES = {"a": (7, 13, 3), "b": (5, 1, 10), "c": (3, 33), "d": (9, 2, 2, 3)}
@@ -145,7 +146,7 @@ def test_batched_adam_padding_is_what_makes_it_invariant(dtype, monkeypatch):
     scalar remainder rounds some run's elements differently, depending on where they sit in the buffer.
     (Measured on the development machine: several runs differ for both dtypes; a machine whose kernel has
     no such remainder would not show it, hence the skip rather than a failure there.)"""
-    monkeypatch.setattr(sim.optim, "_PAD", 1)
+    monkeypatch.setattr(sim.engine.optim, "_PAD", 1)
     differing = _runs_differing_from_alone(dtype)
     if not differing:
         pytest.skip("this machine's fused Adam kernel rounds its remainder like its vector loop")
@@ -374,14 +375,14 @@ def test_finite_per_run_flags_nonfinite_rows_only(dtype, huge):
         [inf, -inf, 0.0, 0.0],
     ]
     x = torch.tensor(rows, dtype=dtype)
-    assert torch.equal(_finite_per_run(x), torch.tensor([True, False, False, False, True, True, False]))
+    assert torch.equal(finite_per_run(x), torch.tensor([True, False, False, False, True, True, False]))
     # every row finite, but a row's sum overflows: the fast path must fall back to the elementwise check
     x = torch.tensor([[huge, huge], [1.0, 2.0], [-huge, -huge]], dtype=dtype)
     assert bool(torch.isinf(x.sum(-1)).any())
-    assert torch.equal(_finite_per_run(x), torch.tensor([True, True, True]))
+    assert torch.equal(finite_per_run(x), torch.tensor([True, True, True]))
     # the common case: all finite, no overflow
     x = torch.randn(4, 50, generator=torch.Generator().manual_seed(9), dtype=dtype)
-    assert torch.equal(_finite_per_run(x), torch.ones(4, dtype=torch.bool))
+    assert torch.equal(finite_per_run(x), torch.ones(4, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -473,7 +474,7 @@ def test_tabular_step_2d_batch_matches_flat_batch():
     element by element the same as the flattened [B1·B2] batch, and as a per-element lookup in the MDP's
     tables (outcome = first k with u < cumulative probability) on a slippery gridworld."""
     cfg = resolve(None, ["env.id=gridworld", "env.layout=open_5x5", "env.horizon=8", "env.slip=0.2"])
-    mdp = build_env(cfg).build()
+    mdp = from_config(cfg.env).build()
     core = TabularCore(mdp)
     assert core.needs_uniform
     S, A = mdp.n_states, mdp.n_actions

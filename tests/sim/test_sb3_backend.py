@@ -13,9 +13,10 @@ import pytest
 import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from sim.config import ConfigError, resolve
-from sim.sb3_backend import CallableReference, KLRegularizedPPO, TableReference, make_shell
-from sim.train import make_trainer
+from sim.algos.sb3 import make_shell
+from sim.algos.sb3_ppo import CallableReference, KLRegularizedPPO, TableReference
+from sim.config import ConfigError
+from sim.lab.dispatch import make_trainer, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = (1.0, 0.5, -0.25)
@@ -142,7 +143,7 @@ def test_same_seed_same_numbers_alone_or_batched():
 def test_cli_run_sweep_and_report(tmp_path):
     """``reflab run`` writes the native contract (same columns as a native run); a sweep with
     ``train.backend`` as an axis runs each sb3 run as its own task and ``reflab report`` reads it."""
-    from sim.cli import main
+    from sim.lab.cli import main
 
     sets = [a for kv in _short("kl.estimator=k3") for a in ("--set", kv)]
     assert main(["run", *sets, "--out", str(tmp_path / "sb3"), "--quiet"]) == 0

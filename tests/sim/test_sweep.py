@@ -13,22 +13,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from sim import results
-from sim.cli import main
-from sim.config import ConfigError, from_dict
-from sim.executors import RunResult, TaskOutcome, run_task
-from sim.sweep import (
-    ALWAYS_COLUMNS,
+from sim.config import ConfigError
+from sim.lab import runs as results
+from sim.lab.cli import main
+from sim.lab.dispatch import from_dict
+from sim.lab.executors import RunResult, TaskOutcome, run_task
+from sim.lab.grid import ALWAYS_COLUMNS, available_presets, load_grid, plan_sweep
+from sim.lab.sweep import (
     LOCK_FILE,
     SWEEP_FILE,
     _outcome_results,
     auto_batch_size,
-    available_presets,
     estimate_run_bytes,
     index_frame,
-    load_grid,
     pack_tasks,
-    plan_sweep,
     status_report,
 )
 
@@ -320,18 +318,18 @@ def test_packing_groups_by_signature_and_sizes_batches():
 
 
 def test_a_failing_run_does_not_lose_its_batch(tmp_path, monkeypatch):
-    import sim.train
+    import sim.lab.executors
 
     plan = plan_sweep({"base": BASE, "seeds": 4}, "grid")
     (task,) = pack_tasks(plan.runs, tmp_path, workers=1, batch_size=4)
-    real = sim.train.train_batch
+    real = sim.lab.executors.train_batch
 
     def train_batch(configs, progress=None, device=None):
         if any(c.seed == 2 for c in configs):
             raise RuntimeError("seed 2 is cursed")
         return real(configs, progress, device)
 
-    monkeypatch.setattr(sim.train, "train_batch", train_batch)
+    monkeypatch.setattr(sim.lab.executors, "train_batch", train_batch)
     # a stale, unfinished folder from an earlier attempt is replaced
     stale = Path(task.run_dirs[0])
     results.atomic_write_json(stale / "status.json", {"status": "running"})

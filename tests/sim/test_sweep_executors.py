@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from sim.results import TABLES, read_status
-from sim.sweep import plan_sweep
+from sim.lab.grid import plan_sweep
+from sim.lab.runs import TABLES, read_status
 
 REPO = Path(__file__).resolve().parents[2]
 GRID = {
@@ -34,7 +34,7 @@ def _sweep(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Pa
     grid.write_text(yaml.safe_dump(GRID))
     out = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "sim.cli", "sweep", str(grid), "--out", str(out), "--workers", "2",
+    proc = subprocess.run([sys.executable, "-m", "sim.lab.cli", "sweep", str(grid), "--out", str(out), "--workers", "2",
                            "--progress", "plain", *extra], env=env, capture_output=True, text=True, timeout=240)
     return proc, out
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from sim.cli import main
-from sim.results import TABLES
+from sim.lab.cli import main
+from sim.lab.runs import TABLES
 
 REPO = Path(__file__).resolve().parents[2]
 # 12 runs of one bandit signature, one run per task: slow enough to kill mid-way, quick to finish.
@@ -31,7 +31,7 @@ GRID = {
 
 
 def _sweep_cmd(grid: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "sim.cli", "sweep", str(grid), "--out", str(out), "--workers", "2", "--quiet"]
+    return [sys.executable, "-m", "sim.lab.cli", "sweep", str(grid), "--out", str(out), "--workers", "2", "--quiet"]
 
 
 def _env() -> dict[str, str]:

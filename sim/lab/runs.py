@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from sim.config import Config
+from sim.config import Config, UsageError
 
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.json"
@@ -64,6 +64,18 @@ def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable_dir(path: Path, flag: str = "--out") -> None:
+    """Raise :class:`UsageError` unless ``path`` is (or can be created as) a writable folder."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} exists and is not a folder")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(path)!r} is not writable")
 
 
 def environment_info(device: torch.device | str) -> dict[str, Any]:
@@ -124,6 +136,6 @@ def fail_run(run_dir: Path, error: str) -> None:
 
 
 def write_output(run_dir: Path, out: Any, device: torch.device | str, extra: dict | None = None) -> None:
-    """Write a finished :class:`sim.train.RunOutput` (config, tables, status) into ``run_dir``."""
+    """Write a finished :class:`sim.engine.outputs.RunOutput` (config, tables, status) into ``run_dir``."""
     start_run(run_dir, out.config, device, extra)
     finish_run(run_dir, out.tables(), out.status)

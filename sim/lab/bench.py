@@ -29,13 +29,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from sim.config import Config, resolve
-from sim.executors import default_workers
-from sim.train import make_trainer
+from sim.config import Config
+from sim.lab.dispatch import from_dict, make_trainer, resolve
+from sim.lab.executors import default_workers
+from sim.lab.runs import atomic_write_json
 
 VARIANTS = [("none", "k1"), ("reward", "k1"), ("reward", "k2"), ("reward", "k3"),
             ("loss", "k1"), ("loss", "k2"), ("loss", "k3"), ("loss", "full")]
@@ -82,7 +84,6 @@ def time_native(configs: list[Config], repeats: int) -> dict[str, Any]:
 
 def _train_chunk(config_dicts: list[dict]) -> int:
     """Worker: train one chunk of runs as a batch (1 torch thread); returns its env-steps."""
-    from sim.config import from_dict
 
     torch.set_num_threads(1)
     trainer = make_trainer([from_dict(d) for d in config_dicts])
@@ -131,7 +132,7 @@ def time_sb3(total_steps: int, repeats: int) -> dict[str, Any]:
 
 
 def time_sb3_backend(total_steps: int, repeats: int) -> dict[str, Any]:
-    """Env-steps/s of ``train.backend: sb3`` (:class:`sim.sb3_backend.KLRegularizedPPO`, k3 in the loss) on the
+    """Env-steps/s of ``train.backend: sb3`` (:class:`sim.algos.sb3_ppo.KLRegularizedPPO`, k3 in the loss) on the
     bandit grid's config (10 arms, 256 episodes per update, 4 epochs), through the reflab trainer (exact
     metrics and tables included): what ``reflab run --set train.backend=sb3`` does."""
     updates = max(1, total_steps // 256)
@@ -181,7 +182,7 @@ def time_scaling(sizes: list[int], updates: int, device: str, repeats: int) -> l
     for n in sizes:
         samples = []
         for _ in range(repeats):
-            proc = subprocess.run([sys.executable, "-m", "sim.bench", "--_point", str(n), "--updates",
+            proc = subprocess.run([sys.executable, "-m", "sim.lab.bench", "--_point", str(n), "--updates",
                                    str(updates), "--device", device], capture_output=True, text=True, check=True)
             samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         wall = statistics.median(s["wall_s"] for s in samples)
@@ -249,7 +250,8 @@ def _print(dev: str, name: str, res: dict[str, Any], target: str) -> None:
           + (f"   target {target}" if target else ""), flush=True)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    """``reflab bench``: print every case's figures (and write them as JSON with ``--json``)."""
     if args._point:
         torch.set_num_threads(args.threads)
         print(json.dumps(_scaling_point(args._point, args.updates, args.device)))
@@ -261,15 +263,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"reflab bench — {machine()}", flush=True)
     report = run_bench(args)
     if args.json:
-        from pathlib import Path
-
-        from sim.results import atomic_write_json
-
         atomic_write_json(Path(args.json), report)
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``reflab bench``."""
+    p.description = "Throughput of the batched engine on this machine, medians over repeats (one invocation)."
     p.add_argument("--repeats", type=int, default=3, help="repeats per case; medians are reported (3)")
     p.add_argument("--updates", type=int, default=300, help="updates of the bandit grid (300)")
     p.add_argument("--grid-updates", type=int, default=50, help="updates of the gridworld grid (50)")
@@ -286,17 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--_point", type=int, default=0, help=argparse.SUPPRESS)
 
 
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure engine throughput on this machine")
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sim.bench")
-    add_arguments(p)
-    return cmd_bench(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a scaling point runs in a fresh process: python -m sim.lab.bench --_point N ...
+    parser = argparse.ArgumentParser(prog="python -m sim.lab.bench")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

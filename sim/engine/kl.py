@@ -1,8 +1,9 @@
-"""KL estimators and placements as small pure functions (THEORY.md "Notation" and "The two placements").
+"""KL estimators as small pure functions (docs/theory.md "Notation").
 
-Two independent axes: the *estimator* (``k1 | k2 | k3 | full``) says what per-sample number stands for the
-KL; the *placement* (``none | reward | loss``) says where it enters PPO. Everything is in log space:
-``delta = log π(a) − log π_ref(a)``.
+The *estimator* (``k1 | k2 | k3 | full``) says what per-sample number stands for the KL; where it enters PPO
+(the *placement*) is :mod:`sim.engine.placement`'s. Everything is in log space:
+``delta = log π(a) − log π_ref(a)``. Each estimator comes with its derivative, for losses differentiated by
+hand, and :func:`weighted_estimate` evaluates per run the estimator that run uses.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-PLACEMENTS = ("none", "reward", "loss")
-ESTIMATORS = ("k1", "k2", "k3", "full")
-SAMPLED_ESTIMATORS = ("k1", "k2", "k3")
+from sim.config import ESTIMATORS
+
+SAMPLED_ESTIMATORS = ESTIMATORS[:3]
+"""The estimators computed from the sampled action alone (``full`` needs the whole action distribution)."""
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
@@ -103,7 +105,7 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
             (``run_index`` is then not used).
         k_full: exact per-state KL (broadcasting against ``logp``), or a callable computing it (only called
             if used).
-        logp_old: if given, the importance-weighted loss forms for samples from π_old (THEORY.md
+        logp_old: if given, the importance-weighted loss forms for samples from π_old (docs/theory.md
             "Off-policy"): ``w·k1``, ``sg(w)·k2``, ``w·k3`` with ``w = π_θ/π_old`` carrying gradient.
         run_index: ``[M]`` the run of each index of ``logp``'s last axis; without it the runs are ``logp``'s
             leading axis.
@@ -150,7 +152,8 @@ def _weighted(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
     d_w: Tensor | None = None  # Σ_j weight_j·k_j over the estimators whose IS weight carries gradient
     for j, kind in enumerate(SAMPLED_ESTIMATORS):
         if used[j]:
-            w_grad = slope and w is not None and kind != "k2"  # k2's weight carries no gradient (THEORY.md)
+            # k2's IS weight carries no gradient (docs/theory.md "Off-policy")
+            w_grad = slope and w is not None and kind != "k2"
             k, dk = _with_slope(delta, kind, slope, value or w_grad)
             if w_grad:
                 d_w = weights[j] * k if d_w is None else d_w + weights[j] * k

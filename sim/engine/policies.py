@@ -2,13 +2,13 @@
 
 A policy is a small *structure* object plus a ``dict`` of parameter tensors, so the frozen reference is just
 another parameter dict of the same structure: a hard reset copies the dict, an EMA mixes it in parameter
-space (THEORY.md "Controllers and reference schedules").
+space (docs/theory.md "Controllers and reference schedules").
 
 - :class:`TabularPolicy`: logits ``[R, S, A]``.
 - :class:`MLPPolicy`: ``logits(s) = base[s] + W2·tanh(W1·φ(s) + b1) + b2`` with a frozen per-run ``base``
   table (the initial policy, e.g. the env's reference) and a zero-initialized output layer, so the network
   starts exactly at its initial policy and a reference built from it is exact too.
-(The Gaussian policy of the continuous bandit lives in :mod:`sim.gaussian`.)
+(The Gaussian policy of the continuous bandit lives in :mod:`sim.algos.gaussian`.)
 
 Besides whole tables ``[R, S, A]``, a policy gives the log-probabilities of selected *rows* (flat indices
 ``run·S + state``) as an action-major table ``[A, M]``: the PPO loss only needs the states a batch visited.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sim import rng
+from sim.engine import rng
 
 Params = dict[str, Tensor]
 

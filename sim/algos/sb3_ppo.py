@@ -1,43 +1,21 @@
-"""The stable-baselines3 backend: reflab's KL placements inside SB3's PPO, and ``train.backend: sb3``.
+"""KLRegularizedPPO: reflab's KL placements inside stable-baselines3's PPO, for any gymnasium env.
 
-Two layers:
+:class:`KLRegularizedPPO` is a subclass of SB3's ``PPO`` for *any* gymnasium env with ``Discrete`` or ``Box``
+actions. It keeps the policy near a frozen reference (:func:`make_reference`: an SB3 policy, a file written by
+``model.save()``, or a callable ``(obs, actions) -> log-probs``) with the same ``kl.*`` settings as the native
+engine: placement ``none | reward | loss``, estimator ``k1 | k2 | k3 | full``, β fixed or adaptive (Ziegler et
+al.'s controller, as the engine's ``BatchTrainer._control_beta``).
 
-* :class:`KLRegularizedPPO` — a subclass of SB3's ``PPO`` for *any* gymnasium env with ``Discrete`` or
-  ``Box`` actions. It keeps the policy near a frozen reference (:func:`make_reference`: an SB3 policy, a
-  file written by ``model.save()``, or a callable ``(obs, actions) -> log-probs``) with the same ``kl.*``
-  settings as the native engine: placement ``none | reward | loss``, estimator ``k1 | k2 | k3 | full``,
-  β fixed or adaptive (Ziegler et al.'s controller, as ``sim.train.BatchTrainer._control_beta``).
+- *Reward placement*: after each rollout and **before** SB3's GAE, the rollout buffer's rewards become
+  ``reward_scale·r − β·k`` with ``k`` from the sampled action's ``log π_old`` (stored by SB3) and
+  ``log π_ref`` (``full``: the exact KL of the state's action distribution), detached
+  (:class:`ShapingRolloutBuffer`).
+- *Loss placement*: ``train()`` is SB3 2.9's ``PPO.train`` with ``+ β·mean(k)`` added outside the clipped
+  surrogate, the gradient flowing through ``log π_θ`` (``full``: through the exact KL); with
+  ``kl_is_correction`` the importance-weighted forms of :func:`sim.engine.kl.weighted_estimate`.
 
-  - *Reward placement*: after each rollout and **before** SB3's GAE, the rollout buffer's rewards become
-    ``reward_scale·r − β·k`` with ``k`` from the sampled action's ``log π_old`` (stored by SB3) and
-    ``log π_ref`` (``full``: the exact KL of the state's action distribution), detached
-    (:class:`ShapingRolloutBuffer`).
-  - *Loss placement*: ``train()`` is SB3 2.9's ``PPO.train`` with ``+ β·mean(k)`` added outside the clipped
-    surrogate, the gradient flowing through ``log π_θ`` (``full``: through the exact KL); with
-    ``kl_is_correction`` the importance-weighted forms of :func:`sim.kl.weighted_estimate`.
-
-  The estimators are :mod:`sim.kl`'s functions, not re-derived.
-
-* :class:`SB3Trainer` — what ``make_trainer`` returns for ``train.backend: sb3``: one
-  :class:`KLRegularizedPPO` per config on the env's gymnasium shell (``reflab/*``), with the reflab output
-  contract. It subclasses :class:`sim.train.DiscreteTrainer` and only replaces the update: after every
-  SB3 update the SB3 policy is evaluated on every state's observation and its ``[S, A]`` log-probability
-  table is copied into the native tabular parameters, so the exact metrics, policy tables, optimum,
-  logging, phases and divergence handling are the native engine's own code.
-
-Matching the native engine (``train.policy: tabular``): SB3's ``MlpPolicy`` with ``net_arch=[]`` on the
-one-hot of the state index is a logit table (the action net's weight column of the state; its bias is
-frozen at 0) initialised at ``train.init``; the value net likewise (a zero table). ``n_steps × n_envs =
-train.batch × horizon``, ``batch_size = n_steps·n_envs / train.minibatches``, the same epochs, lr, clip,
-γ, λ, ``vf_coef``, ``ent_coef``, ``norm_adv``, Adam with ε = 1e-8 (SB3's default is 1e-5) and
-``max_grad_norm`` (none → 1e9; SB3 clips one global norm). The ``mean`` baseline of one-step envs (the
-batch-mean shaped reward) and ``none`` are set in the buffer's values before GAE. Time limits: the reflab
-gridworld and token tree carry time in the state, so a horizon end is reported to SB3 as ``terminated``
-(value 0 after it) instead of ``truncated`` (which SB3 would bootstrap).
-
-Differences that remain (documented, measured by the cross-check tests): SB3 collects a fixed number of
-*steps* per update (the native engine a fixed number of *episodes*), cutting episodes at rollout
-boundaries and bootstrapping the value there; SB3 computes in float32; its random streams differ.
+The estimators are :mod:`sim.engine.kl`'s functions, not re-derived. ``train.backend: sb3`` trains reflab
+runs with it (:mod:`sim.algos.sb3`).
 """
 
 from __future__ import annotations
@@ -47,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
@@ -55,20 +32,11 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import Tensor
 from torch.nn import functional as F
 
-from sim.config import Config
-from sim.kl import ESTIMATORS, PLACEMENTS, all_estimates, full_kl, weighted_estimate
-from sim.train import DiscreteTrainer
-
-GYM_ID = {"bandit": "reflab/Bandit-v0", "gridworld": "reflab/GridWorld-v0", "token_tree": "reflab/TokenTree-v0"}
-"""The gymnasium shell each ``env.id`` is trained on by the SB3 backend."""
-
-NO_CLIP = 1e9
-"""``max_grad_norm`` given to SB3 when the config has none (SB3 requires a number)."""
-
+from sim.config import ESTIMATORS, PLACEMENTS
+from sim.engine.kl import all_estimates, full_kl, weighted_estimate
 
 # ------------------------------------------------------------------------------------------------------
 # Reference policies
@@ -77,7 +45,7 @@ NO_CLIP = 1e9
 
 def exact_kl(pi: torch.distributions.Distribution, ref: torch.distributions.Distribution) -> Tensor:
     """Exact KL(π‖π_ref) per state ``[N]`` between two torch distributions of batch ``[N]`` (or ``[N, d]``
-    for SB3's diagonal Gaussians, summed over ``d``). Categoricals use :func:`sim.kl.full_kl`."""
+    for SB3's diagonal Gaussians, summed over ``d``). Categoricals use :func:`sim.engine.kl.full_kl`."""
     if isinstance(pi, torch.distributions.Categorical) and isinstance(ref, torch.distributions.Categorical):
         return full_kl(pi.logits, ref.logits)
     kl = torch.distributions.kl_divergence(pi, ref)
@@ -272,7 +240,7 @@ class KLRegularizedPPO(PPO):
         return obs, actions
 
     def _coef(self) -> Tensor:
-        """``[1, 4]``: β on this model's estimator (the ``coef`` of :func:`sim.kl.weighted_estimate`)."""
+        """``[1, 4]``: β on this model's estimator (the ``coef`` of :func:`sim.engine.kl.weighted_estimate`)."""
         c = torch.zeros(1, len(ESTIMATORS), device=self.device)
         c[0, ESTIMATORS.index(self.kl_estimator)] = self.kl_beta
         return c
@@ -447,207 +415,3 @@ class KLRegularizedPPO(PPO):
         self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
         self.train()
         return True
-
-
-# ------------------------------------------------------------------------------------------------------
-# The reflab backend
-# ------------------------------------------------------------------------------------------------------
-
-
-class EndAtHorizon(gym.Wrapper):
-    """Reports a time-limit end as ``terminated``: reflab's sequential envs carry time in the state, so the
-    value after the horizon is 0 and SB3 must not bootstrap through it."""
-
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        return obs, reward, bool(terminated or truncated), False, info
-
-
-def make_shell(cfg: Config) -> gym.Env:
-    """The gymnasium shell of ``cfg.env`` as the SB3 backend trains on it (state-index observations)."""
-    import envs  # noqa: F401  registers reflab/*
-
-    kwargs = {k: v for k, v in cfg.env.items() if k != "id"}
-    if cfg.env["id"] == "gridworld":
-        kwargs["obs"] = "index"  # tabular policy: the state index (one-hot in SB3), whatever the MLP features
-    return EndAtHorizon(gym.make(GYM_ID[cfg.env["id"]], disable_env_checker=True, **kwargs))
-
-
-def rollout_shape(batch: int, horizon: int) -> tuple[int, int]:
-    """``(n_envs, n_steps)`` with ``n_envs·n_steps = batch·horizon`` (at most ``horizon`` steps per episode).
-
-    One-step envs use up to 64 parallel envs (fewer policy calls); sequential envs up to 8, so that long
-    rollouts per env cut few episodes at the rollout boundary.
-    """
-    n_envs = math.gcd(batch, 64 if horizon == 1 else 8)
-    return n_envs, batch * horizon // n_envs
-
-
-def build_model(cfg: Config, ref_logp: Tensor, init_logp: Tensor, baseline: str, horizon: int,
-                device: str = "cpu") -> KLRegularizedPPO:
-    """A :class:`KLRegularizedPPO` matching the native engine's hyperparameters for ``cfg`` (see the module
-    docstring), its logit table initialised at ``init_logp [S, A]`` and its reference ``ref_logp [S, A]``."""
-    tr, kl = cfg.train, cfg.kl
-    S, A = ref_logp.shape
-    n_envs, n_steps = rollout_shape(tr.batch, horizon)
-    venv = DummyVecEnv([lambda: make_shell(cfg) for _ in range(n_envs)])
-    if not isinstance(venv.observation_space, spaces.Discrete) or venv.observation_space.n != S:
-        raise ValueError(f"the SB3 backend needs Discrete({S}) state-index observations; "
-                         f"got {venv.observation_space}")
-    if tr.optimizer == "adam":
-        opt = {"optimizer_class": torch.optim.Adam, "optimizer_kwargs": {"eps": 1e-8}}
-    else:
-        opt = {"optimizer_class": torch.optim.SGD, "optimizer_kwargs": {}}
-    model = KLRegularizedPPO(
-        "MlpPolicy", venv, reference=TableReference(ref_logp), kl_placement=kl.placement,
-        kl_estimator=kl.estimator, kl_beta=kl.beta, kl_controller=kl.controller, kl_target=kl.target,
-        kl_horizon=kl.horizon, kl_is_correction=kl.is_correction, baseline=baseline,
-        learning_rate=tr.lr, n_steps=n_steps, batch_size=max(1, n_steps * n_envs // tr.minibatches),
-        n_epochs=tr.epochs, gamma=tr.gamma, gae_lambda=tr.gae_lambda, clip_range=tr.clip,
-        normalize_advantage=tr.norm_adv, ent_coef=tr.ent_coef, vf_coef=tr.vf_coef,
-        max_grad_norm=tr.max_grad_norm if tr.max_grad_norm is not None else NO_CLIP,
-        policy_kwargs={"net_arch": [], "ortho_init": False, **opt}, seed=cfg.seed, device=device, verbose=0)
-    with torch.no_grad():
-        pol = model.policy
-        pol.action_net.weight.copy_(init_logp.T.to(pol.action_net.weight))
-        pol.value_net.weight.zero_()
-        for bias in (pol.action_net.bias, pol.value_net.bias):
-            bias.zero_()
-            bias.requires_grad_(False)
-    return model
-
-
-def policy_table(model: KLRegularizedPPO, n_states: int) -> Tensor:
-    """``[S, A]`` log-probabilities of the SB3 policy on every state's (index) observation."""
-    obs = torch.arange(n_states, dtype=torch.float32, device=model.device).view(n_states, 1)
-    with torch.no_grad():
-        return torch.log_softmax(model.policy.get_distribution(obs).distribution.logits, -1)
-
-
-class SB3Trainer(DiscreteTrainer):
-    """``train.backend: sb3``: each config trained by its own :class:`KLRegularizedPPO` on the env's
-    gymnasium shell, with the native engine's metrics, tables and output contract.
-
-    The native tabular parameters hold, after every update, the SB3 policy's log-probability table (never
-    trained natively), so :meth:`exact_metrics`, :meth:`policy_tables` and the whole :meth:`run` loop are
-    the native code. Runs are trained one after the other; each keeps its own torch and numpy global RNG
-    states, so a run gives the same numbers alone or in a batch.
-    """
-
-    def __init__(self, configs: list[Config], device: torch.device):
-        super().__init__(configs, device)
-        ref = self.mdp.ref_logp.to(torch.float32)
-        self.models: list[KLRegularizedPPO] = []
-        self._rng: list[tuple[Tensor, Any]] = []
-        for i, cfg in enumerate(configs):
-            model = build_model(cfg, ref, self.params["logits"][i].detach().float(), self.baseline,
-                                self.H, str(device))
-            model.start(cfg.train.total_updates)
-            self.models.append(model)
-            self._rng.append((torch.get_rng_state(), np.random.get_state()))
-        self.steps_per_update = self.models[0].n_steps * self.models[0].env.num_envs
-        self._copy_tables(range(self.R))
-
-    def _copy_tables(self, runs: Any) -> None:
-        with torch.no_grad():
-            for i in runs:
-                self.params["logits"][i] = policy_table(self.models[i], self.S).to(self.params["logits"])
-
-    def _on_phase(self) -> None:
-        super()._on_phase()
-        for m in self.models:
-            m.reward_scale = self.reward_scale
-
-    def exact_update(self, update: int) -> dict[str, Tensor]:
-        raise ValueError("train.mode=exact is not available with train.backend=sb3")
-
-    def sampled_update(self, update: int) -> dict[str, Tensor]:
-        keys = ("reward", "kl_k1", "kl_k2", "kl_k3", "kl_full_sampled", "episode_length",
-                "pg_loss", "kl_loss", "clip_frac", "approx_kl", "grad_norm") + (
-                    ("v_loss",) if self.baseline == "value" else ())
-        out = {k: torch.full((self.R,), math.nan, dtype=torch.float64) for k in keys}
-        bad = torch.zeros(self.R, dtype=torch.bool, device=self.device)
-        recs = []
-        want_traj = self.cfg.log.trajectories > 0 and self._logs_at(update)
-        for i, model in enumerate(self.models):
-            if not bool(self.alive[i]):
-                recs.append(None)
-                continue
-            torch.set_rng_state(self._rng[i][0])
-            np.random.set_state(self._rng[i][1])
-            try:
-                model.update()
-                ok = True
-            except ValueError:  # e.g. a non-finite policy (torch's distribution checks)
-                ok = False
-            self._rng[i] = (torch.get_rng_state(), np.random.get_state())
-            if not ok:
-                bad[i] = True
-                recs.append(None)
-                continue
-            model_stats = {**model.rollout_stats, **model.train_stats}
-            for k in keys:
-                out[k][i] = model_stats.get(k, math.nan)
-            self.rt.beta[i] = model.kl_beta
-            self.env_steps[i] += self.steps_per_update
-            recs.append(self._trajectories(model) if want_traj else None)
-        self._copy_tables([i for i in range(self.R) if bool(self.alive[i]) and not bool(bad[i])])
-        self._mark_diverged(bad, update, "SB3 update failed (non-finite policy)")
-        if want_traj:
-            self._log_traj(update, recs)
-        return {k: v.to(self.device) for k, v in out.items()}
-
-    # -- trajectories -----------------------------------------------------------------------------------------
-    def _trajectories(self, model: KLRegularizedPPO) -> dict[str, np.ndarray]:
-        """The first ``log.trajectories`` complete episodes of the last rollout (env by env), ``[n, H]``."""
-        n = self.cfg.log.trajectories
-        ro = model.rollout_arrays
-        starts, ends = ro["starts"], ro["ends"]
-        T, E = starts.shape
-        obs = ro["obs"].reshape(T, E).astype(np.int64)
-        act = ro["actions"].reshape(T, E).astype(np.int64)
-        ref = model.reference.table.numpy()
-        rec = self._empty_traj()
-        ep = 0
-        for e in range(E):
-            t = 0
-            while t < T and ep < n:
-                if not starts[t, e]:
-                    t += 1
-                    continue
-                t_end = t
-                while t_end < T and not ends[t_end, e]:
-                    t_end += 1
-                if t_end >= T:  # episode runs past the rollout
-                    break
-                sl = slice(t, t_end + 1)
-                L = t_end + 1 - t
-                rec["state"][ep, :L], rec["action"][ep, :L] = obs[sl, e], act[sl, e]
-                rec["reward"][ep, :L] = ro["reward"][sl, e]
-                rec["logp"][ep, :L] = ro["logp"][sl, e]
-                rec["ref_logp"][ep, :L] = ref[obs[sl, e], act[sl, e]]
-                rec["valid"][ep, :L] = True
-                ep += 1
-                t = t_end + 1
-            if ep >= n:
-                break
-        return rec
-
-    def _empty_traj(self) -> dict[str, np.ndarray]:
-        """A record of ``log.trajectories`` empty episodes ``[n, H]`` (no valid step)."""
-        n, H = self.cfg.log.trajectories, self.H
-        return {"state": np.zeros((n, H), np.int64), "action": np.zeros((n, H), np.int64),
-                "reward": np.zeros((n, H)), "logp": np.zeros((n, H)), "ref_logp": np.zeros((n, H)),
-                "valid": np.zeros((n, H), bool)}
-
-    def _log_traj(self, update: int, recs: list[dict[str, np.ndarray] | None]) -> None:
-        empty = self._empty_traj()
-        stacked: dict[str, Any] = {k: np.stack([(r or empty)[k] for r in recs]) for k in empty}
-        stacked["update"] = update
-        self.traj_log.append(stacked)
-
-
-
-__all__ = ["GYM_ID", "CallableReference", "EndAtHorizon", "KLRegularizedPPO", "PolicyReference", "Reference",
-           "SB3Trainer", "ShapingRolloutBuffer", "TableReference", "build_model", "exact_kl", "make_reference",
-           "make_shell", "policy_table", "rollout_shape"]

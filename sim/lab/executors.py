@@ -1,7 +1,7 @@
 """Where a sweep's tasks run: local worker processes, Ray tasks, or Slurm job arrays (submitit).
 
 A *task* is one batch of runs that share a :func:`sim.config.batch_signature`; :func:`run_task` trains it
-with :func:`sim.train.train_batch` and writes every run's folder itself through :mod:`sim.results`
+with :func:`sim.lab.dispatch.train_batch` and writes every run's folder itself through :mod:`sim.lab.runs`
 (a shared filesystem is assumed for Ray clusters and Slurm). A batch that raises is retried run by run,
 so one bad run never loses the others; each failure is recorded in its run's ``status.json``.
 
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from sim.config import Config
+from sim.lab import runs
+from sim.lab.dispatch import resolve_device, train_batch
 
 EXECUTORS = ("local", "ray", "slurm")
 #: Seconds between completion checks of submitit jobs (Slurm's accounting is queried at most this often).
@@ -93,18 +95,15 @@ def _clear_run_dir(run_dir: Path) -> None:
 
 def _train_and_write(run_dirs: list[Path], configs: list[Config], run_ids: list[str]) -> list[RunResult]:
     """Train ``configs`` as one batch and write their folders; raises if training raises."""
-    from sim import results
-    from sim.train import resolve_device, train_batch
-
     device = resolve_device(configs[0].device)
     for run_dir, cfg, run_id in zip(run_dirs, configs, run_ids, strict=True):
         _clear_run_dir(run_dir)
-        results.start_run(run_dir, cfg, device, extra={"sweep": {"run_id": run_id}})
+        runs.start_run(run_dir, cfg, device, extra={"sweep": {"run_id": run_id}})
     outputs = train_batch(configs, device=device)
     out = []
     for run_dir, output, run_id in zip(run_dirs, outputs, run_ids, strict=True):
         try:
-            results.finish_run(run_dir, output.tables(), output.status)
+            runs.finish_run(run_dir, output.tables(), output.status)
             out.append(RunResult(run_id, output.status["status"], output.status.get("error")))
         except Exception as e:  # e.g. disk full: this run failed, the others may still be written
             out.append(record_failure(run_dir, run_id, f"writing results: {describe_exception(e)}"))
@@ -113,10 +112,8 @@ def _train_and_write(run_dirs: list[Path], configs: list[Config], run_ids: list[
 
 def record_failure(run_dir: Path, run_id: str, error: str) -> RunResult:
     """Mark the run ``failed`` with ``error`` (best effort) and return its result."""
-    from sim import results
-
     try:
-        results.fail_run(run_dir, error)
+        runs.fail_run(run_dir, error)
     except OSError:
         pass  # the folder is unwritable: the run stays unfinished and is retried on resume
     return RunResult(run_id, "failed", error)
@@ -132,14 +129,12 @@ def run_task(task: Task) -> tuple[RunResult, ...]:
     """
     import torch
 
-    from sim import results
-
     torch.set_num_threads(task.configs[0].threads or 1)
     done: dict[str, RunResult] = {}
     todo: list[tuple[str, Path, Config]] = []
     for run_id, run_dir, cfg in zip(task.run_ids, task.run_dirs, task.configs, strict=True):
-        status = results.read_status(Path(run_dir))
-        if status.get("status") in results.FINISHED:
+        status = runs.read_status(Path(run_dir))
+        if status.get("status") in runs.FINISHED:
             done[run_id] = RunResult(run_id, status["status"], status.get("error"))
         else:
             todo.append((run_id, Path(run_dir), cfg))

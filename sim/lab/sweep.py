@@ -1,25 +1,13 @@
-"""Sweeps: a grid of runs expanded from one YAML file, packed into batches and trained by an executor.
+"""Sweeps: a grid's runs packed into batched tasks, trained by an executor into one folder, resumable.
 
-``reflab sweep GRID.yaml --out DIR`` (GRID may also name a preset in ``sim/presets``). The grid file::
-
-    base: {env: {id: bandit}, train: {updates: 300}}  # a mapping, or a config YAML path (relative to the grid)
-    axes: {kl.beta: [0.1, 0.5]}                       # product over dotted config keys
-    variants:                                         # coupled keys, zipped (not producted)
-      - {kl.placement: none}
-      - {kl.placement: reward, kl.estimator: k1}
-    seeds: 10                                         # a count (0..n-1) or a list of seeds
-    exclude: [{kl.placement: none, kl.beta: 0.5}]     # runs matching every key of an entry are dropped
-    batch_size: auto                                  # or the max runs per task
-
-Runs are ``axes`` product × ``variants`` × ``seeds`` − ``exclude``; each is validated by
-:func:`sim.config.from_dict` before anything is written, and its id is the first 12 hex digits of the
-SHA-256 of its resolved config JSON. ``DIR`` holds ``sweep.json`` (the grid as given and resolved),
-``index.parquet`` (one row per run: ``run_id``, ``status``, ``seed``, ``env.id``, ``kl.placement``,
-``kl.estimator``, ``kl.beta`` and every swept key) and ``runs/<run_id>/`` (the files of ``reflab run``).
+``reflab sweep GRID.yaml|PRESET --out DIR`` expands the grid (:mod:`sim.lab.grid`), then ``DIR`` holds
+``sweep.json`` (the grid as given and resolved), ``index.parquet`` (one row per run: ``run_id``, ``status``,
+``seed``, ``env.id``, ``kl.placement``, ``kl.estimator``, ``kl.beta`` and every swept key) and
+``runs/<run_id>/`` (the files of ``reflab run``).
 
 Runs that share a :func:`sim.config.batch_signature` are packed into tasks (one
-:func:`sim.train.train_batch` call each; size automatic and memory-aware, or ``batch_size``) and run by an
-executor from :mod:`sim.executors` (``--executor local|ray|slurm``); workers write the run folders.
+:func:`sim.lab.dispatch.train_batch` call each; size automatic and memory-aware, or ``batch_size``) and run by an
+executor from :mod:`sim.lab.executors` (``--executor local|ray|slurm``); workers write the run folders.
 
 Resume: the same command again trains only the runs whose ``status.json`` is not ``done``/``diverged``,
 each from scratch. An exclusive ``flock`` on ``DIR/.lock`` keeps two sweeps off one folder.
@@ -29,11 +17,8 @@ each from scratch. An exclusive ``flock`` on ``DIR/.lock`` keeps two sweeps off 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import fcntl
-import hashlib
-import itertools
 import json
 import math
 import os
@@ -46,22 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from sim import results
-from sim.config import (
-    Config,
-    ConfigError,
-    UsageError,
-    batch_signature,
-    deep_merge,
-    default_dict,
-    from_dict,
-    get_dotted,
-    set_dotted,
-    yaml_load,
-)
-from sim.executors import (
+import envs
+from sim.config import Config, UsageError, batch_signature
+from sim.lab import runs
+from sim.lab.executors import (
     EXECUTORS,
     Executor,
     ExecutorError,
@@ -71,338 +45,19 @@ from sim.executors import (
     make_executor,
     record_failure,
 )
+from sim.lab.grid import PlannedRun, SweepPlan, load_grid, parse_batch_size, plan_sweep
+from sim.lab.progress import progress, use_bar
 
-GRID_KEYS = ("base", "axes", "variants", "seeds", "exclude", "batch_size", "description")
-PRESET_DIR = Path(__file__).with_name("presets")
 SWEEP_FILE = "sweep.json"
 INDEX_FILE = "index.parquet"
 RUNS_DIR = "runs"
 LOCK_FILE = ".lock"
-#: Columns of index.parquet present in every sweep, after ``run_id``, ``status`` and ``seed``.
-ALWAYS_COLUMNS = ("env.id", "kl.placement", "kl.estimator", "kl.beta")
 #: Auto batch size: at most this many runs per task (keeps tasks short enough to resume and to show progress).
 AUTO_MAX_RUNS = 512
 #: Auto batch size: the tasks running at once may use this fraction of the available memory.
 MEMORY_FRACTION = 0.5
 #: Seconds between refreshes of index.parquet while runs finish (it is always written at the end).
 INDEX_REFRESH_S = 1.0
-
-
-# ------------------------------------------------------------------------------------------------------
-# Grid files and presets
-# ------------------------------------------------------------------------------------------------------
-
-
-def available_presets() -> dict[str, Path]:
-    """Grid presets shipped with the package: ``{name: path}`` of ``sim/presets/NAME.yaml`` grid files."""
-    out = {}
-    for path in sorted(PRESET_DIR.glob("*.yaml")):
-        try:
-            data = yaml_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        # The folder may also hold run configs for `reflab run`; a grid has only grid keys.
-        if isinstance(data, dict) and data and set(data) <= set(GRID_KEYS):
-            out[path.stem] = path
-    return out
-
-
-def find_grid(spec: str) -> Path:
-    """The grid file ``spec`` names: an existing path, else a preset name (one clear error otherwise)."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    presets = available_presets()
-    if spec in presets:
-        return presets[spec]
-    names = ", ".join(presets) or "none"
-    if "/" in spec or os.sep in spec or path.suffix in (".yaml", ".yml") or path.exists():
-        raise ConfigError(f"grid file {spec!r} does not exist (or is not a file); presets: {names}")
-    raise ConfigError(f"unknown preset {spec!r}; available presets: {names}")
-
-
-def load_grid(spec: str) -> tuple[dict, Path]:
-    """Read the grid ``spec`` (path or preset name): its mapping and its file's path."""
-    path = find_grid(spec)
-    try:
-        data = yaml_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"grid file {spec!r} is not valid YAML ({str(e).splitlines()[0]})") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"grid file {spec!r} cannot be read ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"grid file {spec!r} must hold a mapping with keys {', '.join(GRID_KEYS)}; "
-                          f"got {type(data).__name__}")
-    return data, path
-
-
-# ------------------------------------------------------------------------------------------------------
-# Expansion
-# ------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PlannedRun:
-    """One run of a sweep: its id, validated config, and its ``index.parquet`` cells.
-
-    ``columns`` maps ``seed``, :data:`ALWAYS_COLUMNS` and every swept key to the run's resolved value.
-    """
-
-    run_id: str
-    config: Config
-    columns: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepPlan:
-    """A grid expanded into runs (in grid order: axes product, then variants, then seeds)."""
-
-    label: str
-    grid: dict
-    base: dict
-    axes: dict[str, list]
-    variants: list[dict]
-    seeds: list[int]
-    exclude: list[dict]
-    batch_size: int | None
-    swept_keys: list[str]
-    runs: list[PlannedRun]
-
-    def manifest(self) -> dict:
-        """The content of ``sweep.json``: the grid as given and as resolved, and the run ids."""
-        return {
-            "format": 1,
-            "grid_source": self.label,
-            "grid": self.grid,
-            "resolved": {"base": self.base, "axes": self.axes, "variants": self.variants, "seeds": self.seeds,
-                         "exclude": self.exclude, "batch_size": self.batch_size or "auto"},
-            "swept_keys": self.swept_keys,
-            "n_runs": len(self.runs),
-            "run_ids": [r.run_id for r in self.runs],
-        }
-
-
-def run_id(cfg: Config) -> str:
-    """The run's id: the first 12 hex digits of the SHA-256 of its resolved config JSON."""
-    return hashlib.sha256(cfg.to_json().encode()).hexdigest()[:12]
-
-
-def _config_keys() -> tuple[set[str], dict[str, set[str]]]:
-    """Top-level config keys, and the keys of each section (``kl``, ``train``, ...)."""
-    cfg = Config()
-    top = {f.name for f in dataclasses.fields(Config)}
-    sections = {name: {f.name for f in dataclasses.fields(getattr(cfg, name))}
-                for name in top if dataclasses.is_dataclass(getattr(cfg, name))}
-    return top, sections
-
-
-def check_key(key: Any, where: str) -> None:
-    """Raise :class:`ConfigError` unless ``key`` is a dotted config key (``env.*`` is checked per run)."""
-    top, sections = _config_keys()
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"{where}: keys must be dotted config keys like kl.beta; got {key!r}")
-    parts = key.split(".")
-    if parts[0] not in top:
-        raise ConfigError(f"{where}: unknown config key {key!r}; valid top-level keys: {', '.join(sorted(top))}")
-    if parts[0] == "env":  # `env` (a whole env mapping) or `env.<param>`
-        if len(parts) > 2:
-            raise ConfigError(f"{where}: unknown config key {key!r}; env keys look like env.id, env.rewards")
-    elif parts[0] in sections:
-        if len(parts) != 2 or parts[1] not in sections[parts[0]]:
-            raise ConfigError(f"{where}: unknown config key {key!r}; valid keys of {parts[0]}: "
-                              f"{', '.join(sorted(sections[parts[0]]))}")
-    elif len(parts) != 1:
-        raise ConfigError(f"{where}: unknown config key {key!r}; {parts[0]} has no sub-keys")
-
-
-def _flatten(mapping: dict, where: str) -> dict[str, Any]:
-    """``{kl: {beta: 1}, train.lr: 2}`` → ``{kl.beta: 1, train.lr: 2}`` (one level), keys checked."""
-    _, sections = _config_keys()
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict) and (key == "env" or key in sections):
-            for sub, v in value.items():
-                out[f"{key}.{sub}"] = v
-        else:
-            out[key] = value
-    for key in out:
-        check_key(key, where)
-    return out
-
-
-def apply_assignments(base: dict, assignments: dict[str, Any]) -> dict:
-    """A copy of the config dict ``base`` with dotted ``assignments`` set, ``env.id`` first.
-
-    As in :func:`sim.config.resolve`, a new ``env.id`` starts from that env's defaults.
-    """
-    data = copy.deepcopy(base)
-    for key, value in sorted(assignments.items(), key=lambda kv: kv[0] != "env.id"):
-        if key == "env.id":
-            env = data.get("env") if isinstance(data.get("env"), dict) else {}
-            if env.get("id") not in (None, value):
-                env = {}
-            data["env"] = {**env, "id": value}
-        else:
-            set_dotted(data, key, copy.deepcopy(value))
-    return data
-
-
-def _lookup(d: dict, key: str) -> tuple[bool, Any]:
-    try:
-        return True, get_dotted(d, key)
-    except (KeyError, TypeError):
-        return False, None
-
-
-def _matches(d: dict, entry: dict[str, Any]) -> bool:
-    for key, want in entry.items():
-        found, value = _lookup(d, key)
-        if not found or value != want:
-            return False
-    return True
-
-
-def _fmt_assign(assign: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={json.dumps(v)}" for k, v in assign.items())
-
-
-def _parse_seeds(value: Any, default_seed: int, label: str) -> list[int]:
-    bad = f"{label}: seeds must be a positive count or a non-empty list of distinct integers >= 0; got {value!r}"
-    if value is None:
-        return [default_seed]
-    if isinstance(value, bool):
-        raise ConfigError(bad)
-    if isinstance(value, int):
-        if value < 1:
-            raise ConfigError(bad)
-        return list(range(value))
-    if isinstance(value, list) and value:
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value) or len(set(value)) != len(value):
-            raise ConfigError(bad)
-        return list(value)
-    raise ConfigError(bad)
-
-
-def _parse_batch_size(value: Any, where: str) -> int | None:
-    if value is None or value == "auto":
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where} must be auto or a positive integer; got {value!r}")
-    return value
-
-
-def _load_base(value: Any, label: str, grid_dir: Path) -> dict:
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        from sim.config import load_yaml
-
-        path = Path(value) if Path(value).is_absolute() else grid_dir / value
-        try:
-            return load_yaml(path)
-        except ConfigError as e:
-            raise ConfigError(f"{label}: base: {e}") from e
-    if isinstance(value, dict):
-        return value
-    raise ConfigError(f"{label}: base must be a mapping of config keys or a config YAML path; got {value!r}")
-
-
-def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
-    """Expand and validate ``grid`` (the parsed grid file) into a :class:`SweepPlan`.
-
-    ``label`` names the grid in errors; ``grid_dir`` resolves a relative ``base`` path. Raises
-    :class:`ConfigError` (one line naming the key) on any malformed part or invalid run.
-    """
-    unknown = [k for k in grid if k not in GRID_KEYS]
-    if unknown:
-        raise ConfigError(f"{label}: unknown grid key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
-    base_raw = _load_base(grid.get("base"), label, grid_dir)
-    try:
-        base_cfg = from_dict(base_raw)
-    except ConfigError as e:
-        raise ConfigError(f"{label}: base: {e}") from e
-
-    axes_raw = grid.get("axes") or {}
-    if not isinstance(axes_raw, dict):
-        raise ConfigError(f"{label}: axes must be a mapping of dotted config keys to lists of values")
-    axes: dict[str, list] = {}
-    for key, values in axes_raw.items():
-        check_key(key, f"{label}: axes")
-        if not isinstance(values, list):
-            raise ConfigError(f"{label}: axes.{key} must be a list of values; got {values!r}")
-        if not values:
-            raise ConfigError(f"{label}: axes.{key} is empty; give at least one value")
-        axes[key] = values
-
-    variants_raw = grid.get("variants")
-    variants: list[dict] = []
-    if variants_raw is not None:
-        if not isinstance(variants_raw, list) or not variants_raw:
-            raise ConfigError(f"{label}: variants must be a non-empty list of mappings of config keys")
-        for i, v in enumerate(variants_raw):
-            if not isinstance(v, dict) or not v:
-                raise ConfigError(f"{label}: variants[{i}] must be a non-empty mapping of config keys; got {v!r}")
-            variants.append(_flatten(v, f"{label}: variants[{i}]"))
-
-    exclude_raw = grid.get("exclude")
-    exclude: list[dict] = []
-    if exclude_raw is not None:
-        if not isinstance(exclude_raw, list):
-            raise ConfigError(f"{label}: exclude must be a list of mappings of config keys")
-        for i, e in enumerate(exclude_raw):
-            if not isinstance(e, dict) or not e:
-                raise ConfigError(f"{label}: exclude[{i}] must be a non-empty mapping of config keys; got {e!r}")
-            exclude.append(_flatten(e, f"{label}: exclude[{i}]"))
-
-    seeds = _parse_seeds(grid.get("seeds"), base_cfg.seed, label)
-    batch_size = _parse_batch_size(grid.get("batch_size"), f"{label}: batch_size")
-
-    variant_keys = list(dict.fromkeys(k for v in variants for k in v))
-    for key in ("seed", *variant_keys):
-        if key == "seed" and (key in axes or key in variant_keys):
-            raise ConfigError(f"{label}: set seeds with the top-level seeds key, not as an axis or variant key")
-        if key in axes:
-            raise ConfigError(f"{label}: key {key!r} is both an axis and a variant key; use one of them")
-    swept_keys = list(axes) + [k for k in variant_keys if k not in axes]
-
-    runs: list[PlannedRun] = []
-    seen: dict[str, dict] = {}
-    excluded_by = [0] * len(exclude)
-    for combo in itertools.product(*axes.values()):
-        for variant in variants or [{}]:
-            for seed in seeds:
-                assign = {**dict(zip(axes, combo, strict=True)), **variant, "seed": seed}
-                data = apply_assignments(base_raw, assign)
-                try:
-                    cfg = from_dict(data)
-                except (ValueError, TypeError) as e:
-                    # An excluded invalid combination is simply dropped: exclude is how a grid skips them.
-                    merged = deep_merge(default_dict(), data)
-                    hit = [i for i, entry in enumerate(exclude) if _matches(merged, entry)]
-                    if hit:
-                        excluded_by[hit[0]] += 1
-                        continue
-                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    raise ConfigError(f"{label}: run {_fmt_assign(assign)}: {msg}") from e
-                resolved = cfg.to_dict()
-                hit = [i for i, entry in enumerate(exclude) if _matches(resolved, entry)]
-                if hit:
-                    excluded_by[hit[0]] += 1
-                    continue
-                rid = run_id(cfg)
-                if rid in seen:
-                    raise ConfigError(f"{label}: runs {_fmt_assign(seen[rid])} and {_fmt_assign(assign)} resolve "
-                                      f"to the same config (run id {rid}); remove the duplicate")
-                seen[rid] = assign
-                columns = {k: _lookup(resolved, k)[1] for k in ("seed", *ALWAYS_COLUMNS, *swept_keys)}
-                runs.append(PlannedRun(rid, cfg, columns))
-    for i, n in enumerate(excluded_by):
-        if n == 0:
-            print(f"reflab: warning: {label}: exclude[{i}] {_fmt_assign(exclude[i])} matched no run", file=sys.stderr)
-    if not runs:
-        raise ConfigError(f"{label}: the grid expands to no runs (everything is excluded)")
-    return SweepPlan(label=label, grid=grid, base=base_cfg.to_dict(), axes=axes, variants=variants, seeds=seeds,
-                     exclude=exclude, batch_size=batch_size, swept_keys=swept_keys, runs=runs)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -417,17 +72,8 @@ def estimate_run_bytes(cfg: Config) -> int:
     actions), MLP activations and the logs kept until the run is written; calibrated on the gridworld
     (tabular: ~5 MB per run at batch 256 × horizon 30).
     """
-    from sim.train import build_env
-
     tr, log = cfg.train, cfg.log
-    params = build_env(cfg)
-    if cfg.env["id"] == "gaussian_bandit":
-        n_states, n_actions, horizon, n_outcomes = 1, 2 * params.dim, 1, 1
-    elif cfg.env["id"] == "diffusion_chain":  # per step: x_t, x_{t-1} and three means of d floats
-        n_states, n_actions, horizon, n_outcomes = params.steps, 8 * params.dim, params.steps, 1
-    else:
-        mdp = params.build()
-        n_states, n_actions, horizon, n_outcomes = mdp.n_states, mdp.n_actions, mdp.horizon, mdp.n_outcomes
+    n_states, n_actions, horizon, n_outcomes = envs.from_config(cfg.env).size_hint()
     steps = tr.batch * horizon
     table = n_states * n_actions
     floats = 96 * steps + 64 * table
@@ -479,7 +125,7 @@ def _split_even(items: list, max_size: int) -> list[list]:
     return out
 
 
-def pack_tasks(runs: Sequence[PlannedRun], sweep_dir: Path, workers: int, batch_size: int | None = None,
+def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, batch_size: int | None = None,
                task_budget: int | None = None) -> list[Task]:
     """Group ``runs`` by batch signature and cut each group into tasks.
 
@@ -487,13 +133,13 @@ def pack_tasks(runs: Sequence[PlannedRun], sweep_dir: Path, workers: int, batch_
     task (default: :data:`MEMORY_FRACTION` of the available memory shared by ``workers``).
     """
     groups: dict[str, list[PlannedRun]] = {}
-    for run in runs:
+    for run in planned:
         groups.setdefault(batch_signature(run.config), []).append(run)
     if task_budget is None:
         task_budget = int(available_memory() * MEMORY_FRACTION / max(1, workers))
     tasks: list[Task] = []
     for group in groups.values():
-        size = batch_size or auto_batch_size(len(runs), workers, estimate_run_bytes(group[0].config), task_budget)
+        size = batch_size or auto_batch_size(len(planned), workers, estimate_run_bytes(group[0].config), task_budget)
         if group[0].config.train.backend == "sb3":
             size = 1  # SB3 trains one run at a time: one task each, so workers run them in parallel
         for chunk in _split_even(group, size):
@@ -571,12 +217,12 @@ def index_frame(plan: SweepPlan, statuses: dict[str, str]) -> pd.DataFrame:
 
 def write_index(sweep_dir: Path, plan: SweepPlan, statuses: dict[str, str]) -> None:
     """Write ``index.parquet`` atomically."""
-    results.atomic_write_parquet(sweep_dir / INDEX_FILE, index_frame(plan, statuses))
+    runs.atomic_write_parquet(sweep_dir / INDEX_FILE, index_frame(plan, statuses))
 
 
 def disk_status(run_dir: Path) -> str:
     """done | diverged | failed | running | pending, from the run's ``status.json``."""
-    status = results.read_status(run_dir).get("status", "pending")
+    status = runs.read_status(run_dir).get("status", "pending")
     return status if status in ("done", "diverged", "failed", "running") else "pending"
 
 
@@ -640,7 +286,6 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, progress_mode: str
     ``"auto"`` (memory-aware), or ``None`` for the grid's ``batch_size``. A task that fails as a whole marks
     its unfinished runs ``failed`` and the sweep goes on.
     """
-    from sim.progress import progress, use_bar
 
     out = out.resolve()  # workers elsewhere (Ray, Slurm) need absolute run folders
     _check_sweep_dir(out, plan)
@@ -652,13 +297,13 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, progress_mode: str
     with sweep_lock(out):
         _check_sweep_dir(out, plan)  # again under the lock: another sweep may have started meanwhile
         _remove_stale_temp_files(out)
-        results.atomic_write_json(out / SWEEP_FILE, plan.manifest())
+        runs.atomic_write_json(out / SWEEP_FILE, plan.manifest())
         runs_dir = out / RUNS_DIR
         runs_dir.mkdir(exist_ok=True)
         statuses: dict[str, str] = {}
         for run in plan.runs:
             s = disk_status(runs_dir / run.run_id)
-            statuses[run.run_id] = s if s in results.FINISHED else "pending"
+            statuses[run.run_id] = s if s in runs.FINISHED else "pending"
         write_index(out, plan, statuses)
         todo = [r for r in plan.runs if statuses[r.run_id] == "pending"]
         errors: dict[str, str] = {}
@@ -715,8 +360,8 @@ def _outcome_results(outcome: TaskOutcome) -> tuple[RunResult, ...]:
         return outcome.results
     task, res = outcome.task, []
     for rid, run_dir in zip(task.run_ids, task.run_dirs, strict=True):
-        status = results.read_status(Path(run_dir))
-        if status.get("status") in results.FINISHED:
+        status = runs.read_status(Path(run_dir))
+        if status.get("status") in runs.FINISHED:
             res.append(RunResult(rid, status["status"]))
             continue
         res.append(record_failure(Path(run_dir), rid, f"task failed: {outcome.error}"))
@@ -752,13 +397,13 @@ def status_report(path: Path, max_errors: int = 10) -> str:
             lines.append(f"no sweep is running on it{note}; run the same `reflab sweep` command to resume")
         failed = [rid for rid, s in statuses.items() if s == "failed"]
         for rid in failed[:max_errors]:
-            err = results.read_status(path / RUNS_DIR / rid).get("error", "")
+            err = runs.read_status(path / RUNS_DIR / rid).get("error", "")
             lines.append(f"failed {rid}: {err}")
         if len(failed) > max_errors:
             lines.append(f"... and {len(failed) - max_errors} more failed runs")
         return "\n".join(lines)
-    if (path / results.STATUS_FILE).is_file() or (path / results.CONFIG_FILE).is_file():
-        st = results.read_status(path)
+    if (path / runs.STATUS_FILE).is_file() or (path / runs.CONFIG_FILE).is_file():
+        st = runs.read_status(path)
         parts = [f"run {path}: {st.get('status', 'pending')}"]
         if "update" in st:
             parts.append(f"update {st['update']}")
@@ -768,7 +413,7 @@ def status_report(path: Path, max_errors: int = 10) -> str:
             parts.append(str(st["error"]))
         return " | ".join(parts)
     raise UsageError(f"{str(path)!r} is neither a sweep folder ({SWEEP_FILE}) nor a run folder "
-                     f"({results.STATUS_FILE})")
+                     f"({runs.STATUS_FILE})")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -785,15 +430,13 @@ def _dry_run_table(plan: SweepPlan, out: Path | None) -> str:
     return pd.DataFrame(cols).to_string(index=False)
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """``reflab sweep``: expand, validate, then (unless ``--dry-run``) train into ``--out``."""
-    from sim.cli import check_writable_dir
-
     grid, path = load_grid(args.grid)
     plan = plan_sweep(grid, args.grid, path.parent)
     batch_size = None
     if args.batch_size is not None:
-        batch_size = _parse_batch_size(_int_or_auto(args.batch_size), "--batch-size") or "auto"
+        batch_size = parse_batch_size(_int_or_auto(args.batch_size), "--batch-size") or "auto"
     out = Path(args.out) if args.out else None
     if args.dry_run:
         print(_dry_run_table(plan, out))
@@ -802,7 +445,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     if out is None:
         raise UsageError("sweep needs --out DIR (or --dry-run)")
-    check_writable_dir(out)
+    runs.check_writable_dir(out)
     _check_sweep_dir(out, plan)
     try:
         executor = make_executor(args.executor, args.workers, out.resolve(), address=args.address,
@@ -838,20 +481,18 @@ def _int_or_auto(value: str | None) -> int | str | None:
         return value
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def status_main(args: argparse.Namespace) -> int:
     """``reflab status DIR``: counts of a sweep's runs by status, or one run folder's status."""
     print(status_report(Path(args.dir)))
     return 0
 
 
-def register_cli(subparsers: Any) -> None:
-    """Add the ``sweep`` and ``status`` sub-commands to ``reflab``'s parser."""
-    p = subparsers.add_parser(
-        "sweep", help="train a grid of runs (a grid YAML or a preset name) into one folder",
-        description="Expand a grid (axes product x variants x seeds - exclude), pack runs that share a batch "
-                    "signature into batched tasks and train them with an executor. Rerun the same command to "
-                    "resume: finished runs are skipped, failed and unfinished ones trained again.")
-    p.add_argument("grid", help="grid YAML file, or the name of a preset in sim/presets (e.g. example_grid)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``reflab sweep``."""
+    p.description = ("Expand a grid (axes product x variants x seeds - exclude), pack runs that share a batch "
+                     "signature into batched tasks and train them with an executor. Rerun the same command to "
+                     "resume: finished runs are skipped, failed and unfinished ones trained again.")
+    p.add_argument("grid", help="grid YAML file, or the name of a preset in sim/lab/presets (e.g. example_grid)")
     p.add_argument("--out", metavar="DIR", help="sweep folder (required unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded runs and their count; write nothing")
     p.add_argument("--executor", choices=EXECUTORS, default="local",
@@ -875,8 +516,8 @@ def register_cli(subparsers: Any) -> None:
                    help="memory per task in GB (also bounds the automatic batch size)")
     g.add_argument("--slurm-local", action="store_true",
                    help="run the jobs on this machine with submitit's LocalExecutor (also REFLAB_SLURM_LOCAL=1)")
-    p.set_defaults(func=cmd_sweep)
 
-    s = subparsers.add_parser("status", help="count a sweep's runs by status, or show a run folder's status")
-    s.add_argument("dir", help="a sweep folder (from reflab sweep) or a run folder (from reflab run)")
-    s.set_defaults(func=cmd_status)
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``reflab status``."""
+    p.add_argument("dir", help="a sweep folder (from reflab sweep) or a run folder (from reflab run)")

@@ -12,7 +12,7 @@ An episode is the T denoising steps; the only task reward is ``r(x_0)`` at the l
 are the usual ones on the Gaussian log-densities of the sampled steps (k1 = δ, k2 = ½δ², k3 = e^{−δ} − 1 + δ,
 δ = log π_θ(x_{t−1}|x_t) − log π_ref(x_{t−1}|x_t)); ``full`` is the closed-form per-step KL
 ``‖μ_θ − μ_ref‖²/(2σ_t²)`` (seed eq. 39, gradient through μ_θ). Placements, PPO epochs, the β controller,
-reference schedules and phases are the engine's (:mod:`sim.train`): KL in the reward is a per-step penalty
+reference schedules and phases are the engine's (:mod:`sim.engine.loop`): KL in the reward is a per-step penalty
 in the return-to-go (γ = ``train.gamma``, λ = 1), so a step's penalty reaches the earlier steps; the
 baseline is the batch mean of the return-to-go per run and step (``train.baseline`` ``auto``/``mean``) or
 none.
@@ -46,19 +46,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+import envs
 from envs.diffusion_chain import DiffusionChainCore, density_grid, tilt_weights
-from sim import rng
-from sim.config import Config
-from sim.kl import all_estimates
-from sim.ppo import clipped_surrogate, gae, masked_mean, normalize_per_run
-from sim.train import (
-    BatchTrainer,
-    _diagnostics,
-    build_env,
-    kl_loss_term,
-    kl_reward_penalty,
-    snapshot,
-)
+from sim.config import Config, ConfigError
+from sim.engine import rng
+from sim.engine.kl import all_estimates
+from sim.engine.loop import BatchTrainer
+from sim.engine.outputs import snapshot
+from sim.engine.placement import kl_loss_term, kl_reward_penalty
+from sim.engine.ppo import clipped_surrogate, gae, masked_mean, normalize_per_run, ppo_diagnostics
 
 EVAL_STREAM = 0x7E57
 TILT_SAMPLES = 20_000
@@ -106,14 +102,26 @@ class StepCorrection:
 class DiffusionTrainer(BatchTrainer):
     """The batched trainer for ``env.id = diffusion_chain`` (see the module docstring)."""
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Sampled mode, a correction started at 0 (π_θ = π_ref), no learned value, no entropy bonus."""
+        t, env = cfg.train, cfg.env["id"]
+        if t.mode != "sampled":
+            raise ConfigError(f"train.mode=exact needs a discrete env; got env.id={env!r}")
+        if t.baseline == "value":
+            raise ConfigError(f"train.baseline must be auto, mean or none for env.id={env!r}; got 'value'")
+        if t.ent_coef != 0:
+            raise ConfigError(f"train.ent_coef must be 0 for env.id={env!r} (the step std is fixed, so the "
+                              f"entropy is constant); got {t.ent_coef!r}")
+        if t.init != "reference":
+            raise ConfigError(f"train.init must be reference for env.id={env!r}; got {t.init!r}")
+
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
         cfg = self.cfg
-        self.env_params = build_env(cfg)
+        self.env_params = envs.from_config(cfg.env)
         self.core: DiffusionChainCore = self.env_params.core(device)
         self.d, self.T = self.env_params.dim, self.env_params.steps
-        if cfg.train.init != "reference":
-            raise ValueError("train.init must be 'reference' for env.id='diffusion_chain'")
         self.policy = StepCorrection(cfg.train.policy, self.d, self.T, cfg.train.hidden)
         self.params = self.policy.init_params(self.R, self.rt.keys, self.dtype, device)
         self.ref_params = {k: v.clone() for k, v in self.params.items()}
@@ -122,8 +130,6 @@ class DiffusionTrainer(BatchTrainer):
             self.params[k].requires_grad_(True)
         self._make_optimizer()
         self.baseline = "mean" if cfg.train.baseline == "auto" else cfg.train.baseline
-        if self.baseline not in ("mean", "none"):
-            raise ValueError("train.baseline must be auto, mean or none for env.id='diffusion_chain'")
         # σ_t and σ_t² per step index i = T − t, in the training dtype
         self.var = torch.stack([self.core.step_var[self.T - i] for i in range(self.T)]).to(device, self.dtype)
         self._init_tilt()
@@ -251,7 +257,7 @@ class DiffusionTrainer(BatchTrainer):
         pg, clipped = clipped_surrogate(lp, mb["logp"], mb["adv"], tr.clip)
         ref_lp = self.clamp(lp, mb["ref_logp"], valid)
         kl_term = kl_loss_term(lp, mb["logp"], ref_lp, lambda: self.core.step_kl(mu, mb["mu_ref"], t), rt)
-        diag = _diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}
+        diag = ppo_diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}
         return masked_mean(pg + kl_term, valid), diag
 
     # -- evaluation metrics ---------------------------------------------------------------------------------------

@@ -20,14 +20,14 @@ Optima (what ``tv_opt`` and ``opt_prob`` measure against, per run):
 - IPO: ``π ∝ π_ref·e^{g/β}`` with ``g(y) = E_{y'~μ} σ((r(y) − r(y'))/τ)`` (μ = the sampler); computed for
   one-state envs only (for sequences ``g`` is not a sum over steps), NaN elsewhere.
 
-Everything else is :class:`sim.train.DiscreteTrainer`'s: the policy and reference tables, the optimizer
+Everything else is :class:`sim.algos.discrete.DiscreteTrainer`'s: the policy and reference tables, the optimizer
 (``train.optimizer``, ``train.lr``), divergence detection, ``exact_metrics`` (kl_true, entropy, tv_opt …),
 the policy snapshots and the output tables; the dataset is returned as ``extra["preferences"]`` and written
 as ``preferences.parquet``. Metrics add ``pref_loss`` (the loss on all pairs after the update), ``pref_acc``
 (fraction of pairs whose margin ranks the preferred episode first; identical episodes count ½) and
 ``pref_margin`` (mean β·Δ); ``reward`` is NaN (no episodes are sampled while training) and
-``trajectories.parquet`` is empty. Every random number comes from the run's counter-based stream (:mod:`sim.rng`),
-so a run gives the same result alone or in a batch.
+``trajectories.parquet`` is empty. Every random number comes from the run's counter-based stream
+(:mod:`sim.engine.rng`), so a run gives the same result alone or in a batch.
 """
 
 from __future__ import annotations
@@ -40,15 +40,47 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+import envs
 from envs import tabular
-from sim import rng
-from sim.config import Config
-from sim.train import DiscreteTrainer, _take, snapshot
+from sim.algos.discrete import DiscreteTrainer
+from sim.config import Config, ConfigError, check_positive
+from sim.engine import rng
+from sim.engine.loop import take_samples
+from sim.engine.outputs import snapshot
 
 #: Columns of ``preferences.parquet`` (one row per pair × side × step of the episode).
 PREFERENCE_COLUMNS = ("pair", "chosen", "t", "state", "action", "reward", "return", "bt_prob")
 _DATA_STREAM = 0xD0D0  # purpose tags of the run's random streams (distinct from the PPO engine's)
 _SHUFFLE_STREAM = 0xD5F1
+
+
+def _check_dpo(cfg: Config) -> None:
+    d = cfg.dpo
+    for key in ("beta", "pairs", "bt_temperature", "batch_size", "epochs"):
+        check_positive(f"dpo.{key}", getattr(d, key))
+    if (d.beta if d.beta is not None else cfg.kl.beta) <= 0:
+        raise ConfigError(f"train.algo=dpo needs a positive β (dpo.beta or kl.beta); got {cfg.kl.beta!r}")
+    mdp = envs.from_config(cfg.env).build()
+    if isinstance(d.sampler, str):
+        if d.sampler not in ("reference", "uniform"):
+            raise ConfigError(f"dpo.sampler must be reference, uniform or a list of probabilities; got {d.sampler!r}")
+    elif not (isinstance(d.sampler, list | tuple) and d.sampler
+              and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in d.sampler)
+              and abs(sum(d.sampler) - 1.0) <= 1e-6):
+        raise ConfigError(f"dpo.sampler must be reference, uniform or a list of probabilities summing to 1; "
+                          f"got {d.sampler!r}")
+    elif mdp.n_states != 1 or len(d.sampler) != mdp.n_actions:
+        raise ConfigError(f"dpo.sampler as a list of probabilities needs a one-state env with {mdp.n_actions} "
+                          f"actions (a bandit); got {list(d.sampler)} with env.id={cfg.env['id']!r}")
+    if mdp.n_outcomes > 1:
+        raise ConfigError(f"train.algo=dpo needs deterministic dynamics (its optimum is the soft-VI policy only "
+                          f"then); env.id={cfg.env['id']!r} has random transitions with these env keys")
+    if cfg.train.mode != "sampled":
+        raise ConfigError("train.mode must be sampled with train.algo=dpo (the dataset is the sample)")
+    if cfg.train.phases is not None:
+        raise ConfigError("train.phases is not supported with train.algo=dpo (the preference data are fixed)")
+    if cfg.kl.controller != "fixed":
+        raise ConfigError("kl.controller must be fixed with train.algo=dpo")
 
 
 def sampler_logp(cfg: Config, mdp: tabular.TabularMDP) -> Tensor:
@@ -60,9 +92,7 @@ def sampler_logp(cfg: Config, mdp: tabular.TabularMDP) -> Tensor:
     if sampler == "uniform":
         return torch.full((S, A), -math.log(A), dtype=torch.float64, device=mdp.ref_logp.device)
     probs = torch.tensor(sampler, dtype=torch.float64, device=mdp.ref_logp.device)
-    if S != 1 or probs.shape != (A,):
-        raise ValueError(f"dpo.sampler as a list needs a one-state env with {A} actions; got {list(sampler)}")
-    return probs.log().view(1, A)
+    return probs.log().view(1, A)  # a one-state env with A actions (checked by DPOTrainer.check_config)
 
 
 def sample_preferences(core: tabular.TabularCore, sampler: Tensor, keys: Tensor, n_pairs: int,
@@ -72,7 +102,7 @@ def sample_preferences(core: tabular.TabularCore, sampler: Tensor, keys: Tensor,
     Args:
         core: the env's batched sampler (deterministic dynamics).
         sampler: ``[S, A]`` log-probabilities of the sampling policy (shared by the runs).
-        keys: ``[R]`` the runs' data keys (:func:`sim.rng.run_keys`).
+        keys: ``[R]`` the runs' data keys (:func:`sim.engine.rng.run_keys`).
         n_pairs: pairs per run ``N``. temperature: BT temperature τ > 0.
     Returns:
         ``state, action`` ``[R, N, 2, H]`` int64, ``valid`` ``[R, N, 2, H]`` bool, ``reward`` ``[R, N, 2, H]``
@@ -139,17 +169,22 @@ def ipo_optimum(mdp: tabular.TabularMDP, ref_logp: Tensor, sampler: Tensor, beta
 
 
 class DPOTrainer(DiscreteTrainer):
-    """DPO / IPO on a preference dataset per run; the rest (metrics, logs, outputs) is the PPO engine's.
+    """DPO / IPO on a preference dataset per run; the rest (metrics, logs, outputs) is the discrete base's.
     It trains the policy only (no value function).
 
     One *update* is ``dpo.epochs`` passes over the run's ``dpo.pairs`` pairs in minibatches of
     ``dpo.batch_size`` (each run shuffles with its own stream); ``train.updates`` updates in all.
     """
 
-    trains_value_fn = False
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Ranges of the ``dpo`` keys and the combinations DPO does not support (one line each)."""
+        super().check_config(cfg)
+        _check_dpo(cfg)
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
+        self._make_optimizer()
         betas = [c.dpo.beta if c.dpo.beta is not None else c.kl.beta for c in configs]
         self.rt.beta = torch.tensor(betas, dtype=torch.float64, device=device)
         self.is_ipo = torch.tensor([c.dpo.loss == "ipo" for c in configs], dtype=torch.bool, device=device)
@@ -157,8 +192,6 @@ class DPOTrainer(DiscreteTrainer):
         # The labels' implied reward is r/τ: the engine's soft-VI optimum of this MDP is then π_ref·e^{r/(τβ)},
         # the optimum DPO targets (exact_metrics' tv_opt and opt_prob use it). DPO has no reward phases.
         self._scaled_mdp = replace(self.mdp, reward=self.mdp.reward / self.tau)
-        if self.core.needs_uniform:
-            raise ValueError("train.algo=dpo needs deterministic dynamics")
         self.sampler = sampler_logp(self.cfg, self.mdp)
         data_seeds = [c.dpo.data_seed if c.dpo.data_seed is not None else c.seed for c in configs]
         self.data = sample_preferences(self.core, self.sampler, rng.run_keys(data_seeds, device),
@@ -172,7 +205,7 @@ class DPOTrainer(DiscreteTrainer):
         lr_table = self.policy.table(self.params) - self._ref_table()  # [R, S, A]
         sa, valid = self._sa, self.data["valid"]
         if idx is not None:
-            sa, valid = _take(sa, idx), _take(valid, idx)
+            sa, valid = take_samples(sa, idx), take_samples(valid, idx)
         R, S, A = lr_table.shape
         steps = lr_table.reshape(R, S * A).gather(1, sa.reshape(R, -1)).view(sa.shape)
         h = torch.where(valid, steps, torch.zeros((), dtype=steps.dtype, device=steps.device)).sum(-1)  # [R, n, 2]

@@ -49,6 +49,28 @@ def clipped_surrogate(logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float) 
     return loss, (ratio - 1.0).abs() > clip
 
 
+def ppo_diagnostics(pg: Tensor, kl_term: Tensor, clipped: Tensor, log_ratio_old: Tensor, valid: Tensor
+                 ) -> dict[str, Tensor]:
+    """Per-run means of PPO diagnostics over valid samples (one fused reduction)."""
+    stacked = torch.stack([pg, kl_term, clipped.to(pg.dtype), log_ratio_old], dim=-1).detach()
+    m = masked_mean_last(stacked, valid)
+    return {"pg_loss": m[:, 0], "kl_loss": m[:, 1], "clip_frac": m[:, 2], "approx_kl": m[:, 3]}
+
+
+def masked_mean_last(x: Tensor, valid: Tensor) -> Tensor:
+    """Per-run mean ``[R, C]`` of ``x [R, n, C]`` over samples where ``valid [R, n]``."""
+    w = valid.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+def resolve_baseline(baseline: str, horizon: int) -> str:
+    """The baseline ``train.baseline`` means for an env of ``horizon`` steps: ``auto`` is the batch mean of
+    one-step envs and a learned value otherwise."""
+    if baseline == "auto":
+        return "mean" if horizon == 1 else "value"
+    return baseline
+
+
 def normalize_per_run(adv: Tensor, valid: Tensor) -> Tensor:
     """Advantages standardized per run over valid entries."""
     mean = masked_mean(adv, valid)

@@ -2,7 +2,7 @@
 
 The policy is ``N(mean, σ²I)`` per run (``mean [R, d]``, ``log_std [R, 1]``); ``full`` is the closed-form
 Gaussian KL (seed eq. 38), sampled k1/k2/k3 use the Gaussian log-densities. Everything else — placements,
-PPO epochs, reference schedules, the β controller, logging — is shared with the discrete trainer.
+PPO epochs, reference schedules, the β controller, logging — is the engine's (:mod:`sim.engine`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+import envs
 from envs.gaussian_bandit import expected_reward, gaussian_kl, gibbs_optimum
-from sim import rng
-from sim.config import Config
-from sim.kl import all_estimates
-from sim.ppo import clipped_surrogate, masked_mean, normalize_per_run
-from sim.train import BatchTrainer, _diagnostics, build_env, kl_loss_term, kl_reward_penalty, snapshot
+from sim.config import Config, ConfigError
+from sim.engine import rng
+from sim.engine.kl import all_estimates
+from sim.engine.loop import BatchTrainer
+from sim.engine.outputs import snapshot
+from sim.engine.placement import kl_loss_term, kl_reward_penalty
+from sim.engine.ppo import clipped_surrogate, masked_mean, normalize_per_run, ppo_diagnostics
 
 
 class GaussianPolicy:
@@ -54,17 +57,25 @@ class GaussianPolicy:
 class GaussianTrainer(BatchTrainer):
     """The batched trainer for ``env.id = gaussian_bandit`` (one step, batch-mean baseline)."""
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Sampled mode, a state-free Gaussian policy started at the reference."""
+        env = cfg.env["id"]
+        if cfg.train.mode != "sampled":
+            raise ConfigError(f"train.mode=exact needs a discrete env; got env.id={env!r}")
+        if cfg.train.policy != "tabular":
+            raise ConfigError(f"train.policy must be tabular for env.id={env!r} (a state-free Gaussian)")
+        if cfg.train.init != "reference":
+            raise ConfigError(f"train.init must be reference for env.id={env!r}; got {cfg.train.init!r}")
+
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
-        self.env_params = build_env(self.cfg)
+        self.env_params = envs.from_config(self.cfg.env)
         self.core = self.env_params.core(device)
         d = self.env_params.dim
         self.policy = GaussianPolicy(d)
         mean_ref = self.env_params.ref_mean_vector().to(device, self.dtype).expand(self.R, d).contiguous()
         log_std_ref = torch.full((self.R, 1), math.log(self.env_params.ref_std), dtype=self.dtype, device=device)
-        init = self.cfg.train.init
-        if init != "reference":
-            raise ValueError("train.init must be 'reference' for env.id='gaussian_bandit'")
         self.ref_params = {"mean": mean_ref.clone(), "log_std": log_std_ref.clone()}
         self.params = {"mean": mean_ref.clone(), "log_std": log_std_ref.clone()}
         self.trainable = ["mean"] if self.env_params.fixed_std else ["mean", "log_std"]  # fixed: seed eq. 39
@@ -119,7 +130,7 @@ class GaussianTrainer(BatchTrainer):
         per_sample = pg + kl_term
         if tr.ent_coef > 0:
             per_sample = per_sample - tr.ent_coef * self.policy.entropy(self.params).unsqueeze(1)
-        diag = _diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}
+        diag = ppo_diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}
         return masked_mean(per_sample, valid), diag
 
     def exact_metrics(self) -> dict[str, Tensor]:

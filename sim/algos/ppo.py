@@ -1,0 +1,382 @@
+"""PPO on the discrete envs (bandit, gridworld, token tree) with tabular or MLP policies.
+
+One sampled update, in the order of this file: :meth:`PPOTrainer.sampled_update` samples ``train.batch``
+episodes per run (:meth:`~PPOTrainer._collect`), finds the (run, state) rows they visited
+(:func:`~sim.engine.rows.visited_rows`), puts the KL in the reward and computes returns and advantages
+(:meth:`~PPOTrainer._shape_and_advantage`), sums the samples per (state, action) (:meth:`~PPOTrainer._group`),
+then runs ``train.epochs`` passes of the clipped loss with the KL in the loss on those sums
+(:meth:`~PPOTrainer._ppo_loss_and_grads`, gradients derived by hand for tabular policies;
+:meth:`~PPOTrainer._ppo_loss` through autograd for MLPs). ``train.mode: exact`` replaces the update by the
+expected gradient of the same placement × estimator (:meth:`~PPOTrainer.exact_update`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from envs import tabular
+from sim.algos.discrete import DiscreteTrainer
+from sim.config import Config
+from sim.engine import rng
+from sim.engine.exact import exact_loss
+from sim.engine.kl import all_estimates, full_kl, full_kl_slope
+from sim.engine.outputs import snapshot
+from sim.engine.placement import kl_loss_term, kl_loss_term_and_slope, kl_reward_penalty
+from sim.engine.policies import MLPValue, TabularValue, gather_rows, log_softmax_action_major, sum_actions
+from sim.engine.ppo import gae, normalize_per_run, resolve_baseline
+from sim.engine.rollout import sample_episodes
+from sim.engine.rows import per_run_sum, row_blocks, take_valid, visited_rows
+
+
+class PPOTrainer(DiscreteTrainer):
+    """PPO with every KL placement × estimator on a discrete env (see the module docstring)."""
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """What PPO on a discrete env cannot run: nothing beyond :meth:`DiscreteTrainer.check_config`."""
+        super().check_config(cfg)
+
+    def __init__(self, configs: list[Config], device: torch.device):
+        super().__init__(configs, device)
+        cfg = self.cfg
+        self.baseline = resolve_baseline(cfg.train.baseline, self.H)
+        if self.baseline == "value":
+            vf = (MLPValue(self.mdp.features, cfg.train.hidden) if cfg.train.policy == "mlp"
+                  else TabularValue(self.S))
+            self.value_fn = vf
+            vparams = vf.init_params(self.R, self.dtype, device, self.rt.keys)
+            self.params.update(vparams)
+            self.trainable += list(vparams)
+            for k in vparams:
+                self.params[k].requires_grad_(True)
+        self._make_optimizer()
+        self._grad_rows: Tensor | None = None  # the rows the gradient buffers were last written at
+
+    # -- one sampled update, top to bottom -----------------------------------------------------------------
+    def sampled_update(self, update: int) -> dict[str, Tensor]:
+        """One PPO update: sample episodes, shape rewards and compute advantages, then ``train.epochs``
+        passes of the clipped loss (+ KL in the loss) on per-(state, action) sums; returns the update's
+        sample statistics and diagnostics."""
+        buf, tabs = self._collect(update)
+        R, N, H = buf["valid"].shape
+        flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}
+        vis = visited_rows(flat, tabs, self.H == 1, self.dtype)
+        buf.update(self._shape_and_advantage(buf, tabs, vis))
+        flat.update({k: buf[k].reshape(R, N * H) for k in ("adv", "ret")})
+        whole = min(self.cfg.train.minibatches, N * H) == 1  # one full-batch minibatch: its visits are vis
+        loss_fn = self._ppo_loss_and_grads if self.cfg.train.policy == "tabular" else self._ppo_loss
+        stats = self._ppo_epochs(flat, update, loss_fn, lambda mb: self._group(mb, tabs, vis if whole else None))
+        self._maybe_log_traj(update, buf, tabs)
+        logs, adaptive = self._logs_at(update), bool(self.rt.adaptive.any())
+        if not (logs or adaptive):
+            return stats
+        count = vis["count"].to(torch.float64)
+        ks = all_estimates(vis["old"], vis["ref"]).to(torch.float64)  # [A, P, 3]
+        kfull = vis["kfull"].to(torch.float64)
+        per_run = per_run_sum(torch.cat([count.unsqueeze(-1) * ks, count.unsqueeze(-1),
+                                         (count * kfull).unsqueeze(-1)], dim=-1), vis["rows"], R, self.S) / N
+        out = {"reward": (buf["reward"].to(torch.float64) * buf["valid"]).sum((1, 2)) / N,
+               "kl_k1": per_run[:, 0], "kl_k2": per_run[:, 1], "kl_k3": per_run[:, 2],  # per-episode sums
+               "kl_full_sampled": per_run[:, 4], "episode_length": per_run[:, 3], **stats}
+        if adaptive:
+            self._control_beta(out["kl_k1"], N)
+        return out
+
+    def _collect(self, update: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``train.batch`` episodes per run from the current policy (:func:`sim.engine.rollout.sample_episodes`,
+        each run's stream for this update), and the tables they were drawn with: ``logp`` (π_old) and
+        ``ref_logp`` ``[R, S, A]``."""
+        pi_t, ref_t = self._tables()
+        buf = sample_episodes(self.core, pi_t, rng.fold(self.rt.keys, update), self.cfg.train.batch, self.dtype)
+        self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
+        return buf, {"logp": pi_t, "ref_logp": ref_t}
+
+    def _shape_and_advantage(self, buf: dict[str, Tensor], tabs: dict[str, Tensor], vis: dict[str, Tensor]
+                             ) -> dict[str, Tensor]:
+        """Shaped rewards ``r − β·k`` (KL in the reward), advantages and returns ``[R, N, H]``.
+
+        The penalty of a sample depends on it only through its (state, action): it is computed on the
+        visited rows (``vis``, from :func:`~sim.engine.rows.visited_rows`) and gathered. Adds ``kfull``
+        (exact per-state KL of the visited rows ``[P]``) to ``vis``.
+        """
+        tr, rt = self.cfg.train, self.rt
+        R, N, H = buf["valid"].shape
+        valid = buf["valid"].to(self.dtype)  # the mask as a float, made once (a float mask is used as is)
+        old, ref, run = vis["old"], vis["ref"], vis["run"]
+        vis["kfull"] = full_kl(old, ref, dim=0)
+        ref_c = self.clamp(old, ref, vis["count"], row_run=run)
+        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), rt, row_run=run).reshape(-1)
+        penalty = pen.index_select(0, vis["entry"])  # the valid samples'
+        shaped = (self.reward_scale * buf["reward"]).view(-1)
+        if "sel" in vis:  # r − β·k at the valid samples (x + (−y) is x − y exactly)
+            shaped.index_add_(0, vis["sel"], penalty, alpha=-1)
+        else:
+            shaped = shaped - penalty
+        shaped = shaped.view(R, N, H) * valid
+        if self.baseline == "value":
+            with torch.no_grad():
+                v = self.value_fn.value(self.params, buf["state"].reshape(R, N * H)).view(R, N, H)
+            v = v * valid
+            next_v = torch.cat([v[..., 1:], torch.zeros_like(v[..., :1])], dim=-1)
+            adv = gae(shaped, v, next_v, buf["done"], valid, tr.gamma, tr.gae_lambda)
+            ret = adv + v
+        else:
+            ret = gae(shaped, torch.zeros_like(shaped), torch.zeros_like(shaped), buf["done"], valid,
+                      tr.gamma, 1.0)
+            adv = ret
+            if self.baseline == "mean":
+                # Batch-mean baseline per run and step (one-step envs: the mean shaped reward).
+                mean = (ret * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+                adv = (ret - mean) * valid
+        if tr.norm_adv:
+            adv = normalize_per_run(adv, valid)
+        return {"adv": adv.detach(), "ret": ret.detach()}
+
+    def _group(self, mb: dict[str, Tensor], tabs: dict[str, Tensor], vis: dict[str, Tensor] | None = None
+               ) -> dict[str, Tensor]:
+        """Sufficient statistics of a (mini)batch for the PPO loss of a tabular-state policy.
+
+        The clipped surrogate of one sample is ``−adv·min(ρ, clip(ρ))`` if ``adv ≥ 0`` and
+        ``−adv·max(ρ, clip(ρ))`` otherwise, with ``ρ = π_θ(a|s)/π_old(a|s)`` shared by every sample of the
+        same (s, a); the KL and entropy terms depend on (s, a) alone and the value loss on s alone. So summing
+        positive and negative advantages per (s, a) and returns per s once per (mini)batch gives every
+        epoch's loss and gradient exactly.
+
+        The statistics are kept for the visited rows alone, as action-major tables (``vis``: the minibatch's
+        :func:`~sim.engine.rows.visited_rows`, computed here if not given). Every sum runs over one entry's
+        samples in sample order and every per-row computation is elementwise, so a run's numbers do not
+        depend on the batch it is trained in.
+
+        Args:
+            mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, ``adv``, ``ret``, each ``[R, n]``.
+            tabs: the batch's ``logp`` (π_old) and ``ref_logp`` tables ``[R, S, A]``.
+        Returns:
+            ``rows [M]``, ``run [P]``, ``count``, ``ref`` (as in :func:`~sim.engine.rows.visited_rows`),
+            ``adv_pos``, ``adv_neg``, ``old`` (log π_old; 0 where unsampled) ``[A, P]``; ``n_s`` (samples per
+            row) ``[P]``; ``n`` (valid samples, ≥ 1) ``[R]``; ``kl_weights`` ``[2, 4, P]``, each column's
+            weights of (k1, k2, k3, full) in the loss, plain and importance-weighted (β where the column's run
+            uses them, else 0); with a value baseline ``ret_mean`` ``[P]`` and ``ret_ss`` (within-state sum of
+            squares) ``[R]``.
+        """
+        vis = vis if vis is not None else visited_rows(mb, tabs, self.H == 1, self.dtype)
+        R, (A, P) = mb["idx"].shape[0], vis["count"].shape
+        dt, dev = self.dtype, self.device
+        adv = take_valid(mb["adv"].reshape(-1), vis)
+        zeros = torch.zeros(A * P, dtype=dt, device=dev)
+        count = vis["count"]
+        g = {"rows": vis["rows"], "run": vis["run"], "count": count, "ref": vis["ref"],
+             "adv_pos": zeros.index_add(0, vis["entry"], adv.clamp(min=0)).view(A, P),
+             "adv_neg": zeros.index_add(0, vis["entry"], adv.clamp(max=0)).view(A, P),
+             # entries without samples carry no loss; log π_old := 0 there keeps their ratio finite
+             "old": torch.where(count > 0, vis["old"], torch.zeros_like(vis["old"])),
+             "n": torch.count_nonzero(mb["valid"], 1).to(dt).clamp(min=1), "n_s": sum_actions(count),
+             # the KL-in-loss weights of each column's run (β on its estimator), plain and IS forms
+             "kl_weights": torch.cat([self.rt.coef("loss"), self.rt.coef("loss_is")], 1).to(dt).t().contiguous()
+             .index_select(1, vis["run"]).view(2, 4, P)}
+        if self.baseline == "value":
+            ret_valid = take_valid(mb["ret"].reshape(-1), vis)
+            ret_sum = torch.zeros(P, dtype=dt, device=dev).index_add_(0, vis["col"], ret_valid)
+            g["ret_mean"] = ret_sum / g["n_s"].clamp(min=1)
+            # Σ (return − its state's mean)² over each run's valid samples, summed in sample order
+            spread = (ret_valid - g["ret_mean"].index_select(0, vis["col"])).square()
+            g["ret_ss"] = torch.zeros(R, dtype=dt, device=dev).index_add_(
+                0, vis["run"].index_select(0, vis["col"]), spread)
+        return g
+
+    # -- the loss on per-(state, action) sums ----------------------------------------------------------
+    @torch.no_grad()
+    def _ppo_loss_and_grads(self, g: dict[str, Tensor], want_diag: bool = True, want_loss: bool = True
+                            ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`_ppo_loss` and its gradients, for tabular policies and values, derived by hand.
+
+        A visited row's logits (and value) get gradient only from that row's loss terms. :meth:`_rows_loss`
+        gives each row's loss with its derivatives with respect to the row's log-probabilities and value, and
+        the log-softmax is chained by hand (``∂/∂x_a = g_a − π_a·Σ_b g_b``): no autograd graph, about half
+        the tensor passes of autograd's backward. The rows run in equal blocks
+        (:func:`~sim.engine.rows.row_blocks`: smaller working sets; estimators no run of a block uses are
+        skipped there), and the gradients are written into the optimizer's dense gradient buffers. Loss and
+        diagnostics are bitwise those of the one-pass loss, whatever the blocking; the gradients equal
+        autograd's to rounding (``tests/sim/test_grouped_loss.py``).
+
+        Returns ``(loss [R], diagnostics, gradients)`` (gradients keyed like the trainable parameters); the
+        loss is ``None`` when neither ``want_loss`` nor ``want_diag`` asks for it.
+        """
+        want_loss = want_loss or want_diag
+        rows, (A, P) = g["rows"], g["count"].shape
+        M = rows.numel()
+        x_all = self.policy.row_logits(self.params, rows, P)
+        v_all = self._value_rows(rows, P) if self.baseline == "value" else None
+        gx = torch.empty_like(x_all)
+        gv = torch.empty_like(v_all) if v_all is not None else None
+        loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
+        parts: list[dict[str, Tensor]] = []
+        for cols in row_blocks(P):
+            run = g["run"][cols]
+            v = v_all[cols] if v_all is not None else None
+            per_row, block_parts, (g_lp, g_v, prob) = self._rows_loss(
+                g, cols, log_softmax_action_major(x_all[:, cols]), v, want_diag, grad=True, want_loss=want_loss)
+            parts.append(block_parts)
+            n_run = g["n"].index_select(0, run)  # the per-run mean's divisor
+            torch.div(torch.addcmul(g_lp, prob, sum_actions(g_lp), value=-1), n_run, out=gx[:, cols])
+            if gv is not None:
+                gv[cols] = g_v / n_run
+            if per_row is not None:  # summed block after block: each run's terms in column order, as in one pass
+                loss.index_add_(0, run, per_row)
+        loss = self._mean_loss(g, loss) if want_loss else None
+        # written straight into the optimizer's gradient buffers, zero outside the visited rows: zeroed only
+        # when the rows differ from the last write's (every epoch of a full-batch update has the same rows)
+        out = {"logits": self.opt.grad_buffer("logits")}
+        if gv is not None:
+            out["v"] = self.opt.grad_buffer("v")
+        if self._grad_rows is not rows:
+            for buf in out.values():
+                buf.zero_()
+            self._grad_rows = rows
+        out["logits"].view(-1, A).index_copy_(0, rows, gx[:, :M].t())
+        if gv is not None:
+            out["v"].view(-1).index_copy_(0, rows, gv[:M])
+        diag = self._loss_diagnostics(g, {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}) \
+            if want_diag else {}
+        return loss, diag, out
+
+    def _rows_loss(self, g: dict[str, Tensor], cols: slice, lp: Tensor, v: Tensor | None, keep: bool,
+                   grad: bool = False, want_loss: bool = True
+                   ) -> tuple[Tensor | None, dict[str, Tensor], tuple | None]:
+        """The PPO loss of columns ``cols`` of the row tables, per row ``[c]`` (a sum over the row's samples;
+        with a value ``v``, ``vf_coef·½·n_s·(v − mean return)²`` too: the within-state spread ``ret_ss`` is
+        added per run by :meth:`_mean_loss`).
+
+        ``lp [A, c]`` are the log-probabilities of those columns, ``v [c]`` their values. Also returns the
+        per-entry parts the diagnostics need when ``keep``, and with ``grad`` the loss's derivatives derived
+        by hand, ``(∂/∂lp [A, c]`` with each log-probability a free variable, ``∂/∂v [c]`` or ``None``,
+        ``π = e^{lp} [A, c])``; else ``None`` (differentiate the loss by autograd through ``lp`` and ``v``).
+        With ``grad``, ``want_loss=False`` skips the loss itself (returned as ``None``).
+        """
+        tr, rt = self.cfg.train, self.rt
+        want_loss = want_loss or keep or not grad
+        n, old, ref, run = g["count"][:, cols], g["old"][:, cols], g["ref"][:, cols], g["run"][cols]
+        n_s = g["n_s"][cols]
+        hi, lo = 1.0 + tr.clip, 1.0 - tr.clip
+        adv_pos, adv_neg = g["adv_pos"][:, cols], g["adv_neg"][:, cols]
+        ratio = torch.exp(lp - old)
+        prob = lp.exp() if grad or tr.ent_coef > 0 else None
+        ref_lp = self.clamp(lp, ref, n, row_run=run)
+        k_full = lambda: full_kl(lp, ref, dim=0, prob_all=prob).unsqueeze(0)  # noqa: E731
+        kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
+        used = (kl_w != 0).any(-1).tolist()
+        weights = tuple([kl_w[f, j] if used[f][j] else None for j in range(4)] for f in range(2))
+        if grad:
+            kl, kl_slope, full_w = kl_loss_term_and_slope(lp, old, ref_lp, k_full, rt, weights=weights,
+                                                          delta_slope=self.clamp.slope(lp, ref), value=want_loss)
+        else:
+            kl = kl_loss_term(lp, old, ref_lp, k_full, rt, weights=weights)
+        per_row = pg = None
+        if want_loss:
+            # min(ρ, clip(ρ)) = min(ρ, 1 + ε) and max(ρ, clip(ρ)) = max(ρ, 1 − ε), with the same gradient
+            pg = -(adv_pos * ratio.clamp(max=hi) + adv_neg * ratio.clamp(min=lo))
+            kl = n * kl
+            per_row = sum_actions(pg + kl)
+            if tr.ent_coef > 0:
+                entropy = -sum_actions(torch.where(prob > 0, prob * lp, torch.zeros_like(prob)))
+                per_row = per_row - tr.ent_coef * n_s * entropy
+        if v is not None:
+            v_err = v - g["ret_mean"][cols]
+            if want_loss:
+                v_sq = n_s * v_err.square()
+                per_row = per_row + tr.vf_coef * 0.5 * v_sq
+        grads = None
+        if grad:
+            # ∂pg/∂lp = −adv·ρ where the clip passes ρ (bounds included, as autograd's clamp), else 0
+            g_lp = -(adv_pos * (ratio <= hi) + adv_neg * (ratio >= lo)) * ratio
+            if kl_slope is not None:
+                g_lp = g_lp + n * kl_slope
+            if full_w is not None:  # the row's exact KL counts once per sample of the row
+                g_lp = g_lp + (n_s * full_w) * full_kl_slope(lp, ref, prob)
+            if tr.ent_coef > 0:  # ∂(−c·n_s·H)/∂lp = c·n_s·π·(lp + 1) where π > 0
+                g_lp = g_lp + (tr.ent_coef * n_s) * torch.where(prob > 0, prob * (lp + 1.0), 0.0)
+            grads = (g_lp, tr.vf_coef * n_s * v_err if v is not None else None, prob)
+        if not keep:
+            return per_row, {}, grads
+        with torch.no_grad():
+            parts = {"terms": torch.stack([pg, kl, n * ((ratio - 1.0).abs() > tr.clip), n * (old - lp)], dim=-1)
+                     .transpose(-1, -2)}  # [A, 4, c]
+            if v is not None:
+                parts["v_sq"] = v_sq
+        return per_row, parts, grads
+
+    def _ppo_loss(self, g: dict[str, Tensor], want_diag: bool = True, want_loss: bool = True
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-run PPO loss ``[R]`` (mean over the minibatch's samples) from the statistics of :meth:`_group`,
+        differentiable with respect to the policy and value parameters (always computed: ``want_loss`` is
+        part of :meth:`_ppo_epochs`' protocol)."""
+        rows, P = g["rows"], g["count"].shape[1]
+        lp = self.policy.rows(self.params, rows, P)  # [A, P], carries gradient
+        v = self._value_rows(rows, P) if self.baseline == "value" else None
+        per_row, parts, _ = self._rows_loss(g, slice(None), lp, v, want_diag)
+        sums = torch.zeros(self.R, dtype=per_row.dtype, device=self.device).index_add(0, g["run"], per_row)
+        return self._mean_loss(g, sums), self._loss_diagnostics(g, parts) if want_diag else {}
+
+    def _value_rows(self, rows: Tensor, size: int) -> Tensor:
+        """State values of rows ``rows [M]`` as ``[size]`` (zero past ``M``)."""
+        return gather_rows(self.value_fn.table(self.params).reshape(-1), rows, size)
+
+    def _mean_loss(self, g: dict[str, Tensor], sums: Tensor) -> Tensor:
+        """Per-run loss ``[R]`` from :meth:`_rows_loss`'s sums: divided by the samples, plus the value loss's
+        within-state spread."""
+        loss = sums / g["n"]
+        if self.baseline == "value":
+            loss = loss + self.cfg.train.vf_coef * 0.5 * g["ret_ss"] / g["n"]
+        return loss
+
+    def _loss_diagnostics(self, g: dict[str, Tensor], parts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-run means of the PPO diagnostics from :meth:`_rows_loss`'s parts (all columns)."""
+        n = g["n"].unsqueeze(-1)
+        sums = per_run_sum(parts["terms"].transpose(-1, -2), g["rows"], self.R, self.S) / n
+        diag = {"pg_loss": sums[:, 0], "kl_loss": sums[:, 1], "clip_frac": sums[:, 2], "approx_kl": sums[:, 3]}
+        if "v_sq" in parts:
+            v_sq = per_run_sum(parts["v_sq"].view(1, -1, 1), g["rows"], self.R, self.S)[:, 0]
+            diag["v_loss"] = 0.5 * (v_sq + g["ret_ss"]) / g["n"]
+        return diag
+
+    def _maybe_log_traj(self, update: int, buf: dict[str, Tensor], tabs: dict[str, Tensor]) -> None:
+        """Keep the first ``log.trajectories`` episodes of a logged update for ``trajectories.parquet``."""
+        n = self.cfg.log.trajectories
+        if n <= 0 or not self._logs_at(update):
+            return
+        R, S, A = self.R, self.S, self.A
+        idx = buf["idx"][:, :n]
+        steps = {k: buf[k][:, :n] for k in ("state", "action", "reward", "valid")}
+        for k in ("logp", "ref_logp"):
+            steps[k] = tabs[k].reshape(R, S * A).gather(1, idx.reshape(R, -1)).view(idx.shape)
+        rec: dict = snapshot(steps)
+        rec["update"] = update
+        self.traj_log.append(rec)
+
+
+    # -- exact mode ---------------------------------------------------------------------------------------
+    def exact_update(self, update: int) -> dict[str, Tensor]:
+        """One step on the expected gradient of the same placement × estimator
+        (:func:`sim.engine.exact.exact_loss`)."""
+        exp_diag = self._expected_sample_stats() if self._logs_at(update) else {}
+        loss, diag = exact_loss(self._scaled_mdp, self.policy.table(self.params),
+                                self._ref_table(), self.rt, self.cfg.train.ent_coef)
+        diag.update(exp_diag)
+        diag["grad_norm"] = self._apply_grads(loss, update)
+        if bool(self.rt.adaptive.any()):
+            with torch.no_grad():
+                pi = self.policy.table(self.params).to(torch.float64)
+                self._control_beta(tabular.sequence_kl(self.mdp.with_reference(self._ref64()), pi), 1)
+        return diag
+
+    def _expected_sample_stats(self) -> dict[str, Tensor]:
+        """What a sampled run would report as sample means, as exact expectations."""
+        with torch.no_grad():
+            pi, ref = self._tables()
+            pi, ref = pi.to(torch.float64), ref.to(torch.float64)
+            occ = tabular.state_occupancy(self.mdp, pi)
+            ks = (pi.exp().unsqueeze(-1) * all_estimates(pi, ref)).sum(-2)  # [R, S, 3]
+            exp_diag = {"reward": tabular.expected_return(self.mdp, pi),
+                        **{f"kl_k{i + 1}": (occ * ks[..., i]).sum(-1) for i in range(3)},
+                        "episode_length": occ.sum(-1)}
+        return exp_diag

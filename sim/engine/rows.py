@@ -1,0 +1,96 @@
+"""Row tables of tabular-state policies: a batch's samples grouped by the (run, state) rows they visited.
+
+Per-sample quantities of a tabular-state policy depend on a sample only through its (state, action), so
+they are computed once per visited row, on action-major tables ``[A, P]`` whose columns are the visited
+rows in (run, state) order padded to a multiple of :data:`ROW_PAD`, and gathered back where needed. Every
+sum over a run's rows or samples runs in a fixed order, so a run's numbers do not depend on the other
+runs of its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sim.engine.policies import gather_rows, sum_actions
+
+ROW_PAD = 64
+"""Row tables of the PPO loss are padded to a multiple of this many rows: vectorized CPU kernels then cover
+every real row (no scalar tail, whose transcendental functions may round differently), with up to two
+threads, so a row's numbers do not depend on how many other rows share its table."""
+
+ROW_CHUNK = 20416
+"""Most columns per block of the tabular loss and its gradient; the columns are split into equal blocks of
+at most this many (multiples of :data:`ROW_PAD`). Sized for the autograd backward pass the loss once had
+(40 paired timings on the gridworld grid: 0.79–0.92× the one-pass time); not a power of two, whose equally
+spaced buffers alias in the CPU caches."""
+
+
+def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool, count_dtype: torch.dtype
+                 ) -> dict[str, Tensor]:
+    """Where a (mini)batch's valid samples fall: the (run, state) rows they visited, as columns of
+    action-major tables ``[A, P]``.
+
+    Columns ``0 … M−1`` are the visited rows in (run, state) order, the rest zero padding up to a multiple
+    of :data:`ROW_PAD`. Per-sample KL quantities depend on the sample only through its (state, action),
+    so they are computed on these tables and gathered; only visited rows carry loss.
+
+    Args:
+        mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, each ``[R, n]``.
+        tabs: the batch's ``logp`` (π_old) and ``ref_logp`` tables ``[R, S, A]``.
+        one_step: the env's episodes have one step (then the samples are checked for validity only if
+            some are not valid).
+        count_dtype: dtype of ``count``.
+    Returns:
+        ``rows [M]`` (flat ``run·S + state``), ``run [P]`` (each column's run; padding: 0), ``sel`` (the
+        valid samples' flat indices into ``[R·n]``, run-major; absent for a one-step env whose samples are
+        all valid), ``col`` (each valid sample's column), ``entry`` (each valid sample's flat index
+        ``action·P + column``), ``count`` (samples per entry), ``old`` (log π_old) and ``ref`` (log π_ref) ``[A, P]``.
+    """
+    (R, n), (S, A) = mb["idx"].shape, tabs["logp"].shape[1:]
+    dev = mb["idx"].device
+    v: dict[str, Tensor] = {}
+    # episodes that end before the horizon leave invalid samples; a one-step env's samples are checked
+    if not one_step or not bool(mb["valid"].all()):
+        v["sel"] = mb["valid"].reshape(-1).nonzero().squeeze(1)  # run-major sample order
+        row_of = take_valid(mb["state"].reshape(-1), v) + v["sel"] // n * S  # flat run·S + state
+    else:
+        row_of = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)
+    seen = torch.zeros(R * S, dtype=torch.bool, device=dev)
+    seen.index_fill_(0, row_of, True)
+    rows = seen.nonzero().squeeze(1)
+    M = rows.numel()
+    P = -(-max(M, 1) // ROW_PAD) * ROW_PAD
+    pos = torch.zeros(R * S, dtype=torch.long, device=dev)
+    pos.index_copy_(0, rows, torch.arange(M, device=dev))
+    col = pos.index_select(0, row_of)
+    action = take_valid(mb["idx"].reshape(-1), v) % A  # idx = state·A + action
+    entry = action * P + col
+    v.update(rows=rows, run=F.pad(rows // S, (0, P - M)), col=col, entry=entry,
+             count=torch.bincount(entry, minlength=A * P).to(count_dtype).view(A, P),
+             old=gather_rows(tabs["logp"].reshape(R * S, A), rows, P),
+             ref=gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P))
+    return v
+
+
+def take_valid(x: Tensor, vis: dict[str, Tensor]) -> Tensor:
+    """The valid samples' values of a flat per-sample tensor ``x [R·n]`` (see :func:`visited_rows`)."""
+    return x.index_select(0, vis["sel"]) if "sel" in vis else x
+
+
+def per_run_sum(x: Tensor, rows: Tensor, n_runs: int, n_states: int) -> Tensor:
+    """Per-run sums ``[R, C]`` of action-major row values ``x [A, P, C]`` of rows ``rows [M]`` (flat
+    ``run·S + state``; columns past ``M`` are padding): each row's actions summed left to right, then a run's
+    rows added one after the other in column order, so a run's sum does not depend on the other runs' rows."""
+    per_row = sum_actions(x[:, : rows.numel()])  # [M, C]
+    out = torch.zeros(n_runs, x.shape[-1], dtype=x.dtype, device=x.device)
+    return out.index_add_(0, rows // n_states, per_row)
+
+
+def row_blocks(n_columns: int) -> list[slice]:
+    """Columns ``0 … n_columns−1`` (a multiple of :data:`ROW_PAD`) in equal blocks of at most
+    :data:`ROW_CHUNK` columns, each a multiple of :data:`ROW_PAD`."""
+    n_blocks = -(-n_columns // ROW_CHUNK)
+    size = -(-n_columns // (n_blocks * ROW_PAD)) * ROW_PAD
+    return [slice(c0, min(n_columns, c0 + size)) for c0 in range(0, n_columns, size)]

@@ -1,0 +1,104 @@
+"""The one table from (backend, algorithm, env) to trainer, and the entry points that use it.
+
+:data:`ROUTES` says which trainer class of :mod:`sim.algos` trains a config. Adding an algorithm is a new file
+in ``sim/algos`` and a row here; a new env joins the routes of its kind through :mod:`envs`' registry.
+:func:`check_config` applies the routing and the trainer's own ``check_config`` to a config that
+:mod:`sim.config` already validated; :func:`resolve` and :func:`from_dict` do both, which is what every command
+uses before anything is written. :func:`train_batch` trains a batch of configs as one tensor program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import envs
+from sim import config
+from sim.algos.diffusion import DiffusionTrainer
+from sim.algos.dpo import DPOTrainer
+from sim.algos.gaussian import GaussianTrainer
+from sim.algos.ppo import PPOTrainer
+from sim.algos.sb3 import SB3Trainer
+from sim.config import Config, ConfigError
+from sim.engine.loop import BatchTrainer, ProgressFn
+from sim.engine.outputs import RunOutput
+
+
+@dataclass(frozen=True)
+class Route:
+    """Configs with ``train.backend = backend``, ``train.algo = algo`` and ``env.id`` in ``envs`` are trained by
+    ``trainer``."""
+
+    backend: str
+    algo: str
+    envs: tuple[str, ...]
+    trainer: type[BatchTrainer]
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("native", "ppo", envs.DISCRETE_ENVS, PPOTrainer),
+    Route("native", "ppo", ("gaussian_bandit",), GaussianTrainer),
+    Route("native", "ppo", ("diffusion_chain",), DiffusionTrainer),
+    Route("native", "dpo", envs.DISCRETE_ENVS, DPOTrainer),
+    Route("sb3", "ppo", envs.DISCRETE_ENVS, SB3Trainer),
+)
+
+
+def trainer_class(cfg: Config) -> type[BatchTrainer]:
+    """The trainer class of ``cfg`` (:data:`ROUTES`); one-line :class:`ConfigError` if none trains it."""
+    t, env = cfg.train, cfg.env["id"]
+    routes = [r for r in ROUTES if r.backend == t.backend and r.algo == t.algo]
+    for r in routes:
+        if env in r.envs:
+            return r.trainer
+    what = f"train.backend={t.backend}" if t.backend != "native" else f"train.algo={t.algo}"
+    if not routes:
+        raise ConfigError(f"{what} does not support train.algo={t.algo}")
+    supported = [e for r in routes for e in r.envs]
+    kind = "a discrete env: " if set(supported) <= set(envs.DISCRETE_ENVS) else ""
+    raise ConfigError(f"{what} does not run on env.id={env!r}; it needs {kind}{', '.join(supported)}")
+
+
+def check_config(cfg: Config) -> Config:
+    """``cfg`` if some trainer runs it as configured, else one-line :class:`ConfigError`."""
+    trainer_class(cfg).check_config(cfg)
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    """:func:`sim.config.from_dict` and :func:`check_config`: a config some trainer runs."""
+    return check_config(config.from_dict(data))
+
+
+def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,
+            base: dict | None = None) -> Config:
+    """:func:`sim.config.resolve` and :func:`check_config`: a config some trainer runs."""
+    return check_config(config.resolve(config_path, overrides, base))
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of ``device: NAME``: ``auto`` is CUDA when present, else CPU. ``cuda`` without CUDA is a
+    :class:`ConfigError` naming what to install."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but this torch has no usable CUDA (torch.cuda.is_available() is false); "
+                          "use device=cpu or auto, or install a CUDA build of torch")
+    return torch.device(name)
+
+
+def make_trainer(configs: list[Config], device: torch.device | None = None) -> BatchTrainer:
+    """The trainer of a batch of configs that share a :func:`sim.config.batch_signature`."""
+    cls = trainer_class(configs[0])
+    for cfg in configs:
+        cls.check_config(cfg)
+    return cls(configs, device or resolve_device(configs[0].device))
+
+
+def train_batch(configs: list[Config], progress: ProgressFn | None = None,
+                device: torch.device | None = None) -> Sequence[RunOutput]:
+    """Train ``configs`` together (one tensor program) and return their outputs in order."""
+    return make_trainer(configs, device).run(progress)

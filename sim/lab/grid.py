@@ -1,0 +1,350 @@
+"""Grids: a sweep's runs expanded from one YAML file (or a preset in ``sim/lab/presets``) and validated.
+
+A grid file::
+
+    base: {env: {id: bandit}, train: {updates: 300}}  # a mapping, or a config YAML path (relative to the grid)
+    axes: {kl.beta: [0.1, 0.5]}                       # product over dotted config keys
+    variants:                                         # coupled keys, zipped (not producted)
+      - {kl.placement: none}
+      - {kl.placement: reward, kl.estimator: k1}
+    seeds: 10                                         # a count (0..n-1) or a list of seeds
+    exclude: [{kl.placement: none, kl.beta: 0.5}]     # runs matching every key of an entry are dropped
+    batch_size: auto                                  # or the max runs per task
+
+Runs are ``axes`` product × ``variants`` × ``seeds`` − ``exclude``; each is validated
+(:func:`sim.lab.dispatch.from_dict`: the config and its trainer's checks) before anything is written, and its
+id is the first 12 hex digits of the SHA-256 of its resolved config JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.config import (
+    Config,
+    ConfigError,
+    deep_merge,
+    default_dict,
+    get_dotted,
+    load_yaml,
+    set_key,
+    yaml_load,
+)
+from sim.lab import dispatch
+
+GRID_KEYS = ("base", "axes", "variants", "seeds", "exclude", "batch_size", "description")
+PRESET_DIR = Path(__file__).with_name("presets")
+#: Columns of index.parquet present in every sweep, after ``run_id``, ``status`` and ``seed``.
+ALWAYS_COLUMNS = ("env.id", "kl.placement", "kl.estimator", "kl.beta")
+
+
+def available_presets() -> dict[str, Path]:
+    """Grid presets shipped with the package: ``{name: path}`` of ``sim/lab/presets/NAME.yaml`` grid files."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        try:
+            data = yaml_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        # The folder may also hold run configs for `reflab run`; a grid has only grid keys.
+        if isinstance(data, dict) and data and set(data) <= set(GRID_KEYS):
+            out[path.stem] = path
+    return out
+
+
+def find_grid(spec: str) -> Path:
+    """The grid file ``spec`` names: an existing path, else a preset name (one clear error otherwise)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    presets = available_presets()
+    if spec in presets:
+        return presets[spec]
+    names = ", ".join(presets) or "none"
+    if "/" in spec or os.sep in spec or path.suffix in (".yaml", ".yml") or path.exists():
+        raise ConfigError(f"grid file {spec!r} does not exist (or is not a file); presets: {names}")
+    raise ConfigError(f"unknown preset {spec!r}; available presets: {names}")
+
+
+def load_grid(spec: str) -> tuple[dict, Path]:
+    """Read the grid ``spec`` (path or preset name): its mapping and its file's path."""
+    path = find_grid(spec)
+    try:
+        data = yaml_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"grid file {spec!r} is not valid YAML ({str(e).splitlines()[0]})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"grid file {spec!r} cannot be read ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"grid file {spec!r} must hold a mapping with keys {', '.join(GRID_KEYS)}; "
+                          f"got {type(data).__name__}")
+    return data, path
+
+
+# ------------------------------------------------------------------------------------------------------
+# Expansion
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: its id, validated config, and its ``index.parquet`` cells.
+
+    ``columns`` maps ``seed``, :data:`ALWAYS_COLUMNS` and every swept key to the run's resolved value.
+    """
+
+    run_id: str
+    config: Config
+    columns: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """A grid expanded into runs (in grid order: axes product, then variants, then seeds)."""
+
+    label: str
+    grid: dict
+    base: dict
+    axes: dict[str, list]
+    variants: list[dict]
+    seeds: list[int]
+    exclude: list[dict]
+    batch_size: int | None
+    swept_keys: list[str]
+    runs: list[PlannedRun]
+
+    def manifest(self) -> dict:
+        """The content of ``sweep.json``: the grid as given and as resolved, and the run ids."""
+        return {
+            "format": 1,
+            "grid_source": self.label,
+            "grid": self.grid,
+            "resolved": {"base": self.base, "axes": self.axes, "variants": self.variants, "seeds": self.seeds,
+                         "exclude": self.exclude, "batch_size": self.batch_size or "auto"},
+            "swept_keys": self.swept_keys,
+            "n_runs": len(self.runs),
+            "run_ids": [r.run_id for r in self.runs],
+        }
+
+
+def run_id(cfg: Config) -> str:
+    """The run's id: the first 12 hex digits of the SHA-256 of its resolved config JSON."""
+    return hashlib.sha256(cfg.to_json().encode()).hexdigest()[:12]
+
+
+def _config_keys() -> tuple[set[str], dict[str, set[str]]]:
+    """Top-level config keys, and the keys of each section (``kl``, ``train``, ...)."""
+    cfg = Config()
+    top = {f.name for f in dataclasses.fields(Config)}
+    sections = {name: {f.name for f in dataclasses.fields(getattr(cfg, name))}
+                for name in top if dataclasses.is_dataclass(getattr(cfg, name))}
+    return top, sections
+
+
+def check_key(key: Any, where: str) -> None:
+    """Raise :class:`ConfigError` unless ``key`` is a dotted config key (``env.*`` is checked per run)."""
+    top, sections = _config_keys()
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{where}: keys must be dotted config keys like kl.beta; got {key!r}")
+    parts = key.split(".")
+    if parts[0] not in top:
+        raise ConfigError(f"{where}: unknown config key {key!r}; valid top-level keys: {', '.join(sorted(top))}")
+    if parts[0] == "env":  # `env` (a whole env mapping) or `env.<param>`
+        if len(parts) > 2:
+            raise ConfigError(f"{where}: unknown config key {key!r}; env keys look like env.id, env.rewards")
+    elif parts[0] in sections:
+        if len(parts) != 2 or parts[1] not in sections[parts[0]]:
+            raise ConfigError(f"{where}: unknown config key {key!r}; valid keys of {parts[0]}: "
+                              f"{', '.join(sorted(sections[parts[0]]))}")
+    elif len(parts) != 1:
+        raise ConfigError(f"{where}: unknown config key {key!r}; {parts[0]} has no sub-keys")
+
+
+def _flatten(mapping: dict, where: str) -> dict[str, Any]:
+    """``{kl: {beta: 1}, train.lr: 2}`` → ``{kl.beta: 1, train.lr: 2}`` (one level), keys checked."""
+    _, sections = _config_keys()
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and (key == "env" or key in sections):
+            for sub, v in value.items():
+                out[f"{key}.{sub}"] = v
+        else:
+            out[key] = value
+    for key in out:
+        check_key(key, where)
+    return out
+
+
+def apply_assignments(base: dict, assignments: dict[str, Any]) -> dict:
+    """A copy of the config dict ``base`` with dotted ``assignments`` set (:func:`sim.config.set_key`, so a
+    new ``env.id`` starts from that env's defaults), ``env.id`` first."""
+    data = copy.deepcopy(base)
+    for key, value in sorted(assignments.items(), key=lambda kv: kv[0] != "env.id"):
+        set_key(data, key, copy.deepcopy(value))
+    return data
+
+
+def _lookup(d: dict, key: str) -> tuple[bool, Any]:
+    try:
+        return True, get_dotted(d, key)
+    except (KeyError, TypeError):
+        return False, None
+
+
+def _matches(d: dict, entry: dict[str, Any]) -> bool:
+    for key, want in entry.items():
+        found, value = _lookup(d, key)
+        if not found or value != want:
+            return False
+    return True
+
+
+def _fmt_assign(assign: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in assign.items())
+
+
+def _parse_seeds(value: Any, default_seed: int, label: str) -> list[int]:
+    bad = f"{label}: seeds must be a positive count or a non-empty list of distinct integers >= 0; got {value!r}"
+    if value is None:
+        return [default_seed]
+    if isinstance(value, bool):
+        raise ConfigError(bad)
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(bad)
+        return list(range(value))
+    if isinstance(value, list) and value:
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value) or len(set(value)) != len(value):
+            raise ConfigError(bad)
+        return list(value)
+    raise ConfigError(bad)
+
+
+def parse_batch_size(value: Any, where: str) -> int | None:
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be auto or a positive integer; got {value!r}")
+    return value
+
+
+def _load_base(value: Any, label: str, grid_dir: Path) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        path = Path(value) if Path(value).is_absolute() else grid_dir / value
+        try:
+            return load_yaml(path)
+        except ConfigError as e:
+            raise ConfigError(f"{label}: base: {e}") from e
+    if isinstance(value, dict):
+        return value
+    raise ConfigError(f"{label}: base must be a mapping of config keys or a config YAML path; got {value!r}")
+
+
+def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
+    """Expand and validate ``grid`` (the parsed grid file) into a :class:`SweepPlan`.
+
+    ``label`` names the grid in errors; ``grid_dir`` resolves a relative ``base`` path. Raises
+    :class:`ConfigError` (one line naming the key) on any malformed part or invalid run.
+    """
+    unknown = [k for k in grid if k not in GRID_KEYS]
+    if unknown:
+        raise ConfigError(f"{label}: unknown grid key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
+    base_raw = _load_base(grid.get("base"), label, grid_dir)
+    try:
+        base_cfg = dispatch.from_dict(base_raw)
+    except ConfigError as e:
+        raise ConfigError(f"{label}: base: {e}") from e
+
+    axes_raw = grid.get("axes") or {}
+    if not isinstance(axes_raw, dict):
+        raise ConfigError(f"{label}: axes must be a mapping of dotted config keys to lists of values")
+    axes: dict[str, list] = {}
+    for key, values in axes_raw.items():
+        check_key(key, f"{label}: axes")
+        if not isinstance(values, list):
+            raise ConfigError(f"{label}: axes.{key} must be a list of values; got {values!r}")
+        if not values:
+            raise ConfigError(f"{label}: axes.{key} is empty; give at least one value")
+        axes[key] = values
+
+    variants_raw = grid.get("variants")
+    variants: list[dict] = []
+    if variants_raw is not None:
+        if not isinstance(variants_raw, list) or not variants_raw:
+            raise ConfigError(f"{label}: variants must be a non-empty list of mappings of config keys")
+        for i, v in enumerate(variants_raw):
+            if not isinstance(v, dict) or not v:
+                raise ConfigError(f"{label}: variants[{i}] must be a non-empty mapping of config keys; got {v!r}")
+            variants.append(_flatten(v, f"{label}: variants[{i}]"))
+
+    exclude_raw = grid.get("exclude")
+    exclude: list[dict] = []
+    if exclude_raw is not None:
+        if not isinstance(exclude_raw, list):
+            raise ConfigError(f"{label}: exclude must be a list of mappings of config keys")
+        for i, e in enumerate(exclude_raw):
+            if not isinstance(e, dict) or not e:
+                raise ConfigError(f"{label}: exclude[{i}] must be a non-empty mapping of config keys; got {e!r}")
+            exclude.append(_flatten(e, f"{label}: exclude[{i}]"))
+
+    seeds = _parse_seeds(grid.get("seeds"), base_cfg.seed, label)
+    batch_size = parse_batch_size(grid.get("batch_size"), f"{label}: batch_size")
+
+    variant_keys = list(dict.fromkeys(k for v in variants for k in v))
+    for key in ("seed", *variant_keys):
+        if key == "seed" and (key in axes or key in variant_keys):
+            raise ConfigError(f"{label}: set seeds with the top-level seeds key, not as an axis or variant key")
+        if key in axes:
+            raise ConfigError(f"{label}: key {key!r} is both an axis and a variant key; use one of them")
+    swept_keys = list(axes) + [k for k in variant_keys if k not in axes]
+
+    runs: list[PlannedRun] = []
+    seen: dict[str, dict] = {}
+    excluded_by = [0] * len(exclude)
+    for combo in itertools.product(*axes.values()):
+        for variant in variants or [{}]:
+            for seed in seeds:
+                assign = {**dict(zip(axes, combo, strict=True)), **variant, "seed": seed}
+                data = apply_assignments(base_raw, assign)
+                try:
+                    cfg = dispatch.from_dict(data)
+                except (ValueError, TypeError) as e:
+                    # An excluded invalid combination is simply dropped: exclude is how a grid skips them.
+                    merged = deep_merge(default_dict(), data)
+                    hit = [i for i, entry in enumerate(exclude) if _matches(merged, entry)]
+                    if hit:
+                        excluded_by[hit[0]] += 1
+                        continue
+                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise ConfigError(f"{label}: run {_fmt_assign(assign)}: {msg}") from e
+                resolved = cfg.to_dict()
+                hit = [i for i, entry in enumerate(exclude) if _matches(resolved, entry)]
+                if hit:
+                    excluded_by[hit[0]] += 1
+                    continue
+                rid = run_id(cfg)
+                if rid in seen:
+                    raise ConfigError(f"{label}: runs {_fmt_assign(seen[rid])} and {_fmt_assign(assign)} resolve "
+                                      f"to the same config (run id {rid}); remove the duplicate")
+                seen[rid] = assign
+                columns = {k: _lookup(resolved, k)[1] for k in ("seed", *ALWAYS_COLUMNS, *swept_keys)}
+                runs.append(PlannedRun(rid, cfg, columns))
+    for i, n in enumerate(excluded_by):
+        if n == 0:
+            print(f"reflab: warning: {label}: exclude[{i}] {_fmt_assign(exclude[i])} matched no run", file=sys.stderr)
+    if not runs:
+        raise ConfigError(f"{label}: the grid expands to no runs (everything is excluded)")
+    return SweepPlan(label=label, grid=grid, base=base_cfg.to_dict(), axes=axes, variants=variants, seeds=seeds,
+                     exclude=exclude, batch_size=batch_size, swept_keys=swept_keys, runs=runs)
