@@ -15,211 +15,42 @@ e.g. ``m[m["kl.beta"] == 0.25]`` (:func:`split_conditions` does it for every con
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
 from analysis import metrics as M
-from analysis.loading import NOT_CONDITION_KEYS, VARIANT_ORDER, key_columns, variant_order  # noqa: F401 (re-exported)
-from analysis.stats import bootstrap_curve, iqm
-
-#: Single-column width (inches) of the default figures.
-COLUMN_WIDTH = 3.3
-#: Two-column width (inches) for wide figures.
-PAGE_WIDTH = 6.9
-FORMATS = ("pdf", "png")
-PAPER_RC: dict[str, Any] = {
-    "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",
-    "font.family": "sans-serif", "font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7,
-    "xtick.labelsize": 6, "ytick.labelsize": 6, "legend.fontsize": 6, "legend.title_fontsize": 6,
-    "lines.linewidth": 1.1, "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6,
-    "xtick.major.size": 2.5, "ytick.major.size": 2.5, "axes.spines.top": False, "axes.spines.right": False,
-    "legend.frameon": False, "savefig.dpi": 300, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
-    "axes.titlepad": 3.0, "axes.labelpad": 2.0,
-}
-_PALETTE = sns.color_palette("colorblind")
-ESTIMATOR_COLOURS = {"k1": _PALETTE[0], "k2": _PALETTE[1], "k3": _PALETTE[2], "full": _PALETTE[4],
-                     "DPO": _PALETTE[3], "IPO": _PALETTE[7]}
-#: Variants that are not a KL placement but preference optimization (``train.algo: dpo``).
-PREFERENCE_VARIANTS = ("DPO", "IPO")
-PLACEMENT_DASHES: dict[str, tuple] = {"reward": (), "loss": (4.0, 1.6), "none": (1.0, 1.4), "is": (4.0, 1.2, 1.0, 1.2)}
-PLACEMENT_DASHES["preference"] = (6.0, 1.5, 1.5, 1.5)
-PLACEMENT_TITLES = {"reward": "KL in the reward", "loss": "KL as a loss", "preference": "preference optimization"}
-# Keys that never split a figure into conditions.
-_NOT_CONDITIONS = NOT_CONDITION_KEYS | {"variant"}
-KL_LABEL = r"KL($\pi\,\|\,\pi_{\mathrm{ref}}$) (nats)"
-
-
-def variant_parts(variant: str) -> tuple[str, str, bool]:
-    """``"k3 as loss (IS)"`` → ``("loss", "k3", True)``; ``"none"`` → ``("none", "", False)``;
-    ``"DPO"`` → ``("preference", "DPO", False)``."""
-    if variant == "none":
-        return "none", "", False
-    if variant in PREFERENCE_VARIANTS:
-        return "preference", variant, False
-    est, _, rest = variant.partition(" ")
-    placement = "reward" if rest.startswith("in reward") else "loss"
-    return placement, est, rest.endswith("(IS)")
-
-
-def _panel_label(variant: str) -> str:
-    """A variant's legend label inside a panel titled by its placement: the estimator (+ IS), or "no KL"."""
-    if variant == "none":
-        return "no KL"
-    _, est, is_corr = variant_parts(variant)
-    return est + (" (IS)" if is_corr else "")
-
-
-def variant_style(variant: str) -> dict[str, Any]:
-    """Matplotlib line keywords (``color``, ``dashes``) of a variant label."""
-    placement, est, is_corr = variant_parts(variant)
-    if placement == "none":
-        return {"color": "0.15", "dashes": PLACEMENT_DASHES["none"]}
-    colour = ESTIMATOR_COLOURS.get(est, _PALETTE[7])
-    return {"color": colour, "dashes": PLACEMENT_DASHES["is" if is_corr else placement]}
-
-
-def condition_columns(frame: pd.DataFrame) -> list[str]:
-    """Key columns of ``frame`` other than seed/variant that take more than one value."""
-    cols = [c for c in key_columns(frame) if c not in _NOT_CONDITIONS]
-    return [c for c in cols if frame[c].nunique(dropna=False) > 1]
-
-
-def split_conditions(frame: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
-    """``(condition values, rows)`` for every combination of :func:`condition_columns` (one if none vary)."""
-    cols = condition_columns(frame)
-    if not cols:
-        yield {}, frame
-        return
-    for values, rows in frame.groupby(cols, observed=True, sort=True):
-        values = values if isinstance(values, tuple) else (values,)
-        yield dict(zip(cols, values, strict=True)), rows
-
-
-def condition_label(condition: dict[str, Any]) -> str:
-    """``{"kl.beta": 0.25}`` → ``"β = 0.25"`` (other keys as ``key = value``), joined by commas."""
-    parts = []
-    for k, v in condition.items():
-        name = {"kl.beta": "β", "env.id": "env"}.get(k, k)
-        parts.append(f"{name} = {v:g}" if isinstance(v, float) else f"{name} = {v}")
-    return ", ".join(parts)
-
-
-def _check_one_condition(frame: pd.DataFrame) -> None:
-    cols = condition_columns(frame)
-    if cols:
-        raise ValueError(f"these rows mix several conditions ({', '.join(cols)} vary); filter to one, e.g. "
-                         f"with analysis.figures.split_conditions")
-
-
-def paper_style(fn: Callable[..., list[Path]]) -> Callable[..., list[Path]]:
-    """Run a figure function inside :data:`PAPER_RC` (fonts, line widths, TrueType fonts in PDFs)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> list[Path]:
-        with mpl.rc_context(PAPER_RC):
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def save(fig: Figure, path: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Write ``fig`` as ``path.<fmt>`` for each format (the suffix of ``path`` is replaced) and return the paths."""
-    path = Path(path)
-    base = path.with_suffix("") if path.suffix.lstrip(".") in ("pdf", "png", "svg", "eps", "ps") else path
-    base.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    with mpl.rc_context(PAPER_RC):
-        for fmt in formats:
-            target = base.with_name(f"{base.name}.{fmt}")
-            fig.savefig(target, format=fmt)
-            out.append(target)
-    return out
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(width, height), layout="constrained")
-
+from analysis.loading import variant_order
+from analysis.plotting import (
+    COLUMN_WIDTH,
+    ESTIMATOR_COLOURS,
+    FORMATS,
+    KL_LABEL,
+    PAGE_WIDTH,
+    PLACEMENT_TITLES,
+    check_one_condition,
+    condition_columns,
+    draw_variant,
+    mark_off,
+    new_figure,
+    off_spans,
+    panel_label,
+    paper_style,
+    placement_groups,
+    save,
+    variant_style,
+)
+from analysis.stats import iqm
 
 # ----------------------------------------------------------------------------------------------------------
 # Curves over updates
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _off_spans(metrics: pd.DataFrame) -> list[tuple[float, float]]:
-    """Update spans with the reward off (``reward_scale == 0``), from the first run (phases are shared)."""
-    if "reward_scale" not in metrics or metrics.empty:
-        return []
-    first = metrics[metrics["run_id"] == metrics["run_id"].iloc[0]].sort_values("update")
-    upd, off = first["update"].to_numpy(float), (first["reward_scale"] == 0).to_numpy()
-    spans, start = [], None
-    for i in range(len(upd)):
-        if off[i] and start is None:
-            start = upd[i - 1] if i > 0 else upd[i]
-        if not off[i] and start is not None:
-            spans.append((start, upd[i - 1]))
-            start = None
-    if start is not None:
-        spans.append((start, upd[-1]))
-    return spans
-
-
-def _mark_off(ax: Axes, spans: list[tuple[float, float]], label: bool) -> None:
-    for a, b in spans:
-        ax.axvspan(a, b, color="0.92", zorder=0, lw=0)
-        ax.axvline(a, color="0.35", lw=0.7, ls=(0, (2, 1.5)), zorder=1)
-        if label:
-            ax.text(b, 1.0, "reward off", transform=ax.get_xaxis_transform(), ha="right", va="bottom",
-                    fontsize=5.5, color="0.3")
-
-
-def _pivot(rows: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(updates [n_x], values [n_seeds, n_x])`` of one variant's runs (NaN where a run has no row)."""
-    wide = rows.pivot_table(index="run_id", columns="update", values=column, observed=True, dropna=False,
-                            aggfunc="first")
-    wide = wide.dropna(how="all")
-    return wide.columns.to_numpy(float), wide.to_numpy(float)
-
-
-def _draw_variant(ax: Axes, rows: pd.DataFrame, variant: str, column: str, seeds: bool, stat: str, n_boot: int,
-                  seed: int, label: str, floor: float | None = None) -> None:
-    x, values = _pivot(rows, column)
-    if values.size == 0:
-        return
-    if floor is not None:  # log axes: values at or below the floor (0, float noise) are drawn on it
-        values = np.where(np.isnan(values), np.nan, np.maximum(values, floor))
-    style = variant_style(variant)
-    point, lo, hi = bootstrap_curve(values, stat, n_boot, seed=seed)
-    if seeds and values.shape[0] > 1:
-        for v in values:
-            ax.plot(x, v, color=style["color"], lw=0.35, alpha=0.35, zorder=2)
-    if values.shape[0] > 1:
-        ax.fill_between(x, lo, hi, color=style["color"], alpha=0.18, lw=0, zorder=2)
-    ax.plot(x, point, label=label, zorder=3, **style)
-
-
-def _placement_groups(variants: list[str], layout: str) -> list[tuple[str | None, list[str]]]:
-    """Panels as ``(title, variants)``: one per KL placement (``none`` repeated in each as the baseline)."""
-    if layout == "single":
-        return [(None, variants)]
-    groups: list[tuple[str | None, list[str]]] = []
-    for placement in ("reward", "loss", "preference"):
-        members = [v for v in variants if variant_parts(v)[0] == placement]
-        if members:
-            base = [v for v in variants if v == "none"]
-            groups.append((PLACEMENT_TITLES[placement], base + members))
-    return groups or [(None, variants)]
-
-
-@paper_style
 def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: str, *, layout: str = "placement",
                 seeds: bool = False, log: bool = False, stat: str = "mean", n_boot: int = 1000, seed: int = 0,
                 hline: float | None = None, hline_label: str | None = None, title: str | None = None,
@@ -237,19 +68,19 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
         hline: draw a horizontal reference line at this value (e.g. the collapse threshold).
         xlim: restrict the x axis.
     """
-    _check_one_condition(metrics)
+    check_one_condition(metrics)
     m = metrics[metrics[column].notna()] if column in metrics else metrics.iloc[:0]
     variants = variant_order(m["variant"].unique()) if not m.empty else []
-    panels = _placement_groups(variants, layout)
-    fig = _new_figure(COLUMN_WIDTH, 1.35 * len(panels) + 0.55)
+    panels = placement_groups(variants, layout)
+    fig = new_figure(COLUMN_WIDTH, 1.35 * len(panels) + 0.55)
     axes = fig.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
-    spans = _off_spans(metrics)
+    spans = off_spans(metrics)
     by_variant = {str(k): v for k, v in m.groupby("variant", observed=True)}
     for i, (ax, (panel_title, members)) in enumerate(zip(axes, panels, strict=True)):
-        _mark_off(ax, spans, label=i == 0)
+        mark_off(ax, spans, label=i == 0)
         for j, v in enumerate(members):
-            label = v if panel_title is None else _panel_label(v)
-            _draw_variant(ax, by_variant[v], v, column, seeds, stat, n_boot, seed + j, label,
+            label = v if panel_title is None else panel_label(v)
+            draw_variant(ax, by_variant[v], v, column, seeds, stat, n_boot, seed + j, label,
                           log_floor if log else None)
         if hline is not None:
             ax.axhline(hline, color="0.5", lw=0.6, ls=(0, (1, 1)), zorder=1)
@@ -322,7 +153,6 @@ def plot_recovery(metrics: pd.DataFrame, path: str | Path, *, column: str = "kl_
     return plot_curves(rows, path, column, KL_LABEL, layout=layout, seeds=seeds, log=log, title=title,
                        xlim=xlim, n_boot=n_boot, seed=seed, formats=formats)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Heatmap of a final measure
 # ----------------------------------------------------------------------------------------------------------
@@ -363,7 +193,7 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
     grid.columns = [f"{c:g}" if isinstance(c, float) else str(c) for c in grid.columns]
     n_rows, n_cols = grid.shape
     width = min(PAGE_WIDTH, 1.35 + 0.42 * max(n_cols, 1) + 0.55)
-    fig = _new_figure(max(width, 2.2), 0.55 + 0.2 * max(n_rows, 1))
+    fig = new_figure(max(width, 2.2), 0.55 + 0.2 * max(n_rows, 1))
     ax = fig.subplots()
     annot: Any = False
     if n_rows * n_cols <= 120:  # annotate readable grids; "-0.00" (float noise around 0) reads as "0.00"
@@ -378,191 +208,6 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
     ax.set_title(title or f"{SUMMARY_LABELS.get(value, value)}, {stat.upper() if stat == 'iqm' else stat} "
                  "over seeds", loc="left")
     return save(fig, path, formats)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Final policy vs reference and optimum
-# ----------------------------------------------------------------------------------------------------------
-
-
-@paper_style
-def plot_final_policy(policy: pd.DataFrame, path: str | Path, *, config: dict | None = None,
-                      update: int | str = "last", seed: int | None = None, ncols: int | None = None,
-                      title: str | None = None, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Figure 5: the final policy of each variant against the reference and the KL-regularized optimum.
-
-    - Bandit (one state): per variant, bars = mean probability of each arm over seeds (dots = single
-      seeds), grey ticks = π_ref, black diamonds = the optimum π*.
-    - Gridworld (needs ``config``, the run config, to rebuild the layout): per variant, shading = expected
-      visits per episode to each cell, arrows = the occupancy-weighted action probabilities (length ∝
-      probability) of one seed (``seed``, default the first); panels for π_ref and π* first.
-    - Gaussian bandit: densities of the first action dimension (policy, reference, optimum).
-
-    Args:
-        policy: ``policy`` rows of one condition.
-        config: a run config (``Results.config(run_id)``) — needed for the gridworld.
-        update: the policy snapshot to draw (``"last"`` = each run's last).
-    """
-    _check_one_condition(policy)
-    p = M.at_update(policy, update)
-    if "dim" in p.columns:
-        return _plot_gaussian_policy(p, path, title, formats)
-    env_id = (config or {}).get("env", {}).get("id")
-    if env_id == "gridworld":
-        return _plot_grid_policy(p, path, config or {}, seed, ncols, title, formats)
-    return _plot_bandit_policy(p, path, ncols, title, formats)
-
-
-def _plot_bandit_policy(p: pd.DataFrame, path: str | Path, ncols: int | None, title: str | None,
-                        formats: Sequence[str]) -> list[Path]:
-    variants = variant_order(p["variant"].unique())
-    ncols = max(1, min(ncols or 2, len(variants)))
-    nrows = int(np.ceil(len(variants) / ncols))
-    fig = _new_figure(COLUMN_WIDTH, 0.25 + 0.85 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
-    state0 = p[p["state"] == p["state"].min()]
-    arms = np.sort(state0["action"].unique())
-    for ax, v in zip(axes, variants, strict=False):
-        rows = state0[state0["variant"] == v]
-        wide = rows.pivot_table(index="run_id", columns="action", values="prob", observed=True)
-        colour = variant_style(v)["color"]
-        ax.bar(arms, wide.mean(axis=0).reindex(arms).to_numpy(), width=0.7, color=colour, alpha=0.85, lw=0)
-        jitter = np.linspace(-0.18, 0.18, max(len(wide), 1))
-        for k, (_, seed_row) in enumerate(wide.iterrows()):
-            ax.plot(arms + jitter[k], seed_row.reindex(arms).to_numpy(), ls="none", marker=".", ms=1.8,
-                    color="0.2", zorder=3)
-        ref = rows.groupby("action")["ref_prob"].first().reindex(arms).to_numpy()
-        opt = rows.groupby("action")["opt_prob"].first().reindex(arms).to_numpy()
-        ax.hlines(ref, arms - 0.42, arms + 0.42, color="0.55", lw=1.2, zorder=4, label=r"$\pi_{\mathrm{ref}}$")
-        if np.isfinite(opt).any():
-            ax.plot(arms, opt, ls="none", marker="D", ms=2.6, mfc="none", mec="black", mew=0.7, zorder=5,
-                    label=r"optimum $\pi^*$")
-        ax.set_title(v, loc="left", pad=1.5)
-        ax.set_ylim(0, 1.02)
-        ax.set_xticks(arms)
-    return _finish_panels(fig, axes, len(variants), "arm", "probability", 2, title, path, formats)
-
-
-def _finish_panels(fig: Figure, axes: Sequence[Axes], n_used: int, xlabel: str, ylabel: str, ncol: int,
-                   title: str | None, path: str | Path, formats: Sequence[str]) -> list[Path]:
-    """Hide the unused panels, label the shared axes, put the first panel's legend on top and save."""
-    for ax in axes[n_used:]:
-        ax.set_visible(False)
-    fig.supxlabel(xlabel, fontsize=7)
-    fig.supylabel(ylabel, fontsize=7)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", ncol=ncol, handlelength=1.5)
-    if title:
-        fig.suptitle(title, fontsize=7)
-    return save(fig, path, formats)
-
-
-def _plot_grid_policy(p: pd.DataFrame, path: str | Path, config: dict, seed: int | None, ncols: int | None,
-                      title: str | None, formats: Sequence[str]) -> list[Path]:
-    import torch
-
-    from analysis.gridworld import fold_to_cells, policy_table, world_from_config
-
-    world = world_from_config(config)
-    S, A = world.mdp.n_states, world.mdp.n_actions
-    variants = variant_order(p["variant"].unique())
-    chosen_seed = seed if seed is not None else int(p["seed"].min())
-    first = p[p["seed"] == chosen_seed] if (p["seed"] == chosen_seed).any() else p
-    any_run = first[first["run_id"] == first["run_id"].iloc[0]]
-    panels: list[tuple[str, np.ndarray]] = [
-        (r"reference $\pi_{\mathrm{ref}}$", policy_table(any_run, S, A, "ref_prob"))]
-    if any_run["opt_prob"].notna().all():
-        panels.append((r"optimum $\pi^*$", policy_table(any_run, S, A, "opt_prob")))
-    for v in variants:
-        rows = first[first["variant"] == v]
-        run = rows[rows["run_id"] == rows["run_id"].iloc[0]]
-        panels.append((v, policy_table(run, S, A, "prob")))
-    ncols = max(1, min(ncols or 5, len(panels)))
-    nrows = int(np.ceil(len(panels) / ncols))
-    # Crop the grid to the bounding box of its non-wall cells (layouts are framed by walls).
-    rc = world.cell_rc.numpy()
-    r0, r1, c0, c1 = rc[:, 0].min(), rc[:, 0].max(), rc[:, 1].min(), rc[:, 1].max()
-    aspect = (r1 - r0 + 1) / (c1 - c0 + 1)
-    width = COLUMN_WIDTH if ncols <= 3 else PAGE_WIDTH
-    fig = _new_figure(width, 0.35 + nrows * (width / ncols) * aspect * 1.12)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    folded = [fold_to_cells(world, probs) for _, probs in panels]
-    vmax = max(float(f.occupancy.max()) for f in folded)
-    cmap = sns.color_palette("light:#3b6fb6", as_cmap=True)
-    norm = mpl.colors.PowerNorm(0.5, vmin=0.0, vmax=vmax)
-    goal_of_cell = world.goal_of_cell.numpy()
-    lava = world.lava.numpy()
-    dx = np.array([0.0, 1.0, 0.0, -1.0])  # up, right, down, left in image coordinates (row 0 at the top)
-    dy = np.array([-1.0, 0.0, 1.0, 0.0])
-    for ax, (name, _), cp in zip(axes, panels, folded, strict=False):
-        img = world.to_grid(torch.from_numpy(cp.occupancy)).numpy()
-        ax.imshow(np.where(world.walls, np.nan, img), cmap=cmap, norm=norm, interpolation="nearest")
-        ax.imshow(np.where(world.walls, 1.0, np.nan), cmap=mpl.colors.ListedColormap(["0.3"]), vmin=0, vmax=1,
-                  interpolation="nearest")
-        for c in range(world.n_cells):
-            r, col = rc[c]
-            if goal_of_cell[c] >= 0 or lava[c]:
-                text = f"{world.goal_rewards[goal_of_cell[c]]:g}" if goal_of_cell[c] >= 0 else "L"
-                ax.text(col, r, text, ha="center", va="center", fontsize=5.5, fontweight="bold",
-                        color="#1b7837" if goal_of_cell[c] >= 0 else "#b2182b")
-                continue
-            if cp.occupancy[c] < 1e-3:
-                continue
-            for a in range(A):  # one arrow per action, length ∝ its probability
-                length = 0.46 * cp.probs[c, a]
-                if length < 0.03:
-                    continue
-                head = 0.2 * min(1.0, length / 0.25)
-                ax.arrow(col, r, dx[a] * length, dy[a] * length, width=0.035, head_width=head,
-                         head_length=0.7 * head, length_includes_head=True, color="black", lw=0)
-        sr, sc = rc[world.start_cell]
-        ax.add_patch(mpl.patches.Rectangle((sc - 0.5, sr - 0.5), 1, 1, fill=False, ec="#d95f02", lw=0.9))
-        ax.set_xlim(c0 - 0.5, c1 + 0.5)
-        ax.set_ylim(r1 + 0.5, r0 - 0.5)
-        ax.set_title(name, loc="left", fontsize=6, pad=1.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_visible(False)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.tolist(), shrink=0.6, pad=0.01,
-                 label="visits per episode")
-    fig.suptitle(title or f"final policy (seed {chosen_seed}); arrows: π(a | cell), occupancy-weighted over time; "
-                 "box: start", fontsize=6)
-    return save(fig, path, formats)
-
-
-def _plot_gaussian_policy(p: pd.DataFrame, path: str | Path, title: str | None,
-                          formats: Sequence[str]) -> list[Path]:
-    d0 = p[p["dim"] == p["dim"].min()]
-    variants = variant_order(d0["variant"].unique())
-    fig = _new_figure(COLUMN_WIDTH, 1.9)
-    ax = fig.subplots()
-    mean_all = pd.concat([d0["mean"], d0["ref_mean"], d0["opt_mean"]]).dropna()
-    std_all = pd.concat([d0["std"], d0["ref_std"], d0["opt_std"]]).dropna()
-    lo = float((mean_all - 3.5 * std_all.max()).min())
-    hi = float((mean_all + 3.5 * std_all.max()).max())
-    xs = np.linspace(lo, hi, 400)
-
-    def density(mu: float, sd: float) -> np.ndarray:
-        return np.exp(-0.5 * ((xs - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
-
-    ref = d0.iloc[0]
-    ax.fill_between(xs, density(ref["ref_mean"], ref["ref_std"]), color="0.85", lw=0, label=r"$\pi_{\mathrm{ref}}$")
-    if np.isfinite(ref["opt_mean"]):
-        ax.plot(xs, density(ref["opt_mean"], ref["opt_std"]), color="0.35", lw=0.9, ls=(0, (4, 1, 1, 1)),
-                label=r"optimum $\pi^*$")
-    for v in variants:
-        rows = d0[d0["variant"] == v]
-        ax.plot(xs, density(rows["mean"].mean(), rows["std"].mean()), label=v, **variant_style(v))
-    ax.set_xlabel("action (dimension 0)")
-    ax.set_ylabel("density")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    if title:
-        ax.set_title(title, loc="left")
-    return save(fig, path, formats)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Estimators vs the true KL
@@ -593,7 +238,7 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
         samples = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["estimator", "value", "kl"])
         unit = "one batch mean"
     samples = samples.dropna(subset=["value", "kl"])
-    fig = _new_figure(COLUMN_WIDTH, 2.5)
+    fig = new_figure(COLUMN_WIDTH, 2.5)
     ax_top, ax_bot = fig.subplots(2, 1, sharex=True)
     if samples.empty:
         ax_top.text(0.5, 0.5, "no estimator values", transform=ax_top.transAxes, ha="center", va="center")
@@ -632,7 +277,6 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
         ax_top.set_title(title, loc="left")
     return save(fig, path, formats)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # DPO against the PPO placements across β
 # ----------------------------------------------------------------------------------------------------------
@@ -658,7 +302,7 @@ def plot_dpo_beta(per_run: pd.DataFrame, path: str | Path, *, policy: pd.DataFra
     variants = variant_order(per_run["variant"].astype(str).unique())
     xs = per_run[x].astype(float)
     one_state = policy is not None and not policy.empty and "state" in policy and policy["state"].nunique() == 1
-    fig = _new_figure(PAGE_WIDTH if one_state else COLUMN_WIDTH, 2.0)
+    fig = new_figure(PAGE_WIDTH if one_state else COLUMN_WIDTH, 2.0)
     axes = list(np.atleast_1d(fig.subplots(1, 2 if one_state else 1, squeeze=False)).ravel())
     ax_tv = axes[-1]
     rng = np.random.default_rng(0)
@@ -706,171 +350,3 @@ def plot_dpo_beta(per_run: pd.DataFrame, path: str | Path, *, policy: pd.DataFra
     if title:
         fig.suptitle(title, fontsize=7)
     return save(fig, path, formats)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Continuous actions: Gaussian policy trajectories, diffusion x_0 distribution and mode mix
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _first_run_line(metrics: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(update, column)`` of the first run that has ``column`` (phase-wise optima are shared by the runs of
-    one condition)."""
-    m = metrics[metrics[column].notna()] if column in metrics else metrics.iloc[:0]
-    if m.empty:
-        return np.zeros(0), np.zeros(0)
-    first = m[m["run_id"] == m["run_id"].iloc[0]].sort_values("update")
-    return first["update"].to_numpy(float), first[column].to_numpy(float)
-
-
-@paper_style
-def plot_gaussian_trajectory(metrics: pd.DataFrame, path: str | Path, *, title: str | None = None,
-                             n_boot: int = 1000, seed: int = 0, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Gaussian bandit: the policy's mean (dimension 0) and std vs update against the Gibbs optimum.
-
-    Columns: mean, std; rows: one per KL placement (no KL repeated in each). Lines are the mean over seeds
-    with a 95 % bootstrap band; the black dashed line is the optimum ``μ*``/``σ*`` of the current phase (the
-    reference once the reward is off; metrics ``opt_mean``/``opt_std``; absent where there is no closed form).
-    """
-    _check_one_condition(metrics)
-    m = metrics[metrics["policy_mean"].notna()] if "policy_mean" in metrics else metrics.iloc[:0]
-    variants = variant_order(m["variant"].unique()) if not m.empty else []
-    panels = _placement_groups(variants, "placement")
-    fig = _new_figure(PAGE_WIDTH * 0.8, 1.35 * len(panels) + 0.55)
-    axes = fig.subplots(len(panels), 2, sharex=True, squeeze=False)
-    spans = _off_spans(metrics)
-    by_variant = {str(k): v for k, v in m.groupby("variant", observed=True)}
-    for col, (column, opt_col, ylabel) in enumerate((("policy_mean", "opt_mean", "policy mean μ (dim 0)"),
-                                                     ("policy_std", "opt_std", "policy std σ"))):
-        ox, oy = _first_run_line(metrics, opt_col)
-        for row, (panel_title, members) in enumerate(panels):
-            ax = axes[row, col]
-            _mark_off(ax, spans, label=row == 0 and col == 0)
-            for j, v in enumerate(members):
-                label = _panel_label(v)
-                _draw_variant(ax, by_variant[v], v, column, False, "mean", n_boot, seed + j, label)
-            if oy.size:
-                ax.plot(ox, oy, color="black", lw=0.9, ls=(0, (3, 1.5)), zorder=4, label="optimum")
-            if panel_title:
-                ax.set_title(panel_title, loc="left")
-            ax.set_ylabel(ylabel)
-            if col == 1 and members:
-                ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
-    for ax in axes[-1]:
-        ax.set_xlabel("update")
-    if title:
-        fig.suptitle(title, fontsize=7)
-    return save(fig, path, formats)
-
-
-def rewarded_mode(metrics: pd.DataFrame) -> int | None:
-    """The mixture component the reward favours most: largest tilt / reference mode fraction in the reward
-    phase (diffusion-chain metrics ``opt_mode_frac_<m>``, ``ref_mode_frac_<m>``); ``None`` if unknown."""
-    modes = sorted(int(c.rsplit("_", 1)[1]) for c in metrics.columns if c.startswith("opt_mode_frac_"))
-    if not modes:
-        return None
-    rows = M.reward_phase(metrics)
-    ratios = [float((rows[f"opt_mode_frac_{k}"] / rows[f"ref_mode_frac_{k}"]).mean()) for k in modes]
-    if not np.isfinite(ratios).any():
-        return None
-    return modes[int(np.nanargmax(ratios))]
-
-
-@paper_style
-def plot_mode_mix(metrics: pd.DataFrame, path: str | Path, *, mode: int | None = None, title: str | None = None,
-                  n_boot: int = 1000, seed: int = 0, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Diffusion chain: the fraction of x_0 in the rewarded mixture component vs update, per variant.
-
-    ``mode_frac_<m>`` = mean posterior probability p_data(m | x_0) over an evaluation batch. Black dashed:
-    the same statistic for the KL-optimal tilt p* ∝ p_ref·e^{r/β} of the current phase (the reference once
-    the reward is off); grey dotted: the reference chain. Mean over seeds with a 95 % bootstrap band.
-    """
-    _check_one_condition(metrics)
-    mode = rewarded_mode(metrics) if mode is None else mode
-    if mode is None:
-        raise ValueError("no mode_frac_<m> columns: not a diffusion-chain run")
-    column = f"mode_frac_{mode}"
-    m = metrics[metrics[column].notna()]
-    variants = variant_order(m["variant"].unique()) if not m.empty else []
-    panels = _placement_groups(variants, "placement")
-    fig = _new_figure(COLUMN_WIDTH, 1.35 * len(panels) + 0.55)
-    axes = fig.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
-    spans = _off_spans(metrics)
-    ox, oy = _first_run_line(metrics, f"opt_mode_frac_{mode}")
-    rx, ry = _first_run_line(metrics, f"ref_mode_frac_{mode}")
-    by_variant = {str(k): v for k, v in m.groupby("variant", observed=True)}
-    for i, (ax, (panel_title, members)) in enumerate(zip(axes, panels, strict=True)):
-        _mark_off(ax, spans, label=i == 0)
-        if ry.size:
-            ax.plot(rx, ry, color="0.5", lw=0.8, ls=(0, (1, 1)), zorder=1, label="reference")
-        if oy.size:
-            ax.plot(ox, oy, color="black", lw=0.9, ls=(0, (3, 1.5)), zorder=4, label="tilt p*")
-        for j, v in enumerate(members):
-            label = _panel_label(v)
-            _draw_variant(ax, by_variant[v], v, column, False, "mean", n_boot, seed + j, label)
-        if panel_title:
-            ax.set_title(panel_title, loc="left")
-        ax.set_ylabel(f"x$_0$ in mode {mode}")
-        ax.set_ylim(-0.02, 1.02)
-        if members:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
-    axes[-1].set_xlabel("update")
-    if title:
-        fig.suptitle(title, fontsize=7)
-    return save(fig, path, formats)
-
-
-@paper_style
-def plot_x0_distribution(samples: pd.DataFrame, density: pd.DataFrame, path: str | Path, *,
-                         reward_end: int | None = None, bins: int = 40, ncols: int = 4, title: str | None = None,
-                         formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Diffusion chain: the x_0 distribution (dimension 0) of each variant against p_data and the tilt.
-
-    Per variant (samples pooled over seeds): filled histogram = x_0 at the end of the reward phase (the last
-    snapshot at or before ``reward_end``; the last snapshot if ``None``); black step outline = x_0 at the
-    last snapshot (after the reward-off phase, when there is one). Grey fill = the data density p_data;
-    dashed line = its KL-optimal tilt p_data·e^{r/β} (closed-form grid, ``density`` table).
-
-    Args:
-        samples: ``samples`` rows of one condition (``run_id, variant, update, x``).
-        density: ``density`` rows of the same condition (``x, data, tilt``; one run's grid is used).
-    """
-    _check_one_condition(samples)
-    variants = variant_order(samples["variant"].unique())
-    ncols = max(1, min(ncols, len(variants)))
-    nrows = int(np.ceil(len(variants) / ncols))
-    fig = _new_figure(PAGE_WIDTH, 0.45 + 1.05 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
-    grid = density[density["run_id"] == density["run_id"].iloc[0]] if not density.empty else density
-    last = int(samples["update"].max())
-    ups = np.sort(samples["update"].unique())
-    end = last if reward_end is None else int(ups[ups <= reward_end].max())
-    if not grid.empty:  # the grid spans the modes and the reward; far-off samples (diverged runs) sit on the edges
-        lo, hi = float(grid["x"].min()), float(grid["x"].max())
-    else:
-        lo, hi = np.nanpercentile(samples["x"], [1.0, 99.0])
-    edges = np.linspace(lo, hi, bins + 1)
-    for ax, v in zip(axes, variants, strict=False):
-        rows = samples[samples["variant"] == v]
-        colour = variant_style(v)["color"]
-        if not grid.empty:
-            ax.fill_between(grid["x"], grid["data"], color="0.85", lw=0, zorder=1, label=r"$p_{\mathrm{data}}$")
-            if grid["tilt"].notna().any():
-                ax.plot(grid["x"], grid["tilt"], color="black", lw=0.8, ls=(0, (3, 1.5)), zorder=4,
-                        label=r"tilt $p^*$")
-        at_end = rows.loc[rows["update"] == end, "x"].to_numpy(float)
-        at_end = at_end[np.isfinite(at_end)]
-        if at_end.size:
-            ax.hist(np.clip(at_end, lo, hi), bins=edges, density=True, color=colour, alpha=0.55, zorder=2,
-                    label=f"update {end}")
-        else:  # diverged runs keep no snapshot after their divergence
-            ax.text(0.5, 0.6, f"no samples at update {end}\n(runs diverged)", transform=ax.transAxes, ha="center",
-                    va="center", fontsize=6, color="0.3")
-        if end != last:
-            after = rows.loc[rows["update"] == last, "x"].to_numpy(float)
-            after = after[np.isfinite(after)]
-            if after.size:
-                ax.hist(np.clip(after, lo, hi), bins=edges, density=True, histtype="step", color="0.1", lw=0.8,
-                        zorder=3, label=f"update {last} (reward off)")
-        ax.set_title(v, loc="left", pad=1.5)
-    return _finish_panels(fig, axes, len(variants), "x$_0$ (dimension 0)", "density", 4, title, path, formats)

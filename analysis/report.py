@@ -31,6 +31,8 @@ import pandas as pd
 
 from analysis import figures as F
 from analysis import metrics as M
+from analysis import plotting
+from analysis import policy_figures as P
 from analysis.loading import Results, load
 from analysis.stats import aggregate
 
@@ -139,9 +141,9 @@ class _Report:
     def _figure(self, entries: list[tuple[str, list[Path]]], sentence: str, fn: Any, *args: Any, **kw: Any) -> None:
         """Draw one figure; a figure that cannot be drawn is reported in index.md, not raised."""
         kind = {F.plot_kl: "kl", F.plot_entropy: "entropy", F.plot_recovery: "recovery", F.plot_heatmap: "heatmap",
-                F.plot_final_policy: "policy", F.plot_estimators: "estimators", F.plot_dpo_beta: "dpo",
-                F.plot_gaussian_trajectory: "continuous", F.plot_mode_mix: "continuous",
-                F.plot_x0_distribution: "continuous"}[fn]
+                P.plot_final_policy: "policy", F.plot_estimators: "estimators", F.plot_dpo_beta: "dpo",
+                P.plot_gaussian_trajectory: "continuous", P.plot_mode_mix: "continuous",
+                P.plot_x0_distribution: "continuous"}[fn]
         if kind not in self.kinds:
             return
         try:
@@ -154,7 +156,7 @@ class _Report:
     def curves(self, condition: dict[str, Any], m: pd.DataFrame) -> None:
         slug = _slug(condition)
         tag = f"_{slug}" if slug else ""
-        label = F.condition_label(condition)
+        label = plotting.condition_label(condition)
         n_seeds = int(m.groupby("variant", observed=True)["run_id"].nunique().max())
         seeds_txt = f"mean over {n_seeds} seeds with a 95 % bootstrap band" if n_seeds > 1 else "one seed"
         entries: list[tuple[str, list[Path]]] = []
@@ -210,7 +212,7 @@ class _Report:
                 sentence = (f"Final policy {when}: probability of each arm (bars: mean over seeds, dots: single "
                             "seeds) against the reference (grey ticks) and the KL-regularized optimum "
                             "(diamonds).")
-            self._figure(entries, sentence, F.plot_final_policy, policy, self.out / f"fig5_policy{tag}",
+            self._figure(entries, sentence, P.plot_final_policy, policy, self.out / f"fig5_policy{tag}",
                          config=config, title=label or None)
         traj = self.res.trajectories
         traj = traj[traj["run_id"].astype(str).isin(ids)] if not traj.empty else traj
@@ -236,13 +238,13 @@ class _Report:
         if "policy_mean" in m:
             self._figure(entries, f"Gaussian policy mean (dimension 0, left) and std (right) vs update against the "
                          f"Gibbs optimum of the current phase (black dashed; {seeds_txt}).{off}",
-                         F.plot_gaussian_trajectory, m, self.out / f"figG_trajectory{tag}", title=label or None,
+                         P.plot_gaussian_trajectory, m, self.out / f"figG_trajectory{tag}", title=label or None,
                          n_boot=self.n_boot, seed=self.seed)
         if not diffusion:
             return
         self._figure(entries, f"Fraction of x_0 in the rewarded mixture component vs update ({seeds_txt}), against "
                      "the KL-optimal tilt of the current phase (black dashed; the reference once the reward is off) "
-                     f"and the reference chain (grey dotted).{off}", F.plot_mode_mix, m,
+                     f"and the reference chain (grey dotted).{off}", P.plot_mode_mix, m,
                      self.out / f"figD2_modes{tag}", title=label or None, n_boot=self.n_boot, seed=self.seed)
         ids = set(m["run_id"].astype(str))
         samples, density = self.res.samples, self.res.density
@@ -254,13 +256,13 @@ class _Report:
         after = " and after the reward-off phase (black outline)" if end is not None else ""
         self._figure(entries, f"x_0 distribution (dimension 0, samples pooled over seeds) at the end of the reward "
                      f"phase (filled){after}, against the data distribution p_data (grey) and its KL-optimal "
-                     "tilt p_data·e^{r/β} (dashed).", F.plot_x0_distribution, samples, density,
+                     "tilt p_data·e^{r/β} (dashed).", P.plot_x0_distribution, samples, density,
                      self.out / f"figD1_x0{tag}", reward_end=end, title=label or None)
 
     def dpo_beta(self, condition: dict[str, Any], per_run: pd.DataFrame, x: str) -> None:
         """Fig. 7: DPO/IPO against the PPO variants of this condition across β."""
         slug = _slug(condition)
-        label = F.condition_label(condition)
+        label = plotting.condition_label(condition)
         ids = set(per_run["run_id"].astype(str))
         policy = self.res.policy
         policy = policy[policy["run_id"].astype(str).isin(ids)] if not policy.empty else policy
@@ -283,7 +285,7 @@ class _Report:
     def heatmaps(self, condition: dict[str, Any], per_run: pd.DataFrame, x: str) -> None:
         slug = _slug(condition)
         tag = f"_{slug}" if slug else ""
-        label = F.condition_label(condition)
+        label = plotting.condition_label(condition)
         entries: list[tuple[str, list[Path]]] = []
         xname = "β" if x == "kl.beta" else x
         for value, stat in (("kl_final", "iqm"), ("entropy_final", "iqm"), ("tv_opt_final", "iqm"),
@@ -314,7 +316,7 @@ class ReportOutput:
     """Every figure file written."""
 
 
-def write_report(path: str | Path, out: str | Path | None = None, formats: Sequence[str] = F.FORMATS,
+def write_report(path: str | Path, out: str | Path | None = None, formats: Sequence[str] = plotting.FORMATS,
                  collapse_threshold: float = M.COLLAPSE_ENTROPY, recovery_tol: float = M.RECOVERY_TOL,
                  n_boot: int = 2000, seed: int = 0, seeds: bool = False,
                  max_conditions: int = MAX_CONDITIONS, figures: Sequence[str] = FIGURE_CHOICES) -> ReportOutput:
@@ -342,12 +344,12 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
     if not metrics.empty:
         per_run = M.run_summary(metrics, collapse_threshold, recovery_tol)
         per_run.to_csv(out / "runs.csv", index=False)
-        conds = F.condition_columns(per_run)
+        conds = plotting.condition_columns(per_run)
         by = ["variant"] + conds
         table = summary_table(per_run, by, n_boot, seed)
         table.to_csv(out / "summary.csv", index=False)
         (out / "summary.md").write_text(summary_markdown(table, by))
-        groups = list(F.split_conditions(metrics))
+        groups = list(plotting.split_conditions(metrics))
         for condition, m in groups[:max_conditions]:
             rep.curves(condition, m)
         skipped = len(groups) - min(len(groups), max_conditions)
@@ -359,7 +361,7 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
         for condition, g in frames:
             if g["variant"].nunique() * (g[x].nunique() if x in g else 1) >= 2:
                 rep.heatmaps(condition, g, x)
-            if g["variant"].astype(str).isin(F.PREFERENCE_VARIANTS).any() and x in g and g[x].nunique() >= 2:
+            if g["variant"].astype(str).isin(plotting.PREFERENCE_VARIANTS).any() and x in g and g[x].nunique() >= 2:
                 rep.dpo_beta(condition, g, x)
     else:
         skipped = 0
@@ -380,7 +382,7 @@ def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by:
     status = ", ".join(f"{k} {v}" for k, v in counts.items())
     lines = [f"# reflab report: {src.resolve().name}", "",
              f"Source: `{src}` ({kind}; {status}). Written by `reflab report` in {seconds:.0f} s.", ""]
-    varying = [k for k in F.condition_columns(runs)]
+    varying = [k for k in plotting.condition_columns(runs)]
     parts = []
     if "variant" in runs:
         parts.append("variants: " + ", ".join(runs["variant"].cat.categories.astype(str)))

@@ -20,7 +20,7 @@ from sim.algos.discrete import DiscreteTrainer
 from sim.config import Config
 from sim.engine import rng
 from sim.engine.exact import exact_loss
-from sim.engine.kl import all_estimates, full_kl, full_kl_slope
+from sim.engine.kl import all_estimates, full_kl, full_kl_slope, masked_product
 from sim.engine.outputs import snapshot
 from sim.engine.placement import kl_loss_term, kl_loss_term_and_slope, kl_reward_penalty
 from sim.engine.policies import MLPValue, TabularValue, gather_rows, log_softmax_action_major, sum_actions
@@ -292,7 +292,7 @@ class PPOTrainer(DiscreteTrainer):
             if kl_slope is not None:
                 g_lp = g_lp + n * kl_slope
             if full_w is not None:  # the row's exact KL counts once per sample of the row
-                g_lp = g_lp + (n_s * full_w) * full_kl_slope(lp, ref, prob)
+                g_lp = g_lp + masked_product(n_s * full_w, full_kl_slope(lp, ref, prob))
             if tr.ent_coef > 0:  # ∂(−c·n_s·H)/∂lp = c·n_s·π·(lp + 1) where π > 0
                 g_lp = g_lp + (tr.ent_coef * n_s) * torch.where(prob > 0, prob * (lp + 1.0), 0.0)
             grads = (g_lp, tr.vf_coef * n_s * v_err if v is not None else None, prob)

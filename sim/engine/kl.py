@@ -141,32 +141,51 @@ def _weighted(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
               k_full: Tensor | Callable[[], Tensor] | None, logp_old: Tensor | None, run_index: Tensor | None,
               delta_slope: Tensor | None, slope: bool, value: bool = True
               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """:func:`weighted_estimate_and_slope` (the value only if ``value``, the slope only if ``slope``)."""
+    """:func:`weighted_estimate_and_slope` (the value only if ``value``, the slope only if ``slope``).
+
+    An estimator is evaluated only where its weight is non-zero: elsewhere its input is replaced by a value
+    that gives exactly 0 (δ = 0, an importance weight of 1). A run that does not use k3 therefore never
+    meets its own ``e^{−δ}`` overflowing, and ``0·inf`` cannot turn a batch-mate's estimator into a NaN in
+    its loss or gradient: a run's numbers stay those it gets alone.
+    """
     weights = coef if isinstance(coef, list) else estimator_weights(coef, logp, run_index)
     used = [w is not None for w in weights]
+    on = [_where_used(w) for w in weights]  # None where every entry uses the estimator (no masking needed)
 
-    w = torch.exp(logp - logp_old) if logp_old is not None and any(used[:3]) else None
-    delta = logp - ref_logp if any(used[:3]) else None
+    sampled = [j for j in range(3) if used[j]]
+    delta = logp - ref_logp if sampled else None
+    w = None
+    if logp_old is not None and sampled:
+        log_ratio = logp - logp_old
+        masks = [on[j] for j in sampled]
+        if all(m is not None for m in masks):  # the IS ratio only where a sampled estimator is weighted
+            any_on = masks[0]
+            for m in masks[1:]:
+                any_on = any_on | m
+            log_ratio = torch.where(any_on, log_ratio, 0.0)
+        w = torch.exp(log_ratio)
     out: Tensor | None = None
     d_delta: Tensor | None = None  # Σ_j weight_j·∂k_j/∂δ
     d_w: Tensor | None = None  # Σ_j weight_j·k_j over the estimators whose IS weight carries gradient
-    for j, kind in enumerate(SAMPLED_ESTIMATORS):
-        if used[j]:
-            # k2's IS weight carries no gradient (docs/theory.md "Off-policy")
-            w_grad = slope and w is not None and kind != "k2"
-            k, dk = _with_slope(delta, kind, slope, value or w_grad)
-            if w_grad:
-                d_w = weights[j] * k if d_w is None else d_w + weights[j] * k
-            if value:
-                if w is not None:
-                    k = (w.detach() if kind == "k2" else w) * k
-                out = weights[j] * k if out is None else out + weights[j] * k
-            if slope:
-                s = weights[j] if dk is None else weights[j] * dk
-                d_delta = s if d_delta is None else d_delta + s
+    for j in sampled:
+        kind = SAMPLED_ESTIMATORS[j]
+        delta_j = delta if on[j] is None else torch.where(on[j], delta, 0.0)
+        # k2's IS weight carries no gradient (docs/theory.md "Off-policy")
+        w_grad = slope and w is not None and kind != "k2"
+        k, dk = _with_slope(delta_j, kind, slope, value or w_grad)
+        if w_grad:
+            d_w = weights[j] * k if d_w is None else d_w + weights[j] * k
+        if value:
+            if w is not None:
+                k = (w.detach() if kind == "k2" else w) * k
+            out = weights[j] * k if out is None else out + weights[j] * k
+        if slope:
+            s = weights[j] if dk is None else weights[j] * dk
+            d_delta = s if d_delta is None else d_delta + s
     if used[3] and value:
         kf = k_full() if callable(k_full) else k_full
-        out = weights[3] * kf if out is None else out + weights[3] * kf
+        term = weights[3] * kf if on[3] is None else torch.where(on[3], weights[3] * kf, 0.0)
+        out = term if out is None else out + term
     if value:
         if out is None:
             out = torch.zeros_like(logp)
@@ -179,3 +198,18 @@ def _weighted(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
         grad = d_delta if w is None else w * (d_delta if d_w is None else d_delta + d_w)
         grad = grad if grad.shape == logp.shape else grad.expand_as(logp)
     return out, grad, weights[3] if used[3] else None
+
+
+def masked_product(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight·x``, exactly 0 where ``weight`` is 0 (whatever ``x`` is there: a batch-mate's ``inf`` or NaN
+    does not become a NaN in a run that gives it no weight)."""
+    mask = _where_used(weight)
+    return weight * x if mask is None else torch.where(mask, weight * x, 0.0)
+
+
+def _where_used(weight: Tensor | None) -> Tensor | None:
+    """Where ``weight`` is non-zero (a bool mask broadcasting like it); ``None`` if it is nowhere zero (or unused)."""
+    if weight is None:
+        return None
+    mask = weight != 0
+    return None if bool(mask.all()) else mask

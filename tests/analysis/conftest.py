@@ -11,7 +11,8 @@ from pathlib import Path
 
 import matplotlib
 import pytest
-from sweep_fixture import write_sweep
+
+from tests.analysis.sweep_fixture import write_sweep
 
 matplotlib.use("Agg")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-from sweep_fixture import write_sweep
 
 import analysis
 from analysis.loading import variant_label
 from sim.lab.cli import main
+from tests.analysis.sweep_fixture import write_sweep
 
 GRID = {
     "base": {"env": {"id": "bandit", "rewards": [1, 0, 0], "ref_probs": [0.2, 0.5, 0.3]},

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from analysis import figures as F
+from analysis import loading, plotting
+from analysis import policy_figures as P
 from analysis.loading import load
 
 
@@ -28,11 +30,11 @@ def bandit_beta(bandit):
 
 
 def test_variant_styles_are_distinct() -> None:
-    styles = {v: F.variant_style(v) for v in F.VARIANT_ORDER}
+    styles = {v: plotting.variant_style(v) for v in loading.VARIANT_ORDER}
     pairs = {(tuple(s["color"]) if not isinstance(s["color"], str) else s["color"], s["dashes"])
              for s in styles.values()}
-    assert len(pairs) == len(F.VARIANT_ORDER)
-    assert F.variant_parts("k3 as loss (IS)") == ("loss", "k3", True)
+    assert len(pairs) == len(loading.VARIANT_ORDER)
+    assert plotting.variant_parts("k3 as loss (IS)") == ("loss", "k3", True)
 
 
 def test_kl_figure_pdf_and_png(bandit_beta, tmp_path: Path) -> None:
@@ -61,20 +63,20 @@ def test_heatmap_over_beta(bandit, tmp_path: Path) -> None:
 
 def test_bandit_final_policy(bandit, tmp_path: Path) -> None:
     pol = bandit.policy[bandit.policy["kl.beta"] == 0.25]
-    written(F.plot_final_policy(pol, tmp_path / "policy", formats=("png",)))
+    written(P.plot_final_policy(pol, tmp_path / "policy", formats=("png",)))
 
 
 def test_gridworld_final_policy(grid_sweep: Path, tmp_path: Path) -> None:
     res = load(grid_sweep)
     cfg = res.config(str(res.runs["run_id"].iloc[0]))
     few = res.policy[res.policy["variant"].isin(["k1 in reward", "k3 in reward"])]  # 4 panels: ref, π*, 2 runs
-    written(F.plot_final_policy(few, tmp_path / "grid_policy", config=cfg, formats=("png",)))
+    written(P.plot_final_policy(few, tmp_path / "grid_policy", config=cfg, formats=("png",)))
     written(F.plot_kl(res.metrics, tmp_path / "grid_kl", formats=("png",)))
 
 
 def test_gaussian_final_policy_and_curves(gauss_sweep: Path, tmp_path: Path) -> None:
     res = load(gauss_sweep)
-    written(F.plot_final_policy(res.policy, tmp_path / "gauss_policy", formats=("png",)))
+    written(P.plot_final_policy(res.policy, tmp_path / "gauss_policy", formats=("png",)))
     written(F.plot_kl(res.metrics, tmp_path / "gauss_kl", formats=("png",)))
     written(F.plot_estimators(res.metrics, tmp_path / "gauss_est", formats=("png",)))
 
@@ -88,12 +90,12 @@ def test_estimator_figure_from_trajectories_and_batches(bandit, bandit_beta, tmp
 def test_curves_refuse_mixed_conditions(bandit, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="kl.beta"):
         F.plot_kl(bandit.metrics, tmp_path / "mixed", formats=("png",))
-    conditions = [c for c, _ in F.split_conditions(bandit.metrics)]
+    conditions = [c for c, _ in plotting.split_conditions(bandit.metrics)]
     assert conditions == [{"kl.beta": 0.25}, {"kl.beta": 1.0}]
-    assert F.condition_label(conditions[0]) == "β = 0.25"
+    assert plotting.condition_label(conditions[0]) == "β = 0.25"
 
 
 def test_single_run_figures(single_run: Path, tmp_path: Path) -> None:
     res = load(single_run)
     written(F.plot_kl(res.metrics, tmp_path / "one_kl", formats=("png",)))
-    written(F.plot_final_policy(res.policy, tmp_path / "one_policy", formats=("png",)))
+    written(P.plot_final_policy(res.policy, tmp_path / "one_policy", formats=("png",)))

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sweep_fixture import GRID_KEYS, expand_grid
+
+from tests.analysis.sweep_fixture import GRID_KEYS, expand_grid
 
 PRESETS = Path(__file__).resolve().parents[2] / "sim" / "lab" / "presets"
 STANDARD_VARIANTS = {("none", "k1"), ("reward", "k1"), ("reward", "k2"), ("reward", "k3"), ("loss", "k1"),

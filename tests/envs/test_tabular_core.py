@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from envs import tabular
+from envs import make_params, tabular
 from envs.tabular import (
     TabularCore,
     TabularMDP,
@@ -207,3 +207,37 @@ def test_layers_reject_transitions_that_skip_time() -> None:
     assert tabular.layers(mdp) is not None
     loop = replace(mdp, state_time=torch.zeros_like(mdp.state_time))
     assert tabular.layers(loop) is None
+
+
+
+def test_tabular_step_2d_batch_matches_flat_batch():
+    """Guards the flat ``take`` / ``index_select`` lookups on a [B1, B2] batch (contiguous and transposed):
+    element by element the same as the flattened [B1·B2] batch, and as a per-element lookup in the MDP's
+    tables (outcome = first k with u < cumulative probability) on a slippery gridworld."""
+    mdp = make_params("gridworld", layout="open_5x5", horizon=8, slip=0.2).build()
+    core = TabularCore(mdp)
+    assert core.needs_uniform
+    S, A = mdp.n_states, mdp.n_actions
+    g = torch.Generator().manual_seed(14)
+    b1, b2 = 6, 7
+    state = torch.randint(0, S, (b1, b2), generator=g)
+    action = torch.randint(0, A, (b1, b2), generator=g)
+    u = torch.rand(b1, b2, generator=g, dtype=torch.float64)
+    flat = core.step(state.reshape(-1), action.reshape(-1), u.reshape(-1))
+    for s, a, uu in [(state, action, u), (state.t(), action.t(), u.t())]:
+        got = core.step(s, a, uu)
+        for x, y in zip(got, core.step(s.reshape(-1), a.reshape(-1), uu.reshape(-1)), strict=True):
+            assert x.shape == s.shape
+            assert torch.equal(x.reshape(-1), y)
+    nxt, rew, done = core.step(state, action, u)
+    n_slipped = 0
+    for i in range(b1):
+        for j in range(b2):
+            s, a = int(state[i, j]), int(action[i, j])
+            cdf = mdp.next_prob[s, a].cumsum(0)
+            k = int((u[i, j] >= cdf).sum().clamp(max=cdf.numel() - 1))
+            n_slipped += int(k != int(mdp.next_prob[s, a].argmax()))
+            assert int(nxt[i, j]) == int(mdp.next_state[s, a, k]) == int(flat[0][i * b2 + j])
+            assert float(rew[i, j]) == float(mdp.reward[s, a, k])
+            assert bool(done[i, j]) == (int(mdp.next_state[s, a, k]) == S)
+    assert n_slipped > 0  # the batch exercises more than one outcome

@@ -16,8 +16,8 @@ from envs import tabular
 from sim.algos.ppo import PPOTrainer
 from sim.engine.kl import full_kl
 from sim.engine.placement import kl_loss_term
-from sim.engine.rows import visited_rows
 from sim.engine.ppo import masked_mean
+from sim.engine.rows import visited_rows
 from sim.lab.dispatch import resolve
 
 RUNS = [

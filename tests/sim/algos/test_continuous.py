@@ -192,7 +192,7 @@ def test_continuous_presets_plan_every_variant_with_a_reward_off_phase(name: str
     from sim.config import yaml_load
     from sim.lab.grid import plan_sweep
 
-    presets = Path(__file__).resolve().parents[2] / "sim" / "lab" / "presets"
+    presets = Path(__file__).resolve().parents[3] / "sim" / "lab" / "presets"
     grid = yaml_load((presets / f"{name}.yaml").read_text())
     plan = plan_sweep(grid, name, presets)
     configs = [r.config for r in plan.runs]

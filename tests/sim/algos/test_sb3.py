@@ -18,7 +18,7 @@ from sim.algos.sb3_ppo import CallableReference, KLRegularizedPPO, TableReferenc
 from sim.config import ConfigError
 from sim.lab.dispatch import make_trainer, resolve
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 REWARDS = (1.0, 0.5, -0.25)
 REF = (0.2, 0.5, 0.3)
 BETA = 0.3

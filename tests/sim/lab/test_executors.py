@@ -18,7 +18,7 @@ import yaml
 from sim.lab.grid import plan_sweep
 from sim.lab.runs import TABLES, read_status
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 GRID = {
     "base": {"env": {"id": "bandit", "rewards": [1, 0, 0], "ref_probs": [0.2, 0.5, 0.3]},
              "train": {"updates": 20, "batch": 32}},

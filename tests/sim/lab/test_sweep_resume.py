@@ -16,7 +16,7 @@ import yaml
 from sim.lab.cli import main
 from sim.lab.runs import TABLES
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # 12 runs of one bandit signature, one run per task: slow enough to kill mid-way, quick to finish.
 GRID = {
     "base": {"env": {"id": "bandit", "rewards": [1, 0, 0], "ref_probs": [0.2, 0.5, 0.3]},

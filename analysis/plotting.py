@@ -1,0 +1,221 @@
+"""Shared pieces of reflab's figures: the paper style, variant colours and dashes, conditions, saving, and
+the helpers that draw a variant's curve over updates (used by :mod:`analysis.figures` and
+:mod:`analysis.policy_figures`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from analysis.loading import NOT_CONDITION_KEYS, VARIANT_ORDER, key_columns, variant_order  # noqa: F401 (re-exported)
+from analysis.stats import bootstrap_curve
+
+#: Single-column width (inches) of the default figures.
+COLUMN_WIDTH = 3.3
+#: Two-column width (inches) for wide figures.
+PAGE_WIDTH = 6.9
+FORMATS = ("pdf", "png")
+PAPER_RC: dict[str, Any] = {
+    "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",
+    "font.family": "sans-serif", "font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7,
+    "xtick.labelsize": 6, "ytick.labelsize": 6, "legend.fontsize": 6, "legend.title_fontsize": 6,
+    "lines.linewidth": 1.1, "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6,
+    "xtick.major.size": 2.5, "ytick.major.size": 2.5, "axes.spines.top": False, "axes.spines.right": False,
+    "legend.frameon": False, "savefig.dpi": 300, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
+    "axes.titlepad": 3.0, "axes.labelpad": 2.0,
+}
+_PALETTE = sns.color_palette("colorblind")
+ESTIMATOR_COLOURS = {"k1": _PALETTE[0], "k2": _PALETTE[1], "k3": _PALETTE[2], "full": _PALETTE[4],
+                     "DPO": _PALETTE[3], "IPO": _PALETTE[7]}
+#: Variants that are not a KL placement but preference optimization (``train.algo: dpo``).
+PREFERENCE_VARIANTS = ("DPO", "IPO")
+PLACEMENT_DASHES: dict[str, tuple] = {"reward": (), "loss": (4.0, 1.6), "none": (1.0, 1.4), "is": (4.0, 1.2, 1.0, 1.2)}
+PLACEMENT_DASHES["preference"] = (6.0, 1.5, 1.5, 1.5)
+PLACEMENT_TITLES = {"reward": "KL in the reward", "loss": "KL as a loss", "preference": "preference optimization"}
+# Keys that never split a figure into conditions.
+_NOT_CONDITIONS = NOT_CONDITION_KEYS | {"variant"}
+KL_LABEL = r"KL($\pi\,\|\,\pi_{\mathrm{ref}}$) (nats)"
+
+
+def variant_parts(variant: str) -> tuple[str, str, bool]:
+    """``"k3 as loss (IS)"`` → ``("loss", "k3", True)``; ``"none"`` → ``("none", "", False)``;
+    ``"DPO"`` → ``("preference", "DPO", False)``."""
+    if variant == "none":
+        return "none", "", False
+    if variant in PREFERENCE_VARIANTS:
+        return "preference", variant, False
+    est, _, rest = variant.partition(" ")
+    placement = "reward" if rest.startswith("in reward") else "loss"
+    return placement, est, rest.endswith("(IS)")
+
+
+def panel_label(variant: str) -> str:
+    """A variant's legend label inside a panel titled by its placement: the estimator (+ IS), or "no KL"."""
+    if variant == "none":
+        return "no KL"
+    _, est, is_corr = variant_parts(variant)
+    return est + (" (IS)" if is_corr else "")
+
+
+def variant_style(variant: str) -> dict[str, Any]:
+    """Matplotlib line keywords (``color``, ``dashes``) of a variant label."""
+    placement, est, is_corr = variant_parts(variant)
+    if placement == "none":
+        return {"color": "0.15", "dashes": PLACEMENT_DASHES["none"]}
+    colour = ESTIMATOR_COLOURS.get(est, _PALETTE[7])
+    return {"color": colour, "dashes": PLACEMENT_DASHES["is" if is_corr else placement]}
+
+
+def condition_columns(frame: pd.DataFrame) -> list[str]:
+    """Key columns of ``frame`` other than seed/variant that take more than one value."""
+    cols = [c for c in key_columns(frame) if c not in _NOT_CONDITIONS]
+    return [c for c in cols if frame[c].nunique(dropna=False) > 1]
+
+
+def split_conditions(frame: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
+    """``(condition values, rows)`` for every combination of :func:`condition_columns` (one if none vary)."""
+    cols = condition_columns(frame)
+    if not cols:
+        yield {}, frame
+        return
+    for values, rows in frame.groupby(cols, observed=True, sort=True):
+        values = values if isinstance(values, tuple) else (values,)
+        yield dict(zip(cols, values, strict=True)), rows
+
+
+def condition_label(condition: dict[str, Any]) -> str:
+    """``{"kl.beta": 0.25}`` → ``"β = 0.25"`` (other keys as ``key = value``), joined by commas."""
+    parts = []
+    for k, v in condition.items():
+        name = {"kl.beta": "β", "env.id": "env"}.get(k, k)
+        parts.append(f"{name} = {v:g}" if isinstance(v, float) else f"{name} = {v}")
+    return ", ".join(parts)
+
+
+def check_one_condition(frame: pd.DataFrame) -> None:
+    cols = condition_columns(frame)
+    if cols:
+        raise ValueError(f"these rows mix several conditions ({', '.join(cols)} vary); filter to one, e.g. "
+                         f"with analysis.figures.split_conditions")
+
+
+def paper_style(fn: Callable[..., list[Path]]) -> Callable[..., list[Path]]:
+    """Run a figure function inside :data:`PAPER_RC` (fonts, line widths, TrueType fonts in PDFs)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> list[Path]:
+        with mpl.rc_context(PAPER_RC):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def save(fig: Figure, path: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write ``fig`` as ``path.<fmt>`` for each format (the suffix of ``path`` is replaced) and return the paths."""
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix.lstrip(".") in ("pdf", "png", "svg", "eps", "ps") else path
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    with mpl.rc_context(PAPER_RC):
+        for fmt in formats:
+            target = base.with_name(f"{base.name}.{fmt}")
+            fig.savefig(target, format=fmt)
+            out.append(target)
+    return out
+
+
+def new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+
+def off_spans(metrics: pd.DataFrame) -> list[tuple[float, float]]:
+    """Update spans with the reward off (``reward_scale == 0``), from the first run (phases are shared)."""
+    if "reward_scale" not in metrics or metrics.empty:
+        return []
+    first = metrics[metrics["run_id"] == metrics["run_id"].iloc[0]].sort_values("update")
+    upd, off = first["update"].to_numpy(float), (first["reward_scale"] == 0).to_numpy()
+    spans, start = [], None
+    for i in range(len(upd)):
+        if off[i] and start is None:
+            start = upd[i - 1] if i > 0 else upd[i]
+        if not off[i] and start is not None:
+            spans.append((start, upd[i - 1]))
+            start = None
+    if start is not None:
+        spans.append((start, upd[-1]))
+    return spans
+
+
+def mark_off(ax: Axes, spans: list[tuple[float, float]], label: bool) -> None:
+    for a, b in spans:
+        ax.axvspan(a, b, color="0.92", zorder=0, lw=0)
+        ax.axvline(a, color="0.35", lw=0.7, ls=(0, (2, 1.5)), zorder=1)
+        if label:
+            ax.text(b, 1.0, "reward off", transform=ax.get_xaxis_transform(), ha="right", va="bottom",
+                    fontsize=5.5, color="0.3")
+
+
+def pivot_runs(rows: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(updates [n_x], values [n_seeds, n_x])`` of one variant's runs (NaN where a run has no row)."""
+    wide = rows.pivot_table(index="run_id", columns="update", values=column, observed=True, dropna=False,
+                            aggfunc="first")
+    wide = wide.dropna(how="all")
+    return wide.columns.to_numpy(float), wide.to_numpy(float)
+
+
+def draw_variant(ax: Axes, rows: pd.DataFrame, variant: str, column: str, seeds: bool, stat: str, n_boot: int,
+                  seed: int, label: str, floor: float | None = None) -> None:
+    x, values = pivot_runs(rows, column)
+    if values.size == 0:
+        return
+    if floor is not None:  # log axes: values at or below the floor (0, float noise) are drawn on it
+        values = np.where(np.isnan(values), np.nan, np.maximum(values, floor))
+    style = variant_style(variant)
+    point, lo, hi = bootstrap_curve(values, stat, n_boot, seed=seed)
+    if seeds and values.shape[0] > 1:
+        for v in values:
+            ax.plot(x, v, color=style["color"], lw=0.35, alpha=0.35, zorder=2)
+    if values.shape[0] > 1:
+        ax.fill_between(x, lo, hi, color=style["color"], alpha=0.18, lw=0, zorder=2)
+    ax.plot(x, point, label=label, zorder=3, **style)
+
+
+def placement_groups(variants: list[str], layout: str) -> list[tuple[str | None, list[str]]]:
+    """Panels as ``(title, variants)``: one per KL placement (``none`` repeated in each as the baseline)."""
+    if layout == "single":
+        return [(None, variants)]
+    groups: list[tuple[str | None, list[str]]] = []
+    for placement in ("reward", "loss", "preference"):
+        members = [v for v in variants if variant_parts(v)[0] == placement]
+        if members:
+            base = [v for v in variants if v == "none"]
+            groups.append((PLACEMENT_TITLES[placement], base + members))
+    return groups or [(None, variants)]
+
+
+@paper_style
+
+
+def finish_panels(fig: Figure, axes: Sequence[Axes], n_used: int, xlabel: str, ylabel: str, ncol: int,
+                   title: str | None, path: str | Path, formats: Sequence[str]) -> list[Path]:
+    """Hide the unused panels, label the shared axes, put the first panel's legend on top and save."""
+    for ax in axes[n_used:]:
+        ax.set_visible(False)
+    fig.supxlabel(xlabel, fontsize=7)
+    fig.supylabel(ylabel, fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper right", ncol=ncol, handlelength=1.5)
+    if title:
+        fig.suptitle(title, fontsize=7)
+    return save(fig, path, formats)
