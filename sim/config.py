@@ -136,10 +136,11 @@ class TrainConfig:
     backend: str = "native"
     """``native`` (batched torch engine) | ``sb3`` (stable-baselines3's PPO with reflab's KL placements,
     :mod:`sim.algos.sb3`; one process per run; discrete envs, tabular policy, sampled mode, frozen
-    reference, no ``kl.clamp``)."""
+    reference, no ``kl.clamp``). The choices are the backends of :data:`sim.lab.dispatch.ROUTES`."""
     algo: str = "ppo"
     """``ppo`` (RL on the env's reward with a KL penalty) | ``dpo`` (direct preference optimization on pairs
-    labelled by Bradley–Terry on the env's reward; see the ``dpo`` section and :mod:`sim.algos.dpo`)."""
+    labelled by Bradley–Terry on the env's reward; see the ``dpo`` section and :mod:`sim.algos.dpo`). The
+    choices are the algorithms of :data:`sim.lab.dispatch.ROUTES`."""
 
     def phase_list(self) -> tuple[Phase, ...]:
         """The phases actually run (a single reward-scale-1 phase when none are given)."""
@@ -229,8 +230,6 @@ CHOICES: dict[str, tuple] = {
     "train.baseline": ("auto", "mean", "value", "none"),
     "train.policy": ("tabular", "mlp"),
     "train.dtype": ("float32", "float64"),
-    "train.backend": ("native", "sb3"),
-    "train.algo": ("ppo", "dpo"),
     "dpo.loss": ("dpo", "ipo"),
     "log.progress": ("auto", "bar", "plain", "none"),
     "device": ("cpu", "cuda", "auto"),

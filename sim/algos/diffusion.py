@@ -149,10 +149,14 @@ class DiffusionTrainer(BatchTrainer):
             self.tilt_x0 = x0
         self.ref_mode_frac = self.tilt_resp.mean(0)  # [M]
         self.ref_x0_mean = x0.mean(0)
+        self._tilt_cache: dict[tuple[float, float], tuple[Tensor, Tensor]] = {}
 
     def _tilt(self) -> tuple[Tensor, Tensor]:
         """Tilt mode fractions ``[R, M]`` and x_0 mean ``[R, d]`` for the current β and reward scale (NaN where
-        undefined: β = 0 or a moving reference)."""
+        undefined: β = 0 or a moving reference).
+
+        Each run's tilt is computed from its own β alone, with the same 1-run shapes whatever the batch (a
+        batched product would sum in an order that depends on the batch size), once per (β, scale)."""
         M = self.core.n_modes
         beta = self.rt.beta.to(self.device, torch.float64)
         ok = beta > 0
@@ -162,10 +166,19 @@ class DiffusionTrainer(BatchTrainer):
             frac = self.ref_mode_frac.expand(self.R, M).clone()
             mean = self.ref_x0_mean.expand(self.R, self.d).clone()
         else:
-            w = tilt_weights(self.reward_scale * self.tilt_reward.expand(self.R, -1), beta.clamp(min=1e-12))
-            frac, mean = w @ self.tilt_resp, w @ self.tilt_x0
+            rows = [self._tilt_of(b, self.reward_scale) for b in beta.clamp(min=1e-12).tolist()]
+            frac = torch.stack([f for f, _ in rows])
+            mean = torch.stack([m for _, m in rows])
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
         return torch.where(ok[:, None], frac, nan), torch.where(ok[:, None], mean, nan)
+
+    def _tilt_of(self, beta: float, scale: float) -> tuple[Tensor, Tensor]:
+        """Mode fractions ``[M]`` and x_0 mean ``[d]`` of the tilt ``p_ref·e^{scale·r/β}`` (cached)."""
+        key = (beta, scale)
+        if key not in self._tilt_cache:
+            w = tilt_weights(scale * self.tilt_reward, beta).unsqueeze(0)  # [1, n]: the same product for every run
+            self._tilt_cache[key] = ((w @ self.tilt_resp)[0], (w @ self.tilt_x0)[0])
+        return self._tilt_cache[key]
 
     # -- rollouts -----------------------------------------------------------------------------------------------
     def _rollout(self, key: Tensor, N: int) -> dict[str, Tensor]:

@@ -151,11 +151,15 @@ def preference_loss(margin: Tensor, beta: Tensor, is_ipo: Tensor) -> Tensor:
     """Per-pair loss ``[R, n]`` from log-ratio margins ``Δ [R, n]``: DPO ``−log σ(β·Δ)`` (= softplus(−β·Δ)),
     or IPO ``(Δ − 1/(2β))²`` where ``is_ipo [R]``; ``beta [R]``."""
     b = beta.view(-1, 1).to(margin.dtype)
-    dpo = torch.nn.functional.softplus(-b * margin)
     if not bool(is_ipo.any()):
-        return dpo
-    ipo = (margin - 0.5 / b).square()
-    return torch.where(is_ipo.view(-1, 1), ipo, dpo)
+        return torch.nn.functional.softplus(-b * margin)
+    # each loss sees only its own runs' margins (the others get a harmless 0), so a run's overflow cannot
+    # reach a batch-mate through the other loss's gradient (0·inf)
+    ipo_run = is_ipo.view(-1, 1)
+    zero = torch.zeros((), dtype=margin.dtype, device=margin.device)
+    dpo = torch.nn.functional.softplus(-b * torch.where(ipo_run, zero, margin))
+    ipo = (torch.where(ipo_run, margin, zero) - 0.5 / b).square()
+    return torch.where(ipo_run, ipo, dpo)
 
 
 def ipo_optimum(mdp: tabular.TabularMDP, ref_logp: Tensor, sampler: Tensor, beta: Tensor, temperature: float

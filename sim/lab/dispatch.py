@@ -50,6 +50,10 @@ ROUTES: tuple[Route, ...] = (
 def trainer_class(cfg: Config) -> type[BatchTrainer]:
     """The trainer class of ``cfg`` (:data:`ROUTES`); one-line :class:`ConfigError` if none trains it."""
     t, env = cfg.train, cfg.env["id"]
+    for key, value in (("train.backend", t.backend), ("train.algo", t.algo)):
+        choices = list(dict.fromkeys(getattr(r, key.split(".")[1]) for r in ROUTES))
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
     routes = [r for r in ROUTES if r.backend == t.backend and r.algo == t.algo]
     for r in routes:
         if env in r.envs:
