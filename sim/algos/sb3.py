@@ -55,9 +55,10 @@ class EndAtHorizon(gym.Wrapper):
 def make_shell(cfg: Config) -> gym.Env:
     """The gymnasium shell of ``cfg.env`` as the SB3 backend trains on it (state-index observations)."""
     kwargs = {k: v for k, v in cfg.env.items() if k != "id"}
-    if cfg.env["id"] == "gridworld":
+    spec = envs.spec(cfg.env["id"])
+    if "obs" in spec.params.keys():
         kwargs["obs"] = "index"  # tabular policy: the state index (one-hot in SB3), whatever the MLP features
-    return EndAtHorizon(gym.make(envs.spec(cfg.env["id"]).gym_id, disable_env_checker=True, **kwargs))
+    return EndAtHorizon(gym.make(spec.gym_id, disable_env_checker=True, **kwargs))
 
 
 def rollout_shape(batch: int, horizon: int) -> tuple[int, int]:
@@ -120,6 +121,8 @@ class SB3Trainer(DiscreteTrainer):
     the native code. Runs are trained one after the other; each keeps its own torch and numpy global RNG
     states, so a run gives the same numbers alone or in a batch.
     """
+
+    batches_runs = False
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -43,6 +43,10 @@ class BatchTrainer:
     Subclasses provide sampling (``collect``), the PPO and exact updates and the env-specific metrics.
     """
 
+    batches_runs: bool = True
+    """Whether the runs of a batch are trained as one tensor program (``False``: one after the other, so a
+    sweep gives each run its own task and its workers run them in parallel)."""
+
     def __init__(self, configs: list[Config], device: torch.device):
         sigs = {batch_signature(c) for c in configs}
         if len(sigs) != 1:

@@ -34,7 +34,7 @@ import pandas as pd
 
 import envs
 from sim.config import Config, UsageError, batch_signature
-from sim.lab import runs
+from sim.lab import dispatch, runs
 from sim.lab.executors import (
     EXECUTORS,
     Executor,
@@ -140,8 +140,8 @@ def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, bat
     tasks: list[Task] = []
     for group in groups.values():
         size = batch_size or auto_batch_size(len(planned), workers, estimate_run_bytes(group[0].config), task_budget)
-        if group[0].config.train.backend == "sb3":
-            size = 1  # SB3 trains one run at a time: one task each, so workers run them in parallel
+        if not dispatch.trainer_class(group[0].config).batches_runs:
+            size = 1  # trained one run at a time (e.g. SB3): one task each, so workers run them in parallel
         for chunk in _split_even(group, size):
             tasks.append(Task(index=len(tasks), run_ids=tuple(r.run_id for r in chunk),
                               run_dirs=tuple(str(sweep_dir / RUNS_DIR / r.run_id) for r in chunk),
