@@ -71,6 +71,11 @@ class KLConfig:
     """Horizon of the adaptive controller, in episodes. Per-run."""
     clamp: float | None = None
     """If set, clamp the log-ratio δ to [−clamp, clamp] inside the KL estimators; clamps are counted and logged."""
+    value_clamp: float | None = None
+    """If set, clamp each sampled estimate's value to [−value_clamp, value_clamp] (verl clamps k3 to ±10 as
+    ``low_var_kl``; set by that alias); counted and logged like ``clamp``."""
+    loss_agg: str | None = None
+    """How a loss-placed KL term is aggregated over the batch (see ``train.loss_agg``); none = as the policy loss."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,22 @@ class TrainConfig:
     """Learning rate of policy and value. Per-run."""
     clip: float = 0.2
     """PPO ratio clip ε."""
+    clip_low: float | None = None
+    """Lower ratio clip: ρ ≥ 1 − clip_low for negative advantages (in (0, 1)); none = ``clip``."""
+    clip_high: float | None = None
+    """Upper ratio clip: ρ ≤ 1 + clip_high for positive advantages (DAPO's clip-higher); none = ``clip``."""
+    advantage: str = "gae"
+    """``gae`` (returns minus the baseline of ``train.baseline``, GAE(γ, λ)) | ``grpo`` (episode return minus the
+    mean of its group, divided by the group's std + 1e-6) | ``drgrpo`` (minus the group mean, no std) | ``rloo``
+    (minus the mean of the other G − 1 members) | ``reinforce_pp`` (reward-to-go normalised over the run's batch,
+    REINFORCE++). The group estimators broadcast an episode's advantage to all its steps."""
+    group: int = 1
+    """Episodes per group (G completions of one start state, sharing it); ``train.batch`` must be a multiple."""
+    loss_agg: str = "token-mean"
+    """How per-step losses become the batch's loss: ``token-mean`` (mean over every valid step) |
+    ``seq-mean-token-sum`` (sum per episode, mean over episodes) | ``seq-mean-token-mean`` (mean per episode, then
+    over episodes: GRPO's 1/|o|) | ``seq-mean-token-sum-norm`` (sum per episode divided by the horizon, mean over
+    episodes: Dr. GRPO). Also the value loss."""
     gamma: float = 1.0
     """Discount of GAE (1 = the undiscounted sequence objective of docs/theory.md "Sequences")."""
     gae_lambda: float = 1.0
@@ -214,11 +235,66 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def identity_json(self) -> str:
+        """The JSON a run's id hashes: :meth:`to_json` without the keys added after run ids were first
+        defined (:data:`ID_KEYS`) while they hold their default, so an existing sweep folder keeps its ids (and
+        resumes) when reflab gains a key, and a run that sets the new key gets a new id."""
+        d = self.to_dict()
+        defaults = Config().to_dict()
+        for section in list(d):
+            if section == "env":
+                env_id = d["env"]["id"]
+                known = ID_ENV_KEYS.get(env_id, ())
+                env_defaults = dataclasses.asdict(envs.spec(env_id).params())
+                for key in list(d["env"]):
+                    if key != "id" and key not in known and _to_plain(env_defaults.get(key)) == d["env"][key]:
+                        del d["env"][key]
+            elif isinstance(d[section], dict):
+                for key in list(d[section]):
+                    if f"{section}.{key}" not in ID_KEYS and d[section][key] == defaults[section][key]:
+                        del d[section][key]
+                if not d[section] and section not in ID_SECTIONS:
+                    del d[section]
+            elif section not in ID_KEYS and d[section] == defaults[section]:
+                del d[section]
+        return json.dumps(d, sort_keys=True)
+
+
+ID_KEYS = frozenset((
+    "device", "dpo.batch_size", "dpo.beta", "dpo.bt_temperature", "dpo.data_seed", "dpo.epochs", "dpo.loss",
+    "dpo.pairs", "dpo.sampler", "kl.beta", "kl.clamp", "kl.controller", "kl.estimator", "kl.horizon",
+    "kl.is_correction", "kl.placement", "kl.target", "log.every", "log.policy_every", "log.progress",
+    "log.trajectories", "reference.alpha", "reference.every", "reference.schedule", "seed", "threads", "train.algo",
+    "train.backend", "train.baseline", "train.batch", "train.clip", "train.dtype", "train.ent_coef", "train.epochs",
+    "train.gae_lambda", "train.gamma", "train.hidden", "train.init", "train.lr", "train.max_grad_norm",
+    "train.minibatches", "train.mode", "train.norm_adv", "train.optimizer", "train.phases", "train.policy",
+    "train.updates", "train.vf_coef"))
+"""The config keys run ids were first defined with: a key added later enters a run's id only when it differs from
+its default (:meth:`Config.identity_json`). Never edit this set."""
+ID_SECTIONS = frozenset(("dpo", "kl", "log", "reference", "train"))
+ID_ENV_KEYS: dict[str, tuple[str, ...]] = {
+    "bandit": ("n_arms", "ref_preference", "ref_probs", "ref_temperature", "reward_noise", "reward_seed", "rewards"),
+    "gaussian_bandit": ("dim", "fixed_std", "mode_std", "mode_weights", "modes", "ref_mean", "ref_std", "reward",
+                        "reward_coef", "reward_noise", "target"),
+    "diffusion_chain": ("dim", "mode_std", "mode_weights", "modes", "noise_end", "noise_start", "reward",
+                        "reward_center", "reward_coef", "reward_noise", "reward_width", "step_variance", "steps"),
+    "gridworld": ("goal_rewards", "horizon", "lava_reward", "layout", "obs", "ref_goal", "ref_temperature", "slip",
+                  "step_reward"),
+    "token_tree": ("length", "ref_logits", "ref_logits_seed", "ref_temperature", "reward", "reward_seed",
+                   "reward_table", "target", "vocab"),
+}
+"""The env keys of each env when run ids were first defined (see :data:`ID_KEYS`). Never edit this mapping."""
 
 PLACEMENTS = ("none", "reward", "loss")
 """Where the KL enters PPO (docs/theory.md "The two placements")."""
 ESTIMATORS = ("k1", "k2", "k3", "full")
 """What stands for the KL per sample; the engine's estimator weights follow this order."""
+ESTIMATOR_ALIASES: dict[str, tuple[str, float | None]] = {"kl": ("k1", None), "mse": ("k2", None),
+                                                           "low_var_kl": ("k3", 10.0)}
+"""verl's names of the estimators: ``kl.estimator: low_var_kl`` is k3 with its value clamped to ±10 (verl's
+clamp; ``kl.value_clamp``), the others are renamings. Resolved when the config is read."""
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+GROUP_ADVANTAGES = ("grpo", "drgrpo", "rloo")
 
 CHOICES: dict[str, tuple] = {
     "kl.placement": PLACEMENTS,
@@ -226,6 +302,9 @@ CHOICES: dict[str, tuple] = {
     "kl.controller": ("fixed", "adaptive"),
     "reference.schedule": ("frozen", "reset", "ema"),
     "train.mode": ("sampled", "exact"),
+    "train.advantage": ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp"),
+    "train.loss_agg": LOSS_AGGREGATIONS,
+    "kl.loss_agg": LOSS_AGGREGATIONS,
     "train.optimizer": ("adam", "sgd"),
     "train.baseline": ("auto", "mean", "value", "none"),
     "train.policy": ("tabular", "mlp"),
@@ -237,7 +316,7 @@ CHOICES: dict[str, tuple] = {
 
 #: Keys that may differ between runs that share one batch.
 PER_RUN_KEYS = ("seed", "kl.placement", "kl.estimator", "kl.beta", "kl.is_correction", "kl.controller",
-                "kl.target", "kl.horizon", "train.lr", "dpo.beta", "dpo.loss")
+                "kl.target", "kl.horizon", "kl.value_clamp", "train.lr", "dpo.beta", "dpo.loss")
 
 _SECTIONS = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig, "dpo": DPOConfig}
 
@@ -366,7 +445,14 @@ def _build_section(name: str, cls: type, data: Any) -> Any:
             kwargs[k] = _parse_phases(v)
             continue
         v = _check_type(key, v, f.type, default)
+        if key == "kl.estimator" and v in ESTIMATOR_ALIASES:
+            v, value_clamp = ESTIMATOR_ALIASES[v]
+            if value_clamp is not None and "value_clamp" not in data:
+                kwargs["value_clamp"] = value_clamp
         if key in CHOICES and v not in CHOICES[key]:
+            if key == "kl.estimator":
+                raise ConfigError(f"kl.estimator must be one of {', '.join(ESTIMATORS)} (or verl's "
+                                  f"{', '.join(ESTIMATOR_ALIASES)}); got {v!r}")
             raise ConfigError(f"{key} must be one of {', '.join(map(str, CHOICES[key]))}; got {v!r}")
         kwargs[k] = v
     return cls(**kwargs)
@@ -451,6 +537,25 @@ def _check_ranges(cfg: Config) -> None:
         check_positive(f"train.{key}", getattr(t, key))
     check_positive("train.lr", t.lr)
     check_positive("train.clip", t.clip)
+    check_positive("train.clip_high", t.clip_high)
+    check_positive("kl.value_clamp", kl.value_clamp)
+    if kl.value_clamp is not None and (kl.estimator == "full" or kl.placement == "none"):
+        raise ConfigError(f"kl.value_clamp has no effect with kl.placement={kl.placement}, "
+                          f"kl.estimator={kl.estimator}: it clamps a sampled estimate (k1, k2, k3) in the reward or "
+                          "the loss")
+    if t.clip_low is not None and not 0.0 < t.clip_low < 1.0:
+        raise ConfigError(f"train.clip_low must be in (0, 1) (the ratio's lower bound 1 − clip_low must stay "
+                          f"above 0); got {t.clip_low!r}")
+    check_positive("train.group", t.group)
+    if t.batch % t.group:
+        raise ConfigError(f"train.batch ({t.batch}) must be a multiple of train.group ({t.group}): the batch is a "
+                          "whole number of groups")
+    if t.advantage in GROUP_ADVANTAGES and t.group < 2:
+        raise ConfigError(f"train.advantage={t.advantage} needs train.group >= 2 (a baseline from the other "
+                          f"members of a group); got {t.group}")
+    if t.advantage != "gae" and t.baseline not in ("auto", "none"):
+        raise ConfigError(f"train.baseline={t.baseline} has no effect with train.advantage={t.advantage} (its own "
+                          "baseline); leave train.baseline at auto")
     check_positive("train.max_grad_norm", t.max_grad_norm)
     check_positive("train.ent_coef", t.ent_coef, allow_zero=True)
     check_positive("train.vf_coef", t.vf_coef, allow_zero=True)
@@ -478,6 +583,18 @@ def resolve(config_path: str | Path | None = None, overrides: list[str] | None =
     for item in overrides or []:
         set_key(data, *parse_override(item))
     return from_dict(data)
+
+
+def set_keys(cfg: Config, keys: tuple[str, ...]) -> list[str]:
+    """``key=value`` for each dotted ``key`` of ``keys`` whose value in ``cfg`` differs from its default (what a
+    trainer that does not support those keys reports)."""
+    here, default = cfg.to_dict(), Config().to_dict()
+    return [f"{k}={get_dotted(here, k)!r}" for k in keys if get_dotted(here, k) != get_dotted(default, k)]
+
+
+#: Keys of PPO's advantage estimators and loss aggregation (trainers of other algorithms reject them).
+PPO_VARIANT_KEYS = ("train.advantage", "train.group", "train.loss_agg", "kl.loss_agg", "train.clip_low",
+                    "train.clip_high")
 
 
 def get_dotted(cfg_dict: dict, key: str) -> Any:

@@ -48,13 +48,13 @@ from torch import Tensor
 
 import envs
 from envs.diffusion_chain import DiffusionChainCore, density_grid, tilt_weights
-from sim.config import Config, ConfigError
+from sim.config import Config, ConfigError, set_keys
 from sim.engine import rng
 from sim.engine.kl import all_estimates
 from sim.engine.loop import BatchTrainer
 from sim.engine.outputs import snapshot
 from sim.engine.placement import kl_loss_term, kl_reward_penalty
-from sim.engine.ppo import clipped_surrogate, gae, masked_mean, normalize_per_run, ppo_diagnostics
+from sim.engine.ppo import clip_bounds, clipped_surrogate, gae, masked_mean, normalize_per_run, ppo_diagnostics
 
 EVAL_STREAM = 0x7E57
 TILT_SAMPLES = 20_000
@@ -115,6 +115,9 @@ class DiffusionTrainer(BatchTrainer):
                               f"entropy is constant); got {t.ent_coef!r}")
         if t.init != "reference":
             raise ConfigError(f"train.init must be reference for env.id={env!r}; got {t.init!r}")
+        bad = set_keys(cfg, ("train.advantage", "train.group", "train.loss_agg", "kl.loss_agg"))
+        if bad:
+            raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
@@ -267,7 +270,8 @@ class DiffusionTrainer(BatchTrainer):
         mu = mb["base"] + self.policy(self.params, mb["x"], mb["step"])
         t = self.T - mb["step"]
         lp = self.core.log_prob(mb["a"], mu, t)
-        pg, clipped = clipped_surrogate(lp, mb["logp"], mb["adv"], tr.clip)
+        pg, clipped = clipped_surrogate(lp, mb["logp"], mb["adv"], tr.clip, *clip_bounds(tr.clip, tr.clip_low,
+                                                                                              tr.clip_high))
         ref_lp = self.clamp(lp, mb["ref_logp"], valid)
         kl_term = kl_loss_term(lp, mb["logp"], ref_lp, lambda: self.core.step_kl(mu, mb["mu_ref"], t), rt)
         diag = ppo_diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}

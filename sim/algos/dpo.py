@@ -43,7 +43,7 @@ from torch import Tensor
 import envs
 from envs import tabular
 from sim.algos.discrete import DiscreteTrainer
-from sim.config import Config, ConfigError, check_positive
+from sim.config import PPO_VARIANT_KEYS, Config, ConfigError, check_positive, set_keys
 from sim.engine import rng
 from sim.engine.loop import take_samples
 from sim.engine.outputs import snapshot
@@ -81,6 +81,9 @@ def _check_dpo(cfg: Config) -> None:
         raise ConfigError("train.phases is not supported with train.algo=dpo (the preference data are fixed)")
     if cfg.kl.controller != "fixed":
         raise ConfigError("kl.controller must be fixed with train.algo=dpo")
+    bad = set_keys(cfg, (*PPO_VARIANT_KEYS, "kl.value_clamp"))
+    if bad:
+        raise ConfigError(f"{bad[0]} has no effect with train.algo=dpo (a PPO setting)")
 
 
 def sampler_logp(cfg: Config, mdp: tabular.TabularMDP) -> Tensor:

@@ -17,13 +17,13 @@ from torch import Tensor
 
 import envs
 from envs.gaussian_bandit import expected_reward, gaussian_kl, gibbs_optimum
-from sim.config import Config, ConfigError
+from sim.config import Config, ConfigError, set_keys
 from sim.engine import rng
 from sim.engine.kl import all_estimates
 from sim.engine.loop import BatchTrainer
 from sim.engine.outputs import snapshot
 from sim.engine.placement import kl_loss_term, kl_reward_penalty
-from sim.engine.ppo import clipped_surrogate, masked_mean, normalize_per_run, ppo_diagnostics
+from sim.engine.ppo import clip_bounds, clipped_surrogate, masked_mean, normalize_per_run, ppo_diagnostics
 
 
 class GaussianPolicy:
@@ -67,6 +67,9 @@ class GaussianTrainer(BatchTrainer):
             raise ConfigError(f"train.policy must be tabular for env.id={env!r} (a state-free Gaussian)")
         if cfg.train.init != "reference":
             raise ConfigError(f"train.init must be reference for env.id={env!r}; got {cfg.train.init!r}")
+        bad = set_keys(cfg, ("train.advantage", "train.group", "train.loss_agg", "kl.loss_agg"))
+        if bad:
+            raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
@@ -123,7 +126,8 @@ class GaussianTrainer(BatchTrainer):
         tr, rt = self.cfg.train, self.rt
         valid = mb["valid"]
         lp = self.policy.log_prob(self.params, mb["x"])
-        pg, clipped = clipped_surrogate(lp, mb["logp"], mb["adv"], tr.clip)
+        pg, clipped = clipped_surrogate(lp, mb["logp"], mb["adv"], tr.clip, *clip_bounds(tr.clip, tr.clip_low,
+                                                                                              tr.clip_high))
         k_full = self.policy.kl(self.params, self.ref_params).unsqueeze(1).expand_as(lp)
         ref_lp = self.clamp(lp, mb["ref_logp"], valid)
         kl_term = kl_loss_term(lp, mb["logp"], ref_lp, k_full, rt)

@@ -15,16 +15,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import envs
 from envs import tabular
 from sim.algos.discrete import DiscreteTrainer
-from sim.config import Config
+from sim.config import GROUP_ADVANTAGES, Config, ConfigError
 from sim.engine import rng
 from sim.engine.exact import exact_loss
 from sim.engine.kl import all_estimates, full_kl, full_kl_slope, masked_product
 from sim.engine.outputs import snapshot
 from sim.engine.placement import kl_loss_term, kl_loss_term_and_slope, kl_reward_penalty
 from sim.engine.policies import MLPValue, TabularValue, gather_rows, log_softmax_action_major, sum_actions
-from sim.engine.ppo import gae, normalize_per_run, resolve_baseline
+from sim.engine.ppo import (
+    aggregation_weights,
+    clip_bounds,
+    clipped_fraction,
+    gae,
+    group_advantages,
+    normalize_per_run,
+    resolve_baseline,
+    sum_steps,
+)
 from sim.engine.rollout import sample_episodes
 from sim.engine.rows import per_run_sum, row_blocks, take_valid, visited_rows
 
@@ -34,8 +44,25 @@ class PPOTrainer(DiscreteTrainer):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        """What PPO on a discrete env cannot run: nothing beyond :meth:`DiscreteTrainer.check_config`."""
+        """What PPO on a discrete env cannot run: in exact mode, REINFORCE++ (its batch normalisation has no
+        expected update by enumeration), GRPO beyond one-state one-step envs, and a loss aggregation other than
+        ``token-mean`` on sequences."""
         super().check_config(cfg)
+        t = cfg.train
+        if t.mode != "exact":
+            return
+        if t.advantage == "reinforce_pp":
+            raise ConfigError("train.advantage=reinforce_pp has no exact mode (its batch normalisation); use "
+                              "train.mode=sampled")
+        mdp = envs.from_config(cfg.env).build()
+        one_step = mdp.horizon == 1
+        if t.advantage == "grpo" and not (one_step and mdp.n_states == 1):
+            raise ConfigError(f"train.advantage=grpo in train.mode=exact needs a one-state one-step env (a bandit: "
+                              f"group compositions are enumerated); got env.id={cfg.env['id']!r}")
+        aggs = {t.loss_agg, cfg.kl.loss_agg or t.loss_agg}
+        if not one_step and aggs != {"token-mean"}:
+            raise ConfigError(f"train.loss_agg / kl.loss_agg other than token-mean need train.mode=sampled on "
+                              f"env.id={cfg.env['id']!r} (exact mode weighs steps by the state occupancy)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
@@ -64,6 +91,7 @@ class PPOTrainer(DiscreteTrainer):
         vis = visited_rows(flat, tabs, self.H == 1, self.dtype)
         buf.update(self._shape_and_advantage(buf, tabs, vis))
         flat.update({k: buf[k].reshape(R, N * H) for k in ("adv", "ret")})
+        flat.update(self._aggregation(buf["valid"]))
         whole = min(self.cfg.train.minibatches, N * H) == 1  # one full-batch minibatch: its visits are vis
         loss_fn = self._ppo_loss_and_grads if self.cfg.train.policy == "tabular" else self._ppo_loss
         stats = self._ppo_epochs(flat, update, loss_fn, lambda mb: self._group(mb, tabs, vis if whole else None))
@@ -79,6 +107,8 @@ class PPOTrainer(DiscreteTrainer):
         out = {"reward": (buf["reward"].to(torch.float64) * buf["valid"]).sum((1, 2)) / N,
                "kl_k1": per_run[:, 0], "kl_k2": per_run[:, 1], "kl_k3": per_run[:, 2],  # per-episode sums
                "kl_full_sampled": per_run[:, 4], "episode_length": per_run[:, 3], **stats}
+        if "zero_adv_frac" in buf:
+            out["zero_adv_frac"] = buf["zero_adv_frac"]
         if adaptive:
             self._control_beta(out["kl_k1"], N)
         return out
@@ -88,7 +118,8 @@ class PPOTrainer(DiscreteTrainer):
         each run's stream for this update), and the tables they were drawn with: ``logp`` (π_old) and
         ``ref_logp`` ``[R, S, A]``."""
         pi_t, ref_t = self._tables()
-        buf = sample_episodes(self.core, pi_t, rng.fold(self.rt.keys, update), self.cfg.train.batch, self.dtype)
+        buf = sample_episodes(self.core, pi_t, rng.fold(self.rt.keys, update), self.cfg.train.batch, self.dtype,
+                              group=self.cfg.train.group)
         self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
         return buf, {"logp": pi_t, "ref_logp": ref_t}
 
@@ -114,7 +145,15 @@ class PPOTrainer(DiscreteTrainer):
         else:
             shaped = shaped - penalty
         shaped = shaped.view(R, N, H) * valid
-        if self.baseline == "value":
+        extra: dict[str, Tensor] = {}
+        if tr.advantage in GROUP_ADVANTAGES:  # the episode's score against its group, on every step
+            adv, extra["zero_adv_frac"] = group_advantages(sum_steps(shaped), tr.group, tr.advantage)
+            adv = adv.unsqueeze(-1) * valid
+            ret = torch.zeros_like(adv)  # no value function
+        elif tr.advantage == "reinforce_pp":  # reward-to-go, normalised over the run's batch (REINFORCE++)
+            ret = gae(shaped, torch.zeros_like(shaped), torch.zeros_like(shaped), buf["done"], valid, tr.gamma, 1.0)
+            adv = normalize_per_run(ret, valid)
+        elif self.baseline == "value":
             with torch.no_grad():
                 v = self.value_fn.value(self.params, buf["state"].reshape(R, N * H)).view(R, N, H)
             v = v * valid
@@ -131,7 +170,22 @@ class PPOTrainer(DiscreteTrainer):
                 adv = (ret - mean) * valid
         if tr.norm_adv:
             adv = normalize_per_run(adv, valid)
-        return {"adv": adv.detach(), "ret": ret.detach()}
+        return {"adv": adv.detach(), "ret": ret.detach(), **extra}
+
+    def _aggregation(self, valid: Tensor) -> dict[str, Tensor]:
+        """Per-sample weights and per-run divisors ``[R, N·H]`` of the loss aggregation (``train.loss_agg``
+        and, for a loss-placed KL, ``kl.loss_agg``): the loss is Σ weight·loss / divisor over a (mini)batch's
+        samples. ``token-mean`` needs none (weights 1, divisor the valid samples of the minibatch, as ever);
+        keys ``w``/``d`` (policy loss) and ``w_kl``/``d_kl`` (KL term) are present only where they differ."""
+        tr = self.cfg.train
+        out: dict[str, Tensor] = {}
+        for suffix, mode in (("", tr.loss_agg), ("_kl", self.cfg.kl.loss_agg or tr.loss_agg)):
+            w, d = aggregation_weights(valid, mode, self.H, min(tr.minibatches, valid[0].numel()))
+            if w is not None:
+                out["w" + suffix] = w.reshape(valid.shape[0], -1)
+            if d is not None:
+                out["d" + suffix] = d.unsqueeze(1).expand(valid.shape[0], valid[0].numel())
+        return out
 
     def _group(self, mb: dict[str, Tensor], tabs: dict[str, Tensor], vis: dict[str, Tensor] | None = None
                ) -> dict[str, Tensor]:
@@ -165,24 +219,49 @@ class PPOTrainer(DiscreteTrainer):
         adv = take_valid(mb["adv"].reshape(-1), vis)
         zeros = torch.zeros(A * P, dtype=dt, device=dev)
         count = vis["count"]
+        n_valid = torch.count_nonzero(mb["valid"], 1).to(dt).clamp(min=1)
+        w = take_valid(mb["w"].reshape(-1), vis).to(dt) if "w" in mb else None  # the samples' aggregation weights
+        if w is not None:
+            adv = adv * w
+            weight = zeros.index_add(0, vis["entry"], w).view(A, P)
+        else:
+            weight = count
         g = {"rows": vis["rows"], "run": vis["run"], "count": count, "ref": vis["ref"],
              "adv_pos": zeros.index_add(0, vis["entry"], adv.clamp(min=0)).view(A, P),
              "adv_neg": zeros.index_add(0, vis["entry"], adv.clamp(max=0)).view(A, P),
              # entries without samples carry no loss; log π_old := 0 there keeps their ratio finite
              "old": torch.where(count > 0, vis["old"], torch.zeros_like(vis["old"])),
-             "n": torch.count_nonzero(mb["valid"], 1).to(dt).clamp(min=1), "n_s": sum_actions(count),
+             "n": mb["d"][:, 0].to(dt) if "d" in mb else n_valid, "n_tokens": n_valid,
+             "weight": weight, "n_s": sum_actions(weight),
              # the KL-in-loss weights of each column's run (β on its estimator), plain and IS forms
              "kl_weights": torch.cat([self.rt.coef("loss"), self.rt.coef("loss_is")], 1).to(dt).t().contiguous()
              .index_select(1, vis["run"]).view(2, 4, P)}
-        if self.baseline == "value":
+        g["kl_count"] = self._kl_count(mb, vis, g, zeros, n_valid)
+        g["n_s_kl"] = g["n_s"] if g["kl_count"] is weight else sum_actions(g["kl_count"])
+        if self.baseline == "value":  # the value loss, aggregated like the policy loss
             ret_valid = take_valid(mb["ret"].reshape(-1), vis)
-            ret_sum = torch.zeros(P, dtype=dt, device=dev).index_add_(0, vis["col"], ret_valid)
-            g["ret_mean"] = ret_sum / g["n_s"].clamp(min=1)
+            wret = ret_valid if w is None else w * ret_valid
+            ret_sum = torch.zeros(P, dtype=dt, device=dev).index_add_(0, vis["col"], wret)
+            g["ret_mean"] = ret_sum / g["n_s"].clamp(min=1) if w is None else ret_sum / g["n_s"].clamp(min=1e-30)
             # Σ (return − its state's mean)² over each run's valid samples, summed in sample order
             spread = (ret_valid - g["ret_mean"].index_select(0, vis["col"])).square()
             g["ret_ss"] = torch.zeros(R, dtype=dt, device=dev).index_add_(
-                0, vis["run"].index_select(0, vis["col"]), spread)
+                0, vis["run"].index_select(0, vis["col"]), spread if w is None else w * spread)
         return g
+
+    def _kl_count(self, mb: dict[str, Tensor], vis: dict[str, Tensor], g: dict[str, Tensor], zeros: Tensor,
+                  n_valid: Tensor) -> Tensor:
+        """Each entry's weight of a loss-placed KL term ``[A, P]``, on the policy loss's divisor: the samples
+        (``kl.loss_agg`` as ``train.loss_agg``), or Σ KL weights × (policy divisor / KL divisor)."""
+        if "w_kl" not in mb and "d_kl" not in mb and "w" not in mb and "d" not in mb:
+            return g["count"]
+        A, P = g["count"].shape
+        w_kl = take_valid(mb["w_kl"].reshape(-1), vis).to(zeros.dtype) if "w_kl" in mb else None
+        kl = g["count"] if w_kl is None else zeros.index_add(0, vis["entry"], w_kl).view(A, P)
+        d_kl = mb["d_kl"][:, 0].to(g["n"].dtype) if "d_kl" in mb else n_valid
+        if torch.equal(d_kl, g["n"]):
+            return kl
+        return kl * (g["n"] / d_kl).index_select(0, vis["run"])
 
     # -- the loss on per-(state, action) sums ----------------------------------------------------------
     @torch.no_grad()
@@ -256,8 +335,9 @@ class PPOTrainer(DiscreteTrainer):
         tr, rt = self.cfg.train, self.rt
         want_loss = want_loss or keep or not grad
         n, old, ref, run = g["count"][:, cols], g["old"][:, cols], g["ref"][:, cols], g["run"][cols]
+        n_kl = g["kl_count"][:, cols]
         n_s = g["n_s"][cols]
-        hi, lo = 1.0 + tr.clip, 1.0 - tr.clip
+        lo, hi = clip_bounds(tr.clip, tr.clip_low, tr.clip_high)
         adv_pos, adv_neg = g["adv_pos"][:, cols], g["adv_neg"][:, cols]
         ratio = torch.exp(lp - old)
         prob = lp.exp() if grad or tr.ent_coef > 0 else None
@@ -268,14 +348,14 @@ class PPOTrainer(DiscreteTrainer):
         weights = tuple([kl_w[f, j] if used[f][j] else None for j in range(4)] for f in range(2))
         if grad:
             kl, kl_slope, full_w = kl_loss_term_and_slope(lp, old, ref_lp, k_full, rt, weights=weights,
-                                                          delta_slope=self.clamp.slope(lp, ref), value=want_loss)
+                                                          delta_slope=self.clamp.slope(lp, ref, run), value=want_loss)
         else:
             kl = kl_loss_term(lp, old, ref_lp, k_full, rt, weights=weights)
         per_row = pg = None
         if want_loss:
             # min(ρ, clip(ρ)) = min(ρ, 1 + ε) and max(ρ, clip(ρ)) = max(ρ, 1 − ε), with the same gradient
             pg = -(adv_pos * ratio.clamp(max=hi) + adv_neg * ratio.clamp(min=lo))
-            kl = n * kl
+            kl = n_kl * kl
             per_row = sum_actions(pg + kl)
             if tr.ent_coef > 0:
                 entropy = -sum_actions(torch.where(prob > 0, prob * lp, torch.zeros_like(prob)))
@@ -290,17 +370,17 @@ class PPOTrainer(DiscreteTrainer):
             # ∂pg/∂lp = −adv·ρ where the clip passes ρ (bounds included, as autograd's clamp), else 0
             g_lp = -(adv_pos * (ratio <= hi) + adv_neg * (ratio >= lo)) * ratio
             if kl_slope is not None:
-                g_lp = g_lp + n * kl_slope
+                g_lp = g_lp + n_kl * kl_slope
             if full_w is not None:  # the row's exact KL counts once per sample of the row
-                g_lp = g_lp + masked_product(n_s * full_w, full_kl_slope(lp, ref, prob))
+                g_lp = g_lp + masked_product(g["n_s_kl"][cols] * full_w, full_kl_slope(lp, ref, prob))
             if tr.ent_coef > 0:  # ∂(−c·n_s·H)/∂lp = c·n_s·π·(lp + 1) where π > 0
                 g_lp = g_lp + (tr.ent_coef * n_s) * torch.where(prob > 0, prob * (lp + 1.0), 0.0)
             grads = (g_lp, tr.vf_coef * n_s * v_err if v is not None else None, prob)
         if not keep:
             return per_row, {}, grads
         with torch.no_grad():
-            parts = {"terms": torch.stack([pg, kl, n * ((ratio - 1.0).abs() > tr.clip), n * (old - lp)], dim=-1)
-                     .transpose(-1, -2)}  # [A, 4, c]
+            parts = {"terms": torch.stack([pg, kl, n * clipped_fraction(ratio, tr.clip, lo, hi), n * (old - lp)],
+                                          dim=-1).transpose(-1, -2)}  # [A, 4, c]
             if v is not None:
                 parts["v_sq"] = v_sq
         return per_row, parts, grads
@@ -331,8 +411,11 @@ class PPOTrainer(DiscreteTrainer):
 
     def _loss_diagnostics(self, g: dict[str, Tensor], parts: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-run means of the PPO diagnostics from :meth:`_rows_loss`'s parts (all columns)."""
-        n = g["n"].unsqueeze(-1)
-        sums = per_run_sum(parts["terms"].transpose(-1, -2), g["rows"], self.R, self.S) / n
+        sums = per_run_sum(parts["terms"].transpose(-1, -2), g["rows"], self.R, self.S)
+        if g["n_tokens"] is g["n"] or torch.equal(g["n_tokens"], g["n"]):
+            sums = sums / g["n"].unsqueeze(-1)
+        else:  # the losses as aggregated; clip fraction and approx. KL per sample
+            sums = torch.cat([sums[:, :2] / g["n"].unsqueeze(-1), sums[:, 2:] / g["n_tokens"].unsqueeze(-1)], 1)
         diag = {"pg_loss": sums[:, 0], "kl_loss": sums[:, 1], "clip_frac": sums[:, 2], "approx_kl": sums[:, 3]}
         if "v_sq" in parts:
             v_sq = per_run_sum(parts["v_sq"].view(1, -1, 1), g["rows"], self.R, self.S)[:, 0]
@@ -359,8 +442,9 @@ class PPOTrainer(DiscreteTrainer):
         """One step on the expected gradient of the same placement × estimator
         (:func:`sim.engine.exact.exact_loss`)."""
         exp_diag = self._expected_sample_stats() if self._logs_at(update) else {}
-        loss, diag = exact_loss(self._scaled_mdp, self.policy.table(self.params),
-                                self._ref_table(), self.rt, self.cfg.train.ent_coef)
+        tr = self.cfg.train
+        loss, diag = exact_loss(self._scaled_mdp, self.policy.table(self.params), self._ref_table(), self.rt,
+                                tr.ent_coef, tr.advantage, tr.group)
         diag.update(exp_diag)
         diag["grad_norm"] = self._apply_grads(loss, update)
         if bool(self.rt.adaptive.any()):

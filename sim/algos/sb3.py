@@ -36,7 +36,7 @@ from torch import Tensor
 import envs
 from sim.algos.discrete import DiscreteTrainer
 from sim.algos.sb3_ppo import KLRegularizedPPO, TableReference
-from sim.config import Config, ConfigError
+from sim.config import PPO_VARIANT_KEYS, Config, ConfigError, set_keys
 from sim.engine.ppo import resolve_baseline
 
 NO_CLIP = 1e9
@@ -139,6 +139,10 @@ class SB3Trainer(DiscreteTrainer):
         for bad, what in unsupported:
             if bad:
                 raise ConfigError(f"train.backend=sb3 does not support {what}")
+        bad_keys = set_keys(cfg, (*PPO_VARIANT_KEYS, "kl.value_clamp"))
+        if bad_keys:
+            raise ConfigError(f"train.backend=sb3 does not support {bad_keys[0]} (GAE, token-mean loss, symmetric "
+                              "clip)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)

@@ -15,8 +15,8 @@ from sim.engine.kl import full_kl
 from sim.engine.placement import RunTensors, kl_loss_term, kl_reward_penalty
 
 
-def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunTensors, ent_coef: float = 0.0
-               ) -> tuple[Tensor, dict[str, Tensor]]:
+def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunTensors, ent_coef: float = 0.0,
+               advantage: str = "gae", group: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-run loss ``[R]`` whose gradient is the *expected* gradient of the sampled PPO loss (first epoch).
 
     With ``d`` the policy's state occupancy and ``L = Σ_s d(s)`` the expected episode length (sampled
@@ -26,6 +26,12 @@ def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunT
       exact policy evaluation; the surrogate ``Σ_s d(s) Σ_a π(a|s)·sg(Q(s, a) − V(s)) / L``.
     - KL in the loss: ``β·Σ_s d(s) Σ_a sg(π(a|s))·k(s, a) / L`` with gradient through ``log π`` in ``k``
       (samples fixed); ``full``: ``β·Σ_s d(s)·KL_s(π‖π_ref) / L`` with gradient through everything.
+
+    The advantage estimator (``train.advantage``, groups of ``group`` episodes) changes the first term:
+    ``gae`` and ``rloo`` are unbiased (the true value baseline and the leave-one-out mean: the surrogate above);
+    ``drgrpo``'s group mean includes the sample itself, which scales it by (G − 1)/G (a loss-placed KL is not
+    scaled); ``grpo`` divides by the group's std, whose expectation is enumerated over the group's
+    compositions (one-state one-step envs: :func:`grpo_weights`).
 
     Args:
         logp: ``[R, S, A]`` policy log-probabilities (carrying gradient). ref_logp: ``[R, S, A]``.
@@ -39,7 +45,14 @@ def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunT
         penalty = kl_reward_penalty(lp_d, ref_logp, full_kl(lp_d, ref_logp)[..., None], rt)
         v, q = tabular.policy_evaluation(mdp, lp_d, extra_reward=-penalty)
         adv = q - v.unsqueeze(-1)
-    surrogate = (w * (logp.exp() * adv).sum(-1)).sum(-1)
+    if advantage == "grpo":
+        with torch.no_grad():
+            weights = grpo_weights(q[:, 0], lp_d[:, 0], group)  # one step: Q is the shaped reward  [R, A]
+        surrogate = (weights * logp[:, 0]).sum(-1)
+    else:
+        surrogate = (w * (logp.exp() * adv).sum(-1)).sum(-1)
+        if advantage == "drgrpo":
+            surrogate = surrogate * ((group - 1) / group)
     # E_{a ~ sg(π)} of the per-sample loss (on-policy: π_old = π): its gradient flows only through k.
     k_live = kl_loss_term(logp, lp_d, ref_logp, full_kl(logp, ref_logp)[..., None], rt)
     kl_term = (w * (lp_d.exp() * k_live).sum(-1)).sum(-1)
@@ -47,3 +60,33 @@ def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunT
     loss = -surrogate + kl_term - ent_coef * entropy
     diag = {"pg_loss": -surrogate.detach(), "kl_loss": kl_term.detach(), "entropy_loss": entropy.detach()}
     return loss, diag
+
+
+def grpo_weights(scores: Tensor, logp: Tensor, group: int, eps: float = 1e-6) -> Tensor:
+    """``W [R, A]`` with ``Σ_a W_a ∇log π(a)`` the expected GRPO policy gradient of a one-step one-state env:
+    ``E[(1/G) Σ_i (s_i − mean)/(std + ε) ∇log π(a_i)]`` over groups of ``group`` arms drawn from ``π = e^{logp}``
+    (``logp [R, A]``), with arm scores ``scores [R, A]`` (the reward minus a reward-placed KL). The expectation
+    runs over every composition of the group (counts per arm, multinomial probabilities); the std is the
+    group's sample std, as in :func:`sim.engine.ppo.group_advantages`, and a group of one arm has advantage 0.
+    """
+    R, A = scores.shape
+    comps = compositions(group, A).to(scores.device)  # [C, A]
+    c = comps.to(scores.dtype)
+    log_coef = torch.lgamma(torch.tensor(group + 1.0, dtype=scores.dtype)) - torch.lgamma(c + 1).sum(-1)  # [C]
+    prob = torch.exp(log_coef + torch.where(c > 0, c * logp.unsqueeze(1), 0.0).sum(-1))  # [R, C]
+    mean = (c * scores.unsqueeze(1)).sum(-1) / group  # [R, C]
+    dev = scores.unsqueeze(1) - mean.unsqueeze(-1)  # [R, C, A]
+    std = ((c * dev.square()).sum(-1) / (group - 1)).sqrt()
+    adv = dev / (std.unsqueeze(-1) + eps)
+    adv = torch.where(((comps > 0).sum(-1) > 1).view(1, -1, 1), adv, 0.0)
+    return (prob.unsqueeze(-1) * c * adv).sum(1) / group
+
+
+def compositions(total: int, parts: int) -> Tensor:
+    """Every vector of ``parts`` non-negative integers summing to ``total``, ``[C, parts]`` int64
+    (C = binom(total + parts − 1, parts − 1))."""
+    if parts == 1:
+        return torch.tensor([[total]], dtype=torch.long)
+    rows = [torch.cat([torch.full((sub.shape[0], 1), first, dtype=torch.long), sub], 1)
+            for first in range(total, -1, -1) for sub in [compositions(total - first, parts - 1)]]
+    return torch.cat(rows)

@@ -57,7 +57,7 @@ class BatchTrainer:
         self.dtype = torch.float64 if self.cfg.train.dtype == "float64" else torch.float32
         self.R = len(configs)
         self.rt = RunTensors.from_configs(configs, device)
-        self.clamp = Clamp(self.cfg.kl.clamp, self.R, device)
+        self.clamp = Clamp.from_configs(configs, device)
         self.opt: BatchedOptimizer | None = None
         self.diverged_at = torch.full((self.R,), -1, dtype=torch.long, device=device)
         self.diverge_reason: list[str] = [""] * self.R

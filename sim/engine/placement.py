@@ -11,6 +11,7 @@ clamp (docs/theory.md "Clamps").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,35 +134,115 @@ def _kl_loss(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | 
 
 
 class Clamp:
-    """Optional clamp of log-ratios with a per-run count of clamped values (docs/theory.md "Clamps")."""
+    """Optional per-run bounds on the log-ratio δ inside the KL estimators, with a per-run count of clamped
+    samples (docs/theory.md "Clamps").
 
-    def __init__(self, limit: float | None, n_runs: int, device: torch.device):
-        self.limit = limit
+    ``kl.clamp: c`` bounds δ to [−c, c]. ``kl.value_clamp: v`` bounds the run's sampled estimate to [−v, v];
+    every sampled estimator is monotone in δ on each side of 0, so that is the δ interval where the estimate
+    stays within v (k1: [−v, v]; k2: |δ| ≤ √(2v); k3: e^{−δ} − 1 + δ ≤ v, solved for each side): the same
+    values and zero slope where clamped as clamping the value itself (verl's ``low_var_kl`` clamp of k3 at 10).
+    A run's bounds are the intersection of both.
+    """
+
+    def __init__(self, lo: Tensor | None, hi: Tensor | None, n_runs: int, device: torch.device):
         self.count = torch.zeros(n_runs, dtype=torch.long, device=device)
+        self.limit: float | None = None  # one symmetric bound shared by every run (the common case)
+        self.lo = self.hi = None
+        if lo is not None and hi is not None:
+            symmetric = bool((lo == -hi).all()) and bool((hi == hi[0]).all()) and bool(torch.isfinite(hi[0]))
+            if symmetric:
+                self.limit = float(hi[0])
+            else:
+                self.lo, self.hi = lo.to(device), hi.to(device)
+
+    @classmethod
+    def from_configs(cls, configs: list[Config], device: torch.device) -> Clamp:
+        """The bounds of each run from its ``kl.clamp`` and ``kl.value_clamp`` (see the class docstring)."""
+        inf = float("inf")
+        lo, hi = [], []
+        for c in configs:
+            a, b = (-c.kl.clamp, c.kl.clamp) if c.kl.clamp is not None else (-inf, inf)
+            if c.kl.value_clamp is not None:
+                va, vb = value_clamp_bounds(c.kl.estimator, c.kl.value_clamp)
+                a, b = max(a, va), min(b, vb)
+            lo.append(a)
+            hi.append(b)
+        if all(x == -inf for x in lo) and all(x == inf for x in hi):
+            return cls(None, None, len(configs), device)
+        return cls(torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64), len(configs),
+                   device)
+
+    @property
+    def active(self) -> bool:
+        return self.limit is not None or self.lo is not None
+
+    def _bounds(self, like: Tensor, row_run: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The per-run bounds broadcasting against ``like`` (``[R, ...]``, or ``[A, M]`` rows of ``row_run``)."""
+        assert self.lo is not None and self.hi is not None
+        if row_run is not None:
+            return (self.lo.index_select(0, row_run).to(like.dtype), self.hi.index_select(0, row_run).to(like.dtype))
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return self.lo.to(like.dtype).view(shape), self.hi.to(like.dtype).view(shape)
 
     def __call__(self, logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None,
                  row_run: Tensor | None = None) -> Tensor:
-        """``ref_logp`` adjusted so that ``logp − ref_logp`` lies in [−limit, limit].
+        """``ref_logp`` adjusted so that ``logp − ref_logp`` lies within the run's bounds.
 
         ``mask`` (bool, same shape) says which entries are samples; or, for tables, integer sample counts
         per entry, so a clamped table entry counts once per sample that uses it. Inputs are ``[R, ...]``,
         or action-major row tables ``[A, M]`` with ``row_run [M]`` naming each row's run.
         """
-        if self.limit is None:
+        if not self.active:
             return ref_logp
         delta = logp - ref_logp
-        hit = delta.detach().abs() > self.limit
+        if self.limit is not None:
+            hit = delta.detach().abs() > self.limit
+            clamped = delta.clamp(-self.limit, self.limit)
+        else:
+            lo, hi = self._bounds(delta, row_run)
+            d = delta.detach()
+            hit = (d < lo) | (d > hi)
+            clamped = torch.clamp(delta, min=lo, max=hi)
         if mask is not None:
             hit = hit & mask if mask.dtype == torch.bool else hit * mask
         if row_run is None:
             self.count += hit.reshape(hit.shape[0], -1).sum(-1).to(self.count.dtype)
         else:
             self.count.index_add_(0, row_run, hit.sum(0).to(self.count.dtype))
-        return logp - delta.clamp(-self.limit, self.limit)
+        return logp - clamped
 
-    def slope(self, logp: Tensor, ref_logp: Tensor) -> Tensor | None:
-        """``∂δ/∂logp`` of the clamped log-ratio ``δ = logp − clamped ref``: 1 where ``|logp − ref_logp|`` is
-        within the limit (bounds included, as autograd's clamp), 0 where clamped; ``None`` without a clamp."""
-        if self.limit is None:
+    def slope(self, logp: Tensor, ref_logp: Tensor, row_run: Tensor | None = None) -> Tensor | None:
+        """``∂δ/∂logp`` of the clamped log-ratio ``δ = logp − clamped ref``: 1 where ``logp − ref_logp`` is
+        within the bounds (bounds included, as autograd's clamp), 0 where clamped; ``None`` without a clamp."""
+        if not self.active:
             return None
-        return ((logp - ref_logp).abs() <= self.limit).to(logp.dtype)
+        delta = logp - ref_logp
+        if self.limit is not None:
+            return (delta.abs() <= self.limit).to(logp.dtype)
+        lo, hi = self._bounds(delta, row_run)
+        return ((delta >= lo) & (delta <= hi)).to(logp.dtype)
+
+
+def value_clamp_bounds(estimator: str, v: float) -> tuple[float, float]:
+    """The interval of δ where the sampled ``estimator``'s value lies within [−v, v] (``v > 0``)."""
+    if estimator == "k1":
+        return -v, v
+    if estimator == "k2":
+        r = math.sqrt(2.0 * v)
+        return -r, r
+    if estimator == "k3":
+        return _k3_root(v, negative=True), _k3_root(v, negative=False)
+    raise ValueError(f"kl.value_clamp needs a sampled estimator (k1, k2, k3); got {estimator!r}")
+
+
+def _k3_root(v: float, negative: bool) -> float:
+    """The δ < 0 (or δ > 0) where e^{−δ} − 1 + δ = v, by bisection in float64."""
+    a, b = (-(math.log1p(v) + 1.0) - 1.0, 0.0) if negative else (0.0, v + 1.0)
+    for _ in range(200):
+        m = 0.5 * (a + b)
+        f = math.expm1(-m) + m - v
+        if (f > 0) == negative:  # the root lies between m and 0
+            a = m
+        else:
+            b = m
+    return 0.5 * (a + b)

@@ -42,11 +42,98 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor, done: Tensor, vali
     return adv * valid.to(rewards.dtype)
 
 
-def clipped_surrogate(logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float) -> tuple[Tensor, Tensor]:
-    """PPO's clipped policy loss per sample and whether the ratio was clipped, both shaped like ``logp``."""
+def clip_bounds(clip: float, clip_low: float | None, clip_high: float | None) -> tuple[float, float]:
+    """The ratio's bounds ``(1 − ε_low, 1 + ε_high)``: ``train.clip_low`` / ``train.clip_high``, each ``clip``
+    when unset (DAPO's clip-higher raises only the upper one)."""
+    return 1.0 - (clip if clip_low is None else clip_low), 1.0 + (clip if clip_high is None else clip_high)
+
+
+def clipped_fraction(ratio: Tensor, clip: float, lo: float, hi: float) -> Tensor:
+    """Whether each ratio lies outside ``[lo, hi]`` (``|ρ − 1| > clip`` when the bounds are symmetric)."""
+    if lo == 1.0 - clip and hi == 1.0 + clip:
+        return (ratio - 1.0).abs() > clip
+    return (ratio < lo) | (ratio > hi)
+
+
+def clipped_surrogate(logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float, lo: float | None = None,
+                      hi: float | None = None) -> tuple[Tensor, Tensor]:
+    """PPO's clipped policy loss per sample and whether the ratio was clipped, both shaped like ``logp``
+    (bounds ``[lo, hi]``, by default ``[1 − clip, 1 + clip]``)."""
+    lo = 1.0 - clip if lo is None else lo
+    hi = 1.0 + clip if hi is None else hi
     ratio = torch.exp(logp - logp_old)
-    loss = -torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
-    return loss, (ratio - 1.0).abs() > clip
+    loss = -torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)
+    return loss, clipped_fraction(ratio, clip, lo, hi)
+
+
+def sum_steps(x: Tensor) -> Tensor:
+    """``x [R, N, H] → [R, N]``: each episode's sum over its steps, left to right (the same order for every
+    episode, whatever the batch)."""
+    total = x[..., 0]
+    for t in range(1, x.shape[-1]):
+        total = total + x[..., t]
+    return total
+
+
+def aggregation_weights(valid: Tensor, mode: str, horizon: int, n_minibatches: int = 1
+                        ) -> tuple[Tensor | None, Tensor | None]:
+    """How per-step losses of a batch ``valid [R, N, H]`` become one loss per run (``train.loss_agg``):
+    ``Σ_i u_i·loss_i / D`` over a (mini)batch's samples, with per-sample weights ``u [R, N, H]`` and a per-run
+    divisor ``D [R]``.
+
+    - ``token-mean``: u = 1, D = the (mini)batch's valid steps (``None, None``: the caller counts them);
+    - ``seq-mean-token-sum``: u = 1, D = episodes;
+    - ``seq-mean-token-mean``: u = 1/|episode|, D = episodes (GRPO's per-sequence mean);
+    - ``seq-mean-token-sum-norm``: u = 1, D = episodes × ``horizon`` (Dr. GRPO's constant normaliser).
+
+    The episode count is split evenly over ``n_minibatches`` (samples, not episodes, are shuffled into
+    minibatches), so the minibatches' losses add up to the batch's.
+    """
+    if mode == "token-mean":
+        return None, None
+    R, N, H = valid.shape
+    episodes = torch.full((R,), N / n_minibatches, dtype=torch.float64, device=valid.device)
+    if mode == "seq-mean-token-sum":
+        return None, episodes
+    if mode == "seq-mean-token-sum-norm":
+        return None, episodes * horizon
+    if mode == "seq-mean-token-mean":
+        length = sum_steps(valid.to(torch.float64)).clamp(min=1)  # [R, N]
+        return valid.to(torch.float64) / length.unsqueeze(-1), episodes
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def group_advantages(scores: Tensor, group: int, kind: str, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Advantages of the group estimators from episode scores ``[R, N]`` (consecutive groups of ``group``
+    episodes: G completions of one start state).
+
+    ``grpo``: (s − mean_g)/(std_g + ε) with the group's sample std (Bessel-corrected, as verl and TRL);
+    ``drgrpo``: s − mean_g; ``rloo``: s minus the mean of the other G − 1 members, G/(G−1)·(s − mean_g). Sums over
+    a group run left to right, so a run's numbers do not depend on the batch. Returns the advantages ``[R, N]``
+    and, per run ``[R]``, the fraction of groups whose scores are all equal (their advantages are 0).
+    """
+    R, N = scores.shape
+    g = scores.view(R, N // group, group)
+    total = g[..., 0]
+    for j in range(1, group):
+        total = total + g[..., j]
+    mean = total / group
+    centred = g - mean.unsqueeze(-1)
+    same = (g == g[..., :1]).all(-1)  # identical scores: exactly zero advantage, whatever the rounding
+    if kind == "grpo":
+        sq = centred[..., 0].square()
+        for j in range(1, group):
+            sq = sq + centred[..., j].square()
+        std = (sq / (group - 1)).sqrt()
+        adv = centred / (std.unsqueeze(-1) + eps)
+    elif kind == "drgrpo":
+        adv = centred
+    elif kind == "rloo":
+        adv = centred * (group / (group - 1))
+    else:
+        raise ValueError(f"unknown group advantage {kind!r}")
+    adv = torch.where(same.unsqueeze(-1), torch.zeros_like(adv), adv)
+    return adv.reshape(R, N), same.to(torch.float64).mean(-1)
 
 
 def ppo_diagnostics(pg: Tensor, kl_term: Tensor, clipped: Tensor, log_ratio_old: Tensor, valid: Tensor

@@ -12,8 +12,8 @@ from envs.tabular import TabularCore
 from sim.engine import rng
 
 
-def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: int, reward_dtype: torch.dtype
-                    ) -> dict[str, Tensor]:
+def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: int, reward_dtype: torch.dtype,
+                    group: int = 1) -> dict[str, Tensor]:
     """Sample ``n_episodes`` episodes per run from the policies ``logp [R, S, A]`` (log-probabilities) in the
     batched tabular env ``core``.
 
@@ -22,7 +22,9 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
 
     Random draws come from each run's stream ``key [R]`` (the update's, e.g. ``rng.fold(run_keys, update)``):
     actions (inverse CDF), then transition outcomes, the initial state and reward noise, each drawn only if
-    the env needs it. Step ``t`` of episode ``n`` uses element ``n·H + t`` of the ``[N, H]`` streams. Each
+    the env needs it. With ``group`` G > 1 the episodes come in consecutive groups of G that share their start
+    state (G completions of one prompt): group g's start uses element g of the start stream. Step ``t`` of
+    episode ``n`` uses element ``n·H + t`` of the ``[N, H]`` streams. Each
     step computes only the episodes still running (uniforms: those running at the first of each pair of
     steps), so the cost follows the steps taken rather than ``N·H``.
     """
@@ -33,7 +35,8 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
     k_out = rng.fold(key, 1) if mdp.n_outcomes > 1 else None
     z = rng.normal(rng.fold(key, 3), (N, H)).view(-1) if mdp.reward_noise > 0 else None  # [R·N·H]
     if core.needs_reset_uniform:
-        state = core.reset(rng.uniform(rng.fold(key, 2), (N,))).reshape(-1)
+        u0 = rng.uniform(rng.fold(key, 2), (N // group,))
+        state = core.reset(u0 if group == 1 else u0.repeat_interleave(group, dim=1)).reshape(-1)
     else:  # a fixed start state: no draw
         state = core.reset(torch.zeros(R * N, dtype=torch.float64, device=dev))
     # float32 CDF rows (compared with float64 uniforms after exact promotion); with several states and

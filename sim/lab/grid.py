@@ -138,8 +138,9 @@ class SweepPlan:
 
 
 def run_id(cfg: Config) -> str:
-    """The run's id: the first 12 hex digits of the SHA-256 of its resolved config JSON."""
-    return hashlib.sha256(cfg.to_json().encode()).hexdigest()[:12]
+    """The run's id: the first 12 hex digits of the SHA-256 of its resolved config JSON
+    (:meth:`sim.config.Config.identity_json`)."""
+    return hashlib.sha256(cfg.identity_json().encode()).hexdigest()[:12]
 
 
 def _config_keys() -> tuple[set[str], dict[str, set[str]]]:

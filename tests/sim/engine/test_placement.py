@@ -105,7 +105,8 @@ def test_clamp_bounds_the_log_ratio_and_counts_samples(limit):
     logp = torch.tensor([[0.0, -3.0, -0.2], [-1.0, -1.0, -5.0]], dtype=torch.float64)
     ref = torch.tensor([[-1.0, -0.1, -0.3], [-1.2, -0.6, -0.1]], dtype=torch.float64)
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    clamp = Clamp(limit, 2, torch.device("cpu"))
+    configs = [resolve(None, [] if limit is None else [f"kl.clamp={limit}"]) for _ in range(2)]
+    clamp = Clamp.from_configs(configs, torch.device("cpu"))
     ref_c = clamp(logp, ref, mask)
     if limit is None:
         assert ref_c is ref and clamp.slope(logp, ref) is None and int(clamp.count.sum()) == 0
@@ -115,3 +116,26 @@ def test_clamp_bounds_the_log_ratio_and_counts_samples(limit):
     hit = (delta.abs() > limit) & mask
     assert clamp.count.tolist() == hit.sum(1).tolist()  # masked-out samples are not counted
     assert torch.equal(clamp.slope(logp, ref), (delta.abs() <= limit).to(logp.dtype))
+
+
+def test_value_clamp_equals_clamping_the_estimate_per_run():
+    """``kl.value_clamp`` (verl's ``low_var_kl``: k3 clamped to ±10) gives each run its own estimator's value
+    clamped, with zero slope where clamped, counted per run; a k1 run beside it keeps its own bound."""
+    configs = [resolve(None, ["kl.placement=loss", "kl.estimator=low_var_kl"]),
+               resolve(None, ["kl.placement=loss", "kl.estimator=k1", "kl.value_clamp=2"])]
+    assert configs[0].kl.estimator == "k3" and configs[0].kl.value_clamp == 10.0
+    rt = RunTensors.from_configs(configs, torch.device("cpu"))
+    clamp = Clamp.from_configs(configs, torch.device("cpu"))
+    delta = torch.tensor([[-4.0, -2.0, 0.5, 12.0], [-4.0, -2.0, 0.5, 12.0]], dtype=torch.float64)
+    logp = torch.full_like(delta, -1.0)
+    ref = logp - delta
+    x = logp.clone().requires_grad_(True)
+    term = kl_loss_term(x, logp, clamp(x, ref), torch.zeros_like(logp), rt)
+    (g,) = torch.autograd.grad(term.sum(), x)
+    k3 = torch.expm1(-delta[0]) + delta[0]
+    beta = configs[0].kl.beta
+    assert torch.allclose(term[0].detach(), beta * torch.clamp(k3, max=10.0), rtol=1e-12, atol=0)
+    assert torch.allclose(term[1].detach(), beta * torch.clamp(delta[1], -2.0, 2.0), rtol=0, atol=1e-15)
+    assert g[0].tolist()[0] == 0.0 and g[0].tolist()[3] == 0.0 and g[0].tolist()[1] != 0.0
+    assert g[1].tolist() == [0.0, beta, beta, 0.0]
+    assert clamp.count.tolist() == [2, 2]

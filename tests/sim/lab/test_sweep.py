@@ -359,3 +359,17 @@ def test_a_task_lost_by_the_executor_marks_its_unfinished_runs_failed(tmp_path):
 def test_plan_errors_are_config_errors():
     with pytest.raises(ConfigError, match="everything is excluded"):
         plan_sweep({"base": BASE, "exclude": [{"env.id": "bandit"}]}, "grid")
+
+
+def test_preset_run_ids_never_change():
+    """Run ids are the folders a sweep resumes into: every preset's ids equal those recorded when ids were first
+    defined (``tests/sim/lab/data/preset_run_ids.json``; keys added since enter an id only when set,
+    ``Config.identity_json``)."""
+    import hashlib
+
+    recorded = json.loads((Path(__file__).parent / "data" / "preset_run_ids.json").read_text())
+    for name, want in recorded.items():
+        grid, path = load_grid(name)
+        ids = [r.run_id for r in plan_sweep(grid, name, path.parent).runs]
+        assert len(ids) == want["n_runs"] and ids[0] == want["first"], name
+        assert hashlib.sha256(" ".join(ids).encode()).hexdigest() == want["sha256_of_ids"], name
