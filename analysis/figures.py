@@ -44,7 +44,7 @@ from analysis.plotting import (
     save,
     variant_style,
 )
-from analysis.stats import iqm
+from analysis.stats import bootstrap_curve, iqm
 
 # ----------------------------------------------------------------------------------------------------------
 # Curves over updates
@@ -349,4 +349,42 @@ def plot_dpo_beta(per_run: pd.DataFrame, path: str | Path, *, policy: pd.DataFra
         ax_tv.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
     if title:
         fig.suptitle(title, fontsize=7)
+    return save(fig, path, formats)
+
+
+@paper_style
+def plot_length(metrics: pd.DataFrame, path: str | Path, *, by: str = "train.loss_agg", column: str = "length_true",
+                title: str | None = None, n_boot: int = 1000, seed: int = 0,
+                formats: Sequence[str] = FORMATS) -> list[Path]:
+    """The mean episode length vs update, one panel per KL variant and one line per value of ``by`` (the loss
+    aggregation by default): mean over seeds with a 95 % bootstrap band. ``column``: ``length_true`` (exact,
+    the policy after each update) or ``episode_length`` (the sampled batch)."""
+    variants = variant_order(metrics["variant"].unique())
+    levels = sorted(metrics[by].astype(str).unique())
+    ncol = min(4, len(variants))
+    nrow = -(-len(variants) // ncol)
+    fig = new_figure(PAGE_WIDTH, 1.25 * nrow + 0.5)
+    axes = fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False).ravel()
+    palette = sns.color_palette("dark", len(levels))
+    for ax, variant in zip(axes, variants, strict=False):
+        rows = metrics[metrics["variant"] == variant]
+        for colour, level in zip(palette, levels, strict=True):
+            sub = rows[rows[by].astype(str) == level]
+            if sub.empty:
+                continue
+            curve = sub.pivot_table(index="update", columns="run_id", values=column, observed=True)
+            x = curve.index.to_numpy()
+            mean, lo, hi = bootstrap_curve(curve.to_numpy().T, n_boot=n_boot, seed=seed)
+            ax.plot(x, mean, color=colour, label=level, lw=1.0)
+            ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
+        ax.set_title(panel_label(variant) if variant == "none" else variant, fontsize=6)
+    for ax in axes[len(variants):]:
+        ax.set_visible(False)
+    for ax in axes[::ncol]:
+        ax.set_ylabel("episode length")
+    for ax in axes[-ncol:]:
+        ax.set_xlabel("update")
+    axes[0].legend(title=by.split(".")[-1], loc="lower left", fontsize=5, title_fontsize=5)
+    if title:
+        fig.suptitle(title)
     return save(fig, path, formats)

@@ -274,7 +274,7 @@ def collapse(metrics: pd.DataFrame, threshold: float = COLLAPSE_ENTROPY, column:
 
 def collapsed_fraction(per_run: pd.DataFrame, by: Sequence[str], column: str = "collapsed") -> pd.DataFrame:
     """Fraction of runs (seeds) with ``column`` true, per group ``by``: columns ``by + [n, collapsed_fraction]``."""
-    g = per_run.groupby(list(by), observed=True, sort=True)[column]
+    g = per_run.groupby(list(by), observed=True, sort=True, dropna=False)[column]
     return pd.DataFrame({"n": g.size(), f"{column}_fraction": g.mean()}).reset_index()
 
 

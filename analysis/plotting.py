@@ -88,7 +88,7 @@ def split_conditions(frame: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.D
     if not cols:
         yield {}, frame
         return
-    for values, rows in frame.groupby(cols, observed=True, sort=True):
+    for values, rows in frame.groupby(cols, observed=True, sort=True, dropna=False):
         values = values if isinstance(values, tuple) else (values,)
         yield dict(zip(cols, values, strict=True)), rows
 

@@ -50,7 +50,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 MAX_CONDITIONS = 8
 #: Figure kinds a report can draw (``--figures``).
-FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous")
+FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous", "length")
 #: Figure file prefixes and their titles in index.md.
 FIGURE_KINDS = {"fig1": "Fig. 1: drift", "fig2": "Fig. 2: collapse", "fig3": "Fig. 3: recovery",
                 "fig4": "Fig. 4: final measure over β × variant", "fig5": "Fig. 5: final policy",
@@ -95,7 +95,7 @@ def summary_table(per_run: pd.DataFrame, by: Sequence[str], n_boot: int = 2000, 
         if values:
             parts.append(aggregate(frame, values, by, stat=stat, n_boot=n_boot, seed=seed).set_index(list(by)))
     if not parts:
-        return frame.groupby(list(by), observed=True).size().rename("n").reset_index()
+        return frame.groupby(list(by), observed=True, dropna=False).size().rename("n").reset_index()
     out = parts[0]
     for p in parts[1:]:
         out = out.join(p.drop(columns="n"))
@@ -143,7 +143,7 @@ class _Report:
         kind = {F.plot_kl: "kl", F.plot_entropy: "entropy", F.plot_recovery: "recovery", F.plot_heatmap: "heatmap",
                 P.plot_final_policy: "policy", F.plot_estimators: "estimators", F.plot_dpo_beta: "dpo",
                 P.plot_gaussian_trajectory: "continuous", P.plot_mode_mix: "continuous",
-                P.plot_x0_distribution: "continuous"}[fn]
+                P.plot_x0_distribution: "continuous", F.plot_length: "length"}[fn]
         if kind not in self.kinds:
             return
         try:
@@ -282,6 +282,27 @@ class _Report:
         if entries:
             self.sections.append(("DPO vs PPO over β" + (f" ({label})" if label else ""), entries))
 
+    def lengths(self, metrics: pd.DataFrame) -> None:
+        """The episode length over updates per loss aggregation, for runs whose episodes vary in length."""
+        by = "train.loss_agg"
+        if by not in metrics or metrics[by].nunique() < 2 or "length_true" not in metrics:
+            return
+        m = metrics[metrics["length_true"].notna()]
+        rest = [c for c in plotting.condition_columns(m) if c != by]
+        entries: list[tuple[str, list[Path]]] = []
+        for key, g in (m.groupby(rest, observed=True, dropna=False) if rest else [((), m)]):
+            if g[by].nunique() < 2:
+                continue
+            condition = dict(zip(rest, key if isinstance(key, tuple) else (key,), strict=True))
+            label = plotting.condition_label(condition)
+            slug = _slug(condition)
+            self._figure(entries, f"Exact expected episode length of the policy vs update for each loss aggregation "
+                         f"(train.loss_agg; mean over seeds, 95 % bootstrap band){' — ' + label if label else ''}.",
+                         F.plot_length, g, self.out / ("figL_length" + (f"_{slug}" if slug else "")),
+                         title=label or None, n_boot=self.n_boot, seed=self.seed)
+        if entries:
+            self.sections.append(("Episode length by loss aggregation", entries))
+
     def heatmaps(self, condition: dict[str, Any], per_run: pd.DataFrame, x: str) -> None:
         slug = _slug(condition)
         tag = f"_{slug}" if slug else ""
@@ -353,11 +374,12 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
         for condition, m in groups[:max_conditions]:
             rep.curves(condition, m)
         skipped = len(groups) - min(len(groups), max_conditions)
+        rep.lengths(metrics)
         x = "kl.beta"
         rest = [c for c in conds if c != x]
         frames = [({}, per_run)] if not rest else [
             (dict(zip(rest, k if isinstance(k, tuple) else (k,), strict=True)), g)
-            for k, g in per_run.groupby(rest, observed=True)]
+            for k, g in per_run.groupby(rest, observed=True, dropna=False)]
         for condition, g in frames:
             if g["variant"].nunique() * (g[x].nunique() if x in g else 1) >= 2:
                 rep.heatmaps(condition, g, x)
@@ -390,7 +412,7 @@ def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by:
         u = sorted(runs[k].dropna().unique(), key=str) if runs[k].dtype == object else runs[k].dropna().unique()
         parts.append(f"`{k}` ∈ {{{', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in u)}}}")
     if by and not runs.empty and "variant" in runs:
-        parts.append(f"seeds per condition: {int(runs.groupby(by, observed=True).size().max())}")
+        parts.append(f"seeds per condition: {int(runs.groupby(by, observed=True, dropna=False).size().max())}")
     if parts:
         lines += ["; ".join(parts) + ".", ""]
     problems = res.problems

@@ -216,7 +216,7 @@ def aggregate(per_run: pd.DataFrame, values: Sequence[str], by: Sequence[str], s
         One row per group: ``by``, ``n`` (runs), and ``<value>``, ``<value>_lo``, ``<value>_hi`` per value.
     """
     rows = []
-    for i, (group, frame) in enumerate(per_run.groupby(list(by), observed=True, sort=True)):
+    for i, (group, frame) in enumerate(per_run.groupby(list(by), observed=True, sort=True, dropna=False)):
         row = dict(zip(by, group if isinstance(group, tuple) else (group,), strict=True))
         row["n"] = len(frame)
         for j, col in enumerate(values):

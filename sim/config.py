@@ -230,60 +230,12 @@ class Config:
 
     def to_dict(self) -> dict:
         """Plain nested dict (JSON/YAML-serializable)."""
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def identity_json(self) -> str:
-        """The JSON a run's id hashes: :meth:`to_json` without the keys added after run ids were first
-        defined (:data:`ID_KEYS`) while they hold their default, so an existing sweep folder keeps its ids (and
-        resumes) when reflab gains a key, and a run that sets the new key gets a new id."""
-        d = self.to_dict()
-        defaults = Config().to_dict()
-        for section in list(d):
-            if section == "env":
-                env_id = d["env"]["id"]
-                known = ID_ENV_KEYS.get(env_id, ())
-                env_defaults = dataclasses.asdict(envs.spec(env_id).params())
-                for key in list(d["env"]):
-                    if key != "id" and key not in known and _to_plain(env_defaults.get(key)) == d["env"][key]:
-                        del d["env"][key]
-            elif isinstance(d[section], dict):
-                for key in list(d[section]):
-                    if f"{section}.{key}" not in ID_KEYS and d[section][key] == defaults[section][key]:
-                        del d[section][key]
-                if not d[section] and section not in ID_SECTIONS:
-                    del d[section]
-            elif section not in ID_KEYS and d[section] == defaults[section]:
-                del d[section]
-        return json.dumps(d, sort_keys=True)
 
-
-ID_KEYS = frozenset((
-    "device", "dpo.batch_size", "dpo.beta", "dpo.bt_temperature", "dpo.data_seed", "dpo.epochs", "dpo.loss",
-    "dpo.pairs", "dpo.sampler", "kl.beta", "kl.clamp", "kl.controller", "kl.estimator", "kl.horizon",
-    "kl.is_correction", "kl.placement", "kl.target", "log.every", "log.policy_every", "log.progress",
-    "log.trajectories", "reference.alpha", "reference.every", "reference.schedule", "seed", "threads", "train.algo",
-    "train.backend", "train.baseline", "train.batch", "train.clip", "train.dtype", "train.ent_coef", "train.epochs",
-    "train.gae_lambda", "train.gamma", "train.hidden", "train.init", "train.lr", "train.max_grad_norm",
-    "train.minibatches", "train.mode", "train.norm_adv", "train.optimizer", "train.phases", "train.policy",
-    "train.updates", "train.vf_coef"))
-"""The config keys run ids were first defined with: a key added later enters a run's id only when it differs from
-its default (:meth:`Config.identity_json`). Never edit this set."""
-ID_SECTIONS = frozenset(("dpo", "kl", "log", "reference", "train"))
-ID_ENV_KEYS: dict[str, tuple[str, ...]] = {
-    "bandit": ("n_arms", "ref_preference", "ref_probs", "ref_temperature", "reward_noise", "reward_seed", "rewards"),
-    "gaussian_bandit": ("dim", "fixed_std", "mode_std", "mode_weights", "modes", "ref_mean", "ref_std", "reward",
-                        "reward_coef", "reward_noise", "target"),
-    "diffusion_chain": ("dim", "mode_std", "mode_weights", "modes", "noise_end", "noise_start", "reward",
-                        "reward_center", "reward_coef", "reward_noise", "reward_width", "step_variance", "steps"),
-    "gridworld": ("goal_rewards", "horizon", "lava_reward", "layout", "obs", "ref_goal", "ref_temperature", "slip",
-                  "step_reward"),
-    "token_tree": ("length", "ref_logits", "ref_logits_seed", "ref_temperature", "reward", "reward_seed",
-                   "reward_table", "target", "vocab"),
-}
-"""The env keys of each env when run ids were first defined (see :data:`ID_KEYS`). Never edit this mapping."""
 
 PLACEMENTS = ("none", "reward", "loss")
 """Where the KL enters PPO (docs/theory.md "The two placements")."""
@@ -321,11 +273,11 @@ PER_RUN_KEYS = ("seed", "kl.placement", "kl.estimator", "kl.beta", "kl.is_correc
 _SECTIONS = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig, "dpo": DPOConfig}
 
 
-def _to_plain(x: Any) -> Any:
+def to_plain(x: Any) -> Any:
     if isinstance(x, dict):
-        return {k: _to_plain(v) for k, v in x.items()}
+        return {k: to_plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_to_plain(v) for v in x]
+        return [to_plain(v) for v in x]
     return x
 
 
@@ -449,7 +401,7 @@ def _build_section(name: str, cls: type, data: Any) -> Any:
             v, value_clamp = ESTIMATOR_ALIASES[v]
             if value_clamp is not None and "value_clamp" not in data:
                 kwargs["value_clamp"] = value_clamp
-        if key in CHOICES and v not in CHOICES[key]:
+        if key in CHOICES and v not in CHOICES[key] and not (v is None and default is None):
             if key == "kl.estimator":
                 raise ConfigError(f"kl.estimator must be one of {', '.join(ESTIMATORS)} (or verl's "
                                   f"{', '.join(ESTIMATOR_ALIASES)}); got {v!r}")
@@ -489,7 +441,7 @@ def _validate_env(env: Any) -> dict:
     except (ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(msg if msg.startswith("env.") else f"env: {msg}") from e
-    return {"id": env_id, **_to_plain(dataclasses.asdict(params))}
+    return {"id": env_id, **to_plain(dataclasses.asdict(params))}
 
 
 def check_positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:

@@ -157,6 +157,8 @@ class DiscreteTrainer(BatchTrainer):
             "support": (support * occ).sum(-1) / length,
             "return_true": tabular.expected_return(self.mdp, pi, prob),
         }
+        if self.H > 1:  # the exact expected episode length (steps taken), where episodes can end early
+            out["length_true"] = occ.sum(-1)
         if bool((self.rt.beta > 0).all()):
             tv = tabular.total_variation(pi, self._optimum(ref), prob, self._optimum_prob(ref))
             out["tv_opt"] = (occ * tv).sum(-1) / length

@@ -4,6 +4,8 @@ Cases (medians over ``--repeats``; the machine may be shared and noisy):
 
 - **bandit grid**: 10-arm bandit, 8 KL variants × 5 β × 10 seeds = 400 runs, 300 updates × 256 samples,
   4 epochs, trained as one batch; wall time and env-steps/s (target ≤ 10 s, ≥ 3 M env-steps/s on 2 cores).
+- **GRPO bandit grid**: the same grid with ``train.advantage=grpo``, G = 8; its time against the PPO grid's
+  (target ≤ 1.5×).
 - **SB3**: the same bandit (its gymnasium shell) trained by stable-baselines3's PPO (MlpPolicy, 8 envs)
   for a fixed number of steps; env-steps/s and the native / SB3 ratio (target ≥ 2000×).
 - **SB3 backend**: ``train.backend: sb3`` (KLRegularizedPPO, k3 in the loss) on the same bandit config
@@ -42,12 +44,15 @@ from sim.lab.runs import atomic_write_json
 VARIANTS = [("none", "k1"), ("reward", "k1"), ("reward", "k2"), ("reward", "k3"),
             ("loss", "k1"), ("loss", "k2"), ("loss", "k3"), ("loss", "full")]
 BETAS = [0.01, 0.03, 0.1, 0.3, 1.0]
+GRPO = ("train.advantage=grpo", "train.group=8")
 
 
-def bandit_grid(updates: int = 300, seeds: int = 10, device: str = "cpu") -> list[Config]:
-    """The standard bandit grid: 8 variants × 5 β × ``seeds`` seeds on a 10-arm bandit."""
+def bandit_grid(updates: int = 300, seeds: int = 10, device: str = "cpu", extra: tuple[str, ...] = ()
+                ) -> list[Config]:
+    """The standard bandit grid: 8 variants × 5 β × ``seeds`` seeds on a 10-arm bandit (``extra``: more
+    ``--set`` overrides, e.g. an advantage estimator)."""
     base = ["env.id=bandit", "env.n_arms=10", f"train.updates={updates}", "train.batch=256", "train.epochs=4",
-            f"device={device}"]
+            f"device={device}", *extra]
     return [resolve(None, base + [f"kl.placement={p}", f"kl.estimator={e}", f"kl.beta={b}", f"seed={s}"])
             for p, e in VARIANTS for b in BETAS for s in range(seeds)]
 
@@ -204,6 +209,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         rep: dict[str, Any] = {}
         _grid_cases(rep, dev, args, "bandit_grid", "bandit grid", lambda d: bandit_grid(args.updates, device=d),
                     "≤ 10 s, ≥ 3 M steps/s", with_threads=True)
+        rep["grpo_grid"] = time_native(bandit_grid(args.updates, device=dev, extra=GRPO), args.repeats)
+        rep["grpo_over_ppo"] = rep["grpo_grid"]["wall_s"] / rep["bandit_grid"]["wall_s"]
+        _print(dev, "bandit grid with GRPO advantages, G = 8 (400 runs, one process)", rep["grpo_grid"],
+               target=f"≤ 1.5× the PPO grid: {rep['grpo_over_ppo']:.2f}×")
         _grid_cases(rep, dev, args, "gridworld_grid", "gridworld grid",
                     lambda d: gridworld_grid(args.grid_updates, device=d), "≥ 2 M steps/s", with_threads=False)
         if dev == "cpu" and not args.no_sb3:

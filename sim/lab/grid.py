@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -41,6 +40,7 @@ from sim.config import (
     yaml_load,
 )
 from sim.lab import dispatch
+from sim.lab.run_ids import run_id
 
 GRID_KEYS = ("base", "axes", "variants", "seeds", "exclude", "batch_size", "description")
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -135,12 +135,6 @@ class SweepPlan:
             "n_runs": len(self.runs),
             "run_ids": [r.run_id for r in self.runs],
         }
-
-
-def run_id(cfg: Config) -> str:
-    """The run's id: the first 12 hex digits of the SHA-256 of its resolved config JSON
-    (:meth:`sim.config.Config.identity_json`)."""
-    return hashlib.sha256(cfg.identity_json().encode()).hexdigest()[:12]
 
 
 def _config_keys() -> tuple[set[str], dict[str, set[str]]]:

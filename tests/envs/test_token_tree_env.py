@@ -113,7 +113,7 @@ def test_gibbs_sequence_optimum_rejects_bad_beta(beta: float) -> None:
         ({"target": [0, 1]}, r"env\.target must have 3 entries"),
         ({"ref_logits": [[0.0, 0.0, 0.0]]}, r"env\.ref_logits must be 13 rows"),
         ({"vocab": 10, "length": 5}, r"env\.vocab=10 and env\.length=5 give 11111 prefix states"),
-        ({"reward": "bleu"}, r"env\.reward must be one of 'target', 'table', 'random'"),
+        ({"reward": "bleu"}, r"env\.reward must be one of 'target', 'prefix', 'table', 'random'"),
     ],
 )
 def test_bad_params_raise_one_clear_error(kwargs: dict, message: str) -> None:

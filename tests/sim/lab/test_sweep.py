@@ -364,7 +364,7 @@ def test_plan_errors_are_config_errors():
 def test_preset_run_ids_never_change():
     """Run ids are the folders a sweep resumes into: every preset's ids equal those recorded when ids were first
     defined (``tests/sim/lab/data/preset_run_ids.json``; keys added since enter an id only when set,
-    ``Config.identity_json``)."""
+    ``sim.lab.run_ids``)."""
     import hashlib
 
     recorded = json.loads((Path(__file__).parent / "data" / "preset_run_ids.json").read_text())
