@@ -388,3 +388,38 @@ def plot_length(metrics: pd.DataFrame, path: str | Path, *, by: str = "train.los
     if title:
         fig.suptitle(title)
     return save(fig, path, formats)
+
+
+@paper_style
+def plot_against(per_run: pd.DataFrame, path: str | Path, *, x: str, columns: Sequence[str] = ("kl_final",
+                 "tv_opt_final"), labels: Sequence[str] | None = None, title: str | None = None, n_boot: int = 1000,
+                 seed: int = 0, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Per-run final measures (``columns`` of :func:`analysis.metrics.run_summary`) against a swept numeric key
+    ``x`` (e.g. ``train.staleness``), one line per variant: mean over seeds with a 95 % bootstrap interval, one
+    panel per column, a log y axis when a column spans more than two decades."""
+    variants = variant_order(per_run["variant"].unique())
+    fig = new_figure(PAGE_WIDTH, 2.2)
+    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    for ax, col, label in zip(axes, columns, labels or columns, strict=True):
+        for variant in variants:
+            rows = per_run[per_run["variant"] == variant]
+            xs = sorted(rows[x].dropna().unique())
+            stats = [bootstrap_curve(rows.loc[rows[x] == v, col].to_numpy(dtype=float)[:, None], n_boot=n_boot,
+                                     seed=seed) for v in xs]
+            mean = np.array([m[0] for m, _, _ in stats])
+            lo = np.array([lo[0] for _, lo, _ in stats])
+            hi = np.array([hi[0] for _, _, hi in stats])
+            style = variant_style(variant)
+            ax.plot(xs, mean, marker="o", ms=2.5, label=panel_label(variant) if variant == "none" else variant,
+                    **style)
+            ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.15, lw=0)
+        values = per_run[col].to_numpy(dtype=float)
+        positive = values[np.isfinite(values) & (values > 0)]
+        if positive.size and positive.max() / max(positive.min(), 1e-12) > 100:
+            ax.set_yscale("symlog", linthresh=max(float(np.quantile(positive, 0.05)), 1e-6))
+        ax.set_xlabel(x.split(".")[-1])
+        ax.set_ylabel(label)
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=5)
+    if title:
+        fig.suptitle(title)
+    return save(fig, path, formats)

@@ -77,9 +77,16 @@ def variant_style(variant: str) -> dict[str, Any]:
 
 
 def condition_columns(frame: pd.DataFrame) -> list[str]:
-    """Key columns of ``frame`` other than seed/variant that take more than one value."""
+    """Key columns of ``frame`` other than seed/variant that take more than one value; an env's own keys
+    (``env.*``) are left out where ``env.id`` varies and they are fixed within each env (a sweep over whole env
+    mappings: ``env.id`` names the condition)."""
     cols = [c for c in key_columns(frame) if c not in _NOT_CONDITIONS]
-    return [c for c in cols if frame[c].nunique(dropna=False) > 1]
+    cols = [c for c in cols if frame[c].nunique(dropna=False) > 1]
+    if "env.id" in cols:
+        by_env = frame.groupby("env.id", observed=True, dropna=False)
+        cols = [c for c in cols if not c.startswith("env.") or c == "env.id"
+                or bool((by_env[c].nunique(dropna=False) > 1).any())]
+    return cols
 
 
 def split_conditions(frame: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:

@@ -50,7 +50,8 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 MAX_CONDITIONS = 8
 #: Figure kinds a report can draw (``--figures``).
-FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous", "length")
+FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous", "length",
+                  "staleness")
 #: Figure file prefixes and their titles in index.md.
 FIGURE_KINDS = {"fig1": "Fig. 1: drift", "fig2": "Fig. 2: collapse", "fig3": "Fig. 3: recovery",
                 "fig4": "Fig. 4: final measure over β × variant", "fig5": "Fig. 5: final policy",
@@ -143,7 +144,7 @@ class _Report:
         kind = {F.plot_kl: "kl", F.plot_entropy: "entropy", F.plot_recovery: "recovery", F.plot_heatmap: "heatmap",
                 P.plot_final_policy: "policy", F.plot_estimators: "estimators", F.plot_dpo_beta: "dpo",
                 P.plot_gaussian_trajectory: "continuous", P.plot_mode_mix: "continuous",
-                P.plot_x0_distribution: "continuous", F.plot_length: "length"}[fn]
+                P.plot_x0_distribution: "continuous", F.plot_length: "length", F.plot_against: "staleness"}[fn]
         if kind not in self.kinds:
             return
         try:
@@ -303,6 +304,28 @@ class _Report:
         if entries:
             self.sections.append(("Episode length by loss aggregation", entries))
 
+    def staleness(self, per_run: pd.DataFrame) -> None:
+        """Final KL to the reference and TV to the optimum against the rollouts' lag (``train.staleness``)."""
+        x = "train.staleness"
+        if x not in per_run or per_run[x].nunique() < 2:
+            return
+        rest = [c for c in plotting.condition_columns(per_run) if c != x]
+        entries: list[tuple[str, list[Path]]] = []
+        for key, g in (per_run.groupby(rest, observed=True, dropna=False) if rest else [((), per_run)]):
+            if g[x].nunique() < 2:
+                continue
+            condition = dict(zip(rest, key if isinstance(key, tuple) else (key,), strict=True))
+            label = plotting.condition_label(condition)
+            slug = _slug(condition)
+            self._figure(entries, "KL to the reference (left) and TV distance to the KL-regularized optimum (right) "
+                         "at the end of the reward phase against the sampler's lag in updates (mean over seeds, "
+                         f"95 % bootstrap interval){' — ' + label if label else ''}.", F.plot_against, g,
+                         self.out / ("figS_staleness" + (f"_{slug}" if slug else "")), x=x,
+                         labels=("KL(π‖π_ref), end of reward phase", "TV to π*, end of reward phase"),
+                         title=label or None, n_boot=self.n_boot, seed=self.seed)
+        if entries:
+            self.sections.append(("Stale rollouts", entries))
+
     def heatmaps(self, condition: dict[str, Any], per_run: pd.DataFrame, x: str) -> None:
         slug = _slug(condition)
         tag = f"_{slug}" if slug else ""
@@ -375,6 +398,7 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
             rep.curves(condition, m)
         skipped = len(groups) - min(len(groups), max_conditions)
         rep.lengths(metrics)
+        rep.staleness(per_run)
         x = "kl.beta"
         rest = [c for c in conds if c != x]
         frames = [({}, per_run)] if not rest else [

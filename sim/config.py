@@ -76,6 +76,9 @@ class KLConfig:
     ``low_var_kl``; set by that alias); counted and logged like ``clamp``."""
     loss_agg: str | None = None
     """How a loss-placed KL term is aggregated over the batch (see ``train.loss_agg``); none = as the policy loss."""
+    reward_logp: str = "behaviour"
+    """With stale rollouts, the policy a reward-placed KL is computed from: ``behaviour`` (the sampler's, as the
+    systems do) | ``learner`` (the learner's at sampling time). Per-run."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,15 @@ class TrainConfig:
     REINFORCE++). The group estimators broadcast an episode's advantage to all its steps."""
     group: int = 1
     """Episodes per group (G completions of one start state, sharing it); ``train.batch`` must be a multiple."""
+    staleness: int = 0
+    """Asynchronous rollouts: update u trains on episodes of the policy of update u − staleness (the first updates
+    use the initial policy); the PPO ratio and IS corrections are taken against that behaviour policy. Per-run."""
+    staleness_dist: str = "fixed"
+    """``fixed`` (every update lags by ``staleness``) | ``uniform`` (a lag drawn uniformly from 0 … staleness per
+    update, from the run's stream: the irregular lag of real systems). Per-run."""
+    decoupled: bool = False
+    """Stale rollouts only: the ratio against the learner's own previous policy π_prox, with the importance
+    weight π_prox/π_behaviour outside the clip (decoupled PPO)."""
     loss_agg: str = "token-mean"
     """How per-step losses become the batch's loss: ``token-mean`` (mean over every valid step) |
     ``seq-mean-token-sum`` (sum per episode, mean over episodes) | ``seq-mean-token-mean`` (mean per episode, then
@@ -255,6 +267,8 @@ CHOICES: dict[str, tuple] = {
     "reference.schedule": ("frozen", "reset", "ema"),
     "train.mode": ("sampled", "exact"),
     "train.advantage": ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp"),
+    "train.staleness_dist": ("fixed", "uniform"),
+    "kl.reward_logp": ("behaviour", "learner"),
     "train.loss_agg": LOSS_AGGREGATIONS,
     "kl.loss_agg": LOSS_AGGREGATIONS,
     "train.optimizer": ("adam", "sgd"),
@@ -268,7 +282,8 @@ CHOICES: dict[str, tuple] = {
 
 #: Keys that may differ between runs that share one batch.
 PER_RUN_KEYS = ("seed", "kl.placement", "kl.estimator", "kl.beta", "kl.is_correction", "kl.controller",
-                "kl.target", "kl.horizon", "kl.value_clamp", "train.lr", "dpo.beta", "dpo.loss")
+                "kl.target", "kl.horizon", "kl.value_clamp", "kl.reward_logp", "train.lr", "train.staleness",
+                "train.staleness_dist", "dpo.beta", "dpo.loss")
 
 _SECTIONS = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig, "dpo": DPOConfig}
 
@@ -505,6 +520,15 @@ def _check_ranges(cfg: Config) -> None:
     if t.advantage in GROUP_ADVANTAGES and t.group < 2:
         raise ConfigError(f"train.advantage={t.advantage} needs train.group >= 2 (a baseline from the other "
                           f"members of a group); got {t.group}")
+    check_positive("train.staleness", t.staleness, allow_zero=True)
+    no_effect = [(t.staleness_dist != "fixed" and t.staleness == 0, f"train.staleness_dist={t.staleness_dist}"),
+                 (t.decoupled and t.staleness == 0, "train.decoupled=true"),
+                 (kl.reward_logp != "behaviour" and (t.staleness == 0 or kl.placement != "reward"),
+                  f"kl.reward_logp={kl.reward_logp}")]
+    for bad, what in no_effect:
+        if bad:
+            raise ConfigError(f"{what} has no effect here: it needs stale rollouts (train.staleness > 0)"
+                              + (" and the KL in the reward" if what.startswith("kl.") else ""))
     if t.advantage != "gae" and t.baseline not in ("auto", "none"):
         raise ConfigError(f"train.baseline={t.baseline} has no effect with train.advantage={t.advantage} (its own "
                           "baseline); leave train.baseline at auto")
@@ -546,7 +570,7 @@ def set_keys(cfg: Config, keys: tuple[str, ...]) -> list[str]:
 
 #: Keys of PPO's advantage estimators and loss aggregation (trainers of other algorithms reject them).
 PPO_VARIANT_KEYS = ("train.advantage", "train.group", "train.loss_agg", "kl.loss_agg", "train.clip_low",
-                    "train.clip_high")
+                    "train.clip_high", "train.staleness", "train.staleness_dist", "train.decoupled", "kl.reward_logp")
 
 
 def get_dotted(cfg_dict: dict, key: str) -> Any:

@@ -48,7 +48,7 @@ from torch import Tensor
 
 import envs
 from envs.diffusion_chain import DiffusionChainCore, density_grid, tilt_weights
-from sim.config import Config, ConfigError, set_keys
+from sim.config import PPO_VARIANT_KEYS, Config, ConfigError, set_keys
 from sim.engine import rng
 from sim.engine.kl import all_estimates
 from sim.engine.loop import BatchTrainer
@@ -115,9 +115,10 @@ class DiffusionTrainer(BatchTrainer):
                               f"entropy is constant); got {t.ent_coef!r}")
         if t.init != "reference":
             raise ConfigError(f"train.init must be reference for env.id={env!r}; got {t.init!r}")
-        bad = set_keys(cfg, ("train.advantage", "train.group", "train.loss_agg", "kl.loss_agg"))
+        bad = set_keys(cfg, tuple(k for k in PPO_VARIANT_KEYS if "clip" not in k))
         if bad:
-            raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss)")
+            raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss, "
+                              "on-time rollouts)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)

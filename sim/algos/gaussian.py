@@ -17,7 +17,7 @@ from torch import Tensor
 
 import envs
 from envs.gaussian_bandit import expected_reward, gaussian_kl, gibbs_optimum
-from sim.config import Config, ConfigError, set_keys
+from sim.config import PPO_VARIANT_KEYS, Config, ConfigError, set_keys
 from sim.engine import rng
 from sim.engine.kl import all_estimates
 from sim.engine.loop import BatchTrainer
@@ -67,9 +67,10 @@ class GaussianTrainer(BatchTrainer):
             raise ConfigError(f"train.policy must be tabular for env.id={env!r} (a state-free Gaussian)")
         if cfg.train.init != "reference":
             raise ConfigError(f"train.init must be reference for env.id={env!r}; got {cfg.train.init!r}")
-        bad = set_keys(cfg, ("train.advantage", "train.group", "train.loss_agg", "kl.loss_agg"))
+        bad = set_keys(cfg, tuple(k for k in PPO_VARIANT_KEYS if "clip" not in k))
         if bad:
-            raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss)")
+            raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss, "
+                              "on-time rollouts)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)

@@ -37,6 +37,7 @@ from sim.engine.ppo import (
 )
 from sim.engine.rollout import sample_episodes
 from sim.engine.rows import per_run_sum, row_blocks, take_valid, visited_rows
+from sim.engine.staleness import BehaviourPolicies
 
 
 class PPOTrainer(DiscreteTrainer):
@@ -44,13 +45,16 @@ class PPOTrainer(DiscreteTrainer):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        """What PPO on a discrete env cannot run: in exact mode, REINFORCE++ (its batch normalisation has no
-        expected update by enumeration), GRPO beyond one-state one-step envs, and a loss aggregation other than
-        ``token-mean`` on sequences."""
+        """What PPO on a discrete env cannot run: in exact mode, a random lag, REINFORCE++ (its batch
+        normalisation has no expected update by enumeration), GRPO beyond one-state one-step envs, and a loss
+        aggregation other than ``token-mean`` on sequences."""
         super().check_config(cfg)
         t = cfg.train
         if t.mode != "exact":
             return
+        if t.staleness_dist != "fixed":
+            raise ConfigError("train.staleness_dist=uniform needs train.mode=sampled (exact mode follows one fixed "
+                              "lag)")
         if t.advantage == "reinforce_pp":
             raise ConfigError("train.advantage=reinforce_pp has no exact mode (its batch normalisation); use "
                               "train.mode=sampled")
@@ -79,6 +83,9 @@ class PPOTrainer(DiscreteTrainer):
                 self.params[k].requires_grad_(True)
         self._make_optimizer()
         self._grad_rows: Tensor | None = None  # the rows the gradient buffers were last written at
+        self.stale = BehaviourPolicies(configs, device)  # the lagging sampler's policies (train.staleness)
+        self._reward_learner = torch.tensor([c.kl.reward_logp == "learner" for c in configs], device=device)
+        self._lag = torch.zeros(self.R, dtype=torch.long, device=device)
 
     # -- one sampled update, top to bottom -----------------------------------------------------------------
     def sampled_update(self, update: int) -> dict[str, Tensor]:
@@ -109,6 +116,8 @@ class PPOTrainer(DiscreteTrainer):
                "kl_full_sampled": per_run[:, 4], "episode_length": per_run[:, 3], **stats}
         if "zero_adv_frac" in buf:
             out["zero_adv_frac"] = buf["zero_adv_frac"]
+        if self.stale.active:
+            out.update(self._staleness_metrics(tabs))
         if adaptive:
             self._control_beta(out["kl_k1"], N)
         return out
@@ -118,10 +127,14 @@ class PPOTrainer(DiscreteTrainer):
         each run's stream for this update), and the tables they were drawn with: ``logp`` (π_old) and
         ``ref_logp`` ``[R, S, A]``."""
         pi_t, ref_t = self._tables()
-        buf = sample_episodes(self.core, pi_t, rng.fold(self.rt.keys, update), self.cfg.train.batch, self.dtype,
-                              group=self.cfg.train.group)
+        tabs = {"logp": pi_t, "ref_logp": ref_t}
+        if self.stale.active:  # the sampler lags: its policy is the behaviour policy, the ratio's denominator
+            tabs["logp"], self._lag = self.stale.behaviour(pi_t, self.rt.keys, update)
+            tabs["learner"] = pi_t
+        buf = sample_episodes(self.core, tabs["logp"], rng.fold(self.rt.keys, update), self.cfg.train.batch,
+                              self.dtype, group=self.cfg.train.group)
         self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
-        return buf, {"logp": pi_t, "ref_logp": ref_t}
+        return buf, tabs
 
     def _shape_and_advantage(self, buf: dict[str, Tensor], tabs: dict[str, Tensor], vis: dict[str, Tensor]
                              ) -> dict[str, Tensor]:
@@ -135,6 +148,9 @@ class PPOTrainer(DiscreteTrainer):
         R, N, H = buf["valid"].shape
         valid = buf["valid"].to(self.dtype)  # the mask as a float, made once (a float mask is used as is)
         old, ref, run = vis["old"], vis["ref"], vis["run"]
+        if "learner" in tabs and bool(self._reward_learner.any()):  # kl.reward_logp: learner, per run
+            learner = gather_rows(tabs["learner"].reshape(-1, self.A), vis["rows"], run.numel())
+            old = torch.where(self._reward_learner.index_select(0, run), learner, old)
         vis["kfull"] = full_kl(old, ref, dim=0)
         ref_c = self.clamp(old, ref, vis["count"], row_run=run)
         pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), rt, row_run=run).reshape(-1)
@@ -236,6 +252,8 @@ class PPOTrainer(DiscreteTrainer):
              # the KL-in-loss weights of each column's run (β on its estimator), plain and IS forms
              "kl_weights": torch.cat([self.rt.coef("loss"), self.rt.coef("loss_is")], 1).to(dt).t().contiguous()
              .index_select(1, vis["run"]).view(2, 4, P)}
+        if self.cfg.train.decoupled and "learner" in tabs:
+            self._decouple(g, vis, tabs)
         g["kl_count"] = self._kl_count(mb, vis, g, zeros, n_valid)
         g["n_s_kl"] = g["n_s"] if g["kl_count"] is weight else sum_actions(g["kl_count"])
         if self.baseline == "value":  # the value loss, aggregated like the policy loss
@@ -248,6 +266,18 @@ class PPOTrainer(DiscreteTrainer):
             g["ret_ss"] = torch.zeros(R, dtype=dt, device=dev).index_add_(
                 0, vis["run"].index_select(0, vis["col"]), spread if w is None else w * spread)
         return g
+
+    def _decouple(self, g: dict[str, Tensor], vis: dict[str, Tensor], tabs: dict[str, Tensor]) -> None:
+        """Decoupled PPO on stale samples: the ratio against the learner's policy at sampling time π_prox, and
+        each (s, a)'s advantage sums weighted by π_prox/π_behaviour (outside the clip); a loss-placed KL's IS
+        correction stays against the behaviour policy."""
+        count = g["count"]
+        prox = gather_rows(tabs["learner"].reshape(-1, self.A), vis["rows"], count.shape[1])
+        sampled = count > 0
+        weight = torch.where(sampled, torch.exp(prox - vis["old"]), torch.zeros_like(prox))
+        g["adv_pos"], g["adv_neg"] = g["adv_pos"] * weight, g["adv_neg"] * weight
+        g["kl_old"] = g["old"]
+        g["old"] = torch.where(sampled, prox, torch.zeros_like(prox))
 
     def _kl_count(self, mb: dict[str, Tensor], vis: dict[str, Tensor], g: dict[str, Tensor], zeros: Tensor,
                   n_valid: Tensor) -> Tensor:
@@ -347,10 +377,11 @@ class PPOTrainer(DiscreteTrainer):
         used = (kl_w != 0).any(-1).tolist()
         weights = tuple([kl_w[f, j] if used[f][j] else None for j in range(4)] for f in range(2))
         if grad:
-            kl, kl_slope, full_w = kl_loss_term_and_slope(lp, old, ref_lp, k_full, rt, weights=weights,
+            kl_old = g["kl_old"][:, cols] if "kl_old" in g else old  # the IS corrections' denominator
+            kl, kl_slope, full_w = kl_loss_term_and_slope(lp, kl_old, ref_lp, k_full, rt, weights=weights,
                                                           delta_slope=self.clamp.slope(lp, ref, run), value=want_loss)
         else:
-            kl = kl_loss_term(lp, old, ref_lp, k_full, rt, weights=weights)
+            kl = kl_loss_term(lp, g["kl_old"][:, cols] if "kl_old" in g else old, ref_lp, k_full, rt, weights=weights)
         per_row = pg = None
         if want_loss:
             # min(ρ, clip(ρ)) = min(ρ, 1 + ε) and max(ρ, clip(ρ)) = max(ρ, 1 − ε), with the same gradient
@@ -422,6 +453,19 @@ class PPOTrainer(DiscreteTrainer):
             diag["v_loss"] = 0.5 * (v_sq + g["ret_ss"]) / g["n"]
         return diag
 
+    optional_metrics = ("staleness", "kl_learner_behaviour", "kl_behaviour_ref")
+
+    def _staleness_metrics(self, tabs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The lag of this update's samples, the exact sequence KL of the learner (at sampling time) to the
+        behaviour policy, KL(π(τ)‖μ(τ)), and of the behaviour policy to the reference, KL(μ(τ)‖π_ref(τ))."""
+        with torch.no_grad():
+            mu, learner = tabs["logp"].to(torch.float64), tabs["learner"].to(torch.float64)
+            out = {"staleness": self._lag.to(torch.float64),
+                   "kl_learner_behaviour": tabular.sequence_kl(self.mdp.with_reference(mu), learner),
+                   "kl_behaviour_ref": tabular.sequence_kl(self.mdp.with_reference(self._ref64()), mu)}
+            # runs without a lag have none of these columns (as when trained beside no lagging run)
+            return {k: torch.where(self.stale.lag > 0, v, torch.nan) for k, v in out.items()}
+
     def _maybe_log_traj(self, update: int, buf: dict[str, Tensor], tabs: dict[str, Tensor]) -> None:
         """Keep the first ``log.trajectories`` episodes of a logged update for ``trajectories.parquet``."""
         n = self.cfg.log.trajectories
@@ -443,8 +487,14 @@ class PPOTrainer(DiscreteTrainer):
         (:func:`sim.engine.exact.exact_loss`)."""
         exp_diag = self._expected_sample_stats() if self._logs_at(update) else {}
         tr = self.cfg.train
-        loss, diag = exact_loss(self._scaled_mdp, self.policy.table(self.params), self._ref_table(), self.rt,
-                                tr.ent_coef, tr.advantage, tr.group)
+        logp = self.policy.table(self.params)
+        behaviour = None
+        if self.stale.active:  # the expected update with samples from the lagging policy
+            behaviour, self._lag = self.stale.behaviour(logp.detach(), self.rt.keys, update)
+        loss, diag = exact_loss(self._scaled_mdp, logp, self._ref_table(), self.rt, tr.ent_coef, tr.advantage,
+                                tr.group, behaviour, self._reward_learner)
+        if behaviour is not None and self._logs_at(update):
+            diag.update(self._staleness_metrics({"logp": behaviour, "learner": logp.detach()}))
         diag.update(exp_diag)
         diag["grad_norm"] = self._apply_grads(loss, update)
         if bool(self.rt.adaptive.any()):

@@ -142,7 +142,7 @@ class SB3Trainer(DiscreteTrainer):
         bad_keys = set_keys(cfg, (*PPO_VARIANT_KEYS, "kl.value_clamp"))
         if bad_keys:
             raise ConfigError(f"train.backend=sb3 does not support {bad_keys[0]} (GAE, token-mean loss, symmetric "
-                              "clip)")
+                              "clip, on-time rollouts)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)

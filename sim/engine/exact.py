@@ -16,7 +16,8 @@ from sim.engine.placement import RunTensors, kl_loss_term, kl_reward_penalty
 
 
 def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunTensors, ent_coef: float = 0.0,
-               advantage: str = "gae", group: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
+               advantage: str = "gae", group: int = 1, behaviour: Tensor | None = None,
+               reward_learner: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-run loss ``[R]`` whose gradient is the *expected* gradient of the sampled PPO loss (first epoch).
 
     With ``d`` the policy's state occupancy and ``L = Σ_s d(s)`` the expected episode length (sampled
@@ -33,29 +34,41 @@ def exact_loss(mdp: tabular.TabularMDP, logp: Tensor, ref_logp: Tensor, rt: RunT
     scaled); ``grpo`` divides by the group's std, whose expectation is enumerated over the group's
     compositions (one-state one-step envs: :func:`grpo_weights`).
 
+    Stale samples (``behaviour``: the sampler's log-probabilities ``μ [R, S, A]``, detached): the states and
+    actions come from μ and the ratio π/μ reweighs them, so the surrogate is ``Σ_s d_μ(s) Σ_a π(a|s)·sg(A^μ(s, a))``
+    with μ's occupancy and advantages, a loss-placed KL ``Σ_s d_μ(s) Σ_a μ(a|s)·k(s, a)`` (its IS form uses π/μ),
+    and a reward-placed KL computed from μ, or from π for the runs with ``reward_learner [R]``.
+
     Args:
         logp: ``[R, S, A]`` policy log-probabilities (carrying gradient). ref_logp: ``[R, S, A]``.
     Returns:
         ``(loss [R], diagnostics)``.
     """
     lp_d = logp.detach()
+    mu = lp_d if behaviour is None else behaviour.to(lp_d.dtype)
     with torch.no_grad():
-        occ = tabular.state_occupancy(mdp, lp_d)
+        occ = tabular.state_occupancy(mdp, mu)
         w = occ / occ.sum(-1, keepdim=True).clamp(min=1e-12)  # [R, S]
-        penalty = kl_reward_penalty(lp_d, ref_logp, full_kl(lp_d, ref_logp)[..., None], rt)
-        v, q = tabular.policy_evaluation(mdp, lp_d, extra_reward=-penalty)
+        pen_logp = mu
+        if reward_learner is not None and behaviour is not None and bool(reward_learner.any()):
+            pen_logp = torch.where(reward_learner.view(-1, 1, 1), lp_d, mu)
+        penalty = kl_reward_penalty(pen_logp, ref_logp, full_kl(pen_logp, ref_logp)[..., None], rt)
+        v, q = tabular.policy_evaluation(mdp, mu, extra_reward=-penalty)
         adv = q - v.unsqueeze(-1)
     if advantage == "grpo":
         with torch.no_grad():
-            weights = grpo_weights(q[:, 0], lp_d[:, 0], group)  # one step: Q is the shaped reward  [R, A]
-        surrogate = (weights * logp[:, 0]).sum(-1)
+            weights = grpo_weights(q[:, 0], mu[:, 0], group)  # one step: Q is the shaped reward  [R, A]
+        if behaviour is None:
+            surrogate = (weights * logp[:, 0]).sum(-1)
+        else:  # E_μ[ρ·A·∇log π] = Σ_a (W_a/μ_a)·∇π_a
+            surrogate = ((weights / mu[:, 0].exp()) * logp[:, 0].exp()).sum(-1)
     else:
         surrogate = (w * (logp.exp() * adv).sum(-1)).sum(-1)
         if advantage == "drgrpo":
             surrogate = surrogate * ((group - 1) / group)
-    # E_{a ~ sg(π)} of the per-sample loss (on-policy: π_old = π): its gradient flows only through k.
-    k_live = kl_loss_term(logp, lp_d, ref_logp, full_kl(logp, ref_logp)[..., None], rt)
-    kl_term = (w * (lp_d.exp() * k_live).sum(-1)).sum(-1)
+    # E_{a ~ sg(μ)} of the per-sample loss (on-policy μ = π): its gradient flows only through k.
+    k_live = kl_loss_term(logp, mu, ref_logp, full_kl(logp, ref_logp)[..., None], rt)
+    kl_term = (w * (mu.exp() * k_live).sum(-1)).sum(-1)
     entropy = (w * tabular.entropy_per_state(logp)).sum(-1)
     loss = -surrogate + kl_term - ent_coef * entropy
     diag = {"pg_loss": -surrogate.detach(), "kl_loss": kl_term.detach(), "entropy_loss": entropy.detach()}

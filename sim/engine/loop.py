@@ -43,6 +43,8 @@ class BatchTrainer:
     Subclasses provide sampling (``collect``), the PPO and exact updates and the env-specific metrics.
     """
 
+    optional_metrics: tuple[str, ...] = ()
+    """Metric columns only some runs of a batch have: NaN for the others, and left out of their tables."""
     batches_runs: bool = True
     """Whether the runs of a batch are trained as one tensor program (``False``: one after the other, so a
     sweep gives each run its own task and its workers run them in parallel)."""
@@ -275,8 +277,10 @@ class BatchTrainer:
         """The :class:`RunOutput` of run ``i`` from the stacked logs."""
         c = self.configs[i]
         keep = cols["_alive"][i].astype(bool) | (cols["update"][i] == self.diverged_at[i].item())
-        # copy=False: every column is a fresh array (boolean indexing copies), not shared with other runs
-        metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive"}, copy=False)
+        # copy=False: every column is a fresh array (boolean indexing copies), not shared with other runs;
+        # an optional column that is NaN throughout is one this run does not have (it would not exist alone)
+        metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive" and not (
+            k in self.optional_metrics and bool(np.isnan(v[i]).all()))}, copy=False)
         d = int(self.diverged_at[i])
         if d >= 0:
             status = {"status": "diverged", "update": d, "error": self.diverge_reason[i]}
