@@ -72,9 +72,9 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 
-def from_dict(data: dict) -> Config:
-    """:func:`sim.config.from_dict` and :func:`check_config`: a config some trainer runs."""
-    return check_config(config.from_dict(data))
+def from_dict(data: dict, effects: str = "strict") -> Config:
+    """:func:`sim.config.from_dict` (``effects`` as there) and :func:`check_config`: a config some trainer runs."""
+    return check_config(config.from_dict(data, effects))
 
 
 def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,

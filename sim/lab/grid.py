@@ -35,8 +35,10 @@ from sim.config import (
     ConfigError,
     deep_merge,
     default_dict,
+    effective_dict,
     get_dotted,
     load_yaml,
+    run_id_json,
     set_key,
     yaml_load,
 )
@@ -138,8 +140,9 @@ class SweepPlan:
 
 
 def run_id(cfg: Config) -> str:
-    """The run's id: the first 12 hex digits of the SHA-256 of its resolved config JSON."""
-    return hashlib.sha256(cfg.to_json().encode()).hexdigest()[:12]
+    """The run's id: the first 12 hex digits of the SHA-256 of its resolved config JSON
+    (:func:`sim.config.run_id_json`: with ``train.phases``, ``train.updates`` hashed at its default)."""
+    return hashlib.sha256(run_id_json(cfg).encode()).hexdigest()[:12]
 
 
 def _config_keys() -> tuple[set[str], dict[str, set[str]]]:
@@ -209,6 +212,18 @@ def _matches(d: dict, entry: dict[str, Any]) -> bool:
     return True
 
 
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between the nested config dicts ``a`` and ``b``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differing_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _fmt_assign(assign: dict[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in assign.items())
 
@@ -263,7 +278,7 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
         raise ConfigError(f"{label}: unknown grid key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
     base_raw = _load_base(grid.get("base"), label, grid_dir)
     try:
-        base_cfg = dispatch.from_dict(base_raw)
+        base_cfg = dispatch.from_dict(base_raw, effects="off")
     except ConfigError as e:
         raise ConfigError(f"{label}: base: {e}") from e
 
@@ -312,6 +327,7 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
 
     runs: list[PlannedRun] = []
     seen: dict[str, dict] = {}
+    effective: dict[str, tuple[dict, Config]] = {}  # effective config (no-effect keys at defaults) → its run
     excluded_by = [0] * len(exclude)
     for combo in itertools.product(*axes.values()):
         for variant in variants or [{}]:
@@ -319,7 +335,7 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
                 assign = {**dict(zip(axes, combo, strict=True)), **variant, "seed": seed}
                 data = apply_assignments(base_raw, assign)
                 try:
-                    cfg = dispatch.from_dict(data)
+                    cfg = dispatch.from_dict(data, effects="grid")
                 except (ValueError, TypeError) as e:
                     # An excluded invalid combination is simply dropped: exclude is how a grid skips them.
                     merged = deep_merge(default_dict(), data)
@@ -339,6 +355,14 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
                     raise ConfigError(f"{label}: runs {_fmt_assign(seen[rid])} and {_fmt_assign(assign)} resolve "
                                       f"to the same config (run id {rid}); remove the duplicate")
                 seen[rid] = assign
+                eff = json.dumps(effective_dict(cfg), sort_keys=True)
+                if eff in effective:
+                    other, other_cfg = effective[eff]
+                    keys = ", ".join(_differing_keys(other_cfg.to_dict(), resolved))
+                    raise ConfigError(f"{label}: runs {_fmt_assign(other)} and {_fmt_assign(assign)} differ only in "
+                                      f"{keys}, which has no effect on them (they would train the same numbers "
+                                      "under two ids); exclude one of them")
+                effective[eff] = (assign, cfg)
                 columns = {k: _lookup(resolved, k)[1] for k in ("seed", *ALWAYS_COLUMNS, *swept_keys)}
                 runs.append(PlannedRun(rid, cfg, columns))
     for i, n in enumerate(excluded_by):
