@@ -35,16 +35,16 @@ from analysis.plotting import (
     check_one_condition,
     condition_columns,
     draw_variant,
+    line_panels,
+    lines_of,
     mark_off,
     new_figure,
     off_spans,
-    panel_label,
     paper_style,
-    placement_groups,
     save,
     variant_style,
 )
-from analysis.stats import iqm
+from analysis.stats import iqm, performance_profile
 
 # ----------------------------------------------------------------------------------------------------------
 # Curves over updates
@@ -55,46 +55,66 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
                 seeds: bool = False, log: bool = False, stat: str = "mean", n_boot: int = 1000, seed: int = 0,
                 hline: float | None = None, hline_label: str | None = None, title: str | None = None,
                 xlim: tuple[float, float] | None = None, log_floor: float = 1e-6,
+                references: Sequence[tuple[str, float, float | None]] = (),
                 formats: Sequence[str] = FORMATS) -> list[Path]:
     """``column`` vs update, one line per variant (``stat`` over seeds, 95 % bootstrap band).
 
+    Lines are styled from the runs' config columns (colour = estimator, dashes = placement; a comparison's
+    sweeps add markers); a line that mixes runs of different configs is refused (:func:`check_lines`).
+
     Args:
-        metrics: metrics rows of one condition (key columns, ``update``, ``column``).
+        metrics: metrics rows of one condition (key columns, ``update``, ``column``); a comparison
+            (:func:`analysis.load` of several folders) draws each sweep's lines on the same axes.
         column: the metric to plot.
         layout: ``"placement"`` (a panel per KL placement, the no-KL run repeated in each) or ``"single"``.
         seeds: also draw every seed as a thin line.
         log: logarithmic y axis; values below ``log_floor`` (a KL of 0 or float noise around it) are drawn at
-            the floor, which is the bottom of the axis.
+            the floor, which is the bottom of the axis and is labelled as such.
         hline: draw a horizontal reference line at this value (e.g. the collapse threshold).
+        references: ``(label, value, until_update)`` horizontal reference lines (e.g. KL(π*‖π_ref)), drawn up to
+            ``until_update`` (``None``: across) and labelled at their right end.
         xlim: restrict the x axis.
     """
-    check_one_condition(metrics)
+    check_one_condition(metrics, overlay=True)
     m = metrics[metrics[column].notna()] if column in metrics else metrics.iloc[:0]
-    variants = variant_order(m["variant"].unique()) if not m.empty else []
-    panels = placement_groups(variants, layout)
+    lines = lines_of(m) if not m.empty else []
+    panels = line_panels(lines, layout)
     fig = new_figure(COLUMN_WIDTH, 1.35 * len(panels) + 0.55)
     axes = fig.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
     spans = off_spans(metrics)
-    by_variant = {str(k): v for k, v in m.groupby("variant", observed=True)}
     for i, (ax, (panel_title, members)) in enumerate(zip(axes, panels, strict=True)):
         mark_off(ax, spans, label=i == 0)
-        for j, v in enumerate(members):
-            label = v if panel_title is None else panel_label(v)
-            draw_variant(ax, by_variant[v], v, column, seeds, stat, n_boot, seed + j, label,
-                          log_floor if log else None)
+        # the no-KL baseline last, above the others, so it is never hidden under them
+        order = [ln for ln in members if ln.placement != "none"] + [ln for ln in members if ln.placement == "none"]
+        for j, ln in enumerate(order):
+            label = ln.label if panel_title is None else ln.panel_label
+            draw_variant(ax, ln.rows, ln.variant, column, seeds, stat, n_boot, seed + j, label,
+                         log_floor if log else None, style={**ln.style, **({"zorder": 3.5} if ln.placement == "none"
+                                                                           else {})})
+        for ref_label, value, until in references:
+            if not np.isfinite(value) or (log and value <= log_floor):
+                continue
+            x1 = until if until is not None else None
+            ax.plot([0, x1 if x1 is not None else m["update"].max()], [value, value], color="0.25", lw=0.6,
+                    ls=(0, (5, 2)), zorder=4)
+            ax.annotate(ref_label, (0.0, value), xycoords=("axes fraction", "data"), xytext=(2, 1),
+                        textcoords="offset points", fontsize=5, color="0.25", ha="left", va="bottom")
         if hline is not None:
             ax.axhline(hline, color="0.5", lw=0.6, ls=(0, (1, 1)), zorder=1)
-            if hline_label and i == 0:
-                ax.text(0.01, hline, hline_label, transform=ax.get_yaxis_transform(), ha="left",
-                        va="bottom", fontsize=5.5, color="0.4")
+            if hline_label and i == 0:  # right of the axes: no curve crosses it there
+                ax.annotate(hline_label, (1.0, hline), xycoords=ax.get_yaxis_transform(), xytext=(2, 0),
+                            textcoords="offset points", ha="left", va="center", fontsize=5, color="0.4",
+                            annotation_clip=False)
         if log:
             ax.set_yscale("log", nonpositive="mask")
             ax.set_ylim(bottom=log_floor * 0.7)
+            _mark_floor(ax, log_floor)
         if panel_title:
             ax.set_title(panel_title, loc="left")
         ax.set_ylabel(ylabel)
         if members:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2,
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0) if not hline_label else (1.0, 0.82),
+                      handlelength=2.4, borderaxespad=0.2,
                       title=("loss" if panel_title == PLACEMENT_TITLES["preference"] else "estimator")
                       if panel_title else None)
     if m.empty:
@@ -108,16 +128,27 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
     return out
 
 
+def _mark_floor(ax: Any, floor: float) -> None:
+    """Label the bottom of a log axis as the floor that values at or below it are drawn at (not data)."""
+    ax.axhline(floor, color="0.6", lw=0.5, ls=(0, (0.5, 1.5)), zorder=1)
+    ax.annotate(f"≤ {floor:.0e}", (0.0, floor), xycoords=ax.get_yaxis_transform(), xytext=(-2, 0),
+                textcoords="offset points", ha="right", va="center", fontsize=5, color="0.45",
+                annotation_clip=False)
+
+
 @paper_style
 def plot_kl(metrics: pd.DataFrame, path: str | Path, *, column: str = "kl_true", seeds: bool = False,
             log: bool = False, layout: str = "placement", title: str | None = None, n_boot: int = 1000,
-            seed: int = 0, formats: Sequence[str] = FORMATS) -> list[Path]:
+            seed: int = 0, references: Sequence[tuple[str, float, float | None]] = (),
+            formats: Sequence[str] = FORMATS) -> list[Path]:
     """Figure 1: the exact KL to the reference vs update, one line per placement × estimator.
 
     Mean over seeds with a 95 % bootstrap band; grey span = reward off (if the runs have such a phase).
+    ``log``: a log axis (for KLs decades apart); ``references``: ``(label, KL, until update)`` lines, e.g. from
+    :func:`analysis.references.kl_references` (KL(π*‖π_ref), the forward-KL point).
     """
     return plot_curves(metrics, path, column, KL_LABEL, layout=layout, seeds=seeds, log=log, title=title,
-                       n_boot=n_boot, seed=seed, formats=formats)
+                       n_boot=n_boot, seed=seed, references=references, formats=formats)
 
 
 @paper_style
@@ -162,6 +193,7 @@ SUMMARY_LABELS = {
     "tv_opt_final": "final TV distance to the optimum", "collapsed": "fraction of seeds collapsed",
     "kl_end": "KL after the reward-off phase (nats)", "return_final": "final expected return",
     "kl_mean": "time-averaged KL (nats)", "half_life": "KL half-life after reward off (updates)",
+    "kl_opt_final": "final KL to the optimum (nats)",
 }
 
 
@@ -349,4 +381,51 @@ def plot_dpo_beta(per_run: pd.DataFrame, path: str | Path, *, policy: pd.DataFra
         ax_tv.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
     if title:
         fig.suptitle(title, fontsize=7)
+    return save(fig, path, formats)
+
+# ----------------------------------------------------------------------------------------------------------
+# Performance profile of a per-run score
+# ----------------------------------------------------------------------------------------------------------
+
+
+@paper_style
+def plot_performance_profile(per_run: pd.DataFrame, path: str | Path, *, value: str = "tv_opt_final",
+                             tasks: Sequence[str] = ("kl.beta",), lower_is_better: bool = True, n_boot: int = 500,
+                             seed: int = 0, title: str | None = None,
+                             formats: Sequence[str] = FORMATS) -> list[Path]:
+    """The fraction of runs whose ``value`` is better than a threshold τ, against τ (Agarwal et al. 2021),
+    one line per variant (× sweep) with a 95 % stratified-bootstrap band.
+
+    Args:
+        per_run: :func:`analysis.metrics.run_summary` rows; conditions in ``tasks`` are averaged with equal
+            weight (each a stratum of the bootstrap).
+        value: the per-run score; ``lower_is_better``: fraction with score < τ (a distance), else > τ.
+        tasks: columns whose values are the tasks (absent columns are ignored).
+    """
+    frame = per_run[per_run[value].notna()] if value in per_run else per_run.iloc[:0]
+    task_cols = [t for t in tasks if t in frame and t != "variant"]
+    scores = frame[value].to_numpy(float)
+    positive = scores[scores > 0]
+    lo = max(float(positive.min()) if positive.size else 1e-4, 1e-6)
+    hi = float(scores.max()) if scores.size else 1.0
+    taus = np.geomspace(lo / 1.5, max(hi * 1.5, lo * 10), 120)
+    fig = new_figure(COLUMN_WIDTH, 1.9)
+    ax = fig.subplots()
+    for ln in lines_of(frame):
+        rows = ln.rows
+        parts = [g[value].to_numpy(float) for _, g in rows.groupby(task_cols, observed=True)] if task_cols \
+            else [rows[value].to_numpy(float)]
+        prof = performance_profile(parts, taus, higher_is_better=not lower_is_better, n_boot=n_boot, seed=seed)
+        style = {k: v for k, v in ln.style.items() if k not in ("markevery",)}
+        ax.fill_between(taus, prof["lo"], prof["hi"], color=style["color"], alpha=0.15, lw=0)
+        ax.plot(taus, prof["fraction"], label=ln.label, **{**style, "markevery": 0.1} if "marker" in style
+                else style)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    what = SUMMARY_LABELS.get(value, value)
+    ax.set_xlabel(f"threshold τ on the {what}")
+    ax.set_ylabel(f"fraction of runs {'<' if lower_is_better else '>'} τ")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
+    if title:
+        ax.set_title(title, loc="left")
     return save(fig, path, formats)

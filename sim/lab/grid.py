@@ -93,6 +93,37 @@ def load_grid(spec: str) -> tuple[dict, Path]:
     return data, path
 
 
+def apply_sets(grid: dict, items: list[str], label: str, grid_dir: Path = Path(".")) -> dict:
+    """A copy of ``grid`` with ``--set KEY=VALUE`` items applied: ``KEY=a,b,...`` (a comma outside brackets)
+    makes ``KEY`` an axis over those values (replacing an axis of that key); ``KEY=VALUE`` sets it in the base
+    for every run. A key the grid's variants set cannot be overridden (one line naming it)."""
+    from sim.config import parse_override
+
+    out = copy.deepcopy(grid)
+    variant_keys = {k for v in out.get("variants") or [] if isinstance(v, dict) for k in _flatten(v, label)}
+    for item in items:
+        key, value = parse_override(item)
+        raw = item.split("=", 1)[1].strip()
+        check_key(key, f"--set {item}")
+        if key == "seed":
+            raise ConfigError(f"--set {item}: set seeds in the grid (seeds: N), not with --set seed")
+        if key in variant_keys:
+            raise ConfigError(f"--set {item}: {key} is set by the grid's variants; edit the grid file instead")
+        if "," in raw and not raw.startswith(("[", "{")):
+            parts = [parse_override(f"{key}={x}")[1] for x in raw.split(",")]
+            axes = out.get("axes") or {}
+            out["axes"] = {**axes, key: parts}
+            continue
+        if key in (out.get("axes") or {}):
+            out["axes"] = {**out["axes"], key: [value]}
+            continue
+        base = _load_base(out.get("base"), label, grid_dir)
+        base = copy.deepcopy(base)
+        set_key(base, key, value)
+        out["base"] = base
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------
 # Expansion
 # ------------------------------------------------------------------------------------------------------
