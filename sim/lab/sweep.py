@@ -145,7 +145,7 @@ def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, bat
         for chunk in _split_even(group, size):
             tasks.append(Task(index=len(tasks), run_ids=tuple(r.run_id for r in chunk),
                               run_dirs=tuple(str(sweep_dir / RUNS_DIR / r.run_id) for r in chunk),
-                              configs=tuple(r.config for r in chunk)))
+                              configs=tuple(r.config for r in chunk), keys=tuple(r.columns for r in chunk)))
     return tasks
 
 
