@@ -147,7 +147,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", metavar="PRESET|FILE", help="a preset name, a grid YAML or a run config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key (grids: KEY=a,b makes an axis, as reflab sweep --set)")
-    p.add_argument("--env", default=None, metavar="ID", help=f"list the env.* keys of one env ({', '.join(envs.REGISTRY)})")
+    p.add_argument("--env", default=None, metavar="ID",
+                   help=f"list the env.* keys of one env ({', '.join(envs.REGISTRY)})")
 
 
 def main(args: argparse.Namespace) -> int:
