@@ -15,15 +15,18 @@ e.g. ``m[m["kl.beta"] == 0.25]`` (:func:`split_conditions` does it for every con
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
 from analysis import metrics as M
+from analysis import plotting
 from analysis.loading import variant_order
 from analysis.plotting import (
     COLUMN_WIDTH,
@@ -189,18 +192,21 @@ def plot_recovery(metrics: pd.DataFrame, path: str | Path, *, column: str = "kl_
 # ----------------------------------------------------------------------------------------------------------
 
 SUMMARY_LABELS = {
-    "kl_final": "final KL to the reference (nats)", "entropy_final": "final entropy (nats)",
-    "tv_opt_final": "final TV distance to the optimum", "collapsed": "fraction of seeds collapsed",
+    "kl_final": "KL to the reference at the end of the reward phase (nats)",
+    "entropy_final": "entropy at the end of the reward phase (nats)",
+    "tv_opt_final": "TV distance to the optimum at the end of the reward phase",
+    "collapsed": "fraction of seeds collapsed (entropy at the end of the reward phase)",
     "kl_end": "KL after the reward-off phase (nats)", "return_final": "final expected return",
     "kl_mean": "time-averaged KL (nats)", "half_life": "KL half-life after reward off (updates)",
-    "kl_opt_final": "final KL to the optimum (nats)",
+    "kl_opt_final": "KL to the optimum at the end of the reward phase (nats)",
 }
 
 
 @paper_style
 def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_final", x: str = "kl.beta",
                  stat: str = "iqm", summary: pd.DataFrame | None = None, cmap: str = "viridis",
-                 fmt: str = ".2f", title: str | None = None, formats: Sequence[str] = FORMATS) -> list[Path]:
+                 fmt: str = ".2f", title: str | None = None, log_scale: bool | None = None,
+                 formats: Sequence[str] = FORMATS) -> list[Path]:
     """Figure 4: a final per-run measure over ``x`` (default β) × variant, each cell the IQM over seeds.
 
     Args:
@@ -210,11 +216,17 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
         x: the key column on the horizontal axis.
         stat: ``"iqm"`` | ``"mean"`` | ``"median"`` over seeds (booleans such as ``collapsed``: use mean).
         summary: a precomputed :func:`analysis.metrics.run_summary` (computed from ``metrics`` if absent).
+        log_scale: a log colour scale (``None``: when the non-negative values span more than two decades);
+            cells are labelled 0 for an exact 0 and in scientific notation below 0.01.
+        fmt: unused (cells choose their digits); kept for callers.
     """
     per_run = summary if summary is not None else M.run_summary(metrics)
     rest = [c for c in condition_columns(per_run) if c != x]
     if rest:
         raise ValueError(f"these runs mix several conditions besides {x} ({', '.join(rest)}); filter to one")
+    plotting.check_lines(per_run)
+    if plotting.comparison_keys(per_run):
+        raise ValueError("these runs hold several sweeps of a comparison; draw one heatmap per sweep")
     reducer = {"iqm": lambda s: float(iqm(s.dropna().to_numpy())) if s.notna().any() else np.nan,
                "mean": "mean", "median": "median"}[stat]
     frame = per_run.assign(_v=per_run[value].astype(float)) if value in per_run else per_run.assign(_v=np.nan)
@@ -224,22 +236,49 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
     grid = grid.reindex(variant_order(grid.index.astype(str)))
     grid.columns = [f"{c:g}" if isinstance(c, float) else str(c) for c in grid.columns]
     n_rows, n_cols = grid.shape
-    width = min(PAGE_WIDTH, 1.35 + 0.42 * max(n_cols, 1) + 0.55)
-    fig = new_figure(max(width, 2.2), 0.55 + 0.2 * max(n_rows, 1))
+    width = max(COLUMN_WIDTH, min(PAGE_WIDTH, 1.35 + 0.42 * max(n_cols, 1) + 0.55))  # one β: still a column wide
+    fig = new_figure(width, 0.75 + 0.2 * max(n_rows, 1))
     ax = fig.subplots()
+    values = grid.to_numpy(float)
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    # a log colour scale when the values span decades (KL, TV: 3e-7 next to 0.5); exact zeros at its floor
+    log = log_scale if log_scale is not None else bool(
+        positive.size and finite.min() >= 0 and positive.max() / max(positive.min(), 1e-300) > 100)
+    norm = None
+    if log and positive.size:
+        vmin = max(float(positive.min()), float(positive.max()) * 1e-6)
+        norm = mpl.colors.LogNorm(vmin=vmin, vmax=float(positive.max()))
+        grid_plot = grid.clip(lower=vmin)
+    else:
+        grid_plot = grid
     annot: Any = False
-    if n_rows * n_cols <= 120:  # annotate readable grids; "-0.00" (float noise around 0) reads as "0.00"
-        annot = grid.map(lambda v: "" if pd.isna(v) else format(v, fmt)).replace(f"-{format(0.0, fmt)}",
-                                                                                   format(0.0, fmt))
-    sns.heatmap(grid, ax=ax, cmap=cmap, annot=annot, fmt="", annot_kws={"fontsize": 5.5},
+    if n_rows * n_cols <= 120:  # annotate readable grids with as many digits as the value needs
+        annot = grid.map(_cell_text)
+    sns.heatmap(grid_plot, ax=ax, cmap=cmap, annot=annot, fmt="", annot_kws={"fontsize": 5.5}, norm=norm,
                 linewidths=0.4, linecolor="white", cbar_kws={"shrink": 0.9, "pad": 0.02})
     ax.set_xlabel({"kl.beta": "β"}.get(x, x))
     ax.set_ylabel("")
     ax.tick_params(axis="both", length=0)
-    ax.figure.axes[-1].tick_params(labelsize=5.5, length=2)
-    ax.set_title(title or f"{SUMMARY_LABELS.get(value, value)}, {stat.upper() if stat == 'iqm' else stat} "
-                 "over seeds", loc="left")
+    cbar = ax.figure.axes[-1]
+    cbar.tick_params(labelsize=5.5, length=2)
+    if norm is not None:
+        cbar.set_ylabel("log scale" + (f" (≤ {norm.vmin:.0e} at the bottom)" if finite.min() < norm.vmin else ""),
+                        fontsize=5.5)
+    what = title or (f"{SUMMARY_LABELS.get(value, value)}, {stat.upper() if stat == 'iqm' else stat} over seeds")
+    ax.set_title("\n".join(textwrap.wrap(what, int(width * 17))), loc="left")
     return save(fig, path, formats)
+
+
+def _cell_text(v: float) -> str:
+    """A heatmap cell: 0 for an exact 0, scientific below 0.01 (3e-07, 2.5e-03), else 2–3 significant digits."""
+    if pd.isna(v):
+        return ""
+    if v == 0:
+        return "0"
+    if abs(v) < 0.01:
+        return f"{v:.1e}".replace("e-0", "e-")
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.3g}"
 
 # ----------------------------------------------------------------------------------------------------------
 # Estimators vs the true KL
@@ -260,6 +299,7 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
     errors; bins hold tens to thousands of estimates); bottom: the standard deviation of
     a single estimate around the truth (log scale).
     """
+    plotting.check_lines(metrics)
     if trajectories is not None and not trajectories.empty:
         samples = M.estimator_samples(trajectories, metrics)
         unit = "one episode"
@@ -283,6 +323,7 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
     samples = samples.assign(_bin=np.clip(np.searchsorted(edges, truth, side="right") - 1, 0, bins - 1),
                              _err=samples["value"] - samples["kl"])
     ax_top.axhline(0.0, color="0.3", lw=0.7, ls=(0, (1, 1.2)))
+    counted = False
     for est, rows in samples.groupby(samples["estimator"].astype(str), sort=True):
         colour = ESTIMATOR_COLOURS.get(est, "0.5")
         xs, bias, lo, hi, sd = [], [], [], [], []
@@ -299,11 +340,24 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
         ax_top.fill_between(xs, lo, hi, color=colour, alpha=0.2, lw=0)
         ax_top.plot(xs, bias, color=colour, marker="o", ms=2.0, label=est)
         ax_bot.plot(xs, sd, color=colour, marker="o", ms=2.0)
+        if not counted:  # every sample gives all three estimates: the bins hold the same n for each
+            counts = rows.groupby("_bin")["_err"].size()
+            kept = counts[counts >= min_count]
+            for x, n in zip(xs, kept.to_numpy(), strict=False):
+                ax_bot.annotate(f"{n}", (x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 1.5),
+                                textcoords="offset points", ha="center", va="bottom", fontsize=4.5, color="0.4")
+            counted = True
     ax_top.set_ylabel("bias (nats)\nmean estimate − KL")
     ax_top.legend(loc="upper left", title="estimator", ncol=3, columnspacing=1.0)
     ax_bot.set_ylabel(f"spread (nats)\nsd of {unit}")
     if any((np.asarray(line.get_ydata(), float) > 0).any() for line in ax_bot.get_lines()):
         ax_bot.set_yscale("log")
+        # labels at 1, 2, 5 × 10^k: a range of one or two decades still gets several labelled ticks
+        ax_bot.yaxis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+        ax_bot.yaxis.set_major_formatter(mpl.ticker.LogFormatterSciNotation(labelOnlyBase=False))
+        ax_bot.yaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+    ax_bot.text(0.0, 1.0, "numbers: estimates per bin", transform=ax_bot.transAxes, fontsize=4.5, color="0.4",
+                va="bottom")
     ax_bot.set_xlabel(r"true KL($\pi\,\|\,\pi_{\mathrm{ref}}$) of the sampling policy (nats)")
     if title:
         ax_top.set_title(title, loc="left")
@@ -331,6 +385,7 @@ def plot_dpo_beta(per_run: pd.DataFrame, path: str | Path, *, policy: pd.DataFra
             ``tv_opt_final``, ``run_id``).
         policy: final policy snapshot rows (``run_id, state, action, prob, ref_prob, opt_prob``) or ``None``.
     """
+    plotting.check_lines(per_run)
     variants = variant_order(per_run["variant"].astype(str).unique())
     xs = per_run[x].astype(float)
     one_state = policy is not None and not policy.empty and "state" in policy and policy["state"].nunique() == 1

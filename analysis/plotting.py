@@ -301,10 +301,13 @@ def draw_variant(ax: Axes, rows: pd.DataFrame, variant: str, column: str, seeds:
     x, values = pivot_runs(rows, column)
     if values.size == 0:
         return
-    if floor is not None:  # log axes: values at or below the floor (0, float noise) are drawn on it
-        values = np.where(np.isnan(values), np.nan, np.maximum(values, floor))
     style = style or variant_style(variant, rows)
     point, lo, hi = bootstrap_curve(values, stat, n_boot, seed=seed)
+    if floor is not None:  # log axes: a line at or below the floor (0, float noise) is not drawn as data there
+        point = np.where(point > floor, point, np.nan)
+        lo = np.maximum(lo, floor)
+        hi = np.where(hi > floor, hi, np.nan)
+        values = np.where(values > floor, values, np.nan)
     if seeds and values.shape[0] > 1:
         for v in values:
             ax.plot(x, v, color=style["color"], lw=0.35, alpha=0.35, zorder=2)
