@@ -134,9 +134,8 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
 def _mark_floor(ax: Any, floor: float) -> None:
     """Label the bottom of a log axis as the floor that values at or below it are drawn at (not data)."""
     ax.axhline(floor, color="0.6", lw=0.5, ls=(0, (0.5, 1.5)), zorder=1)
-    ax.annotate(f"≤ {floor:.0e}", (0.0, floor), xycoords=ax.get_yaxis_transform(), xytext=(-2, 0),
-                textcoords="offset points", ha="right", va="center", fontsize=5, color="0.45",
-                annotation_clip=False)
+    ax.annotate(f"floor: lines end where they fall below {floor:.0e}", (1.0, floor), xycoords=ax.get_yaxis_transform(),
+                xytext=(-2, 1), textcoords="offset points", ha="right", va="bottom", fontsize=4.5, color="0.45")
 
 
 @paper_style

@@ -135,7 +135,7 @@ COMMANDS: dict[str, Command] = {
     "status": Command("count a sweep's runs by status, or show a run folder's status", _status),
     "report": Command("figures, a summary table and index.md for a run or sweep folder", _report),
     "config": Command("list every config key (default, values, doc), or show a preset's resolved config", _config),
-    "export": Command("export a sweep to TensorBoard (and W&B offline) for browsing", _export),
+    "export": Command("export a run or sweep to TensorBoard for browsing", _export),
     "bench": Command("measure engine throughput on this machine", _bench),
 }
 
