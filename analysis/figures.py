@@ -343,7 +343,8 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
             counts = rows.groupby("_bin")["_err"].size()
             kept = counts[counts >= min_count]
             for x, n in zip(xs, kept.to_numpy(), strict=False):
-                ax_bot.annotate(f"{n}", (x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 1.5),
+                txt = f"{n}" if n < 1000 else f"{n / 1000:.2g}k" if n < 10**6 else f"{n / 10**6:.2g}M"
+                ax_bot.annotate(txt, (x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 1.5),
                                 textcoords="offset points", ha="center", va="bottom", fontsize=4.5, color="0.4")
             counted = True
     ax_top.set_ylabel("bias (nats)\nmean estimate − KL")

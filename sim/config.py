@@ -539,12 +539,6 @@ def effective_dict(cfg: Config) -> dict:
     return d
 
 
-def no_effect_keys(cfg: Config) -> list[str]:
-    """The keys of ``cfg`` set to a non-default value where they have no effect (shared-base keys included)."""
-    d = cfg.to_dict()
-    return [k for k, _, _ in _no_effect_reasons(cfg) if get_dotted(d, k) != _default(k)]
-
-
 def check_effects(cfg: Config, shared_base: bool = False) -> None:
     """Raise :class:`ConfigError` for a key set to a non-default value where it has no effect (e.g.
     ``kl.is_correction: true`` with ``kl.placement: reward``): such a run would train the numbers of the plain
@@ -561,14 +555,16 @@ def check_effects(cfg: Config, shared_base: bool = False) -> None:
 
 
 def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,
-            base: dict | None = None) -> Config:
-    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides, validated into a :class:`Config`."""
+            base: dict | None = None, effects: str = "grid") -> Config:
+    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides, validated into a :class:`Config` (``effects`` as
+    :func:`from_dict`: ``grid`` by default, as configs built in code are often batched like a grid's runs;
+    ``reflab run`` uses ``strict``)."""
     data: dict = dict(base or {})
     if config_path is not None:
         data = deep_merge(data, load_yaml(config_path))
     for item in overrides or []:
         set_key(data, *parse_override(item))
-    return from_dict(data)
+    return from_dict(data, effects)
 
 
 def get_dotted(cfg_dict: dict, key: str) -> Any:

@@ -58,7 +58,7 @@ def run_main(args: argparse.Namespace) -> int:
     from sim.lab import dispatch, runs
     from sim.lab.progress import progress
 
-    cfg = dispatch.resolve(args.config, args.set)
+    cfg = dispatch.resolve(args.config, args.set, effects="strict")  # one run: every key must act
     out = Path(args.out)
     runs.check_writable_dir(out)
     if cfg.threads:

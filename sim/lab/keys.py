@@ -185,4 +185,4 @@ def main(args: argparse.Namespace) -> int:
 def _resolve_run(path: str | None, sets: list[str]) -> C.Config:
     from sim.lab import dispatch
 
-    return dispatch.resolve(path, sets)
+    return dispatch.resolve(path, sets, effects="strict")

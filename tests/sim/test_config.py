@@ -34,7 +34,7 @@ PHASES = "train.phases=[{updates: 3, reward_scale: 1}, {updates: 4, reward_scale
 ])
 def test_a_key_without_effect_is_refused_naming_it(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{key}=.* has no effect") as err:
-        resolve(None, overrides)
+        resolve(None, overrides, effects="strict")
     assert "\n" not in str(err.value)
 
 
@@ -48,7 +48,15 @@ def test_a_key_without_effect_is_refused_naming_it(overrides: list[str], key: st
     [PHASES, "train.updates=7"],
 ])
 def test_the_same_keys_where_they_act_are_accepted(overrides: list[str]) -> None:
-    resolve(None, overrides)
+    resolve(None, overrides, effects="strict")
+
+
+def test_keys_a_grid_base_shares_are_accepted_outside_reflab_run() -> None:
+    """Configs built in code are batched like a grid's runs: keys a shared base sets pass (``effects="grid"``,
+    the default of resolve), the others do not."""
+    resolve(None, ["kl.placement=none", "kl.clamp=2"])
+    with pytest.raises(ConfigError, match="kl.is_correction"):
+        resolve(None, ["kl.placement=reward", "kl.is_correction=true"])
 
 
 def test_reflab_run_refuses_is_correction_in_the_reward(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
