@@ -140,8 +140,8 @@ class _Report:
         if not switch.empty:
             u0 = int(switch.min())
             self._figure(entries, f"KL to the reference on a log scale around the switch to the reward-off phase "
-                         f"after update {u0} (dashed line): curves that fall return to the reference (a line ends where "
-                         "it falls below 1e-6 nats, the marked floor).",
+                         f"after update {u0} (dashed line): curves that fall return to the reference (a line ends "
+                         "where it falls below 1e-6 nats, the marked floor).",
                          F.plot_recovery, m, self.out / f"fig3_recovery{tag}", seeds=self.seeds,
                          title=label or None, n_boot=self.n_boot, seed=self.seed)
         sweeps = list(dict.fromkeys(m["sweep"].astype(str))) if plotting.comparison_keys(m) else [None]
