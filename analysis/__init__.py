@@ -5,7 +5,8 @@ imports the trainer (``sim``); it uses ``envs`` only to rebuild gridworld layout
 
 - :func:`load` (:mod:`analysis.loading`): a run or sweep folder → :class:`Results` with tidy ``runs``,
   ``metrics``, ``policy`` and ``trajectories`` frames (key columns such as ``variant`` and ``kl.beta`` in
-  front of every table).
+  front of every table); ``load([A, B], labels=[...])`` compares folders (a ``sweep`` column and every key
+  that differs across them); ``Results.curves(column)`` is a pre-aggregated curve frame for quick plots.
 - :mod:`analysis.metrics`: per-run drift, estimator bias, collapse, recovery and distance to the optimum.
 - :mod:`analysis.stats`: IQM and mean with stratified bootstrap intervals, probability of improvement and
   performance profiles (numpy, seeded).
@@ -33,6 +34,7 @@ __all__ = ["VARIANT_ORDER", "Results", "figures", "key_columns", "load", "metric
 
 def __getattr__(name: str) -> Any:
     # figures and report import matplotlib/seaborn: only when used
-    if name in ("figures", "report", "gridworld"):
+    if name in ("figures", "report", "gridworld", "policy_figures", "export", "references", "improvement",
+                "summary", "plotting"):
         return importlib.import_module(f"analysis.{name}")
     raise AttributeError(f"module 'analysis' has no attribute {name!r}")

@@ -15,15 +15,18 @@ e.g. ``m[m["kl.beta"] == 0.25]`` (:func:`split_conditions` does it for every con
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
 from analysis import metrics as M
+from analysis import plotting
 from analysis.loading import variant_order
 from analysis.plotting import (
     COLUMN_WIDTH,
@@ -35,16 +38,16 @@ from analysis.plotting import (
     check_one_condition,
     condition_columns,
     draw_variant,
+    line_panels,
+    lines_of,
     mark_off,
     new_figure,
     off_spans,
-    panel_label,
     paper_style,
-    placement_groups,
     save,
     variant_style,
 )
-from analysis.stats import bootstrap_curve, iqm
+from analysis.stats import iqm, performance_profile
 
 # ----------------------------------------------------------------------------------------------------------
 # Curves over updates
@@ -55,46 +58,66 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
                 seeds: bool = False, log: bool = False, stat: str = "mean", n_boot: int = 1000, seed: int = 0,
                 hline: float | None = None, hline_label: str | None = None, title: str | None = None,
                 xlim: tuple[float, float] | None = None, log_floor: float = 1e-6,
+                references: Sequence[tuple[str, float, float | None]] = (),
                 formats: Sequence[str] = FORMATS) -> list[Path]:
     """``column`` vs update, one line per variant (``stat`` over seeds, 95 % bootstrap band).
 
+    Lines are styled from the runs' config columns (colour = estimator, dashes = placement; a comparison's
+    sweeps add markers); a line that mixes runs of different configs is refused (:func:`check_lines`).
+
     Args:
-        metrics: metrics rows of one condition (key columns, ``update``, ``column``).
+        metrics: metrics rows of one condition (key columns, ``update``, ``column``); a comparison
+            (:func:`analysis.load` of several folders) draws each sweep's lines on the same axes.
         column: the metric to plot.
         layout: ``"placement"`` (a panel per KL placement, the no-KL run repeated in each) or ``"single"``.
         seeds: also draw every seed as a thin line.
         log: logarithmic y axis; values below ``log_floor`` (a KL of 0 or float noise around it) are drawn at
-            the floor, which is the bottom of the axis.
+            the floor, which is the bottom of the axis and is labelled as such.
         hline: draw a horizontal reference line at this value (e.g. the collapse threshold).
+        references: ``(label, value, until_update)`` horizontal reference lines (e.g. KL(π*‖π_ref)), drawn up to
+            ``until_update`` (``None``: across) and labelled at their right end.
         xlim: restrict the x axis.
     """
-    check_one_condition(metrics)
+    check_one_condition(metrics, overlay=True)
     m = metrics[metrics[column].notna()] if column in metrics else metrics.iloc[:0]
-    variants = variant_order(m["variant"].unique()) if not m.empty else []
-    panels = placement_groups(variants, layout)
+    lines = lines_of(m) if not m.empty else []
+    panels = line_panels(lines, layout)
     fig = new_figure(COLUMN_WIDTH, 1.35 * len(panels) + 0.55)
     axes = fig.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
     spans = off_spans(metrics)
-    by_variant = {str(k): v for k, v in m.groupby("variant", observed=True)}
     for i, (ax, (panel_title, members)) in enumerate(zip(axes, panels, strict=True)):
         mark_off(ax, spans, label=i == 0)
-        for j, v in enumerate(members):
-            label = v if panel_title is None else panel_label(v)
-            draw_variant(ax, by_variant[v], v, column, seeds, stat, n_boot, seed + j, label,
-                          log_floor if log else None)
+        # the no-KL baseline last, above the others, so it is never hidden under them
+        order = [ln for ln in members if ln.placement != "none"] + [ln for ln in members if ln.placement == "none"]
+        for j, ln in enumerate(order):
+            label = ln.label if panel_title is None else ln.panel_label
+            draw_variant(ax, ln.rows, ln.variant, column, seeds, stat, n_boot, seed + j, label,
+                         log_floor if log else None, style={**ln.style, **({"zorder": 3.5} if ln.placement == "none"
+                                                                           else {})})
+        for ref_label, value, until in references:
+            if not np.isfinite(value) or (log and value <= log_floor):
+                continue
+            x1 = until if until is not None else None
+            ax.plot([0, x1 if x1 is not None else m["update"].max()], [value, value], color="0.25", lw=0.6,
+                    ls=(0, (5, 2)), zorder=4)
+            ax.annotate(ref_label, (0.0, value), xycoords=("axes fraction", "data"), xytext=(2, 1),
+                        textcoords="offset points", fontsize=5, color="0.25", ha="left", va="bottom")
         if hline is not None:
             ax.axhline(hline, color="0.5", lw=0.6, ls=(0, (1, 1)), zorder=1)
-            if hline_label and i == 0:
-                ax.text(0.01, hline, hline_label, transform=ax.get_yaxis_transform(), ha="left",
-                        va="bottom", fontsize=5.5, color="0.4")
+            if hline_label and i == 0:  # right of the axes: no curve crosses it there
+                ax.annotate(hline_label, (1.0, hline), xycoords=ax.get_yaxis_transform(), xytext=(2, 0),
+                            textcoords="offset points", ha="left", va="center", fontsize=5, color="0.4",
+                            annotation_clip=False)
         if log:
             ax.set_yscale("log", nonpositive="mask")
             ax.set_ylim(bottom=log_floor * 0.7)
+            _mark_floor(ax, log_floor)
         if panel_title:
             ax.set_title(panel_title, loc="left")
         ax.set_ylabel(ylabel)
         if members:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2,
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0) if not hline_label else (1.0, 0.82),
+                      handlelength=2.4, borderaxespad=0.2,
                       title=("loss" if panel_title == PLACEMENT_TITLES["preference"] else "estimator")
                       if panel_title else None)
     if m.empty:
@@ -108,16 +131,26 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
     return out
 
 
+def _mark_floor(ax: Any, floor: float) -> None:
+    """Label the bottom of a log axis as the floor that values at or below it are drawn at (not data)."""
+    ax.axhline(floor, color="0.6", lw=0.5, ls=(0, (0.5, 1.5)), zorder=1)
+    ax.annotate(f"floor: lines end where they fall below {floor:.0e}", (1.0, floor), xycoords=ax.get_yaxis_transform(),
+                xytext=(-2, 1), textcoords="offset points", ha="right", va="bottom", fontsize=4.5, color="0.45")
+
+
 @paper_style
 def plot_kl(metrics: pd.DataFrame, path: str | Path, *, column: str = "kl_true", seeds: bool = False,
             log: bool = False, layout: str = "placement", title: str | None = None, n_boot: int = 1000,
-            seed: int = 0, formats: Sequence[str] = FORMATS) -> list[Path]:
+            seed: int = 0, references: Sequence[tuple[str, float, float | None]] = (),
+            formats: Sequence[str] = FORMATS) -> list[Path]:
     """Figure 1: the exact KL to the reference vs update, one line per placement × estimator.
 
     Mean over seeds with a 95 % bootstrap band; grey span = reward off (if the runs have such a phase).
+    ``log``: a log axis (for KLs decades apart); ``references``: ``(label, KL, until update)`` lines, e.g. from
+    :func:`analysis.references.kl_references` (KL(π*‖π_ref), the forward-KL point).
     """
     return plot_curves(metrics, path, column, KL_LABEL, layout=layout, seeds=seeds, log=log, title=title,
-                       n_boot=n_boot, seed=seed, formats=formats)
+                       n_boot=n_boot, seed=seed, references=references, formats=formats)
 
 
 @paper_style
@@ -158,17 +191,21 @@ def plot_recovery(metrics: pd.DataFrame, path: str | Path, *, column: str = "kl_
 # ----------------------------------------------------------------------------------------------------------
 
 SUMMARY_LABELS = {
-    "kl_final": "final KL to the reference (nats)", "entropy_final": "final entropy (nats)",
-    "tv_opt_final": "final TV distance to the optimum", "collapsed": "fraction of seeds collapsed",
+    "kl_final": "KL to the reference at the end of the reward phase (nats)",
+    "entropy_final": "entropy at the end of the reward phase (nats)",
+    "tv_opt_final": "TV distance to the optimum at the end of the reward phase",
+    "collapsed": "fraction of seeds collapsed (entropy at the end of the reward phase)",
     "kl_end": "KL after the reward-off phase (nats)", "return_final": "final expected return",
     "kl_mean": "time-averaged KL (nats)", "half_life": "KL half-life after reward off (updates)",
+    "kl_opt_final": "KL to the optimum at the end of the reward phase (nats)",
 }
 
 
 @paper_style
 def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_final", x: str = "kl.beta",
                  stat: str = "iqm", summary: pd.DataFrame | None = None, cmap: str = "viridis",
-                 fmt: str = ".2f", title: str | None = None, formats: Sequence[str] = FORMATS) -> list[Path]:
+                 fmt: str = ".2f", title: str | None = None, log_scale: bool | None = None,
+                 formats: Sequence[str] = FORMATS) -> list[Path]:
     """Figure 4: a final per-run measure over ``x`` (default β) × variant, each cell the IQM over seeds.
 
     Args:
@@ -178,11 +215,17 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
         x: the key column on the horizontal axis.
         stat: ``"iqm"`` | ``"mean"`` | ``"median"`` over seeds (booleans such as ``collapsed``: use mean).
         summary: a precomputed :func:`analysis.metrics.run_summary` (computed from ``metrics`` if absent).
+        log_scale: a log colour scale (``None``: when the non-negative values span more than two decades);
+            cells are labelled 0 for an exact 0 and in scientific notation below 0.01.
+        fmt: unused (cells choose their digits); kept for callers.
     """
     per_run = summary if summary is not None else M.run_summary(metrics)
     rest = [c for c in condition_columns(per_run) if c != x]
     if rest:
         raise ValueError(f"these runs mix several conditions besides {x} ({', '.join(rest)}); filter to one")
+    plotting.check_lines(per_run)
+    if plotting.comparison_keys(per_run):
+        raise ValueError("these runs hold several sweeps of a comparison; draw one heatmap per sweep")
     reducer = {"iqm": lambda s: float(iqm(s.dropna().to_numpy())) if s.notna().any() else np.nan,
                "mean": "mean", "median": "median"}[stat]
     frame = per_run.assign(_v=per_run[value].astype(float)) if value in per_run else per_run.assign(_v=np.nan)
@@ -192,22 +235,49 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
     grid = grid.reindex(variant_order(grid.index.astype(str)))
     grid.columns = [f"{c:g}" if isinstance(c, float) else str(c) for c in grid.columns]
     n_rows, n_cols = grid.shape
-    width = min(PAGE_WIDTH, 1.35 + 0.42 * max(n_cols, 1) + 0.55)
-    fig = new_figure(max(width, 2.2), 0.55 + 0.2 * max(n_rows, 1))
+    width = max(COLUMN_WIDTH, min(PAGE_WIDTH, 1.35 + 0.42 * max(n_cols, 1) + 0.55))  # one β: still a column wide
+    fig = new_figure(width, 0.75 + 0.2 * max(n_rows, 1))
     ax = fig.subplots()
+    values = grid.to_numpy(float)
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    # a log colour scale when the values span decades (KL, TV: 3e-7 next to 0.5); exact zeros at its floor
+    log = log_scale if log_scale is not None else bool(
+        positive.size and finite.min() >= 0 and positive.max() / max(positive.min(), 1e-300) > 100)
+    norm = None
+    if log and positive.size:
+        vmin = max(float(positive.min()), float(positive.max()) * 1e-6)
+        norm = mpl.colors.LogNorm(vmin=vmin, vmax=float(positive.max()))
+        grid_plot = grid.clip(lower=vmin)
+    else:
+        grid_plot = grid
     annot: Any = False
-    if n_rows * n_cols <= 120:  # annotate readable grids; "-0.00" (float noise around 0) reads as "0.00"
-        annot = grid.map(lambda v: "" if pd.isna(v) else format(v, fmt)).replace(f"-{format(0.0, fmt)}",
-                                                                                   format(0.0, fmt))
-    sns.heatmap(grid, ax=ax, cmap=cmap, annot=annot, fmt="", annot_kws={"fontsize": 5.5},
+    if n_rows * n_cols <= 120:  # annotate readable grids with as many digits as the value needs
+        annot = grid.map(_cell_text)
+    sns.heatmap(grid_plot, ax=ax, cmap=cmap, annot=annot, fmt="", annot_kws={"fontsize": 5.5}, norm=norm,
                 linewidths=0.4, linecolor="white", cbar_kws={"shrink": 0.9, "pad": 0.02})
     ax.set_xlabel({"kl.beta": "β"}.get(x, x))
     ax.set_ylabel("")
     ax.tick_params(axis="both", length=0)
-    ax.figure.axes[-1].tick_params(labelsize=5.5, length=2)
-    ax.set_title(title or f"{SUMMARY_LABELS.get(value, value)}, {stat.upper() if stat == 'iqm' else stat} "
-                 "over seeds", loc="left")
+    cbar = ax.figure.axes[-1]
+    cbar.tick_params(labelsize=5.5, length=2)
+    if norm is not None:
+        cbar.set_ylabel("log scale" + (f" (≤ {norm.vmin:.0e} at the bottom)" if finite.min() < norm.vmin else ""),
+                        fontsize=5.5)
+    what = title or (f"{SUMMARY_LABELS.get(value, value)}, {stat.upper() if stat == 'iqm' else stat} over seeds")
+    ax.set_title("\n".join(textwrap.wrap(what, int(width * 17))), loc="left")
     return save(fig, path, formats)
+
+
+def _cell_text(v: float) -> str:
+    """A heatmap cell: 0 for an exact 0, scientific below 0.01 (3e-07, 2.5e-03), else 2–3 significant digits."""
+    if pd.isna(v):
+        return ""
+    if v == 0:
+        return "0"
+    if abs(v) < 0.01:
+        return f"{v:.1e}".replace("e-0", "e-")
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.3g}"
 
 # ----------------------------------------------------------------------------------------------------------
 # Estimators vs the true KL
@@ -228,6 +298,7 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
     errors; bins hold tens to thousands of estimates); bottom: the standard deviation of
     a single estimate around the truth (log scale).
     """
+    plotting.check_lines(metrics)
     if trajectories is not None and not trajectories.empty:
         samples = M.estimator_samples(trajectories, metrics)
         unit = "one episode"
@@ -251,6 +322,7 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
     samples = samples.assign(_bin=np.clip(np.searchsorted(edges, truth, side="right") - 1, 0, bins - 1),
                              _err=samples["value"] - samples["kl"])
     ax_top.axhline(0.0, color="0.3", lw=0.7, ls=(0, (1, 1.2)))
+    counted = False
     for est, rows in samples.groupby(samples["estimator"].astype(str), sort=True):
         colour = ESTIMATOR_COLOURS.get(est, "0.5")
         xs, bias, lo, hi, sd = [], [], [], [], []
@@ -267,11 +339,25 @@ def plot_estimators(metrics: pd.DataFrame, path: str | Path, *, trajectories: pd
         ax_top.fill_between(xs, lo, hi, color=colour, alpha=0.2, lw=0)
         ax_top.plot(xs, bias, color=colour, marker="o", ms=2.0, label=est)
         ax_bot.plot(xs, sd, color=colour, marker="o", ms=2.0)
+        if not counted:  # every sample gives all three estimates: the bins hold the same n for each
+            counts = rows.groupby("_bin")["_err"].size()
+            kept = counts[counts >= min_count]
+            for x, n in zip(xs, kept.to_numpy(), strict=False):
+                txt = f"{n}" if n < 1000 else f"{n / 1000:.2g}k" if n < 10**6 else f"{n / 10**6:.2g}M"
+                ax_bot.annotate(txt, (x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 1.5),
+                                textcoords="offset points", ha="center", va="bottom", fontsize=4.5, color="0.4")
+            counted = True
     ax_top.set_ylabel("bias (nats)\nmean estimate − KL")
     ax_top.legend(loc="upper left", title="estimator", ncol=3, columnspacing=1.0)
     ax_bot.set_ylabel(f"spread (nats)\nsd of {unit}")
     if any((np.asarray(line.get_ydata(), float) > 0).any() for line in ax_bot.get_lines()):
         ax_bot.set_yscale("log")
+        # labels at 1, 2, 5 × 10^k: a range of one or two decades still gets several labelled ticks
+        ax_bot.yaxis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+        ax_bot.yaxis.set_major_formatter(mpl.ticker.LogFormatterSciNotation(labelOnlyBase=False))
+        ax_bot.yaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+    ax_bot.text(0.0, 1.0, "numbers: estimates per bin", transform=ax_bot.transAxes, fontsize=4.5, color="0.4",
+                va="bottom")
     ax_bot.set_xlabel(r"true KL($\pi\,\|\,\pi_{\mathrm{ref}}$) of the sampling policy (nats)")
     if title:
         ax_top.set_title(title, loc="left")
@@ -299,6 +385,7 @@ def plot_dpo_beta(per_run: pd.DataFrame, path: str | Path, *, policy: pd.DataFra
             ``tv_opt_final``, ``run_id``).
         policy: final policy snapshot rows (``run_id, state, action, prob, ref_prob, opt_prob``) or ``None``.
     """
+    plotting.check_lines(per_run)
     variants = variant_order(per_run["variant"].astype(str).unique())
     xs = per_run[x].astype(float)
     one_state = policy is not None and not policy.empty and "state" in policy and policy["state"].nunique() == 1
@@ -351,75 +438,49 @@ def plot_dpo_beta(per_run: pd.DataFrame, path: str | Path, *, policy: pd.DataFra
         fig.suptitle(title, fontsize=7)
     return save(fig, path, formats)
 
-
-@paper_style
-def plot_length(metrics: pd.DataFrame, path: str | Path, *, by: str = "train.loss_agg", column: str = "length_true",
-                title: str | None = None, n_boot: int = 1000, seed: int = 0,
-                formats: Sequence[str] = FORMATS) -> list[Path]:
-    """The mean episode length vs update, one panel per KL variant and one line per value of ``by`` (the loss
-    aggregation by default): mean over seeds with a 95 % bootstrap band. ``column``: ``length_true`` (exact,
-    the policy after each update) or ``episode_length`` (the sampled batch)."""
-    variants = variant_order(metrics["variant"].unique())
-    levels = sorted(metrics[by].astype(str).unique())
-    ncol = min(4, len(variants))
-    nrow = -(-len(variants) // ncol)
-    fig = new_figure(PAGE_WIDTH, 1.25 * nrow + 0.5)
-    axes = fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False).ravel()
-    palette = sns.color_palette("dark", len(levels))
-    for ax, variant in zip(axes, variants, strict=False):
-        rows = metrics[metrics["variant"] == variant]
-        for colour, level in zip(palette, levels, strict=True):
-            sub = rows[rows[by].astype(str) == level]
-            if sub.empty:
-                continue
-            curve = sub.pivot_table(index="update", columns="run_id", values=column, observed=True)
-            x = curve.index.to_numpy()
-            mean, lo, hi = bootstrap_curve(curve.to_numpy().T, n_boot=n_boot, seed=seed)
-            ax.plot(x, mean, color=colour, label=level, lw=1.0)
-            ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
-        ax.set_title(panel_label(variant) if variant == "none" else variant, fontsize=6)
-    for ax in axes[len(variants):]:
-        ax.set_visible(False)
-    for ax in axes[::ncol]:
-        ax.set_ylabel("episode length")
-    for ax in axes[-ncol:]:
-        ax.set_xlabel("update")
-    axes[0].legend(title=by.split(".")[-1], loc="lower left", fontsize=5, title_fontsize=5)
-    if title:
-        fig.suptitle(title)
-    return save(fig, path, formats)
+# ----------------------------------------------------------------------------------------------------------
+# Performance profile of a per-run score
+# ----------------------------------------------------------------------------------------------------------
 
 
 @paper_style
-def plot_against(per_run: pd.DataFrame, path: str | Path, *, x: str, columns: Sequence[str] = ("kl_final",
-                 "tv_opt_final"), labels: Sequence[str] | None = None, title: str | None = None, n_boot: int = 1000,
-                 seed: int = 0, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Per-run final measures (``columns`` of :func:`analysis.metrics.run_summary`) against a swept numeric key
-    ``x`` (e.g. ``train.staleness``), one line per variant: mean over seeds with a 95 % bootstrap interval, one
-    panel per column, a log y axis when a column spans more than two decades."""
-    variants = variant_order(per_run["variant"].unique())
-    fig = new_figure(PAGE_WIDTH, 2.2)
-    axes = fig.subplots(1, len(columns), squeeze=False)[0]
-    for ax, col, label in zip(axes, columns, labels or columns, strict=True):
-        for variant in variants:
-            rows = per_run[per_run["variant"] == variant]
-            xs = sorted(rows[x].dropna().unique())
-            stats = [bootstrap_curve(rows.loc[rows[x] == v, col].to_numpy(dtype=float)[:, None], n_boot=n_boot,
-                                     seed=seed) for v in xs]
-            mean = np.array([m[0] for m, _, _ in stats])
-            lo = np.array([lo[0] for _, lo, _ in stats])
-            hi = np.array([hi[0] for _, _, hi in stats])
-            style = variant_style(variant)
-            ax.plot(xs, mean, marker="o", ms=2.5, label=panel_label(variant) if variant == "none" else variant,
-                    **style)
-            ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.15, lw=0)
-        values = per_run[col].to_numpy(dtype=float)
-        positive = values[np.isfinite(values) & (values > 0)]
-        if positive.size and positive.max() / max(positive.min(), 1e-12) > 100:
-            ax.set_yscale("symlog", linthresh=max(float(np.quantile(positive, 0.05)), 1e-6))
-        ax.set_xlabel(x.split(".")[-1])
-        ax.set_ylabel(label)
-    axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=5)
+def plot_performance_profile(per_run: pd.DataFrame, path: str | Path, *, value: str = "tv_opt_final",
+                             tasks: Sequence[str] = ("kl.beta",), lower_is_better: bool = True, n_boot: int = 500,
+                             seed: int = 0, title: str | None = None,
+                             formats: Sequence[str] = FORMATS) -> list[Path]:
+    """The fraction of runs whose ``value`` is better than a threshold τ, against τ (Agarwal et al. 2021),
+    one line per variant (× sweep) with a 95 % stratified-bootstrap band.
+
+    Args:
+        per_run: :func:`analysis.metrics.run_summary` rows; conditions in ``tasks`` are averaged with equal
+            weight (each a stratum of the bootstrap).
+        value: the per-run score; ``lower_is_better``: fraction with score < τ (a distance), else > τ.
+        tasks: columns whose values are the tasks (absent columns are ignored).
+    """
+    frame = per_run[per_run[value].notna()] if value in per_run else per_run.iloc[:0]
+    task_cols = [t for t in tasks if t in frame and t != "variant"]
+    scores = frame[value].to_numpy(float)
+    positive = scores[scores > 0]
+    lo = max(float(positive.min()) if positive.size else 1e-4, 1e-6)
+    hi = float(scores.max()) if scores.size else 1.0
+    taus = np.geomspace(lo / 1.5, max(hi * 1.5, lo * 10), 120)
+    fig = new_figure(COLUMN_WIDTH, 1.9)
+    ax = fig.subplots()
+    for ln in lines_of(frame):
+        rows = ln.rows
+        parts = [g[value].to_numpy(float) for _, g in rows.groupby(task_cols, observed=True)] if task_cols \
+            else [rows[value].to_numpy(float)]
+        prof = performance_profile(parts, taus, higher_is_better=not lower_is_better, n_boot=n_boot, seed=seed)
+        style = {k: v for k, v in ln.style.items() if k not in ("markevery",)}
+        ax.fill_between(taus, prof["lo"], prof["hi"], color=style["color"], alpha=0.15, lw=0)
+        ax.plot(taus, prof["fraction"], label=ln.label, **{**style, "markevery": 0.1} if "marker" in style
+                else style)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    what = SUMMARY_LABELS.get(value, value)
+    ax.set_xlabel(f"threshold τ on the {what}")
+    ax.set_ylabel(f"fraction of runs {'<' if lower_is_better else '>'} τ")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=2.4, borderaxespad=0.2)
     if title:
-        fig.suptitle(title)
+        ax.set_title(title, loc="left")
     return save(fig, path, formats)

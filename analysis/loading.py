@@ -7,10 +7,19 @@
 - a **sweep folder** (``index.parquet`` with one row per run, ``sweep.json``, ``runs/<run_id>/``);
 - a plain folder whose sub-folders (or ``runs/`` sub-folders) are run folders.
 
+``load([A, B, ...], labels=[...])`` loads several of them as one comparison: every key that differs across
+the union of their runs becomes a key column, a ``sweep`` column holds each run's label, and run ids are
+prefixed with it (``"A/3f2c…"``), as the same config in two sweeps has the same id.
+
 Every table gets the run's *key columns* in front of its own columns: ``run_id``, ``variant`` (e.g.
 ``"k1 in reward"``, ``"k3 as loss"``, ``"none"``), ``seed``, ``env.id``, ``kl.placement``, ``kl.estimator``,
-``kl.beta`` and every config key that differs between runs, named by its dotted key. Key columns are the
-only dotted columns (metric columns never contain a dot), which is how :func:`key_columns` finds them again.
+``kl.beta``, ``kl.is_correction``, ``train.algo``, ``dpo.loss``, ``config_id`` (a hash of the run's whole config
+except its seed, so that seeds of one config share it, :func:`config_id`) and every config key that differs
+between runs, named by its dotted key. Key columns are the dotted columns and ``run_id``, ``variant``,
+``seed``, ``sweep``, ``config_id`` (metric columns never contain a dot), which is how :func:`key_columns` finds
+them again. Runs are pooled (treated as seeds of one condition) only when they differ in nothing but the
+seed and the keys that change no number (``device``, ``threads``, ``log.progress``), or in keys named by
+``pool=``.
 String keys are categorical (``variant`` ordered as :data:`VARIANT_ORDER`), so ``groupby(..., observed=True)``
 is cheap. Metrics are read eagerly; ``policy`` and ``trajectories`` on first access. Runs that failed, never
 finished or whose files are missing stay in ``runs`` with their status and are listed by
@@ -36,14 +45,22 @@ VARIANT_ORDER: tuple[str, ...] = ("none", "k1 in reward", "k2 in reward", "k3 in
                                   "k1 as loss", "k2 as loss", "k3 as loss", "full as loss")
 #: Run statuses whose tables are complete (``diverged`` runs stop early but their tables are written).
 FINISHED: tuple[str, ...] = ("done", "diverged")
+#: Config keys a variant label stands for (placement × estimator × IS correction, or DPO / IPO).
+VARIANT_KEYS: tuple[str, ...] = ("kl.placement", "kl.estimator", "kl.is_correction", "train.algo", "dpo.loss")
 #: Key columns every loaded table carries, when the configs have them.
-BASE_KEYS: tuple[str, ...] = ("run_id", "variant", "seed", "env.id", "kl.placement", "kl.estimator", "kl.beta")
+BASE_KEYS: tuple[str, ...] = ("run_id", "variant", "seed", "env.id", "kl.placement", "kl.estimator", "kl.beta",
+                              "kl.is_correction", "train.algo", "dpo.loss")
 TABLES: tuple[str, ...] = ("metrics", "policy", "trajectories")
-# Config keys that never define a condition: they vary between runs without changing the experiment.
-_NON_CONDITION_KEYS = {"run_id", "seed", "device", "threads", "log.progress"}
-#: Config keys that never split runs into conditions: the above plus the keys ``variant`` stands for.
-NOT_CONDITION_KEYS = _NON_CONDITION_KEYS | {"kl.placement", "kl.estimator", "kl.is_correction", "train.algo",
-                                            "dpo.loss"}
+#: Config keys whose runs are always pooled: the seed (runs differing in it are repeats) and keys that change
+#: no number the analysis reads (where and how fast a run trained, its progress display).
+POOLED_KEYS: tuple[str, ...] = ("seed", "device", "threads", "log.progress")
+_NON_CONDITION_KEYS = {"run_id", "config_id", *POOLED_KEYS}
+#: Config keys that never split runs into conditions: the above plus the keys ``variant`` stands for (unless
+#: they differ within one variant label, see :attr:`Results.conditions`).
+NOT_CONDITION_KEYS = _NON_CONDITION_KEYS | set(VARIANT_KEYS)
+#: ``config_id`` → the flattened config it hashes (every config :func:`load` has seen), to name what differs
+#: when runs of several configs meet in one line of a figure (:func:`config_difference`).
+CONFIGS_BY_ID: dict[str, dict[str, Any]] = {}
 
 
 def variant_order(variants: Sequence[str]) -> list[str]:
@@ -61,16 +78,47 @@ def variant_label(placement: str, estimator: str, is_correction: bool = False, a
     """
     if algo == "dpo":
         return "IPO" if dpo_loss == "ipo" else "DPO"
+    suffix = " (IS)" if is_correction else ""  # only meaningful in the loss; shown wherever set (old folders)
     if placement == "none":
-        return "none"
+        return "none" + suffix
     if placement == "reward":
-        return f"{estimator} in reward"
-    return f"{estimator} as loss" + (" (IS)" if is_correction else "")
+        return f"{estimator} in reward" + suffix
+    return f"{estimator} as loss" + suffix
+
+
+#: Undotted key columns (every dotted column is a key column too).
+PLAIN_KEYS: tuple[str, ...] = ("run_id", "variant", "seed", "sweep", "config_id")
 
 
 def key_columns(frame: pd.DataFrame) -> list[str]:
-    """The run key columns of a loaded table (``run_id``, ``variant``, ``seed`` and every dotted column)."""
-    return [c for c in frame.columns if c in ("run_id", "variant", "seed") or "." in c]
+    """The run key columns of a loaded table (:data:`PLAIN_KEYS` and every dotted column)."""
+    return [c for c in frame.columns if c in PLAIN_KEYS or "." in c]
+
+
+def config_id(flat: dict[str, Any], pooled: Sequence[str] = POOLED_KEYS) -> str:
+    """A 10-hex-digit hash of a flattened config without the ``pooled`` keys: the seeds of one config (and
+    runs differing only in pooled keys) share it; :data:`CONFIGS_BY_ID` keeps what it hashes."""
+    import hashlib
+
+    kept = {k: v for k, v in flat.items() if k not in pooled}
+    cid = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    CONFIGS_BY_ID.setdefault(cid, kept)
+    return cid
+
+
+def config_difference(ids: Iterable[str]) -> dict[str, list[Any]]:
+    """``{dotted key: [values]}`` of the config keys that differ between the configs ``ids`` (``config_id``
+    values :func:`load` has seen); empty if none of them is known."""
+    configs = [CONFIGS_BY_ID[i] for i in dict.fromkeys(map(str, ids)) if i in CONFIGS_BY_ID]
+    if len(configs) < 2:
+        return {}
+    keys = sorted(set().union(*configs))
+    out = {}
+    for k in keys:
+        values = list(dict.fromkeys(json.dumps(c.get(k), default=str) for c in configs))
+        if len(values) > 1:
+            out[k] = [json.loads(v) for v in values]
+    return out
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
@@ -107,6 +155,8 @@ class Results:
         keys: the key columns attached to every table, in order.
         swept: the config keys that differ between runs (or that the sweep index lists as swept).
         configs: ``run_id`` → the run's ``config.json`` (``{"config": ..., "environment": ...}``).
+        sources: the folders loaded (one, or several for a comparison) and ``labels`` their ``sweep`` labels.
+        pooled: the config keys whose runs are pooled as repeats (:data:`POOLED_KEYS` and ``pool=``).
     """
 
     root: Path
@@ -117,6 +167,45 @@ class Results:
     swept: list[str]
     configs: dict[str, dict]
     _cache: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+    sources: list[Path] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    pooled: list[str] = field(default_factory=lambda: list(POOLED_KEYS))
+    _conditions: list[str] | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        """One short paragraph: what was loaded, runs by status, variants, conditions and seeds."""
+        runs = self.runs
+        status = ", ".join(f"{k} {v}" for k, v in runs["status"].astype(str).value_counts().items())
+        where = (f"{self.kind} {str(self.root)!r}" if len(self.sources) <= 1 else
+                 "comparison of " + ", ".join(f"{lab}={str(src)!r}" for lab, src in zip(self.labels, self.sources,
+                                                                                           strict=True)))
+        lines = [f"Results({where}: {len(runs)} runs ({status}), {len(self.metrics)} metric rows"]
+        if "variant" in runs:
+            lines.append("  variants: " + ", ".join(map(str, runs["variant"].cat.categories)))
+        for k in self.conditions:
+            if k == "variant":
+                continue
+            values = list(dict.fromkeys(runs[k].dropna().astype(str).tolist()))[:8]
+            lines.append(f"  {k}: " + ", ".join(values) + (" …" if runs[k].nunique() > 8 else ""))
+        if "config_id" in runs and "seed" in runs:
+            per = runs.groupby("config_id", observed=True)["seed"].nunique()
+            lines.append(f"  seeds per config: {per.min()}" + (f"–{per.max()}" if per.max() != per.min() else ""))
+        lines.append("  tables: runs, metrics, policy, trajectories (+ curves(column) for mean and CI per update))")
+        return "\n".join(lines)
+
+    def curves(self, column: str = "kl_true", stat: str = "mean", n_boot: int = 1000, ci: float = 0.95,
+               seed: int = 0) -> pd.DataFrame:
+        """A tidy, pre-aggregated curve frame for quick plots: one row per line × logged update.
+
+        Lines are ``variant`` × :attr:`conditions` (× ``sweep``); columns ``variant``, the condition columns,
+        ``update``, ``n`` (seeds with a value), ``value`` (``stat`` over seeds: ``mean`` or ``median``),
+        ``lo``, ``hi`` (a ``ci`` percentile bootstrap band over seeds; equal to ``value`` with one seed). E.g.
+        ``sns.lineplot(res.curves("kl_true"), x="update", y="value", hue="variant")``.
+        """
+        from analysis.stats import curve_frame
+
+        return curve_frame(self.metrics, column, [k for k in self.conditions if k != "variant"], stat=stat,
+                           n_boot=n_boot, ci=ci, seed=seed)
 
     @property
     def policy(self) -> pd.DataFrame:
@@ -154,8 +243,12 @@ class Results:
     def conditions(self) -> list[str]:
         """Key columns that define an experimental condition: seeds of one condition are repeats.
 
-        ``variant`` stands for placement × estimator (× IS correction), or DPO / IPO (``train.algo``, ``dpo.loss``).
+        ``variant`` stands for placement × estimator (× IS correction), or DPO / IPO (``train.algo``,
+        ``dpo.loss``); a key it stands for that still differs within one variant label is a condition too.
+        ``sweep`` (a comparison) comes first after ``variant``. Runs of one condition share one ``config_id``.
         """
+        if self._conditions is not None:
+            return list(self._conditions)
         return [k for k in self.keys if k not in NOT_CONDITION_KEYS]
 
     @property
@@ -181,7 +274,8 @@ class Results:
         cache = {name: df[df["run_id"].astype(str).isin(ids)] for name, df in self._cache.items()}
         return Results(self.root, self.kind, self.runs[keep].reset_index(drop=True),
                        self.metrics[self.metrics["run_id"].astype(str).isin(ids)].reset_index(drop=True),
-                       self.keys, self.swept, {k: v for k, v in self.configs.items() if k in ids}, cache)
+                       self.keys, self.swept, {k: v for k, v in self.configs.items() if k in ids}, cache,
+                       self.sources, self.labels, self.pooled, self._conditions)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,36 +448,99 @@ def _read_table(runs: pd.DataFrame, name: str, keys: Sequence[str],
             front[k] = pd.Categorical.from_codes(col.cat.codes.to_numpy()[run_pos], dtype=col.dtype)
         else:
             front[k] = col.to_numpy()[run_pos]
-    out = pd.concat([pd.DataFrame(front), data.drop(columns=[c for c in key_cols if c in data])], axis=1)
+    # files may carry their run's keys (run_id, seed, swept keys) for readers without reflab: the runs frame's win
+    own_keys = [c for c in data.columns if c in key_cols or c in PLAIN_KEYS or "." in c]
+    out = pd.concat([pd.DataFrame(front), data.drop(columns=own_keys)], axis=1)
     return out
 
 
-def load(path: str | Path, metric_columns: Sequence[str] | None = None) -> Results:
-    """Load a run folder or a sweep folder into :class:`Results`.
+def load(path: str | Path | Sequence[str | Path], metric_columns: Sequence[str] | None = None,
+         labels: Sequence[str] | None = None, pool: Sequence[str] = ()) -> Results:
+    """Load a run folder, a sweep folder, or several of them as one comparison, into :class:`Results`.
 
     Args:
-        path: a run folder, a sweep folder (``index.parquet`` + ``runs/``) or a folder of run folders.
+        path: a run folder, a sweep folder (``index.parquet`` + ``runs/``), a folder of run folders, or a list
+            of these: then every config key that differs across the union of their runs is a key column, the
+            ``sweep`` column holds each run's label and run ids are prefixed with it (``"<label>/<id>"``).
         metric_columns: read only these ``metrics.parquet`` columns (default: all); faster on huge sweeps.
+        labels: one label per folder of a list (default: the folder names, made unique).
+        pool: config keys whose runs may be pooled as repeats of one condition besides :data:`POOLED_KEYS`
+            (e.g. ``["train.lr"]`` to average over learning rates on purpose); by default runs that differ in
+            any other config value are never pooled.
     Returns:
         :class:`Results` with ``runs`` (one row per run), ``metrics`` (one row per run × logged update) and
         lazily loaded ``policy`` and ``trajectories``.
     Raises:
-        FileNotFoundError: ``path`` holds neither a run nor run folders.
+        FileNotFoundError: a folder holds neither a run nor run folders.
+        ValueError: ``labels`` do not match the folders, or are not unique.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder")
-    kind, entries, index_swept = _discover(root)
+    many = not isinstance(path, str | Path)
+    roots = [Path(p) for p in (path if many else [path])]
+    if not roots:
+        raise ValueError("load needs at least one folder")
+    if labels is None:
+        labels = _default_labels(roots) if many else []
+    labels = [str(x) for x in labels]
+    if many and (len(labels) != len(roots) or len(set(labels)) != len(labels)):
+        raise ValueError(f"labels must give one distinct label per folder ({len(roots)}); got {labels}")
+    kinds, entries, index_swept = [], [], []
+    for i, root in enumerate(roots):
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a folder")
+        kind, found, swept_here = _discover(root)
+        kinds.append(kind)
+        if many:
+            found = [_RunEntry(f"{labels[i]}/{e.run_id}", e.path, {**e.index_row, "sweep": labels[i]})
+                     for e in found]
+        entries += found
+        index_swept += [k for k in swept_here if k not in index_swept]
     runs, configs = _runs_frame(entries)
+    if many:
+        runs["sweep"] = [e.index_row["sweep"] for e in entries]
+    pooled = list(dict.fromkeys([*POOLED_KEYS, *pool]))
     cfg_cols = [c for c in runs.columns if "." in c or c == "seed"]
+    runs["config_id"] = [config_id({k: row[k] for k in cfg_cols if k in row and not _missing(row[k])}, pooled)
+                         for row in runs[cfg_cols].to_dict("records")]
     swept = [c for c in index_swept if c in runs] + [c for c in _varying(runs, cfg_cols) if c not in index_swept]
-    swept = [c for c in swept if c not in _NON_CONDITION_KEYS - {"seed"}]
-    keys = [k for k in BASE_KEYS if k in runs] + [k for k in swept if k not in BASE_KEYS]
+    swept = [c for c in swept if c not in set(pooled) - {"seed"}]
+    front = [k for k in BASE_KEYS if k in runs] + (["sweep"] if many else [])
+    keys = front + [k for k in swept if k not in front] + ["config_id"]
     runs = _categorize(runs, keys)
     lead = keys + [c for c in ("status", "error", "has_metrics", "final_update", "wall_time_s", "path")
                    if c in runs]
     runs = runs[lead + [c for c in runs.columns if c not in lead]]
+    conditions = _conditions(runs, keys, pooled, many)
     metrics = _read_table(runs, "metrics", keys, metric_columns)
     if "update" in metrics:
         metrics = metrics.sort_values(["run_id", "update"], kind="stable").reset_index(drop=True)
-    return Results(root, kind, runs, metrics, keys, swept, configs)
+    kind = kinds[0] if not many else "comparison"
+    return Results(roots[0], kind, runs, metrics, keys, swept, configs, sources=roots, labels=labels,
+                   pooled=pooled, _conditions=conditions)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _default_labels(roots: Sequence[Path]) -> list[str]:
+    """The folder names, with the parent's name (then a number) added where two are the same."""
+    names = [r.resolve().name or str(r) for r in roots]
+    if len(set(names)) < len(names):
+        names = [f"{r.resolve().parent.name}/{r.resolve().name}" for r in roots]
+    if len(set(names)) < len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    return names
+
+
+def _conditions(runs: pd.DataFrame, keys: Sequence[str], pooled: Sequence[str], many: bool) -> list[str]:
+    """The condition columns (see :attr:`Results.conditions`): ``sweep`` first, the varying keys that are not
+    pooled nor stood for by ``variant``, then any key ``variant`` stands for that differs within one label."""
+    out = (["variant"] if "variant" in runs else []) + (["sweep"] if many else [])
+    out += [k for k in keys if k not in NOT_CONDITION_KEYS and k not in pooled and k not in ("variant", "sweep")]
+    if "variant" in runs:
+        for k in VARIANT_KEYS:
+            if k in runs and k not in out and k not in pooled:
+                within = runs.groupby("variant", observed=True)[k].nunique(dropna=False)
+                if (within > 1).any():
+                    out.append(k)
+    return out

@@ -33,6 +33,11 @@ SUPPORT_EPS = 1e-3
 DETERMINISTIC_PROB = 0.99
 #: KL (nats) within which a run counts as returned to the reference after the reward is removed.
 RECOVERY_TOL = 0.05
+#: Exact KLs (nats) in [−this, 0) are float rounding of a KL of 0 and are read as 0 (:func:`clamp_rounding`);
+#: anything more negative is left as it is, so that a real error shows.
+KL_ROUNDING_TOL = 1e-5
+#: Exact-KL columns of the metrics (each ≥ 0 by definition).
+EXACT_KL_COLUMNS = ("kl_true", "kl_forward", "kl_opt")
 #: Sampled KL estimators logged per update, in order.
 ESTIMATOR_COLUMNS = {"k1": "kl_k1", "k2": "kl_k2", "k3": "kl_k3"}
 
@@ -54,6 +59,12 @@ def _with_keys(frame: pd.DataFrame, per_run: pd.DataFrame) -> pd.DataFrame:
     keys = _run_keys(frame)
     out = keys.merge(per_run, on="run_id", how="left")
     return out
+
+
+def clamp_rounding(values: pd.Series, tol: float = KL_ROUNDING_TOL) -> pd.Series:
+    """An exact KL with values in [−``tol``, 0) (float rounding around 0, e.g. −1.3e-8) set to 0."""
+    v = values.astype("float64")
+    return v.mask((v < 0) & (v >= -tol), 0.0)
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
@@ -143,6 +154,8 @@ def drift(metrics: pd.DataFrame, column: str = "kl_true") -> pd.DataFrame:
         ``kl_mean`` (``kl_auc`` divided by the number of updates spanned: the time-averaged KL).
     """
     m = reward_phase(metrics)
+    if column in EXACT_KL_COLUMNS:
+        m = m.assign(**{column: clamp_rounding(m[column])})
     g = m.groupby("run_id", observed=True, sort=False)
     span = (g["update"].max() - g["update"].min()).astype(float)
     auc = _trapezoid_per_run(m, column)
@@ -361,6 +374,8 @@ def recovery(metrics: pd.DataFrame, tol: float = RECOVERY_TOL, column: str = "kl
     if switch.empty:
         return pd.DataFrame(columns=key_columns(metrics) + cols)
     m = _sorted(metrics[metrics["run_id"].isin(switch.index)])
+    if column in EXACT_KL_COLUMNS:
+        m = m.assign(**{column: clamp_rounding(m[column])})
     rows = {}
     for run_id, r in m.groupby("run_id", observed=True, sort=False):
         u0 = switch[run_id]
@@ -396,6 +411,8 @@ def optimum_distance(metrics: pd.DataFrame) -> pd.DataFrame:
     """
     m = reward_phase(metrics)
     per = pd.DataFrame(index=pd.Index(m["run_id"].unique(), name="run_id"))
+    if "kl_opt" in m:
+        m = m.assign(kl_opt=clamp_rounding(m["kl_opt"]))
     for col in ("tv_opt", "kl_opt", "opt_mean_error"):
         if col in m and m[col].notna().any():
             last = _sorted(m[m[col].notna()]).groupby("run_id", observed=True, sort=False)[col].last()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,13 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from analysis.loading import NOT_CONDITION_KEYS, VARIANT_ORDER, key_columns, variant_order  # noqa: F401 (re-exported)
+from analysis.loading import (  # noqa: F401 (re-exported)
+    NOT_CONDITION_KEYS,
+    VARIANT_ORDER,
+    config_difference,
+    key_columns,
+    variant_order,
+)
 from analysis.stats import bootstrap_curve
 
 #: Single-column width (inches) of the default figures.
@@ -47,9 +54,23 @@ _NOT_CONDITIONS = NOT_CONDITION_KEYS | {"variant"}
 KL_LABEL = r"KL($\pi\,\|\,\pi_{\mathrm{ref}}$) (nats)"
 
 
-def variant_parts(variant: str) -> tuple[str, str, bool]:
-    """``"k3 as loss (IS)"`` → ``("loss", "k3", True)``; ``"none"`` → ``("none", "", False)``;
-    ``"DPO"`` → ``("preference", "DPO", False)``."""
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "1", "1.0")
+
+
+def variant_parts(variant: str, rows: pd.DataFrame | None = None) -> tuple[str, str, bool]:
+    """``(placement, estimator, IS correction)`` of a variant: from the config columns of its ``rows``
+    (``kl.placement``, ``kl.estimator``, ``kl.is_correction``, ``train.algo``, ``dpo.loss``) when given, so a
+    relabelled variant keeps its style; else parsed from the label: ``"k3 as loss (IS)"`` → ``("loss", "k3",
+    True)``; ``"none"`` → ``("none", "", False)``; ``"DPO"`` → ``("preference", "DPO", False)``."""
+    if rows is not None and len(rows) and "kl.placement" in rows:
+        r = rows.iloc[0]
+        if str(r.get("train.algo", "ppo")) == "dpo":
+            return "preference", "IPO" if str(r.get("dpo.loss", "dpo")) == "ipo" else "DPO", False
+        placement = str(r["kl.placement"])
+        if placement == "none":
+            return "none", "", False
+        return placement, str(r.get("kl.estimator", "k1")), _truthy(r.get("kl.is_correction", False))
     if variant == "none":
         return "none", "", False
     if variant in PREFERENCE_VARIANTS:
@@ -59,34 +80,127 @@ def variant_parts(variant: str) -> tuple[str, str, bool]:
     return placement, est, rest.endswith("(IS)")
 
 
-def panel_label(variant: str) -> str:
-    """A variant's legend label inside a panel titled by its placement: the estimator (+ IS), or "no KL"."""
-    if variant == "none":
+def panel_label(variant: str, rows: pd.DataFrame | None = None) -> str:
+    """A variant's legend label inside a panel titled by its placement: the estimator (+ IS), or "no KL";
+    a relabelled variant (a label that is not the standard one of its config) keeps its label."""
+    placement, est, is_corr = variant_parts(variant, rows)
+    standard = "none" if placement == "none" else est if placement == "preference" else \
+        f"{est} {'in reward' if placement == 'reward' else 'as loss'}" + (" (IS)" if is_corr else "")
+    if variant != standard:
+        return variant
+    if placement == "none":
         return "no KL"
-    _, est, is_corr = variant_parts(variant)
     return est + (" (IS)" if is_corr else "")
 
 
-def variant_style(variant: str) -> dict[str, Any]:
-    """Matplotlib line keywords (``color``, ``dashes``) of a variant label."""
-    placement, est, is_corr = variant_parts(variant)
+def variant_style(variant: str, rows: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Matplotlib line keywords (``color``, ``dashes``) of a variant: colour = estimator, dashes = placement,
+    from the config columns of ``rows`` when given (:func:`variant_parts`)."""
+    placement, est, is_corr = variant_parts(variant, rows)
     if placement == "none":
         return {"color": "0.15", "dashes": PLACEMENT_DASHES["none"]}
     colour = ESTIMATOR_COLOURS.get(est, _PALETTE[7])
     return {"color": colour, "dashes": PLACEMENT_DASHES["is" if is_corr else placement]}
 
 
+#: Markers that tell the sweeps of a comparison apart (the first sweep has none).
+SWEEP_MARKERS = (None, "o", "s", "^", "D", "v", "P", "X")
+
+
+def comparison_keys(frame: pd.DataFrame) -> list[str]:
+    """In a comparison (``sweep`` column with several labels): ``sweep`` and the key columns that are constant
+    within each sweep but differ between them (what the sweeps compare, e.g. ``train.lr``); else empty."""
+    if "sweep" not in frame or frame["sweep"].nunique() < 2:
+        return []
+    cols = [c for c in key_columns(frame) if c not in _NOT_CONDITIONS and c != "sweep"]
+    per = frame.groupby("sweep", observed=True)
+    return ["sweep"] + [c for c in cols if frame[c].nunique(dropna=False) > 1
+                        and bool((per[c].nunique(dropna=False) <= 1).all())]
+
+
 def condition_columns(frame: pd.DataFrame) -> list[str]:
-    """Key columns of ``frame`` other than seed/variant that take more than one value; an env's own keys
-    (``env.*``) are left out where ``env.id`` varies and they are fixed within each env (a sweep over whole env
-    mappings: ``env.id`` names the condition)."""
-    cols = [c for c in key_columns(frame) if c not in _NOT_CONDITIONS]
+    """Key columns of ``frame`` other than seed/variant (and a comparison's :func:`comparison_keys`, which are
+    drawn as lines) that take more than one value; an env's own keys (``env.*``) are left out where ``env.id``
+    varies and they are fixed within each env (a sweep over whole env mappings: ``env.id`` names the condition)."""
+    skip = set(comparison_keys(frame)) | {"sweep"}
+    cols = [c for c in key_columns(frame) if c not in _NOT_CONDITIONS and c not in skip]
     cols = [c for c in cols if frame[c].nunique(dropna=False) > 1]
     if "env.id" in cols:
         by_env = frame.groupby("env.id", observed=True, dropna=False)
         cols = [c for c in cols if not c.startswith("env.") or c == "env.id"
                 or bool((by_env[c].nunique(dropna=False) > 1).any())]
     return cols
+
+
+@dataclass
+class Line:
+    """One line of a curve figure: a variant (× a sweep of a comparison), its rows and its style."""
+
+    variant: str
+    sweep: str | None
+    rows: pd.DataFrame
+    style: dict[str, Any]
+    label: str
+    panel_label: str
+    placement: str
+
+
+def sweep_label(frame: pd.DataFrame, sweep: str, keys: Sequence[str]) -> str:
+    """``"B (train.lr = 0.03)"``: a sweep's label with the values of the keys the comparison varies."""
+    rows = frame[frame["sweep"].astype(str) == sweep]
+    extra = [f"{k} = {rows[k].iloc[0]:g}" if isinstance(rows[k].iloc[0], float) else f"{k} = {rows[k].iloc[0]}"
+             for k in keys if k != "sweep" and len(rows)]
+    extra = [e for e in extra if e.split(" = ", 1)[1] not in sweep]  # a label that already says it
+    return sweep + (f" ({', '.join(extra)})" if extra else "")
+
+
+def lines_of(frame: pd.DataFrame) -> list[Line]:
+    """The lines of a figure of one condition: one per variant (× sweep in a comparison), in variant order,
+    each styled from its config columns (sweeps add markers). Refuses (``ValueError``) a line whose rows come
+    from runs whose configs differ beyond the seed (:func:`check_lines`)."""
+    check_lines(frame)
+    comp = comparison_keys(frame)
+    sweeps = list(dict.fromkeys(frame["sweep"].astype(str))) if comp else [None]
+    out = []
+    for v in variant_order(frame["variant"].astype(str).unique()):
+        rows_v = frame[frame["variant"].astype(str) == v]
+        for i, sw in enumerate(sweeps):
+            rows = rows_v if sw is None else rows_v[rows_v["sweep"].astype(str) == sw]
+            if rows.empty:
+                continue
+            style = variant_style(v, rows)
+            label, plabel = v, panel_label(v, rows)
+            if sw is not None:
+                style = {**style, "marker": SWEEP_MARKERS[i % len(SWEEP_MARKERS)], "markevery": 0.12, "ms": 2.6,
+                         "mfc": "white", "mew": 0.7}
+                tag = sweep_label(frame, sw, comp)
+                label, plabel = f"{v} · {tag}", f"{plabel} · {tag}"
+            out.append(Line(v, sw, rows, style, label, plabel, variant_parts(v, rows)[0]))
+    return out
+
+
+def check_lines(frame: pd.DataFrame) -> None:
+    """Raise ``ValueError`` if one line (a variant, × sweep in a comparison) mixes runs whose configs differ in
+    anything but the seed: e.g. frames of two loads with different learning rates concatenated, where
+    ``train.lr`` is a column of neither. Uses the ``config_id`` key column (absent: nothing to check)."""
+    if "config_id" not in frame or "variant" not in frame or frame.empty:
+        return
+    cols = ["variant", *condition_columns(frame), *comparison_keys(frame)]
+    counts = frame.groupby(cols, observed=True)["config_id"].nunique()
+    bad = counts[counts > 1]
+    if bad.empty:
+        return
+    key = bad.index[0]
+    key = key if isinstance(key, tuple) else (key,)
+    rows = frame
+    for c, v in zip(cols, key, strict=True):
+        rows = rows[rows[c] == v]
+    diff = config_difference(rows["config_id"].astype(str).unique())
+    what = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in list(diff.items())[:4]) or \
+        "keys that are not columns of these rows"
+    raise ValueError(f"variant {key[0]!r} mixes runs of {int(bad.iloc[0])} different configs in one line "
+                     f"({what}); load the folders together with analysis.load([A, B], labels=[...]) so the "
+                     "keys that differ become columns, or filter to one config")
 
 
 def split_conditions(frame: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
@@ -109,11 +223,18 @@ def condition_label(condition: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def check_one_condition(frame: pd.DataFrame) -> None:
+def check_one_condition(frame: pd.DataFrame, overlay: bool = False) -> None:
+    """Raise ``ValueError`` unless ``frame`` holds one condition (:func:`condition_columns` constant) whose lines
+    each hold one config (:func:`check_lines`); unless ``overlay`` (a figure that draws a comparison's sweeps as
+    separate lines), also unless it holds one sweep."""
     cols = condition_columns(frame)
     if cols:
         raise ValueError(f"these rows mix several conditions ({', '.join(cols)} vary); filter to one, e.g. "
                          f"with analysis.figures.split_conditions")
+    if not overlay and comparison_keys(frame):
+        raise ValueError("these rows hold several sweeps of a comparison and this figure draws one; filter to "
+                         "one sweep (frame[frame['sweep'] == label])")
+    check_lines(frame)
 
 
 def paper_style(fn: Callable[..., list[Path]]) -> Callable[..., list[Path]]:
@@ -182,20 +303,23 @@ def pivot_runs(rows: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def draw_variant(ax: Axes, rows: pd.DataFrame, variant: str, column: str, seeds: bool, stat: str, n_boot: int,
-                  seed: int, label: str, floor: float | None = None) -> None:
+                  seed: int, label: str, floor: float | None = None, style: dict[str, Any] | None = None) -> None:
     x, values = pivot_runs(rows, column)
     if values.size == 0:
         return
-    if floor is not None:  # log axes: values at or below the floor (0, float noise) are drawn on it
-        values = np.where(np.isnan(values), np.nan, np.maximum(values, floor))
-    style = variant_style(variant)
+    style = style or variant_style(variant, rows)
     point, lo, hi = bootstrap_curve(values, stat, n_boot, seed=seed)
+    if floor is not None:  # log axes: a line at or below the floor (0, float noise) is not drawn as data there
+        point = np.where(point > floor, point, np.nan)
+        lo = np.maximum(lo, floor)
+        hi = np.where(hi > floor, hi, np.nan)
+        values = np.where(values > floor, values, np.nan)
     if seeds and values.shape[0] > 1:
         for v in values:
             ax.plot(x, v, color=style["color"], lw=0.35, alpha=0.35, zorder=2)
     if values.shape[0] > 1:
         ax.fill_between(x, lo, hi, color=style["color"], alpha=0.18, lw=0, zorder=2)
-    ax.plot(x, point, label=label, zorder=3, **style)
+    ax.plot(x, point, label=label, **{"zorder": 3, **style})
 
 
 def placement_groups(variants: list[str], layout: str) -> list[tuple[str | None, list[str]]]:
@@ -209,6 +333,20 @@ def placement_groups(variants: list[str], layout: str) -> list[tuple[str | None,
             base = [v for v in variants if v == "none"]
             groups.append((PLACEMENT_TITLES[placement], base + members))
     return groups or [(None, variants)]
+
+
+def line_panels(lines: list[Line], layout: str) -> list[tuple[str | None, list[Line]]]:
+    """Panels as ``(title, lines)``: one per KL placement (the no-KL lines repeated in each as the baseline),
+    placements from the lines' config columns."""
+    if layout == "single":
+        return [(None, lines)]
+    groups: list[tuple[str | None, list[Line]]] = []
+    base = [ln for ln in lines if ln.placement == "none"]
+    for placement in ("reward", "loss", "preference"):
+        members = [ln for ln in lines if ln.placement == placement]
+        if members:
+            groups.append((PLACEMENT_TITLES[placement], base + members))
+    return groups or [(None, lines)]
 
 
 @paper_style

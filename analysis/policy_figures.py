@@ -70,7 +70,7 @@ def _plot_bandit_policy(p: pd.DataFrame, path: str | Path, ncols: int | None, ti
     variants = variant_order(p["variant"].unique())
     ncols = max(1, min(ncols or 2, len(variants)))
     nrows = int(np.ceil(len(variants) / ncols))
-    fig = new_figure(COLUMN_WIDTH, 0.25 + 0.85 * nrows)
+    fig = new_figure(COLUMN_WIDTH, max(1.9, 0.45 + 0.85 * nrows))  # one variant still gets a readable panel
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
     state0 = p[p["state"] == p["state"].min()]
     arms = np.sort(state0["action"].unique())
@@ -146,13 +146,20 @@ def _plot_grid_policy(p: pd.DataFrame, path: str | Path, config: dict, seed: int
                 continue
             if cp.occupancy[c] < 1e-3:
                 continue
-            for a in range(A):  # one arrow per action, length ∝ its probability
-                length = 0.46 * cp.probs[c, a]
-                if length < 0.03:
+            # one spoke per action: length ∝ its probability relative to the cell's most likely action (so a
+            # uniform cell is a full cross), width ∝ the probability; an arrow head marks the most likely action
+            probs = cp.probs[c]
+            top = int(np.argmax(probs))
+            for a in range(A):
+                if probs[a] < 0.05:
                     continue
-                head = 0.2 * min(1.0, length / 0.25)
-                ax.arrow(col, r, dx[a] * length, dy[a] * length, width=0.035, head_width=head,
-                         head_length=0.7 * head, length_includes_head=True, color="black", lw=0)
+                length = 0.42 * probs[a] / probs[top]
+                ax.plot([col, col + dx[a] * length], [r, r + dy[a] * length], color="black",
+                        lw=0.3 + 1.5 * probs[a], solid_capstyle="butt", zorder=5)
+            if probs[top] >= 0.4:
+                ax.annotate("", (col + dx[top] * 0.44, r + dy[top] * 0.44), (col + dx[top] * 0.2, r + dy[top] * 0.2),
+                            arrowprops={"arrowstyle": "-|>,head_length=0.35,head_width=0.2", "color": "black",
+                                        "lw": 0.3 + 1.5 * probs[top], "shrinkA": 0, "shrinkB": 0}, zorder=6)
         sr, sc = rc[world.start_cell]
         ax.add_patch(mpl.patches.Rectangle((sc - 0.5, sr - 0.5), 1, 1, fill=False, ec="#d95f02", lw=0.9))
         ax.set_xlim(c0 - 0.5, c1 + 0.5)
@@ -166,8 +173,9 @@ def _plot_grid_policy(p: pd.DataFrame, path: str | Path, config: dict, seed: int
         ax.set_visible(False)
     fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.tolist(), shrink=0.6, pad=0.01,
                  label="visits per episode")
-    fig.suptitle(title or f"final policy (seed {chosen_seed}); arrows: π(a | cell), occupancy-weighted over time; "
-                 "box: start", fontsize=6)
+    explain = (f"final policy (seed {chosen_seed}); spokes: π(a | cell), occupancy-weighted over time (length "
+               "relative to the most likely action, width ∝ probability; head: most likely); box: start")
+    fig.suptitle((f"{title}: " if title else "") + explain, fontsize=6)
     return save(fig, path, formats)
 
 

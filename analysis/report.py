@@ -27,35 +27,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from analysis import axis_figures as A
 from analysis import figures as F
 from analysis import metrics as M
 from analysis import plotting
 from analysis import policy_figures as P
-from analysis.loading import Results, load
-from analysis.stats import aggregate
-
-#: Per-run measures in the summary table: (column of run_summary, header, statistic).
-SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("kl_final", "KL final", "iqm"),
-    ("entropy_final", "entropy final", "iqm"),
-    ("tv_opt_final", "TV to π*", "iqm"),
-    ("kl_opt_final", "KL to π*", "iqm"),
-    ("return_final", "return", "iqm"),
-    ("collapsed", "collapsed", "mean"),
-    ("kl_end", "KL after reward off", "iqm"),
-    ("half_life", "half-life (updates)", "iqm"),
-    ("returned", "returned", "mean"),
+from analysis.improvement import poi_markdown, poi_score, poi_table
+from analysis.loading import POOLED_KEYS, Results, load
+from analysis.references import kl_references
+from analysis.summary import (  # noqa: F401 (re-exported)
+    MIN_BOOTSTRAP_N,
+    SUMMARY_COLUMNS,
+    _fmt,
+    interval_note,
+    summary_markdown,
+    summary_table,
 )
+
 MAX_CONDITIONS = 8
 #: Figure kinds a report can draw (``--figures``).
-FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous", "length",
-                  "staleness")
+FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous", "profile",
+                  "length", "staleness")
 #: Figure file prefixes and their titles in index.md.
 FIGURE_KINDS = {"fig1": "Fig. 1: drift", "fig2": "Fig. 2: collapse", "fig3": "Fig. 3: recovery",
                 "fig4": "Fig. 4: final measure over β × variant", "fig5": "Fig. 5: final policy",
                 "fig6": "Fig. 6: estimators", "fig7": "Fig. 7: DPO vs PPO over β",
+                "fig8": "Fig. 8: performance profile",
                 "figG": "Gaussian policy vs the optimum", "figD1": "x_0 distribution", "figD2": "mode mix of x_0"}
 #: Diffusion chain: estimator figures leave out batches whose sampling policy's KL exceeds this (nats).
 DIFFUSION_ESTIMATOR_MAX_KL = 50.0
@@ -68,60 +68,6 @@ def _slug(condition: dict[str, Any]) -> str:
         value = f"{v:g}" if isinstance(v, float) else str(v)
         parts.append(f"{name}-{value}".replace("/", "-").replace(" ", ""))
     return "_".join(parts)
-
-
-def _fmt(x: float) -> str:
-    if pd.isna(x):
-        return "–"
-    ax = abs(x)
-    if ax < 1e-8:  # float noise of an exact 0 (e.g. a KL of -1e-9)
-        return "0"
-    if ax != 0 and (ax < 1e-2 or ax >= 1e4):
-        return f"{x:.1e}"
-    return f"{x:.3g}" if ax < 10 else f"{x:.1f}"
-
-
-def summary_table(per_run: pd.DataFrame, by: Sequence[str], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Per group ``by``: ``n`` and, for each :data:`SUMMARY_COLUMNS` measure present, its statistic over seeds
-    with ``_lo``/``_hi`` 95 % stratified-bootstrap bounds (columns absent from every run are left out)."""
-    frame = per_run.copy()
-    cols = []
-    for col, _, stat in SUMMARY_COLUMNS:
-        if col in frame and frame[col].notna().any():
-            frame[col] = frame[col].astype(float)
-            cols.append((col, stat))
-    parts = []
-    for stat in ("iqm", "mean"):
-        values = [c for c, s in cols if s == stat]
-        if values:
-            parts.append(aggregate(frame, values, by, stat=stat, n_boot=n_boot, seed=seed).set_index(list(by)))
-    if not parts:
-        return frame.groupby(list(by), observed=True, dropna=False).size().rename("n").reset_index()
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.join(p.drop(columns="n"))
-    order = ["n"] + [c for col, _ in cols for c in (col, f"{col}_lo", f"{col}_hi")]
-    return out[[c for c in order if c in out]].reset_index()
-
-
-def summary_markdown(table: pd.DataFrame, by: Sequence[str]) -> str:
-    """The summary table as Markdown: ``point [lo, hi]`` per measure."""
-    heads = {col: head for col, head, _ in SUMMARY_COLUMNS}
-    measures = [c for c in heads if c in table]
-    header = [{"kl.beta": "β", "env.id": "env"}.get(b, b) for b in by] + ["n"] + [heads[c] for c in measures]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in table.iterrows():
-        cells = [f"{row[b]:g}" if isinstance(row[b], float) else str(row[b]) for b in by] + [str(int(row["n"]))]
-        for c in measures:
-            point, lo, hi = row[c], row.get(f"{c}_lo"), row.get(f"{c}_hi")
-            if pd.isna(point):
-                cells.append("–")
-            elif int(row["n"]) > 1 and not pd.isna(lo):
-                cells.append(f"{_fmt(point)} [{_fmt(lo)}, {_fmt(hi)}]")
-            else:
-                cells.append(_fmt(point))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _reward_end_policy(policy: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
@@ -144,7 +90,8 @@ class _Report:
         kind = {F.plot_kl: "kl", F.plot_entropy: "entropy", F.plot_recovery: "recovery", F.plot_heatmap: "heatmap",
                 P.plot_final_policy: "policy", F.plot_estimators: "estimators", F.plot_dpo_beta: "dpo",
                 P.plot_gaussian_trajectory: "continuous", P.plot_mode_mix: "continuous",
-                P.plot_x0_distribution: "continuous", F.plot_length: "length", F.plot_against: "staleness"}[fn]
+                P.plot_x0_distribution: "continuous", F.plot_performance_profile: "profile", A.plot_length: "length",
+                A.plot_against: "staleness"}[fn]
         if kind not in self.kinds:
             return
         try:
@@ -168,11 +115,21 @@ class _Report:
         # and runs that blow up span many decades)
         continuous = "min_prob" in m and not bool(m["min_prob"].notna().any())
         diffusion = any(c.startswith("mode_frac_") for c in m.columns)
+        # a log axis when the lines end decades apart (e.g. a large β, whose KLs sit near 0 next to a collapse)
+        ends = m.groupby("run_id", observed=True)["kl_true"].last().to_numpy(float)
+        ends = ends[np.isfinite(ends) & (ends > 1e-6)]
+        log = diffusion or (ends.size > 1 and ends.max() / ends.min() > 100)
+        refs = [(name, value, None if switch.empty else float(switch.min()))
+                for name, value in kl_references(self.res.config(str(m["run_id"].iloc[0])))]
         what = ("Sequence KL(P_θ‖P_ref) of the denoising chain (closed form per step, averaged over the policy's "
-                "own chains; log scale)" if diffusion else "Exact KL(π‖π_ref) to the reference")
-        self._figure(entries, f"{what} vs update for each placement × estimator ({seeds_txt}).{off}", F.plot_kl, m,
-                     self.out / f"fig1_kl{tag}", seeds=self.seeds, log=diffusion, title=label or None,
-                     n_boot=self.n_boot, seed=self.seed)
+                "own chains)" if diffusion else "Exact KL(π‖π_ref) to the reference")
+        scale = (" Log scale (the lines end decades apart); values at or below 1e-6 nats are drawn on the marked "
+                 "floor." if log else "")
+        ref_txt = (" Dashed black: KL(π*‖π_ref) of the Gibbs optimum (where k1 in the reward, k2 and the exact KL "
+                   "as a loss settle) and of the forward-KL point where k3 as a loss stops." if refs else "")
+        self._figure(entries, f"{what} vs update for each placement × estimator ({seeds_txt}).{off}{scale}{ref_txt}",
+                     F.plot_kl, m, self.out / f"fig1_kl{tag}", seeds=self.seeds, log=log, title=label or None,
+                     n_boot=self.n_boot, seed=self.seed, references=refs)
         if continuous:
             sentence = f"Differential entropy of the policy (nats) vs update ({seeds_txt})."
         else:
@@ -185,10 +142,21 @@ class _Report:
         if not switch.empty:
             u0 = int(switch.min())
             self._figure(entries, f"KL to the reference on a log scale around the switch to the reward-off phase "
-                         f"after update {u0} (dashed line): curves that fall return to the reference (values below "
-                         "1e-6 nats are drawn on the axis floor).",
+                         f"after update {u0} (dashed line): curves that fall return to the reference (a line ends "
+                         "where it falls below 1e-6 nats, the marked floor).",
                          F.plot_recovery, m, self.out / f"fig3_recovery{tag}", seeds=self.seeds,
                          title=label or None, n_boot=self.n_boot, seed=self.seed)
+        sweeps = list(dict.fromkeys(m["sweep"].astype(str))) if plotting.comparison_keys(m) else [None]
+        for sw in sweeps:  # figures of one variant per panel: one per sweep of a comparison
+            ms = m if sw is None else m[m["sweep"].astype(str) == sw]
+            lab = label if sw is None else ", ".join(x for x in (label, f"sweep {sw}") if x)
+            self._per_variant(entries, ms, tag + ("" if sw is None else f"_sweep-{sw}"), lab, seeds_txt,
+                              switch, diffusion)
+        self.sections.append((label or "all runs", entries))
+
+    def _per_variant(self, entries: list[tuple[str, list[Path]]], m: pd.DataFrame, tag: str, label: str,
+                     seeds_txt: str, switch: pd.Series, diffusion: bool) -> None:
+        """The figures with a panel or bar per variant: final policy, estimators, continuous-action figures."""
         ids = set(m["run_id"].astype(str))
         policy = self.res.policy
         policy = policy[policy["run_id"].astype(str).isin(ids)]
@@ -229,7 +197,6 @@ class _Report:
                      F.plot_estimators, m_est, self.out / f"fig6_estimators{tag}",
                      trajectories=traj if not traj.empty else None, title=label or None)
         self._continuous(entries, m, diffusion, tag, label, seeds_txt, switch)
-        self.sections.append((label or "all runs", entries))
 
     def _continuous(self, entries: list[tuple[str, list[Path]]], m: pd.DataFrame, diffusion: bool, tag: str,
                     label: str, seeds_txt: str, switch: pd.Series) -> None:
@@ -259,6 +226,19 @@ class _Report:
                      f"phase (filled){after}, against the data distribution p_data (grey) and its KL-optimal "
                      "tilt p_data·e^{r/β} (dashed).", P.plot_x0_distribution, samples, density,
                      self.out / f"figD1_x0{tag}", reward_end=end, title=label or None)
+
+    def profile(self, per_run: pd.DataFrame, value: str, conds: Sequence[str]) -> None:
+        """The performance profile of ``value`` (a distance to the optimum), conditions as equal-weight tasks."""
+        tasks = [c for c in conds if c != "sweep"]
+        entries: list[tuple[str, list[Path]]] = []
+        what = F.SUMMARY_LABELS.get(value, value)
+        over = f" (the {', '.join(tasks)} values weighted equally)" if tasks else ""
+        self._figure(entries, f"Performance profile: fraction of runs whose {what} is below τ, for every τ{over}, "
+                     "with a 95 % stratified-bootstrap band; a curve to the upper left is closer to the optimum in "
+                     "more runs.", F.plot_performance_profile, per_run, self.out / "fig8_profile", value=value,
+                     tasks=tasks, n_boot=min(self.n_boot, 500), seed=self.seed)
+        if entries:
+            self.sections.append(("performance profile", entries))
 
     def dpo_beta(self, condition: dict[str, Any], per_run: pd.DataFrame, x: str) -> None:
         """Fig. 7: DPO/IPO against the PPO variants of this condition across β."""
@@ -299,7 +279,7 @@ class _Report:
             slug = _slug(condition)
             self._figure(entries, f"Exact expected episode length of the policy vs update for each loss aggregation "
                          f"(train.loss_agg; mean over seeds, 95 % bootstrap band){' — ' + label if label else ''}.",
-                         F.plot_length, g, self.out / ("figL_length" + (f"_{slug}" if slug else "")),
+                         A.plot_length, g, self.out / ("figL_length" + (f"_{slug}" if slug else "")),
                          title=label or None, n_boot=self.n_boot, seed=self.seed)
         if entries:
             self.sections.append(("Episode length by loss aggregation", entries))
@@ -319,7 +299,7 @@ class _Report:
             slug = _slug(condition)
             self._figure(entries, "KL to the reference (left) and TV distance to the KL-regularized optimum (right) "
                          "at the end of the reward phase against the sampler's lag in updates (mean over seeds, "
-                         f"95 % bootstrap interval){' — ' + label if label else ''}.", F.plot_against, g,
+                         f"95 % bootstrap interval){' — ' + label if label else ''}.", A.plot_against, g,
                          self.out / ("figS_staleness" + (f"_{slug}" if slug else "")), x=x,
                          labels=("KL(π‖π_ref), end of reward phase", "TV to π*, end of reward phase"),
                          title=label or None, n_boot=self.n_boot, seed=self.seed)
@@ -360,15 +340,20 @@ class ReportOutput:
     """Every figure file written."""
 
 
-def write_report(path: str | Path, out: str | Path | None = None, formats: Sequence[str] = plotting.FORMATS,
+def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None = None,
+                 formats: Sequence[str] = plotting.FORMATS,
                  collapse_threshold: float = M.COLLAPSE_ENTROPY, recovery_tol: float = M.RECOVERY_TOL,
                  n_boot: int = 2000, seed: int = 0, seeds: bool = False,
-                 max_conditions: int = MAX_CONDITIONS, figures: Sequence[str] = FIGURE_CHOICES) -> ReportOutput:
+                 max_conditions: int = MAX_CONDITIONS, figures: Sequence[str] = FIGURE_CHOICES,
+                 labels: Sequence[str] | None = None, pool: Sequence[str] = ()) -> ReportOutput:
     """Write the report of the run or sweep folder ``path`` (see the module docstring).
 
     Args:
-        path: a run folder or a sweep folder.
-        out: output folder (default ``path/report``).
+        path: a run folder or a sweep folder, or a list of them: a comparison (:func:`analysis.load` of the
+            list; ``labels`` name them), whose sweeps are overlaid in the curve figures and are rows of the
+            tables.
+        out: output folder (default ``path/report``; required for a comparison).
+        pool: config keys whose runs may be pooled as repeats (default: only seeds, see :func:`analysis.load`).
         formats: figure formats (``pdf``, ``png``, ``svg``); ``index.md`` shows the PNGs when written.
         collapse_threshold: entropy (nats) below which a run counts as collapsed.
         recovery_tol: KL (nats) within which a run counts as returned after the reward is removed.
@@ -378,21 +363,33 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
         figures: the figure kinds to draw (a subset of :data:`FIGURE_CHOICES`; empty: tables only).
     """
     t0 = time.perf_counter()
-    res = load(path)
+    many = not isinstance(path, str | Path)
+    res = load(list(path) if many else path, labels=labels, pool=pool)
+    if out is None and many:
+        raise ValueError("a report of several folders needs an output folder (--out)")
     out = Path(out) if out is not None else Path(path) / "report"
     out.mkdir(parents=True, exist_ok=True)
     rep = _Report(res, out, formats, seeds, collapse_threshold, n_boot, seed, figures)
     metrics = res.metrics
     by: list[str] = []
     table = pd.DataFrame()
+    poi = pd.DataFrame()
     if not metrics.empty:
         per_run = M.run_summary(metrics, collapse_threshold, recovery_tol)
         per_run.to_csv(out / "runs.csv", index=False)
-        conds = plotting.condition_columns(per_run)
+        # every condition of the load (a comparison's sweep first): runs of one row differ only in their seed
+        conds = [c for c in res.conditions if c != "variant" and c in per_run and
+                 (c == "sweep" or per_run[c].nunique(dropna=False) > 1)]
         by = ["variant"] + conds
         table = summary_table(per_run, by, n_boot, seed)
         table.to_csv(out / "summary.csv", index=False)
         (out / "summary.md").write_text(summary_markdown(table, by))
+        score = poi_score(per_run)
+        if score is not None:
+            poi = poi_table(per_run, conds, score[0], score[1], n_boot=n_boot, seed=seed)
+            if not poi.empty:
+                poi.to_csv(out / "poi.csv", index=False)
+                rep.profile(per_run, score[0], conds)
         groups = list(plotting.split_conditions(metrics))
         for condition, m in groups[:max_conditions]:
             rep.curves(condition, m)
@@ -412,8 +409,9 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
     else:
         skipped = 0
     index = out / "index.md"
-    index.write_text(_index_markdown(res, Path(path), out, table, by, rep, skipped, max_conditions,
-                                     collapse_threshold, recovery_tol, n_boot, time.perf_counter() - t0))
+    src = Path(path) if not many else Path(out)
+    index.write_text(_index_markdown(res, src, out, table, by, rep, skipped, max_conditions,
+                                     collapse_threshold, recovery_tol, n_boot, time.perf_counter() - t0, poi))
     n_with = int(metrics["run_id"].nunique()) if not metrics.empty else 0
     figures = [p for _, entries in rep.sections for _, paths in entries for p in paths]
     return ReportOutput(index, len(res.runs), n_with, figures)
@@ -421,14 +419,23 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
 
 def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by: list[str], rep: _Report,
                     skipped: int, max_conditions: int, threshold: float, tol: float, n_boot: int,
-                    seconds: float) -> str:
+                    seconds: float, poi: pd.DataFrame | None = None) -> str:
     runs = res.runs
     counts = runs["status"].astype(str).value_counts()
     kind = "run folder" if res.kind == "run" else f"sweep of {len(runs)} runs"
     status = ", ".join(f"{k} {v}" for k, v in counts.items())
-    lines = [f"# reflab report: {src.resolve().name}", "",
-             f"Source: `{src}` ({kind}; {status}). Written by `reflab report` in {seconds:.0f} s.", ""]
-    varying = [k for k in plotting.condition_columns(runs)]
+    if len(res.sources) > 1:
+        sources = ", ".join(f"`{lab}` = `{src_}`" for lab, src_ in zip(res.labels, res.sources, strict=True))
+        lines = [f"# reflab report: comparison of {', '.join(res.labels)}", "",
+                 f"Sources: {sources} ({len(runs)} runs; {status}); their curves are overlaid (markers tell the "
+                 f"sweeps apart). Written by `reflab report` in {seconds:.0f} s.", ""]
+    else:
+        lines = [f"# reflab report: {src.resolve().name}", "",
+                 f"Source: `{src}` ({kind}; {status}). Written by `reflab report` in {seconds:.0f} s.", ""]
+    if [k for k in res.pooled if k not in POOLED_KEYS]:
+        lines += [f"Pooled on request: runs differing in {', '.join(k for k in res.pooled if k not in POOLED_KEYS)} "
+                  "count as seeds of one condition.", ""]
+    varying = [k for k in res.conditions if k not in ("variant", "sweep") and k in runs and runs[k].nunique() > 1]
     parts = []
     if "variant" in runs:
         parts.append("variants: " + ", ".join(runs["variant"].cat.categories.astype(str)))
@@ -453,14 +460,23 @@ def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by:
         return "\n".join(lines)
     lines += ["## Summary", "",
               f"Per variant{' × ' + ', '.join(b for b in by if b != 'variant') if len(by) > 1 else ''}: "
-              "interquartile mean over seeds [95 % stratified-bootstrap interval, "
-              f"{n_boot} replicates]; *collapsed* and *returned* are fractions of seeds. *final* = end of the "
+              f"interquartile mean over seeds [lo, hi]. {interval_note(table, n_boot)} Exact KLs within "
+              f"{M.KL_ROUNDING_TOL:g} nats below 0 (float rounding) are read as 0. "
+              "*collapsed* and *returned* are fractions of seeds. *final* = end of the "
               "reward phase (before any reward-off phase); *collapsed* = entropy below "
               f"{threshold:g} nats; *TV to π\\** = occupancy-weighted total variation to the KL-regularized "
               "optimum; *KL after reward off* = KL at the end of the reward-off phase; *half-life* = updates "
               f"until the KL halves after the switch; *returned* = KL after reward off ≤ {tol:g} nats.", "",
               summary_markdown(table, by),
               "Tables: [summary.csv](summary.csv), [summary.md](summary.md), per run: [runs.csv](runs.csv).", ""]
+    if poi is not None and not poi.empty:
+        conds = [c for c in by if c != "variant"]
+        lines += ["## Probability of improvement over k1 in the reward", "",
+                  "P(a run of the variant ends closer to the KL-regularized optimum than a run of k1 in the reward), "
+                  "over all pairs of their seeds (Mann–Whitney; 0.5 = no difference, 1 = every run better) "
+                  f"[95 % bootstrap over both variants' seeds, {n_boot} replicates] (seeds × seeds). "
+                  "With few seeds the value moves in steps of 1/(pairs) and the interval is wide. "
+                  "[poi.csv](poi.csv)", "", poi_markdown(poi, conds)]
     lines += ["## Figures", ""]
     for title, entries in rep.sections:
         lines += [f"### {title}", ""]
@@ -492,9 +508,20 @@ def _usage_error(msg: str) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """``reflab report DIR``: 0 on success, 1 if no run had metrics, 2 on bad input."""
-    src = Path(args.dir)
-    if not src.is_dir():
-        return _usage_error(f"DIR {str(args.dir)!r} is not a folder")
+    dirs = [Path(d) for d in args.dir]
+    for d in dirs:
+        if not d.is_dir():
+            return _usage_error(f"DIR {str(d)!r} is not a folder")
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    if len(dirs) > 1 and args.out is None:
+        return _usage_error("a report of several folders (a comparison) needs --out DIR")
+    if labels is not None and (len(labels) != len(dirs) or len(set(labels)) != len(labels) or len(dirs) == 1):
+        return _usage_error(f"--labels must give one distinct label per DIR of a comparison ({len(dirs)} DIRs); "
+                            f"got {args.labels!r}")
+    pool = [k.strip() for k in args.pool.split(",") if k.strip()] if args.pool else []
+    if any("." not in k and k not in ("device", "threads") for k in pool):
+        return _usage_error(f"--pool takes dotted config keys such as train.lr; got {args.pool!r}")
+    src = dirs[0] if len(dirs) == 1 else dirs
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in ("pdf", "png", "svg")]
     if bad or not formats:
@@ -507,23 +534,31 @@ def main(args: argparse.Namespace) -> int:
                             f"got {args.figures!r}")
     try:
         result = write_report(src, args.out, formats, args.collapse_threshold, args.recovery_tol, args.n_boot,
-                              args.seed, args.seed_lines, args.max_conditions, kinds)
+                              args.seed, args.seed_lines, args.max_conditions, kinds, labels, pool)
     except FileNotFoundError as e:
         return _usage_error(str(e))
     print(f"report: {result.index} ({result.n_with_metrics} of {result.n_runs} runs with results, "
           f"{len(result.figures)} figure files)")
     if result.n_with_metrics == 0:
-        print(f"reflab: error: no run in {src} has metrics; see {result.index}", file=sys.stderr)
+        print(f"reflab: error: no run in {' '.join(map(str, dirs))} has metrics; see {result.index}",
+              file=sys.stderr)
         return 1
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``reflab report DIR``."""
-    p.description = ("Load a run or sweep folder and write DIR/report/: index.md, summary.csv/.md, runs.csv and "
-                     "figures (KL, entropy, recovery, heatmaps over beta x variant, final policy, estimators).")
-    p.add_argument("dir", metavar="DIR", help="a run folder (reflab run) or a sweep folder (reflab sweep)")
-    p.add_argument("--out", default=None, help="output folder (default: DIR/report)")
+    p.description = ("Load a run or sweep folder and write DIR/report/: index.md, summary.csv/.md, runs.csv, "
+                     "poi.csv and figures (KL, entropy, recovery, heatmaps over beta x variant, final policy, "
+                     "estimators, performance profile). Several DIRs: a comparison, their curves overlaid.")
+    p.add_argument("dir", metavar="DIR", nargs="+",
+                   help="a run folder (reflab run) or a sweep folder (reflab sweep); several: compare them")
+    p.add_argument("--out", default=None, help="output folder (default: DIR/report; required with several DIRs)")
+    p.add_argument("--labels", default=None, metavar="A,B,...",
+                   help="labels of the DIRs of a comparison (default: their folder names)")
+    p.add_argument("--pool", default=None, metavar="KEY,...",
+                   help="config keys whose runs may be pooled as seeds of one condition (default: none: runs "
+                        "that differ in any config value but the seed are never pooled)")
     p.add_argument("--formats", default="pdf,png", help="figure formats, comma-separated (default: pdf,png)")
     p.add_argument("--figures", default=",".join(FIGURE_CHOICES),
                    help=f"figure kinds to draw, comma-separated (default: all of {','.join(FIGURE_CHOICES)}; "

@@ -285,3 +285,32 @@ class _quiet_nan_warnings:
 
     def __exit__(self, *exc: object) -> None:
         self._ctx.__exit__(*exc)
+
+
+def curve_frame(metrics: pd.DataFrame, column: str, by: Sequence[str] = (), stat: str = "mean",
+                n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Curves over updates aggregated over seeds, as a tidy frame: one row per line × logged update.
+
+    Args:
+        metrics: loaded metrics rows (``run_id``, ``variant``, ``update``, ``column`` and the ``by`` columns).
+        column: the metric to aggregate.
+        by: columns besides ``variant`` that split lines (conditions such as ``kl.beta``, ``sweep``).
+        stat: ``mean`` | ``median`` over seeds (NaN-aware).
+        n_boot, ci, seed: the percentile bootstrap band of :func:`bootstrap_curve`.
+    Returns:
+        Columns ``variant``, ``by``…, ``update``, ``n`` (seeds with a value), ``value``, ``lo``, ``hi``.
+    """
+    groups = ["variant", *[b for b in by if b != "variant"]]
+    parts = []
+    for i, (key, rows) in enumerate(metrics[metrics[column].notna()].groupby(groups, observed=True, sort=True)):
+        wide = rows.assign(run_id=rows["run_id"].astype(str)).set_index(["run_id", "update"])[column].unstack()
+        values = wide.to_numpy(float)
+        point, lo, hi = bootstrap_curve(values, stat, n_boot, ci, seed + i)
+        frame = pd.DataFrame({"update": wide.columns.to_numpy(), "n": np.isfinite(values).sum(0),
+                              "value": point, "lo": lo, "hi": hi})
+        for g, v in zip(groups, key if isinstance(key, tuple) else (key,), strict=True):
+            frame.insert(groups.index(g), g, v)
+        parts.append(frame)
+    if not parts:
+        return pd.DataFrame(columns=[*groups, "update", "n", "value", "lo", "hi"])
+    return pd.concat(parts, ignore_index=True)

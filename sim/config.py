@@ -14,6 +14,7 @@ support is checked by that trainer (``check_config`` of each class in :mod:`sim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass, field, fields
@@ -104,7 +105,7 @@ class TrainConfig:
     mode: str = "sampled"
     """``sampled`` (PPO on samples) | ``exact`` (expected gradient by enumeration; tabular envs only)."""
     updates: int = 300
-    """Number of PPO updates (ignored when ``phases`` is given: then it is their sum)."""
+    """Number of updates. With ``phases`` it is their sum: leave it out (it is filled in) or give exactly that."""
     batch: int = 256
     """Episodes sampled per update per run."""
     epochs: int = 4
@@ -467,8 +468,12 @@ def check_positive(key: str, value: float | int | None, allow_zero: bool = False
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def from_dict(data: dict) -> Config:
-    """Validate a nested dict (partial: missing keys take defaults) and build a :class:`Config`."""
+def from_dict(data: dict, effects: str = "strict") -> Config:
+    """Validate a nested dict (partial: missing keys take defaults) and build a :class:`Config`.
+
+    ``effects``: how keys without effect are checked (:func:`check_effects`): ``strict`` (one run: refused),
+    ``grid`` (a run of a grid whose base is shared by runs of several kinds: keys only some of them read are
+    accepted) or ``off`` (a grid's base on its own, before the axes and variants complete it)."""
     if not isinstance(data, dict):
         raise ConfigError("config must be a mapping of keys")
     top = {f.name for f in fields(Config)}
@@ -486,8 +491,18 @@ def from_dict(data: dict) -> Config:
         if data["device"] not in CHOICES["device"]:
             raise ConfigError(f"device must be one of {', '.join(CHOICES['device'])}; got {data['device']!r}")
         kwargs["device"] = data["device"]
+    train = kwargs["train"]
+    if train.phases is not None:  # record what is run: the phases' sum (run ids hash the old default, sim.lab.run_ids)
+        total = sum(ph.updates for ph in train.phases)
+        given = (data.get("train") or {}).get("updates")
+        if given is not None and given != total:
+            raise ConfigError(f"train.updates={given!r} has no effect with train.phases, which run {total} "
+                              f"updates; leave train.updates out or set it to {total}")
+        kwargs["train"] = dataclasses.replace(train, updates=total)
     cfg = Config(**kwargs)
     _check_ranges(cfg)
+    if effects != "off":
+        check_effects(cfg, shared_base=effects == "grid")
     return cfg
 
 
@@ -550,15 +565,87 @@ def _check_ranges(cfg: Config) -> None:
     check_positive("threads", cfg.threads)
 
 
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    return default_dict()  # read only
+
+
+def _default(key: str) -> Any:
+    return get_dotted(_defaults(), key)
+
+
+def _no_effect_reasons(cfg: Config) -> list[tuple[str, str, bool]]:
+    """``(key, why, shared)`` for every key that has no effect in ``cfg`` (whatever its value: training never
+    reads it with the other keys as they are). ``shared``: a grid's common ``base`` may well set the key for
+    runs it does not affect (``dpo.*`` beside PPO variants, a ``kl.clamp`` beside the no-KL variant), so a
+    single config with it is accepted and the grid planner refuses runs that differ only in it."""
+    kl, t, ref = cfg.kl, cfg.train, cfg.reference
+    out: list[tuple[str, str, bool]] = []
+    if not (t.algo == "ppo" and kl.placement == "loss" and kl.estimator in ("k1", "k2", "k3")):
+        out.append(("kl.is_correction", "unless a sampled estimator (k1, k2, k3) is placed in the loss "
+                                        "(kl.placement=loss, train.algo=ppo)", False))
+    if kl.placement == "none":
+        out.append(("kl.estimator", "with kl.placement=none (no KL term is trained)", False))
+        out.append(("kl.clamp", "with kl.placement=none (no KL term is trained)", True))
+        if t.algo == "ppo":
+            out.append(("kl.controller", "with kl.placement=none (no KL term to scale)", False))
+    if kl.controller == "fixed":
+        out += [(k, "with kl.controller=fixed", False) for k in ("kl.target", "kl.horizon")]
+    if ref.schedule == "frozen":
+        out += [(k, "with reference.schedule=frozen", False) for k in ("reference.every", "reference.alpha")]
+    elif ref.schedule == "reset":
+        out.append(("reference.alpha", "with reference.schedule=reset (only ema mixes)", False))
+    if t.policy == "tabular":
+        out.append(("train.hidden", "with train.policy=tabular (no MLP)", True))
+    if t.mode == "exact":
+        out += [(k, "with train.mode=exact (one expected-gradient step per update)", False)
+                for k in ("train.epochs", "train.minibatches", "train.clip")]
+    if t.algo == "dpo":
+        out.append(("kl.placement", "with train.algo=dpo (DPO has no KL placement)", False))
+        out += [(f"train.{k}", "with train.algo=dpo (dpo.epochs and dpo.batch_size set the passes)", True)
+                for k in ("epochs", "minibatches", "clip")]
+        if cfg.dpo.beta is not None:
+            out.append(("kl.beta", "with train.algo=dpo and dpo.beta set", True))
+    else:
+        out += [(f"dpo.{f.name}", "with train.algo=ppo", True) for f in fields(DPOConfig)]
+    return out
+
+
+def effective_dict(cfg: Config) -> dict:
+    """``cfg.to_dict()`` with every key that has no effect in ``cfg`` reset to its default: two configs with
+    the same effective dict train the same numbers (the seed is kept)."""
+    d = cfg.to_dict()
+    for key, _, _ in _no_effect_reasons(cfg):
+        set_dotted(d, key, _default(key))
+    return d
+
+
+def check_effects(cfg: Config, shared_base: bool = False) -> None:
+    """Raise :class:`ConfigError` for a key set to a non-default value where it has no effect (e.g.
+    ``kl.is_correction: true`` with ``kl.placement: reward``): such a run would train the numbers of the plain
+    one under another id, and a report would pool the two. With ``shared_base`` (a grid's run) the keys a
+    shared base may set for runs they do not affect are let through (:func:`_no_effect_reasons`); the grid
+    planner (:func:`sim.lab.grid.plan_sweep`) then refuses two runs that differ only in such keys."""
+    d = cfg.to_dict()
+    for key, why, shared in _no_effect_reasons(cfg):
+        value, default = get_dotted(d, key), _default(key)
+        if value == default or (shared and shared_base):
+            continue
+        raise ConfigError(f"{key}={json.dumps(value)} has no effect {why}; leave it at its default "
+                          f"({json.dumps(default)}), or exclude these runs in a grid")
+
+
 def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,
-            base: dict | None = None) -> Config:
-    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides, validated into a :class:`Config`."""
+            base: dict | None = None, effects: str = "grid") -> Config:
+    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides, validated into a :class:`Config` (``effects`` as
+    :func:`from_dict`: ``grid`` by default, as configs built in code are often batched like a grid's runs;
+    ``reflab run`` uses ``strict``)."""
     data: dict = dict(base or {})
     if config_path is not None:
         data = deep_merge(data, load_yaml(config_path))
     for item in overrides or []:
         set_key(data, *parse_override(item))
-    return from_dict(data)
+    return from_dict(data, effects)
 
 
 def set_keys(cfg: Config, keys: tuple[str, ...]) -> list[str]:

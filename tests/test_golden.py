@@ -27,6 +27,8 @@ DATA = GOLDEN / "data"
 def fresh(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("golden")
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    # the subprocess imports this checkout's sim, whatever is installed (as the other subprocess tests)
+    env["PYTHONPATH"] = os.pathsep.join([str(GOLDEN.parent.parent), os.environ.get("PYTHONPATH", "")])
     subprocess.run([sys.executable, str(GOLDEN / "golden.py"), "--out", str(out)], check=True, env=env,
                    cwd=GOLDEN.parent.parent)
     return out

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sim.config import ConfigError, UsageError
+from sim.config import ConfigError, UsageError, get_dotted
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Handler = Callable[[argparse.Namespace], int]
@@ -40,6 +40,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a dotted config key (YAML value), repeatable")
     p.add_argument("--out", required=True, help="output folder of the run")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    from sim.lab.keys import compact_keys
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = compact_keys()
+
+
+def plain(text: str) -> str:
+    """Help text without docstring markup (````x```` → ``x``)."""
+    return text.replace("``", "")
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -49,7 +58,7 @@ def run_main(args: argparse.Namespace) -> int:
     from sim.lab import dispatch, runs
     from sim.lab.progress import progress
 
-    cfg = dispatch.resolve(args.config, args.set)
+    cfg = dispatch.resolve(args.config, args.set, effects="strict")  # one run: every key must act
     out = Path(args.out)
     runs.check_writable_dir(out)
     if cfg.threads:
@@ -65,7 +74,12 @@ def run_main(args: argparse.Namespace) -> int:
         runs.fail_run(out, f"{type(e).__name__}: {e}")
         traceback.print_exc()
         return 1
-    runs.finish_run(out, output.tables(), output.status)
+    from sim.lab.grid import ALWAYS_COLUMNS
+    from sim.lab.run_ids import run_id
+
+    cfg_dict = cfg.to_dict()
+    keys = {"run_id": run_id(cfg), "seed": cfg.seed, **{k: get_dotted(cfg_dict, k) for k in ALWAYS_COLUMNS}}
+    runs.finish_run(out, output.tables(), output.status, keys)
     m = output.metrics.iloc[-1]
     summary = (f"{output.status['status']}: {out} | reward {m['reward']:.4f} kl_true {m['kl_true']:.4f} "
                f"entropy {m['entropy']:.4f} tv_opt {m['tv_opt']:.4f} ({output.status['wall_time_s']:.1f}s)")
@@ -98,6 +112,18 @@ def _report() -> tuple[AddArguments, Handler]:
     return report.add_arguments, report.main
 
 
+def _config() -> tuple[AddArguments, Handler]:
+    from sim.lab import keys
+
+    return keys.add_arguments, keys.main
+
+
+def _export() -> tuple[AddArguments, Handler]:
+    from analysis import export
+
+    return export.add_arguments, export.main
+
+
 def _bench() -> tuple[AddArguments, Handler]:
     from sim.lab import bench
 
@@ -109,6 +135,8 @@ COMMANDS: dict[str, Command] = {
     "sweep": Command("train a grid of runs (a grid YAML or a preset name) into one folder", _sweep),
     "status": Command("count a sweep's runs by status, or show a run folder's status", _status),
     "report": Command("figures, a summary table and index.md for a run or sweep folder", _report),
+    "config": Command("list every config key (default, values, doc), or show a preset's resolved config", _config),
+    "export": Command("export a run or sweep to TensorBoard for browsing", _export),
     "bench": Command("measure engine throughput on this machine", _bench),
 }
 
@@ -116,7 +144,8 @@ COMMANDS: dict[str, Command] = {
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The ``reflab`` parser; only the command named in ``argv`` (if any) gets its arguments, so that
     ``reflab --help`` imports none of the commands."""
-    parser = argparse.ArgumentParser(prog="reflab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="reflab", description="The reflab command line: train runs and sweeps "
+                                     "of KL placements x estimators, report and export them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, command in COMMANDS.items():
@@ -124,6 +153,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if name == chosen:
             add_arguments, handler = command.load()
             add_arguments(p)
+            if p.description:
+                p.description = plain(p.description)
             p.set_defaults(func=handler)
     return parser
 

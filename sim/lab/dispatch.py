@@ -72,15 +72,15 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 
-def from_dict(data: dict) -> Config:
-    """:func:`sim.config.from_dict` and :func:`check_config`: a config some trainer runs."""
-    return check_config(config.from_dict(data))
+def from_dict(data: dict, effects: str = "strict") -> Config:
+    """:func:`sim.config.from_dict` (``effects`` as there) and :func:`check_config`: a config some trainer runs."""
+    return check_config(config.from_dict(data, effects))
 
 
 def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,
-            base: dict | None = None) -> Config:
-    """:func:`sim.config.resolve` and :func:`check_config`: a config some trainer runs."""
-    return check_config(config.resolve(config_path, overrides, base))
+            base: dict | None = None, effects: str = "grid") -> Config:
+    """:func:`sim.config.resolve` (``effects`` as there) and :func:`check_config`: a config some trainer runs."""
+    return check_config(config.resolve(config_path, overrides, base, effects))
 
 
 def resolve_device(name: str) -> torch.device:

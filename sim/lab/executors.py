@@ -51,6 +51,8 @@ class Task:
     run_ids: tuple[str, ...]
     run_dirs: tuple[str, ...]
     configs: tuple[Config, ...]
+    keys: tuple[dict, ...] = ()
+    """Per run: its index columns (``seed``, ``kl.beta``, the swept keys …), written into its tables."""
 
     def __len__(self) -> int:
         return len(self.run_ids)
@@ -93,17 +95,20 @@ def _clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
-def _train_and_write(run_dirs: list[Path], configs: list[Config], run_ids: list[str]) -> list[RunResult]:
-    """Train ``configs`` as one batch and write their folders; raises if training raises."""
+def _train_and_write(run_dirs: list[Path], configs: list[Config], run_ids: list[str],
+                     keys: list[dict] | None = None) -> list[RunResult]:
+    """Train ``configs`` as one batch and write their folders (``keys``: each run's index columns, written
+    into its tables with its ``run_id``); raises if training raises."""
     device = resolve_device(configs[0].device)
     for run_dir, cfg, run_id in zip(run_dirs, configs, run_ids, strict=True):
         _clear_run_dir(run_dir)
         runs.start_run(run_dir, cfg, device, extra={"sweep": {"run_id": run_id}})
     outputs = train_batch(configs, device=device)
     out = []
-    for run_dir, output, run_id in zip(run_dirs, outputs, run_ids, strict=True):
+    for i, (run_dir, output, run_id) in enumerate(zip(run_dirs, outputs, run_ids, strict=True)):
         try:
-            runs.finish_run(run_dir, output.tables(), output.status)
+            cells = {"run_id": run_id, **(keys[i] if keys else {"seed": output.config.seed})}
+            runs.finish_run(run_dir, output.tables(), output.status, cells)
             out.append(RunResult(run_id, output.status["status"], output.status.get("error")))
         except Exception as e:  # e.g. disk full: this run failed, the others may still be written
             out.append(record_failure(run_dir, run_id, f"writing results: {describe_exception(e)}"))
@@ -132,6 +137,7 @@ def run_task(task: Task) -> tuple[RunResult, ...]:
     torch.set_num_threads(task.configs[0].threads or 1)
     done: dict[str, RunResult] = {}
     todo: list[tuple[str, Path, Config]] = []
+    key_of = dict(zip(task.run_ids, task.keys, strict=True)) if task.keys else {}
     for run_id, run_dir, cfg in zip(task.run_ids, task.run_dirs, task.configs, strict=True):
         status = runs.read_status(Path(run_dir))
         if status.get("status") in runs.FINISHED:
@@ -141,18 +147,22 @@ def run_task(task: Task) -> tuple[RunResult, ...]:
     if todo:
         ids, dirs, cfgs = (list(x) for x in zip(*todo, strict=True))
         try:
-            done.update((r.run_id, r) for r in _train_and_write(dirs, cfgs, ids))
+            done.update((r.run_id, r) for r in _train_and_write(dirs, cfgs, ids, _keys(key_of, ids)))
         except Exception as batch_error:
             if len(todo) == 1:
                 done[ids[0]] = record_failure(dirs[0], ids[0], describe_exception(batch_error))
             else:
                 for run_id, run_dir, cfg in todo:
                     try:
-                        (res,) = _train_and_write([run_dir], [cfg], [run_id])
+                        (res,) = _train_and_write([run_dir], [cfg], [run_id], _keys(key_of, [run_id]))
                     except Exception as e:
                         res = record_failure(run_dir, run_id, describe_exception(e))
                     done[run_id] = res
     return tuple(done[run_id] for run_id in task.run_ids)
+
+
+def _keys(key_of: dict[str, dict], ids: list[str]) -> list[dict] | None:
+    return [key_of[i] for i in ids] if key_of else None
 
 
 def _init_local_worker() -> None:

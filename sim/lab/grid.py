@@ -34,6 +34,7 @@ from sim.config import (
     ConfigError,
     deep_merge,
     default_dict,
+    effective_dict,
     get_dotted,
     load_yaml,
     set_key,
@@ -89,6 +90,37 @@ def load_grid(spec: str) -> tuple[dict, Path]:
         raise ConfigError(f"grid file {spec!r} must hold a mapping with keys {', '.join(GRID_KEYS)}; "
                           f"got {type(data).__name__}")
     return data, path
+
+
+def apply_sets(grid: dict, items: list[str], label: str, grid_dir: Path = Path(".")) -> dict:
+    """A copy of ``grid`` with ``--set KEY=VALUE`` items applied: ``KEY=a,b,...`` (a comma outside brackets)
+    makes ``KEY`` an axis over those values (replacing an axis of that key); ``KEY=VALUE`` sets it in the base
+    for every run. A key the grid's variants set cannot be overridden (one line naming it)."""
+    from sim.config import parse_override
+
+    out = copy.deepcopy(grid)
+    variant_keys = {k for v in out.get("variants") or [] if isinstance(v, dict) for k in _flatten(v, label)}
+    for item in items:
+        key, value = parse_override(item)
+        raw = item.split("=", 1)[1].strip()
+        check_key(key, f"--set {item}")
+        if key == "seed":
+            raise ConfigError(f"--set {item}: set seeds in the grid (seeds: N), not with --set seed")
+        if key in variant_keys:
+            raise ConfigError(f"--set {item}: {key} is set by the grid's variants; edit the grid file instead")
+        if "," in raw and not raw.startswith(("[", "{")):
+            parts = [parse_override(f"{key}={x}")[1] for x in raw.split(",")]
+            axes = out.get("axes") or {}
+            out["axes"] = {**axes, key: parts}
+            continue
+        if key in (out.get("axes") or {}):
+            out["axes"] = {**out["axes"], key: [value]}
+            continue
+        base = _load_base(out.get("base"), label, grid_dir)
+        base = copy.deepcopy(base)
+        set_key(base, key, value)
+        out["base"] = base
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -204,6 +236,18 @@ def _matches(d: dict, entry: dict[str, Any]) -> bool:
     return True
 
 
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between the nested config dicts ``a`` and ``b``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differing_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _fmt_assign(assign: dict[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in assign.items())
 
@@ -258,7 +302,7 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
         raise ConfigError(f"{label}: unknown grid key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
     base_raw = _load_base(grid.get("base"), label, grid_dir)
     try:
-        base_cfg = dispatch.from_dict(base_raw)
+        base_cfg = dispatch.from_dict(base_raw, effects="off")
     except ConfigError as e:
         raise ConfigError(f"{label}: base: {e}") from e
 
@@ -307,6 +351,7 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
 
     runs: list[PlannedRun] = []
     seen: dict[str, dict] = {}
+    effective: dict[str, tuple[dict, Config]] = {}  # effective config (no-effect keys at defaults) → its run
     excluded_by = [0] * len(exclude)
     for combo in itertools.product(*axes.values()):
         for variant in variants or [{}]:
@@ -314,7 +359,7 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
                 assign = {**dict(zip(axes, combo, strict=True)), **variant, "seed": seed}
                 data = apply_assignments(base_raw, assign)
                 try:
-                    cfg = dispatch.from_dict(data)
+                    cfg = dispatch.from_dict(data, effects="grid")
                 except (ValueError, TypeError) as e:
                     # An excluded invalid combination is simply dropped: exclude is how a grid skips them.
                     merged = deep_merge(default_dict(), data)
@@ -334,6 +379,14 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
                     raise ConfigError(f"{label}: runs {_fmt_assign(seen[rid])} and {_fmt_assign(assign)} resolve "
                                       f"to the same config (run id {rid}); remove the duplicate")
                 seen[rid] = assign
+                eff = json.dumps(effective_dict(cfg), sort_keys=True)
+                if eff in effective:
+                    other, other_cfg = effective[eff]
+                    keys = ", ".join(_differing_keys(other_cfg.to_dict(), resolved))
+                    raise ConfigError(f"{label}: runs {_fmt_assign(other)} and {_fmt_assign(assign)} differ only in "
+                                      f"{keys}, which has no effect on them (they would train the same numbers "
+                                      "under two ids); exclude one of them")
+                effective[eff] = (assign, cfg)
                 columns = {k: _lookup(resolved, k)[1] for k in ("seed", *ALWAYS_COLUMNS, *swept_keys)}
                 runs.append(PlannedRun(rid, cfg, columns))
     for i, n in enumerate(excluded_by):

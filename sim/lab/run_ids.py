@@ -2,7 +2,8 @@
 
 A sweep resumes into ``runs/<run_id>/``, so an id must not change when reflab gains a config key: the JSON an id
 hashes leaves out every key added after ids were first defined while it holds its default (:data:`ID_KEYS`,
-:data:`ID_ENV_KEYS`). A run that sets a new key gets a new id.
+:data:`ID_ENV_KEYS`). A run that sets a new key gets a new id. With ``train.phases``, ``train.updates`` (recorded
+as the phases' sum) is hashed at its default, as it was before the sum was recorded.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def identity_json(cfg: Config) -> str:
     resumes) when reflab gains a key, and a run that sets the new key gets a new id."""
     d = cfg.to_dict()
     defaults = Config().to_dict()
+    if cfg.train.phases is not None:  # ids were defined when the phases' sum was not yet recorded here
+        d["train"]["updates"] = defaults["train"]["updates"]
     for section in list(d):
         if section == "env":
             env_id = d["env"]["id"]

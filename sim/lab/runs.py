@@ -52,13 +52,22 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    """``df`` to Parquet at ``path`` atomically."""
+def atomic_write_parquet(path: Path, df: pd.DataFrame, metadata: dict[str, Any] | None = None) -> None:
+    """``df`` to Parquet at ``path`` atomically; ``metadata`` (JSON-serializable) goes into the file's key-value
+    metadata under ``reflab``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        df.to_parquet(tmp, index=False)
+        if metadata is None:
+            df.to_parquet(tmp, index=False)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            meta = {**(table.schema.metadata or {}), b"reflab": json.dumps(metadata, sort_keys=True).encode()}
+            pq.write_table(table.replace_schema_metadata(meta), tmp)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -122,11 +131,35 @@ def start_run(run_dir: Path, cfg: Config, device: torch.device | str, extra: dic
     atomic_write_json(run_dir / STATUS_FILE, {"status": "running"})
 
 
-def finish_run(run_dir: Path, tables: dict[str, pd.DataFrame], status: dict[str, Any]) -> None:
-    """Write the Parquet tables, then the final status (the completion marker)."""
+def key_cells(keys: dict[str, Any]) -> dict[str, Any]:
+    """Key values as Parquet-friendly cells (lists and mappings as JSON strings)."""
+    return {k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list | tuple) else v for k, v in keys.items()}
+
+
+def finish_run(run_dir: Path, tables: dict[str, pd.DataFrame], status: dict[str, Any],
+               keys: dict[str, Any] | None = None) -> None:
+    """Write the Parquet tables, then the final status (the completion marker).
+
+    ``keys`` (``run_id``, ``seed`` and the run's index columns, e.g. ``kl.beta`` and the swept keys) become
+    constant columns in front of every table, so ``runs/*/metrics.parquet`` can be read as one table by
+    duckdb, polars or pandas; every file also carries ``{"keys": ..., "config": ...}`` (the run's config
+    from ``config.json``) as Parquet metadata under ``reflab``.
+    """
     run_dir = Path(run_dir)
+    cells = key_cells(keys or {})
+    meta = None
+    if keys is not None:
+        try:
+            config = json.loads((run_dir / CONFIG_FILE).read_text()).get("config")
+        except (OSError, ValueError):
+            config = None
+        meta = {"keys": cells, "config": config}
     for name, df in tables.items():
-        atomic_write_parquet(run_dir / f"{name}.parquet", df)
+        if cells:
+            front = pd.DataFrame({k: [v] * len(df) for k, v in cells.items() if k not in df.columns},
+                                 index=df.index)
+            df = pd.concat([front, df], axis=1)
+        atomic_write_parquet(run_dir / f"{name}.parquet", df, meta)
     atomic_write_json(run_dir / STATUS_FILE, status)
 
 

@@ -45,7 +45,7 @@ from sim.lab.executors import (
     make_executor,
     record_failure,
 )
-from sim.lab.grid import PlannedRun, SweepPlan, load_grid, parse_batch_size, plan_sweep
+from sim.lab.grid import PlannedRun, SweepPlan, apply_sets, load_grid, parse_batch_size, plan_sweep
 from sim.lab.progress import progress, use_bar
 
 SWEEP_FILE = "sweep.json"
@@ -145,7 +145,7 @@ def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, bat
         for chunk in _split_even(group, size):
             tasks.append(Task(index=len(tasks), run_ids=tuple(r.run_id for r in chunk),
                               run_dirs=tuple(str(sweep_dir / RUNS_DIR / r.run_id) for r in chunk),
-                              configs=tuple(r.config for r in chunk)))
+                              configs=tuple(r.config for r in chunk), keys=tuple(r.columns for r in chunk)))
     return tasks
 
 
@@ -433,6 +433,7 @@ def _dry_run_table(plan: SweepPlan, out: Path | None) -> str:
 def main(args: argparse.Namespace) -> int:
     """``reflab sweep``: expand, validate, then (unless ``--dry-run``) train into ``--out``."""
     grid, path = load_grid(args.grid)
+    grid = apply_sets(grid, args.set, args.grid, path.parent)
     plan = plan_sweep(grid, args.grid, path.parent)
     batch_size = None
     if args.batch_size is not None:
@@ -494,6 +495,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "resume: finished runs are skipped, failed and unfinished ones trained again.")
     p.add_argument("grid", help="grid YAML file, or the name of a preset in sim/lab/presets (e.g. example_grid)")
     p.add_argument("--out", metavar="DIR", help="sweep folder (required unless --dry-run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a dotted config key for every run (YAML value); KEY=a,b,... makes it an axis over "
+                        "those values; repeatable (see `reflab config` for the keys)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded runs and their count; write nothing")
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="local worker processes (default), Ray tasks, or Slurm job arrays via submitit")

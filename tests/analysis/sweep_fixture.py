@@ -52,7 +52,7 @@ def expand_grid(grid: dict[str, Any]) -> list[tuple[dict[str, Any], Config]]:
                         d["env"] = {**d.get("env", {}), "id": v}
                     else:
                         set_dotted(d, k, copy.deepcopy(v))
-                out.append((swept, from_dict(d)))
+                out.append((swept, from_dict(d, effects="grid")))
     return out
 
 

@@ -66,7 +66,7 @@ CASES: dict[str, list[list[str]]] = {
                                       V8[1::2]),
     "gridworld_exact": _batch(GRID + ["train.mode=exact", "train.lr=0.05"], V8[1::2]),
     "token_tree_variants": _batch(TREE, V8),
-    "token_tree_exact_phases": _batch(TREE + ["train.mode=exact", PHASES], V8[::2]),
+    "token_tree_exact_phases": _batch(TREE + ["train.mode=exact", PHASES, "train.updates=6"], V8[::2]),
     "gaussian_variants": _batch(GAUSS, V8),
     "gaussian_fixed_std_phases": _batch(GAUSS + ["env.fixed_std=true", PHASES, "reference.schedule=ema",
                                                  "reference.every=2"], V8[1::3]),

@@ -143,7 +143,7 @@ def test_diffusion_runs_are_batch_invariant_for_every_placement(policy: str) -> 
     variants = [("none", "k1"), ("reward", "k1"), ("reward", "k2"), ("reward", "k3"), ("loss", "k1"),
                 ("loss", "k2"), ("loss", "k3"), ("loss", "full")]
     base = [*DIFF, "train.updates=3", "log.every=1", "log.trajectories=2", f"train.policy={policy}", "kl.beta=0.5",
-            "train.hidden=8"]
+            *(["train.hidden=8"] if policy == "mlp" else [])]
     configs = [cfg(*base, f"kl.placement={p}", f"kl.estimator={e}", f"seed={i}") for i, (p, e) in enumerate(variants)]
     together = train_batch(configs)
     alone = train_batch([configs[3]])[0]

@@ -29,7 +29,7 @@ RUNS = [
     ["seed=6", "kl.placement=loss", "kl.estimator=full"],
     ["seed=7", "kl.placement=none"],
     ["seed=8", "kl.placement=loss", "kl.estimator=k1", "kl.is_correction=true"],
-    ["seed=9", "kl.placement=loss", "kl.estimator=full", "kl.is_correction=true"],
+    ["seed=9", "kl.placement=loss", "kl.estimator=k2", "kl.is_correction=true", "kl.beta=0.3"],
 ]
 
 SETTINGS = {

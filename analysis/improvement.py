@@ -1,0 +1,92 @@
+"""Probability of improvement of each variant over a baseline variant, per condition (the report's PoI table).
+
+P(X better than Y) is the Mann–Whitney statistic of :func:`analysis.stats.probability_of_improvement` over
+all pairs of a condition's seeds of X and of Y: 1 = every run of X beats every run of Y, 0.5 = no
+difference. With few seeds it moves in steps of 1/(n_X·n_Y) and its bootstrap interval is wide; the table
+says how many pairs each value rests on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.stats import probability_of_improvement
+
+#: The baseline of the PoI table: the placement that follows the true KL gradient (docs/theory.md).
+POI_BASELINE = "k1 in reward"
+#: Per-run scores the PoI table may use, in order of preference, and whether lower is better.
+POI_SCORES: tuple[tuple[str, bool], ...] = (("tv_opt_final", True), ("kl_opt_final", True))
+
+
+def poi_score(per_run: pd.DataFrame) -> tuple[str, bool] | None:
+    """The first :data:`POI_SCORES` column with values in ``per_run``: ``(column, lower_is_better)``."""
+    for col, lower in POI_SCORES:
+        if col in per_run and per_run[col].notna().any():
+            return col, lower
+    return None
+
+
+def poi_table(per_run: pd.DataFrame, conditions: Sequence[str], score: str, lower_is_better: bool = True,
+              baseline: str = POI_BASELINE, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """P(variant better than ``baseline``) on ``score`` for every other variant, per condition.
+
+    Args:
+        per_run: one row per run (:func:`analysis.metrics.run_summary`): ``variant``, ``conditions``, ``score``.
+        conditions: columns whose values define separate comparisons (e.g. ``kl.beta``, ``sweep``).
+        lower_is_better: ``score`` is a distance (TV or KL to the optimum): better = lower.
+    Returns:
+        Columns ``conditions``…, ``variant``, ``n`` (the variant's seeds), ``n_baseline``, ``poi``, ``poi_lo``,
+        ``poi_hi`` (95 % bootstrap over both variants' seeds); empty if the baseline is absent.
+    """
+    frame = per_run[per_run[score].notna()]
+    conds = [c for c in conditions if c in frame and c != "variant"]
+    groups = frame.groupby(conds, observed=True, sort=True) if conds else [((), frame)]
+    rows = []
+    for i, (key, g) in enumerate(groups):
+        key = key if isinstance(key, tuple) else (key,)
+        base = g.loc[g["variant"].astype(str) == baseline, score].to_numpy(float)
+        if base.size == 0:
+            continue
+        sign = -1.0 if lower_is_better else 1.0
+        for j, v in enumerate(dict.fromkeys(g["variant"].astype(str))):
+            if v == baseline:
+                continue
+            x = g.loc[g["variant"].astype(str) == v, score].to_numpy(float)
+            est = probability_of_improvement(sign * x, sign * base, n_boot=n_boot, seed=seed + 1009 * i + j)
+            rows.append({**dict(zip(conds, key, strict=True)), "variant": v, "n": x.size, "n_baseline": base.size,
+                         "poi": est.point, "poi_lo": est.lo, "poi_hi": est.hi})
+    cols = [*conds, "variant", "n", "n_baseline", "poi", "poi_lo", "poi_hi"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def poi_markdown(table: pd.DataFrame, conditions: Sequence[str]) -> str:
+    """The PoI table as Markdown: one row per variant, one column per condition: ``poi [lo, hi]``."""
+    conds = [c for c in conditions if c in table and c != "variant"]
+    if table.empty:
+        return ""
+    if conds:
+        keys = list(dict.fromkeys(tuple(r) for r in table[conds].itertuples(index=False)))
+    else:
+        keys = [()]
+    heads = [", ".join(f"{'β' if c == 'kl.beta' else c} = {v:g}" if isinstance(v, float) else
+                       f"{'β' if c == 'kl.beta' else c} = {v}" for c, v in zip(conds, k, strict=True)) or "all runs"
+             for k in keys]
+    lines = ["| variant | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for v in dict.fromkeys(table["variant"]):
+        cells = []
+        for k in keys:
+            sel = table["variant"] == v
+            for c, val in zip(conds, k, strict=True):
+                sel &= table[c] == val
+            r = table[sel]
+            if r.empty or not np.isfinite(r["poi"].iloc[0]):
+                cells.append("–")
+            else:
+                r0 = r.iloc[0]
+                cells.append(f"{r0['poi']:.2f} [{r0['poi_lo']:.2f}, {r0['poi_hi']:.2f}] "
+                             f"({int(r0['n'])}×{int(r0['n_baseline'])})")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
