@@ -15,6 +15,7 @@ e.g. ``m[m["kl.beta"] == 0.25]`` (:func:`split_conditions` does it for every con
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,8 @@ def plot_recovery(metrics: pd.DataFrame, path: str | Path, *, column: str = "kl_
 # Heatmap of a final measure
 # ----------------------------------------------------------------------------------------------------------
 
+#: Width (points) of one character of a 7-point title, generously: titles are wrapped to the figure with it.
+TITLE_CHAR_PT = 4.0
 SUMMARY_LABELS = {
     "kl_final": "final KL to the reference (nats)", "entropy_final": "final entropy (nats)",
     "tv_opt_final": "final TV distance to the optimum", "collapsed": "fraction of seeds collapsed",
@@ -192,8 +195,12 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
     grid = grid.reindex(variant_order(grid.index.astype(str)))
     grid.columns = [f"{c:g}" if isinstance(c, float) else str(c) for c in grid.columns]
     n_rows, n_cols = grid.shape
-    width = min(PAGE_WIDTH, 1.35 + 0.42 * max(n_cols, 1) + 0.55)
-    fig = new_figure(max(width, 2.2), 0.55 + 0.2 * max(n_rows, 1))
+    width = max(min(PAGE_WIDTH, 1.35 + 0.42 * max(n_cols, 1) + 0.55), 2.2)
+    # The title is wrapped to the figure's width: a wider one (a long condition label on a narrow grid) would
+    # leave constrained layout no room for the axes ("axes sizes collapsed to zero") and the figure unlaid-out.
+    title = title or f"{SUMMARY_LABELS.get(value, value)}, {stat.upper() if stat == 'iqm' else stat} over seeds"
+    title_lines = textwrap.wrap(title, max(20, int(width * 72 / TITLE_CHAR_PT)))
+    fig = new_figure(width, 0.55 + 0.2 * max(n_rows, 1) + 0.12 * (len(title_lines) - 1))
     ax = fig.subplots()
     annot: Any = False
     if n_rows * n_cols <= 120:  # annotate readable grids; "-0.00" (float noise around 0) reads as "0.00"
@@ -205,8 +212,7 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
     ax.set_ylabel("")
     ax.tick_params(axis="both", length=0)
     ax.figure.axes[-1].tick_params(labelsize=5.5, length=2)
-    ax.set_title(title or f"{SUMMARY_LABELS.get(value, value)}, {stat.upper() if stat == 'iqm' else stat} "
-                 "over seeds", loc="left")
+    ax.set_title("\n".join(title_lines), loc="left")
     return save(fig, path, formats)
 
 # ----------------------------------------------------------------------------------------------------------

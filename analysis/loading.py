@@ -13,8 +13,9 @@ Every table gets the run's *key columns* in front of its own columns: ``run_id``
 only dotted columns (metric columns never contain a dot), which is how :func:`key_columns` finds them again.
 String keys are categorical (``variant`` ordered as :data:`VARIANT_ORDER`), so ``groupby(..., observed=True)``
 is cheap. Metrics are read eagerly; ``policy`` and ``trajectories`` on first access. Runs that failed, never
-finished or whose files are missing stay in ``runs`` with their status and are listed by
-:attr:`Results.problems`; they never raise.
+finished or whose files are missing or unreadable (status ``unreadable``: checked from the Parquet footers) stay
+in ``runs`` with their status and are listed by :attr:`Results.problems`; they never raise. Unreadable sweep
+metadata (``index.parquet``, ``sweep.json``) raises :class:`LoadError` naming the file.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ VARIANT_ORDER: tuple[str, ...] = ("none", "k1 in reward", "k2 in reward", "k3 in
                                   "k1 as loss", "k2 as loss", "k3 as loss", "full as loss")
 #: Run statuses whose tables are complete (``diverged`` runs stop early but their tables are written).
 FINISHED: tuple[str, ...] = ("done", "diverged")
+#: The status given to a run whose ``status.json`` says finished but one of whose tables is missing or cannot be
+#: read (a truncated file): it is left out of every table, listed by :attr:`Results.problems`, and
+#: ``reflab sweep`` trains it again.
+UNREADABLE = "unreadable"
 #: Key columns every loaded table carries, when the configs have them.
 BASE_KEYS: tuple[str, ...] = ("run_id", "variant", "seed", "env.id", "kl.placement", "kl.estimator", "kl.beta")
 TABLES: tuple[str, ...] = ("metrics", "policy", "trajectories")
@@ -161,7 +166,8 @@ class Results:
     @property
     def problems(self) -> pd.DataFrame:
         """Runs without complete tables: ``run_id, status, error`` (status ``failed``, ``running``, ``pending``,
-        ``missing``, or ``no metrics`` for a finished run whose ``metrics.parquet`` is absent)."""
+        ``missing``, ``unreadable`` for a finished run whose tables are missing or cannot be read, the error naming
+        the files, or ``no metrics`` for a finished run whose ``metrics.parquet`` is absent)."""
         runs = self.runs
         finished = runs["status"].astype(str).isin(FINISHED)
         bad = ~finished | ~runs["has_metrics"]
@@ -189,15 +195,32 @@ class Results:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class LoadError(ValueError):
+    """A sweep folder whose metadata (``index.parquet``, ``sweep.json``) cannot be read: one line for the user."""
+
+
+_REWRITE = "run the same `reflab sweep` command on the folder to rewrite it"
+
+
+def _read_index(index: Path) -> pd.DataFrame:
+    """``index.parquet`` as a frame; :class:`LoadError` naming the file if it is unreadable or has no run ids."""
+    try:
+        df = pq.read_table(index).to_pandas()
+    except (OSError, pa.ArrowException) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise LoadError(f"{index} is not a readable Parquet table ({reason}); {_REWRITE}") from e
+    if "run_id" not in df.columns:
+        raise LoadError(f"{index} has no run_id column; {_REWRITE}")
+    return df
+
+
 def _discover(root: Path) -> tuple[str, list[_RunEntry], list[str]]:
     """``(kind, run entries, keys the sweep index marks as swept)`` for folder ``root``."""
     if (root / "config.json").is_file() or (root / "status.json").is_file():
         return "run", [_RunEntry(root.name, root)], []
     index = root / "index.parquet"
     if index.is_file():
-        df = pq.read_table(index).to_pandas()
-        if "run_id" not in df.columns:
-            raise ValueError(f"{index} has no run_id column")
+        df = _read_index(index)
         entries = []
         for row in df.to_dict("records"):
             run_id = str(row["run_id"])
@@ -218,13 +241,16 @@ def _discover(root: Path) -> tuple[str, list[_RunEntry], list[str]]:
 
 
 def _swept_from_sweep_json(root: Path) -> list[str]:
-    """Dotted keys named by ``sweep.json``'s axes and variants (empty if absent or unreadable)."""
+    """Dotted keys named by ``sweep.json``'s axes and variants (empty if absent; :class:`LoadError` if unreadable)."""
+    path = root / "sweep.json"
+    if not path.exists():
+        return []
     try:
-        spec = json.loads((root / "sweep.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path} is unreadable ({' '.join(str(e).split())[:200]}); {_REWRITE}") from e
     if not isinstance(spec, dict):
-        return []
+        raise LoadError(f"{path} holds {type(spec).__name__}, not a sweep description; {_REWRITE}")
     if isinstance(spec.get("swept_keys"), list):
         return [str(k) for k in spec["swept_keys"]]
     grid = spec.get("grid", spec)
@@ -241,9 +267,24 @@ def _swept_from_sweep_json(root: Path) -> list[str]:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def unreadable_tables(run_dir: Path) -> dict[str, str]:
+    """``{file: reason}`` for the run's Parquet tables whose footer cannot be read (truncated or overwritten files;
+    a missing table is not listed: a finished run without ``metrics.parquet`` is a ``no metrics`` problem). Cheap:
+    no table is read."""
+    bad: dict[str, str] = {}
+    for path in sorted(Path(run_dir).glob("[!.]*.parquet")):
+        name = path.name
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as e:
+            bad[name] = " ".join(str(e).split())[:200] or type(e).__name__
+    return bad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,7 +294,9 @@ def _read_json(path: Path) -> dict | None:
 
 def _runs_frame(entries: list[_RunEntry]) -> tuple[pd.DataFrame, dict[str, dict]]:
     rows, configs = [], {}
-    for e in entries:
+    with ThreadPoolExecutor(max_workers=8) as pool:  # footers of finished runs' tables: a few small reads each
+        unreadable = list(pool.map(lambda e: unreadable_tables(e.path) if _says_finished(e.path) else {}, entries))
+    for e, bad in zip(entries, unreadable, strict=True):
         row: dict[str, Any] = {}
         cfg_file = _read_json(e.path / "config.json")
         status = _read_json(e.path / "status.json")
@@ -268,15 +311,21 @@ def _runs_frame(entries: list[_RunEntry]) -> tuple[pd.DataFrame, dict[str, dict]
             row["status"], row["error"] = "missing", "run folder not found"
         elif status is None:
             row["status"] = "pending"
-            row["error"] = "no status.json" if cfg_file is not None else "no config.json or status.json"
+            if (e.path / "status.json").exists():
+                row["error"] = "unreadable status.json"
+            else:
+                row["error"] = "no status.json" if cfg_file is not None else "no config.json or status.json"
         else:
             row["status"] = status.get("status", "pending")
             row["error"] = status.get("error", "")
             row["final_update"] = status.get("update")
             row["wall_time_s"] = status.get("wall_time_s")
+        if bad:  # finished, but a table cannot be read: marked, left out, and `reflab sweep` trains it again
+            row["status"] = UNREADABLE
+            row["error"] = "; ".join(f"{name}: {reason}" for name, reason in bad.items())
         row["run_id"] = e.run_id
         row["path"] = str(e.path)
-        row["has_metrics"] = (e.path / "metrics.parquet").is_file()
+        row["has_metrics"] = not bad and (e.path / "metrics.parquet").is_file()
         rows.append(row)
     runs = pd.DataFrame(rows)
     runs["error"] = runs["error"].fillna("").astype(str)
@@ -290,6 +339,11 @@ def _runs_frame(entries: list[_RunEntry]) -> tuple[pd.DataFrame, dict[str, dict]
                   for p, e, c, a, lo in zip(runs["kl.placement"], est, corr, algo, loss, strict=True)]
         runs["variant"] = labels
     return runs, configs
+
+
+def _says_finished(run_dir: Path) -> bool:
+    status = _read_json(run_dir / "status.json")
+    return status is not None and status.get("status") in FINISHED
 
 
 def _varying(runs: pd.DataFrame, candidates: Sequence[str]) -> list[str]:
@@ -336,10 +390,12 @@ def _read_one(path: Path, columns: Sequence[str] | None) -> pa.Table | None:
 
 def _read_table(runs: pd.DataFrame, name: str, keys: Sequence[str],
                 columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Concatenate ``<run>/<name>.parquet`` of every run that has it, key columns in front."""
-    paths = [Path(p) / f"{name}.parquet" for p in runs["path"]]
+    """Concatenate ``<run>/<name>.parquet`` of every run that has it (but the unreadable ones), key columns in
+    front."""
+    paths = [None if s == UNREADABLE else Path(p) / f"{name}.parquet"
+             for p, s in zip(runs["path"], runs["status"].astype(str), strict=True)]
     with ThreadPoolExecutor(max_workers=8) as pool:  # pyarrow releases the GIL while reading
-        tables = list(pool.map(lambda p: _read_one(p, columns), paths))
+        tables = list(pool.map(lambda p: None if p is None else _read_one(p, columns), paths))
     present = [i for i, t in enumerate(tables) if t is not None and t.num_rows > 0]
     key_cols = [k for k in keys if k in runs]
     if not present:
@@ -369,6 +425,7 @@ def load(path: str | Path, metric_columns: Sequence[str] | None = None) -> Resul
         lazily loaded ``policy`` and ``trajectories``.
     Raises:
         FileNotFoundError: ``path`` holds neither a run nor run folders.
+        LoadError: the sweep's ``index.parquet`` or ``sweep.json`` cannot be read.
     """
     root = Path(path)
     if not root.is_dir():

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sim import yamlsafe
 from sim.config import ConfigError, UsageError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -40,6 +41,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a dotted config key (YAML value), repeatable")
     p.add_argument("--out", required=True, help="output folder of the run")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--max-yaml-values", type=int, default=yamlsafe.MAX_VALUES, metavar="N",
+                   help="refuse a config file or --set value of more than N YAML values once aliases are expanded "
+                        f"(default {yamlsafe.MAX_VALUES})")
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -49,7 +53,9 @@ def run_main(args: argparse.Namespace) -> int:
     from sim.lab import dispatch, runs
     from sim.lab.progress import progress
 
-    cfg = dispatch.resolve(args.config, args.set)
+    if args.max_yaml_values < 1:
+        raise UsageError("--max-yaml-values must be a positive integer")
+    cfg = dispatch.resolve(args.config, args.set, max_values=args.max_yaml_values, flag="--max-yaml-values")
     out = Path(args.out)
     runs.check_writable_dir(out)
     if cfg.threads:

@@ -24,6 +24,8 @@ STATUS_FILE = "status.json"
 CONFIG_FILE = "config.json"
 TABLES = ("metrics", "policy", "trajectories")
 FINISHED = ("done", "diverged")
+#: The state of a run whose status says finished but whose tables are missing or unreadable: trained again.
+UNREADABLE = "unreadable"
 
 
 def _umask_mode() -> int:
@@ -109,8 +111,42 @@ def read_status(run_dir: Path) -> dict[str, Any]:
         return {"status": "pending"}
 
 
+def unreadable_tables(run_dir: Path) -> dict[str, str]:
+    """``{file: reason}`` for the run's Parquet tables that are missing (:data:`TABLES`) or cannot be opened.
+
+    Cheap: only each file's footer is read (``pyarrow.parquet.read_metadata``), which a truncated or
+    overwritten file fails; a run with none of these is what :func:`finish_run` wrote.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_dir = Path(run_dir)
+    bad: dict[str, str] = {}
+    names = sorted({f"{t}.parquet" for t in TABLES} | {p.name for p in run_dir.glob("[!.]*.parquet")})
+    for name in names:
+        path = run_dir / name
+        if not path.is_file():
+            bad[name] = "missing"
+            continue
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as e:
+            bad[name] = " ".join(str(e).split())[:200] or type(e).__name__
+    return bad
+
+
+def run_state(run_dir: Path) -> str:
+    """done | diverged | failed | running | pending from ``status.json``, or :data:`UNREADABLE` for a run whose
+    status says done/diverged but whose tables are missing or unreadable (:func:`unreadable_tables`)."""
+    status = read_status(run_dir).get("status", "pending")
+    if status in FINISHED:
+        return UNREADABLE if unreadable_tables(run_dir) else status
+    return status if status in ("failed", "running") else "pending"
+
+
 def is_finished(run_dir: Path) -> bool:
-    return read_status(run_dir).get("status") in FINISHED
+    """Whether the run is done or diverged with every table readable (a sweep skips it on resume)."""
+    return run_state(run_dir) in FINISHED
 
 
 def start_run(run_dir: Path, cfg: Config, device: torch.device | str, extra: dict | None = None) -> None:
