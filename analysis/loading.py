@@ -21,6 +21,7 @@ metadata (``index.parquet``, ``sweep.json``) raises :class:`LoadError` naming th
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -273,17 +274,36 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def parquet_error(path: Path) -> str | None:
+    """Why ``path`` is not a whole Parquet file (``None`` if it looks whole), from 12 bytes: the magic bytes
+    ``PAR1`` at both ends and a footer length that fits the file (what a truncated or overwritten file fails)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 12:
+                return f"{size} bytes, too short for a Parquet file"
+            head = f.read(4)
+            f.seek(size - 8)
+            tail = f.read(8)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if head != b"PAR1" or tail[4:] != b"PAR1":
+        return "not a whole Parquet file (no magic bytes at both ends: truncated or overwritten)"
+    footer = int.from_bytes(tail[:4], "little")
+    if not 0 < footer <= size - 12:
+        return f"not a whole Parquet file (its footer length {footer} does not fit its {size} bytes)"
+    return None
+
+
 def unreadable_tables(run_dir: Path) -> dict[str, str]:
-    """``{file: reason}`` for the run's Parquet tables whose footer cannot be read (truncated or overwritten files;
-    a missing table is not listed: a finished run without ``metrics.parquet`` is a ``no metrics`` problem). Cheap:
-    no table is read."""
+    """``{file: reason}`` for the run's Parquet tables that are not whole (:func:`parquet_error`; a missing table
+    is not listed: a finished run without ``metrics.parquet`` is a ``no metrics`` problem). Cheap: no table is
+    read."""
     bad: dict[str, str] = {}
     for path in sorted(Path(run_dir).glob("[!.]*.parquet")):
-        name = path.name
-        try:
-            pq.read_metadata(path)
-        except (OSError, pa.ArrowException) as e:
-            bad[name] = " ".join(str(e).split())[:200] or type(e).__name__
+        reason = parquet_error(path)
+        if reason:
+            bad[path.name] = reason
     return bad
 
 
@@ -376,7 +396,8 @@ def _categorize(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_one(path: Path, columns: Sequence[str] | None) -> pa.Table | None:
+def _read_one(path: Path, columns: Sequence[str] | None) -> pa.Table | str | None:
+    """The table at ``path``, ``None`` if there is none, or why it cannot be read."""
     if not path.is_file():
         return None
     try:
@@ -384,18 +405,23 @@ def _read_one(path: Path, columns: Sequence[str] | None) -> pa.Table | None:
             return pq.read_table(path)
         have = set(pq.read_schema(path).names)
         return pq.read_table(path, columns=[c for c in columns if c in have])
-    except (OSError, pa.ArrowException):
-        return None
+    except (OSError, pa.ArrowException) as e:
+        return " ".join(str(e).split())[:200] or type(e).__name__
 
 
-def _read_table(runs: pd.DataFrame, name: str, keys: Sequence[str],
-                columns: Sequence[str] | None = None) -> pd.DataFrame:
+def _read_table(runs: pd.DataFrame, name: str, keys: Sequence[str], columns: Sequence[str] | None = None,
+                errors: dict[int, str] | None = None) -> pd.DataFrame:
     """Concatenate ``<run>/<name>.parquet`` of every run that has it (but the unreadable ones), key columns in
-    front."""
+    front; ``errors`` collects ``{row of runs: reason}`` for the files that exist but cannot be read."""
     paths = [None if s == UNREADABLE else Path(p) / f"{name}.parquet"
              for p, s in zip(runs["path"], runs["status"].astype(str), strict=True)]
     with ThreadPoolExecutor(max_workers=8) as pool:  # pyarrow releases the GIL while reading
-        tables = list(pool.map(lambda p: None if p is None else _read_one(p, columns), paths))
+        tables: list[Any] = list(pool.map(lambda p: None if p is None else _read_one(p, columns), paths))
+    for i, t in enumerate(tables):
+        if isinstance(t, str):
+            if errors is not None:
+                errors[i] = t
+            tables[i] = None
     present = [i for i, t in enumerate(tables) if t is not None and t.num_rows > 0]
     key_cols = [k for k in keys if k in runs]
     if not present:
@@ -412,6 +438,18 @@ def _read_table(runs: pd.DataFrame, name: str, keys: Sequence[str],
             front[k] = col.to_numpy()[run_pos]
     out = pd.concat([pd.DataFrame(front), data.drop(columns=[c for c in key_cols if c in data])], axis=1)
     return out
+
+
+def _mark_unreadable(runs: pd.DataFrame, errors: dict[int, str]) -> pd.DataFrame:
+    """``runs`` with the rows ``errors`` names marked :data:`UNREADABLE` (their error the reason, no metrics)."""
+    runs = runs.copy()
+    if UNREADABLE not in runs["status"].cat.categories:
+        runs["status"] = runs["status"].cat.add_categories([UNREADABLE])
+    rows = list(errors)
+    runs.loc[rows, "status"] = UNREADABLE
+    runs.loc[rows, "error"] = [errors[i] for i in rows]
+    runs.loc[rows, "has_metrics"] = False
+    return runs
 
 
 def load(path: str | Path, metric_columns: Sequence[str] | None = None) -> Results:
@@ -440,7 +478,12 @@ def load(path: str | Path, metric_columns: Sequence[str] | None = None) -> Resul
     lead = keys + [c for c in ("status", "error", "has_metrics", "final_update", "wall_time_s", "path")
                    if c in runs]
     runs = runs[lead + [c for c in runs.columns if c not in lead]]
-    metrics = _read_table(runs, "metrics", keys, metric_columns)
+    errors: dict[int, str] = {}
+    metrics = _read_table(runs, "metrics", keys, metric_columns, errors)
+    if errors:  # a whole-looking metrics.parquet that still cannot be read: marked like the ones found above
+        runs = _mark_unreadable(runs, {i: f"metrics.parquet: {reason} (the file looks whole, so `reflab sweep` keeps "
+                                          "it: remove the run's folder to have it trained again)"
+                                       for i, reason in errors.items()})
     if "update" in metrics:
         metrics = metrics.sort_values(["run_id", "update"], kind="stable").reset_index(drop=True)
     return Results(root, kind, runs, metrics, keys, swept, configs)

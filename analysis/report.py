@@ -409,7 +409,8 @@ def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by:
         lines.append("")
         if (problems["status"] == UNREADABLE).any():
             lines += ["*unreadable*: `status.json` says the run finished but a table cannot be read (a truncated or "
-                      "overwritten file); the sweep's `reflab sweep` command, run again, trains them again.", ""]
+                      "overwritten file); the sweep's `reflab sweep` command, run again, trains them again (one whose "
+                      "file looks whole: once its folder is removed).", ""]
     if table.empty:
         lines += ["**No run has metrics: nothing to summarize.**", ""]
         return "\n".join(lines)

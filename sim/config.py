@@ -324,8 +324,9 @@ def read_yaml_file(path: str | Path, what: str, max_values: int = yamlsafe.MAX_V
     try:
         size = p.stat().st_size
         if size > max_bytes:
+            bound = f"{yamlsafe.BYTES_PER_VALUE} bytes per value of {flag or 'the bound on YAML values'}"
             hint = f"; raise it with {flag} N if this is meant" if flag else ""
-            raise ConfigError(f"{what} has {size} bytes, more than the bound of {max_bytes}{hint}")
+            raise ConfigError(f"{what} has {size} bytes, more than {max_bytes} ({bound}){hint}")
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} cannot be read ({e})") from e

@@ -24,6 +24,7 @@ STATUS_FILE = "status.json"
 CONFIG_FILE = "config.json"
 TABLES = ("metrics", "policy", "trajectories")
 FINISHED = ("done", "diverged")
+PARQUET_MAGIC = b"PAR1"
 #: The state of a run whose status says finished but whose tables are missing or unreadable: trained again.
 UNREADABLE = "unreadable"
 
@@ -106,32 +107,47 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     if not p.is_file():
         return {"status": "pending"}
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        status = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {"status": "pending"}
+    return status if isinstance(status, dict) else {"status": "pending"}
+
+
+def parquet_error(path: Path) -> str | None:
+    """Why ``path`` is not a whole Parquet file (``None`` if it looks whole), from 12 bytes: the magic bytes
+    ``PAR1`` at both ends and a footer length that fits the file. A truncated or overwritten file fails this;
+    no table is read, so a sweep can check every run's tables each time it resumes."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 12:
+                return f"{size} bytes, too short for a Parquet file"
+            head = f.read(4)
+            f.seek(size - 8)
+            tail = f.read(8)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if head != PARQUET_MAGIC or tail[4:] != PARQUET_MAGIC:
+        return "not a whole Parquet file (no magic bytes at both ends: truncated or overwritten)"
+    footer = int.from_bytes(tail[:4], "little")
+    if not 0 < footer <= size - 12:
+        return f"not a whole Parquet file (its footer length {footer} does not fit its {size} bytes)"
+    return None
 
 
 def unreadable_tables(run_dir: Path) -> dict[str, str]:
-    """``{file: reason}`` for the run's Parquet tables that are missing (:data:`TABLES`) or cannot be opened.
-
-    Cheap: only each file's footer is read (``pyarrow.parquet.read_metadata``), which a truncated or
-    overwritten file fails; a run with none of these is what :func:`finish_run` wrote.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """``{file: reason}`` for the run's Parquet tables that are missing (:data:`TABLES`) or not whole
+    (:func:`parquet_error`); a run with none of these is what :func:`finish_run` wrote. Cheap: 12 bytes a table."""
     run_dir = Path(run_dir)
+    try:
+        present = {e.name for e in os.scandir(run_dir) if e.name.endswith(".parquet") and not e.name.startswith(".")}
+    except OSError:
+        present = set()
     bad: dict[str, str] = {}
-    names = sorted({f"{t}.parquet" for t in TABLES} | {p.name for p in run_dir.glob("[!.]*.parquet")})
-    for name in names:
-        path = run_dir / name
-        if not path.is_file():
-            bad[name] = "missing"
-            continue
-        try:
-            pq.read_metadata(path)
-        except (OSError, pa.ArrowException) as e:
-            bad[name] = " ".join(str(e).split())[:200] or type(e).__name__
+    for name in sorted(present | {f"{t}.parquet" for t in TABLES}):
+        reason = "missing" if name not in present else parquet_error(run_dir / name)
+        if reason:
+            bad[name] = reason
     return bad
 
 

@@ -9,8 +9,11 @@ Runs that share a :func:`sim.config.batch_signature` are packed into tasks (one
 :func:`sim.lab.dispatch.train_batch` call each; size automatic and memory-aware, or ``batch_size``) and run by an
 executor from :mod:`sim.lab.executors` (``--executor local|ray|slurm``); workers write the run folders.
 
-Resume: the same command again trains only the runs whose ``status.json`` is not ``done``/``diverged``,
-each from scratch. An exclusive ``flock`` on ``DIR/.lock`` keeps two sweeps off one folder.
+Resume: the same command again trains only the runs whose ``status.json`` is not ``done``/``diverged`` or
+whose tables are missing or not whole (``unreadable``: :func:`sim.lab.runs.unreadable_tables`), each from
+scratch; a sweep SIGKILLed anywhere, even before its ``sweep.json`` is in place, resumes. An exclusive ``flock``
+on ``DIR/.lock`` keeps two sweeps off one folder. Before anything is written, the grid's size is bounded
+(``--max-runs``, ``--max-yaml-values``) and every run's device is checked (:func:`check_devices`).
 ``reflab status DIR`` counts a sweep's runs by status (or shows one run folder's status).
 """
 

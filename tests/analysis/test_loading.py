@@ -100,6 +100,16 @@ def test_unreadable_runs_are_marked_and_left_out(bandit_sweep: Path, tmp_path: P
     problems = res.problems
     assert list(problems["run_id"].astype(str)) == [victim.name] and list(problems["status"]) == ["unreadable"]
     assert victim.name not in set(res.policy["run_id"].astype(str))
+    # a metrics.parquet that looks whole (magic bytes, footer length) but whose footer is garbage is caught on reading
+    other = sorted((out / "runs").iterdir())[5] / "metrics.parquet"
+    data = bytearray(other.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[-8 - footer:-8] = b"\xff" * footer
+    other.write_bytes(bytes(data))
+    res = load(out)
+    assert list(res.problems["run_id"].astype(str)) == [victim.name, other.parent.name]
+    assert set(res.problems["status"]) == {"unreadable"} and res.metrics["run_id"].nunique() == 30
+    assert "remove the run's folder" in res.problems["error"].iloc[1]
 
 
 def test_folder_of_run_folders(bandit_sweep: Path, tmp_path: Path) -> None:

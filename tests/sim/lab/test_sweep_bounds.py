@@ -111,6 +111,9 @@ def test_max_yaml_values_raises_the_document_bound(tmp_path, capsys):
     one_line_error(capsys, "holds more than 500 values", "--max-yaml-values N")
     assert main(["sweep", str(grid), "--dry-run", "--max-yaml-values", "5000"]) == 0
     capsys.readouterr()
+    padded = write(tmp_path / "padded.yaml", f"base: {BASE}\n" + "#" * 1000 + "\n")  # the file's size is checked first
+    assert main(["sweep", str(padded), "--dry-run", "--max-yaml-values", "10"]) == 2
+    one_line_error(capsys, "more than 640 (64 bytes per value of --max-yaml-values)", "--max-yaml-values N")
 
 
 class Recorder(Executor):
