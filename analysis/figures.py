@@ -190,6 +190,8 @@ def plot_recovery(metrics: pd.DataFrame, path: str | Path, *, column: str = "kl_
 # Heatmap of a final measure
 # ----------------------------------------------------------------------------------------------------------
 
+#: Width (points) of one character of a 7-point title, generously: titles are wrapped to the figure with it.
+TITLE_CHAR_PT = 4.0
 SUMMARY_LABELS = {
     "kl_final": "KL to the reference at the end of the reward phase (nats)",
     "entropy_final": "entropy at the end of the reward phase (nats)",

@@ -22,13 +22,15 @@ seed and the keys that change no number (``device``, ``threads``, ``log.progress
 ``pool=``.
 String keys are categorical (``variant`` ordered as :data:`VARIANT_ORDER`), so ``groupby(..., observed=True)``
 is cheap. Metrics are read eagerly; ``policy`` and ``trajectories`` on first access. Runs that failed, never
-finished or whose files are missing stay in ``runs`` with their status and are listed by
-:attr:`Results.problems`; they never raise.
+finished or whose files are missing or unreadable (status ``unreadable``: checked from the Parquet footers) stay
+in ``runs`` with their status and are listed by :attr:`Results.problems`; they never raise. Unreadable sweep
+metadata (``index.parquet``, ``sweep.json``) raises :class:`LoadError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +49,11 @@ VARIANT_ORDER: tuple[str, ...] = ("none", "k1 in reward", "k2 in reward", "k3 in
 FINISHED: tuple[str, ...] = ("done", "diverged")
 #: Config keys a variant label stands for (placement × estimator × IS correction, or DPO / IPO).
 VARIANT_KEYS: tuple[str, ...] = ("kl.placement", "kl.estimator", "kl.is_correction", "train.algo", "dpo.loss")
+
+#: The status given to a run whose ``status.json`` says finished but one of whose tables is missing or cannot be
+#: read (a truncated file): it is left out of every table, listed by :attr:`Results.problems`, and
+#: ``reflab sweep`` trains it again.
+UNREADABLE = "unreadable"
 #: Key columns every loaded table carries, when the configs have them.
 BASE_KEYS: tuple[str, ...] = ("run_id", "variant", "seed", "env.id", "kl.placement", "kl.estimator", "kl.beta",
                               "kl.is_correction", "train.algo", "dpo.loss")
@@ -254,7 +261,8 @@ class Results:
     @property
     def problems(self) -> pd.DataFrame:
         """Runs without complete tables: ``run_id, status, error`` (status ``failed``, ``running``, ``pending``,
-        ``missing``, or ``no metrics`` for a finished run whose ``metrics.parquet`` is absent)."""
+        ``missing``, ``unreadable`` for a finished run whose tables are missing or cannot be read, the error naming
+        the files, or ``no metrics`` for a finished run whose ``metrics.parquet`` is absent)."""
         runs = self.runs
         finished = runs["status"].astype(str).isin(FINISHED)
         bad = ~finished | ~runs["has_metrics"]
@@ -283,15 +291,32 @@ class Results:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class LoadError(ValueError):
+    """A sweep folder whose metadata (``index.parquet``, ``sweep.json``) cannot be read: one line for the user."""
+
+
+_REWRITE = "run the same `reflab sweep` command on the folder to rewrite it"
+
+
+def _read_index(index: Path) -> pd.DataFrame:
+    """``index.parquet`` as a frame; :class:`LoadError` naming the file if it is unreadable or has no run ids."""
+    try:
+        df = pq.read_table(index).to_pandas()
+    except (OSError, pa.ArrowException) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise LoadError(f"{index} is not a readable Parquet table ({reason}); {_REWRITE}") from e
+    if "run_id" not in df.columns:
+        raise LoadError(f"{index} has no run_id column; {_REWRITE}")
+    return df
+
+
 def _discover(root: Path) -> tuple[str, list[_RunEntry], list[str]]:
     """``(kind, run entries, keys the sweep index marks as swept)`` for folder ``root``."""
     if (root / "config.json").is_file() or (root / "status.json").is_file():
         return "run", [_RunEntry(root.name, root)], []
     index = root / "index.parquet"
     if index.is_file():
-        df = pq.read_table(index).to_pandas()
-        if "run_id" not in df.columns:
-            raise ValueError(f"{index} has no run_id column")
+        df = _read_index(index)
         entries = []
         for row in df.to_dict("records"):
             run_id = str(row["run_id"])
@@ -312,13 +337,16 @@ def _discover(root: Path) -> tuple[str, list[_RunEntry], list[str]]:
 
 
 def _swept_from_sweep_json(root: Path) -> list[str]:
-    """Dotted keys named by ``sweep.json``'s axes and variants (empty if absent or unreadable)."""
+    """Dotted keys named by ``sweep.json``'s axes and variants (empty if absent; :class:`LoadError` if unreadable)."""
+    path = root / "sweep.json"
+    if not path.exists():
+        return []
     try:
-        spec = json.loads((root / "sweep.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path} is unreadable ({' '.join(str(e).split())[:200]}); {_REWRITE}") from e
     if not isinstance(spec, dict):
-        return []
+        raise LoadError(f"{path} holds {type(spec).__name__}, not a sweep description; {_REWRITE}")
     if isinstance(spec.get("swept_keys"), list):
         return [str(k) for k in spec["swept_keys"]]
     grid = spec.get("grid", spec)
@@ -335,9 +363,43 @@ def _swept_from_sweep_json(root: Path) -> list[str]:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def parquet_error(path: Path) -> str | None:
+    """Why ``path`` is not a whole Parquet file (``None`` if it looks whole), from 12 bytes: the magic bytes
+    ``PAR1`` at both ends and a footer length that fits the file (what a truncated or overwritten file fails)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 12:
+                return f"{size} bytes, too short for a Parquet file"
+            head = f.read(4)
+            f.seek(size - 8)
+            tail = f.read(8)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if head != b"PAR1" or tail[4:] != b"PAR1":
+        return "not a whole Parquet file (no magic bytes at both ends: truncated or overwritten)"
+    footer = int.from_bytes(tail[:4], "little")
+    if not 0 < footer <= size - 12:
+        return f"not a whole Parquet file (its footer length {footer} does not fit its {size} bytes)"
+    return None
+
+
+def unreadable_tables(run_dir: Path) -> dict[str, str]:
+    """``{file: reason}`` for the run's Parquet tables that are not whole (:func:`parquet_error`; a missing table
+    is not listed: a finished run without ``metrics.parquet`` is a ``no metrics`` problem). Cheap: no table is
+    read."""
+    bad: dict[str, str] = {}
+    for path in sorted(Path(run_dir).glob("[!.]*.parquet")):
+        reason = parquet_error(path)
+        if reason:
+            bad[path.name] = reason
+    return bad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,7 +409,9 @@ def _read_json(path: Path) -> dict | None:
 
 def _runs_frame(entries: list[_RunEntry]) -> tuple[pd.DataFrame, dict[str, dict]]:
     rows, configs = [], {}
-    for e in entries:
+    with ThreadPoolExecutor(max_workers=8) as pool:  # footers of finished runs' tables: a few small reads each
+        unreadable = list(pool.map(lambda e: unreadable_tables(e.path) if _says_finished(e.path) else {}, entries))
+    for e, bad in zip(entries, unreadable, strict=True):
         row: dict[str, Any] = {}
         cfg_file = _read_json(e.path / "config.json")
         status = _read_json(e.path / "status.json")
@@ -362,15 +426,21 @@ def _runs_frame(entries: list[_RunEntry]) -> tuple[pd.DataFrame, dict[str, dict]
             row["status"], row["error"] = "missing", "run folder not found"
         elif status is None:
             row["status"] = "pending"
-            row["error"] = "no status.json" if cfg_file is not None else "no config.json or status.json"
+            if (e.path / "status.json").exists():
+                row["error"] = "unreadable status.json"
+            else:
+                row["error"] = "no status.json" if cfg_file is not None else "no config.json or status.json"
         else:
             row["status"] = status.get("status", "pending")
             row["error"] = status.get("error", "")
             row["final_update"] = status.get("update")
             row["wall_time_s"] = status.get("wall_time_s")
+        if bad:  # finished, but a table cannot be read: marked, left out, and `reflab sweep` trains it again
+            row["status"] = UNREADABLE
+            row["error"] = "; ".join(f"{name}: {reason}" for name, reason in bad.items())
         row["run_id"] = e.run_id
         row["path"] = str(e.path)
-        row["has_metrics"] = (e.path / "metrics.parquet").is_file()
+        row["has_metrics"] = not bad and (e.path / "metrics.parquet").is_file()
         rows.append(row)
     runs = pd.DataFrame(rows)
     runs["error"] = runs["error"].fillna("").astype(str)
@@ -384,6 +454,11 @@ def _runs_frame(entries: list[_RunEntry]) -> tuple[pd.DataFrame, dict[str, dict]
                   for p, e, c, a, lo in zip(runs["kl.placement"], est, corr, algo, loss, strict=True)]
         runs["variant"] = labels
     return runs, configs
+
+
+def _says_finished(run_dir: Path) -> bool:
+    status = _read_json(run_dir / "status.json")
+    return status is not None and status.get("status") in FINISHED
 
 
 def _varying(runs: pd.DataFrame, candidates: Sequence[str]) -> list[str]:
@@ -416,7 +491,8 @@ def _categorize(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_one(path: Path, columns: Sequence[str] | None) -> pa.Table | None:
+def _read_one(path: Path, columns: Sequence[str] | None) -> pa.Table | str | None:
+    """The table at ``path``, ``None`` if there is none, or why it cannot be read."""
     if not path.is_file():
         return None
     try:
@@ -424,16 +500,23 @@ def _read_one(path: Path, columns: Sequence[str] | None) -> pa.Table | None:
             return pq.read_table(path)
         have = set(pq.read_schema(path).names)
         return pq.read_table(path, columns=[c for c in columns if c in have])
-    except (OSError, pa.ArrowException):
-        return None
+    except (OSError, pa.ArrowException) as e:
+        return " ".join(str(e).split())[:200] or type(e).__name__
 
 
-def _read_table(runs: pd.DataFrame, name: str, keys: Sequence[str],
-                columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Concatenate ``<run>/<name>.parquet`` of every run that has it, key columns in front."""
-    paths = [Path(p) / f"{name}.parquet" for p in runs["path"]]
+def _read_table(runs: pd.DataFrame, name: str, keys: Sequence[str], columns: Sequence[str] | None = None,
+                errors: dict[int, str] | None = None) -> pd.DataFrame:
+    """Concatenate ``<run>/<name>.parquet`` of every run that has it (but the unreadable ones), key columns in
+    front; ``errors`` collects ``{row of runs: reason}`` for the files that exist but cannot be read."""
+    paths = [None if s == UNREADABLE else Path(p) / f"{name}.parquet"
+             for p, s in zip(runs["path"], runs["status"].astype(str), strict=True)]
     with ThreadPoolExecutor(max_workers=8) as pool:  # pyarrow releases the GIL while reading
-        tables = list(pool.map(lambda p: _read_one(p, columns), paths))
+        tables: list[Any] = list(pool.map(lambda p: None if p is None else _read_one(p, columns), paths))
+    for i, t in enumerate(tables):
+        if isinstance(t, str):
+            if errors is not None:
+                errors[i] = t
+            tables[i] = None
     present = [i for i, t in enumerate(tables) if t is not None and t.num_rows > 0]
     key_cols = [k for k in keys if k in runs]
     if not present:
@@ -452,6 +535,18 @@ def _read_table(runs: pd.DataFrame, name: str, keys: Sequence[str],
     own_keys = [c for c in data.columns if c in key_cols or c in PLAIN_KEYS or "." in c]
     out = pd.concat([pd.DataFrame(front), data.drop(columns=own_keys)], axis=1)
     return out
+
+
+def _mark_unreadable(runs: pd.DataFrame, errors: dict[int, str]) -> pd.DataFrame:
+    """``runs`` with the rows ``errors`` names marked :data:`UNREADABLE` (their error the reason, no metrics)."""
+    runs = runs.copy()
+    if UNREADABLE not in runs["status"].cat.categories:
+        runs["status"] = runs["status"].cat.add_categories([UNREADABLE])
+    rows = list(errors)
+    runs.loc[rows, "status"] = UNREADABLE
+    runs.loc[rows, "error"] = [errors[i] for i in rows]
+    runs.loc[rows, "has_metrics"] = False
+    return runs
 
 
 def load(path: str | Path | Sequence[str | Path], metric_columns: Sequence[str] | None = None,
@@ -473,6 +568,7 @@ def load(path: str | Path | Sequence[str | Path], metric_columns: Sequence[str] 
     Raises:
         FileNotFoundError: a folder holds neither a run nor run folders.
         ValueError: ``labels`` do not match the folders, or are not unique.
+        LoadError: the sweep's ``index.parquet`` or ``sweep.json`` cannot be read.
     """
     many = not isinstance(path, str | Path)
     roots = [Path(p) for p in (path if many else [path])]
@@ -510,7 +606,12 @@ def load(path: str | Path | Sequence[str | Path], metric_columns: Sequence[str] 
                    if c in runs]
     runs = runs[lead + [c for c in runs.columns if c not in lead]]
     conditions = _conditions(runs, keys, pooled, many)
-    metrics = _read_table(runs, "metrics", keys, metric_columns)
+    errors: dict[int, str] = {}
+    metrics = _read_table(runs, "metrics", keys, metric_columns, errors)
+    if errors:  # a whole-looking metrics.parquet that still cannot be read: marked like the ones found above
+        runs = _mark_unreadable(runs, {i: f"metrics.parquet: {reason} (the file looks whole, so `reflab sweep` keeps "
+                                          "it: remove the run's folder to have it trained again)"
+                                       for i, reason in errors.items()})
     if "update" in metrics:
         metrics = metrics.sort_values(["run_id", "update"], kind="stable").reset_index(drop=True)
     kind = kinds[0] if not many else "comparison"

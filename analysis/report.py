@@ -20,10 +20,11 @@ Failed, unfinished or missing runs are listed, never fatal; a folder with no usa
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from analysis import metrics as M
 from analysis import plotting
 from analysis import policy_figures as P
 from analysis.improvement import poi_markdown, poi_score, poi_table
-from analysis.loading import POOLED_KEYS, Results, load
+from analysis.loading import POOLED_KEYS, UNREADABLE, LoadError, Results, load
 from analysis.references import kl_references
 from analysis.summary import (  # noqa: F401 (re-exported)
     MIN_BOOTSTRAP_N,
@@ -338,6 +339,8 @@ class ReportOutput:
     """Runs whose metrics were read (the ones the table and figures cover)."""
     figures: list[Path]
     """Every figure file written."""
+    unreadable: dict[str, str] = field(default_factory=dict)
+    """``run_id`` → the error of every run whose status says finished but whose tables cannot be read (left out)."""
 
 
 def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None = None,
@@ -414,7 +417,9 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
                                      collapse_threshold, recovery_tol, n_boot, time.perf_counter() - t0, poi))
     n_with = int(metrics["run_id"].nunique()) if not metrics.empty else 0
     figures = [p for _, entries in rep.sections for _, paths in entries for p in paths]
-    return ReportOutput(index, len(res.runs), n_with, figures)
+    bad = res.runs[res.runs["status"].astype(str) == UNREADABLE]
+    unreadable = dict(zip(bad["run_id"].astype(str), bad["error"].astype(str), strict=True))
+    return ReportOutput(index, len(res.runs), n_with, figures, unreadable)
 
 
 def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by: list[str], rep: _Report,
@@ -455,6 +460,10 @@ def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by:
             err = str(p["error"]).replace("|", "\\|").replace("\n", " ")[:200]
             lines.append(f"| {p['run_id']} | {p['status']} | {err} |")
         lines.append("")
+        if (problems["status"] == UNREADABLE).any():
+            lines += ["*unreadable*: `status.json` says the run finished but a table cannot be read (a truncated or "
+                      "overwritten file); the sweep's `reflab sweep` command, run again, trains them again (one whose "
+                      "file looks whole: once its folder is removed).", ""]
     if table.empty:
         lines += ["**No run has metrics: nothing to summarize.**", ""]
         return "\n".join(lines)
@@ -506,6 +515,11 @@ def _usage_error(msg: str) -> int:
     return 2
 
 
+def _files(error: str) -> list[str]:
+    """The table files named by an unreadable run's error (``"metrics.parquet: reason; ..."``)."""
+    return re.findall(r"([^\s;:]+\.parquet):", error)
+
+
 def main(args: argparse.Namespace) -> int:
     """``reflab report DIR``: 0 on success, 1 if no run had metrics, 2 on bad input."""
     dirs = [Path(d) for d in args.dir]
@@ -535,10 +549,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = write_report(src, args.out, formats, args.collapse_threshold, args.recovery_tol, args.n_boot,
                               args.seed, args.seed_lines, args.max_conditions, kinds, labels, pool)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, LoadError) as e:
         return _usage_error(str(e))
+    unreadable = ""
+    if result.unreadable:
+        names = ", ".join(f"{rid} ({', '.join(_files(err))})" for rid, err in result.unreadable.items())
+        n = len(result.unreadable)
+        unreadable = f"; {n} unreadable run{'s' * (n != 1)} left out: {names}"
     print(f"report: {result.index} ({result.n_with_metrics} of {result.n_runs} runs with results, "
-          f"{len(result.figures)} figure files)")
+          f"{len(result.figures)} figure files{unreadable})")
     if result.n_with_metrics == 0:
         print(f"reflab: error: no run in {' '.join(map(str, dirs))} has metrics; see {result.index}",
               file=sys.stderr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,26 +23,23 @@ from typing import Any
 import yaml
 
 import envs
+from sim import yamlsafe
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1's SafeLoader, but ``1e-3`` is a float (YAML 1.1 reads it as a string)."""
+def yaml_load(text: str, what: str = "YAML input", max_values: int = yamlsafe.MAX_VALUES,
+              flag: str | None = None) -> Any:
+    """Parse YAML text the way every reflab input is parsed (floats like ``1e-3`` included), within the bounds of
+    :mod:`sim.yamlsafe`.
 
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def yaml_load(text: str):
-    """Parse YAML text the way every reflab input is parsed (floats like ``1e-3`` included)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    A text over a bound (values or characters once aliases are expanded, nesting depth, a recursive alias)
+    raises :class:`ConfigError` "``what`` holds more than ..." without building anything; ``flag`` names the
+    option that raises the size bound ``max_values``. Malformed YAML raises ``yaml.YAMLError``.
+    """
+    try:
+        return yamlsafe.load(text, max_values)
+    except yamlsafe.YAMLBoundError as e:
+        hint = f" (the bound of {flag}; raise it with {flag} N if this is meant)" if flag and e.raisable else ""
+        raise ConfigError(f"{what} {e}{hint}") from None
 
 
 class ConfigError(ValueError):
@@ -302,13 +298,13 @@ def default_dict() -> dict:
     return Config().to_dict()
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"a.b=VALUE"`` → ``("a.b", yaml-parsed VALUE)``."""
+def parse_override(item: str, max_values: int = yamlsafe.MAX_VALUES, flag: str | None = None) -> tuple[str, Any]:
+    """``"a.b=VALUE"`` → ``("a.b", yaml-parsed VALUE)`` (VALUE within :func:`yaml_load`'s bounds)."""
     if "=" not in item:
         raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
     key, raw = item.split("=", 1)
     try:
-        value = yaml_load(raw) if raw.strip() else None
+        value = yaml_load(raw, f"--set {key.strip()}", max_values, flag) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{key.strip()}: cannot parse value {raw!r} as YAML ({str(e).splitlines()[0]})") from e
     return key.strip(), value
@@ -357,15 +353,38 @@ def set_key(data: dict, key: str, value: Any) -> None:
         set_dotted(data, key, value)
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping from ``path`` (one clear error if missing or malformed)."""
+def read_yaml_file(path: str | Path, what: str, max_values: int = yamlsafe.MAX_VALUES,
+                   flag: str | None = None) -> Any:
+    """The parsed YAML of the file ``path``, named ``what`` in errors (e.g. ``"config file 'a.yaml'"``).
+
+    One-line :class:`ConfigError` if it is missing, a folder, unreadable, larger than
+    :data:`sim.yamlsafe.BYTES_PER_VALUE` × ``max_values`` bytes, malformed, or over :func:`yaml_load`'s bounds
+    (``flag`` names the option that raises ``max_values``).
+    """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} is a folder, not a YAML file")
     if not p.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} does not exist")
+    max_bytes = yamlsafe.BYTES_PER_VALUE * max_values
     try:
-        data = yaml_load(p.read_text())
+        size = p.stat().st_size
+        if size > max_bytes:
+            bound = f"{yamlsafe.BYTES_PER_VALUE} bytes per value of {flag or 'the bound on YAML values'}"
+            hint = f"; raise it with {flag} N if this is meant" if flag else ""
+            raise ConfigError(f"{what} has {size} bytes, more than {max_bytes} ({bound}){hint}")
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} cannot be read ({e})") from e
+    try:
+        return yaml_load(text, what, max_values, flag)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from e
+        raise ConfigError(f"{what} is not valid YAML ({str(e).splitlines()[0]})") from e
+
+
+def load_yaml(path: str | Path, max_values: int = yamlsafe.MAX_VALUES, flag: str | None = None) -> dict:
+    """Read a YAML mapping from ``path`` (one clear error if missing, malformed or too large: see read_yaml_file)."""
+    data = read_yaml_file(path, f"config file {str(path)!r}", max_values, flag)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -636,15 +655,19 @@ def check_effects(cfg: Config, shared_base: bool = False) -> None:
 
 
 def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,
-            base: dict | None = None, effects: str = "grid") -> Config:
+            base: dict | None = None, effects: str = "grid", max_values: int = yamlsafe.MAX_VALUES,
+            flag: str | None = None) -> Config:
     """Defaults ← ``base`` ← YAML file ← ``--set`` overrides, validated into a :class:`Config` (``effects`` as
     :func:`from_dict`: ``grid`` by default, as configs built in code are often batched like a grid's runs;
-    ``reflab run`` uses ``strict``)."""
+    ``reflab run`` uses ``strict``).
+
+    The YAML file and every ``--set`` value are bounded by ``max_values`` (:func:`yaml_load`; ``flag`` names
+    the option that raises it)."""
     data: dict = dict(base or {})
     if config_path is not None:
-        data = deep_merge(data, load_yaml(config_path))
+        data = deep_merge(data, load_yaml(config_path, max_values, flag))
     for item in overrides or []:
-        set_key(data, *parse_override(item))
+        set_key(data, *parse_override(item, max_values, flag))
     return from_dict(data, effects)
 
 

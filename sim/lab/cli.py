@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sim import yamlsafe
 from sim.config import ConfigError, UsageError, get_dotted
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -40,6 +41,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a dotted config key (YAML value), repeatable")
     p.add_argument("--out", required=True, help="output folder of the run")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--max-yaml-values", type=int, default=yamlsafe.MAX_VALUES, metavar="N",
+                   help="refuse a config file or --set value of more than N YAML values once aliases are expanded "
+                        f"(default {yamlsafe.MAX_VALUES})")
     from sim.lab.keys import compact_keys
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -58,7 +62,10 @@ def run_main(args: argparse.Namespace) -> int:
     from sim.lab import dispatch, runs
     from sim.lab.progress import progress
 
-    cfg = dispatch.resolve(args.config, args.set, effects="strict")  # one run: every key must act
+    if args.max_yaml_values < 1:
+        raise UsageError("--max-yaml-values must be a positive integer")
+    cfg = dispatch.resolve(args.config, args.set, effects="strict", max_values=args.max_yaml_values,
+                           flag="--max-yaml-values")  # one run: every key must act
     out = Path(args.out)
     runs.check_writable_dir(out)
     if cfg.threads:

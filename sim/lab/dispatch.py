@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import envs
-from sim import config
+from sim import config, yamlsafe
 from sim.algos.diffusion import DiffusionTrainer
 from sim.algos.dpo import DPOTrainer
 from sim.algos.gaussian import GaussianTrainer
@@ -78,9 +78,11 @@ def from_dict(data: dict, effects: str = "strict") -> Config:
 
 
 def resolve(config_path: str | Path | None = None, overrides: list[str] | None = None,
-            base: dict | None = None, effects: str = "grid") -> Config:
-    """:func:`sim.config.resolve` (``effects`` as there) and :func:`check_config`: a config some trainer runs."""
-    return check_config(config.resolve(config_path, overrides, base, effects))
+            base: dict | None = None, effects: str = "grid", max_values: int = yamlsafe.MAX_VALUES,
+            flag: str | None = None) -> Config:
+    """:func:`sim.config.resolve` (``effects`` as there; YAML bounded by ``max_values``) and
+    :func:`check_config`: a config some trainer runs."""
+    return check_config(config.resolve(config_path, overrides, base, effects, max_values, flag))
 
 
 def resolve_device(name: str) -> torch.device:

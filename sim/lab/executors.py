@@ -139,8 +139,8 @@ def run_task(task: Task) -> tuple[RunResult, ...]:
     todo: list[tuple[str, Path, Config]] = []
     key_of = dict(zip(task.run_ids, task.keys, strict=True)) if task.keys else {}
     for run_id, run_dir, cfg in zip(task.run_ids, task.run_dirs, task.configs, strict=True):
-        status = runs.read_status(Path(run_dir))
-        if status.get("status") in runs.FINISHED:
+        if runs.is_finished(Path(run_dir)):  # a status of done over unreadable tables is trained again
+            status = runs.read_status(Path(run_dir))
             done[run_id] = RunResult(run_id, status["status"], status.get("error"))
         else:
             todo.append((run_id, Path(run_dir), cfg))
@@ -202,6 +202,11 @@ class Executor:
     def __init__(self, workers: int):
         self.workers = workers
         """How many tasks run at once (the sweep makes at least this many tasks when it can)."""
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether the tasks train on this machine (so its devices, e.g. CUDA, are the ones they get)."""
+        return True
 
     def __enter__(self) -> Executor:
         self.start()
@@ -287,6 +292,10 @@ class RayExecutor(Executor):
         super().__init__(workers or 0)
         self.address = address
         self._started = False
+
+    @property
+    def runs_here(self) -> bool:
+        return self.address is None  # a new local Ray instance; a cluster's nodes may have other devices
 
     def check(self) -> None:
         if importlib.util.find_spec("ray") is None:
@@ -376,6 +385,10 @@ class SlurmExecutor(Executor):
         self.partition, self.time_min, self.cpus, self.mem_gb = partition, time_min, cpus, mem_gb
         self._executor: Any = None
         self._jobs: list[Any] = []
+
+    @property
+    def runs_here(self) -> bool:
+        return self.local
 
     def check(self) -> None:
         if importlib.util.find_spec("submitit") is None:

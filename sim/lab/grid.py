@@ -22,13 +22,16 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sim import yamlsafe
 from sim.config import (
     Config,
     ConfigError,
@@ -37,6 +40,8 @@ from sim.config import (
     effective_dict,
     get_dotted,
     load_yaml,
+    parse_override,
+    read_yaml_file,
     set_key,
     yaml_load,
 )
@@ -47,6 +52,10 @@ GRID_KEYS = ("base", "axes", "variants", "seeds", "exclude", "batch_size", "desc
 PRESET_DIR = Path(__file__).with_name("presets")
 #: Columns of index.parquet present in every sweep, after ``run_id``, ``status`` and ``seed``.
 ALWAYS_COLUMNS = ("env.id", "kl.placement", "kl.estimator", "kl.beta")
+#: Default bound on the runs of one grid (``reflab sweep --max-runs``): planning checks about 1 000 runs a second.
+MAX_RUNS = 100_000
+#: Grids of at least this many runs say so on stderr while they are expanded and checked.
+ANNOUNCE_RUNS = 10_000
 
 
 def available_presets() -> dict[str, Path]:
@@ -54,8 +63,8 @@ def available_presets() -> dict[str, Path]:
     out = {}
     for path in sorted(PRESET_DIR.glob("*.yaml")):
         try:
-            data = yaml_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+            data = yaml_load(path.read_text(), f"preset {path.name!r}")
+        except (OSError, yaml.YAMLError, ConfigError):
             continue
         # The folder may also hold run configs for `reflab run`; a grid has only grid keys.
         if isinstance(data, dict) and data and set(data) <= set(GRID_KEYS):
@@ -72,36 +81,37 @@ def find_grid(spec: str) -> Path:
     if spec in presets:
         return presets[spec]
     names = ", ".join(presets) or "none"
+    if path.is_dir():
+        raise ConfigError(f"grid file {spec!r} is a folder, not a grid YAML file; presets: {names}")
     if "/" in spec or os.sep in spec or path.suffix in (".yaml", ".yml") or path.exists():
         raise ConfigError(f"grid file {spec!r} does not exist (or is not a file); presets: {names}")
     raise ConfigError(f"unknown preset {spec!r}; available presets: {names}")
 
 
-def load_grid(spec: str) -> tuple[dict, Path]:
-    """Read the grid ``spec`` (path or preset name): its mapping and its file's path."""
+def load_grid(spec: str, max_values: int = yamlsafe.MAX_VALUES, flag: str | None = None) -> tuple[dict, Path]:
+    """Read the grid ``spec`` (path or preset name): its mapping and its file's path.
+
+    The file is bounded by ``max_values`` (:func:`sim.config.read_yaml_file`; ``flag`` names the option that
+    raises it): an alias bomb or a deep nesting is refused in one line before anything is built.
+    """
     path = find_grid(spec)
-    try:
-        data = yaml_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"grid file {spec!r} is not valid YAML ({str(e).splitlines()[0]})") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"grid file {spec!r} cannot be read ({e})") from e
+    data = read_yaml_file(path, f"grid file {spec!r}", max_values, flag)
     if not isinstance(data, dict):
         raise ConfigError(f"grid file {spec!r} must hold a mapping with keys {', '.join(GRID_KEYS)}; "
                           f"got {type(data).__name__}")
     return data, path
 
 
-def apply_sets(grid: dict, items: list[str], label: str, grid_dir: Path = Path(".")) -> dict:
+def apply_sets(grid: dict, items: list[str], label: str, grid_dir: Path = Path("."),
+               max_values: int = yamlsafe.MAX_VALUES, flag: str | None = None) -> dict:
     """A copy of ``grid`` with ``--set KEY=VALUE`` items applied: ``KEY=a,b,...`` (a comma outside brackets)
     makes ``KEY`` an axis over those values (replacing an axis of that key); ``KEY=VALUE`` sets it in the base
-    for every run. A key the grid's variants set cannot be overridden (one line naming it)."""
-    from sim.config import parse_override
-
+    for every run. A key the grid's variants set cannot be overridden (one line naming it). Values and a base
+    file are bounded as the grid is (``max_values``, raised by ``flag``)."""
     out = copy.deepcopy(grid)
     variant_keys = {k for v in out.get("variants") or [] if isinstance(v, dict) for k in _flatten(v, label)}
     for item in items:
-        key, value = parse_override(item)
+        key, value = parse_override(item, max_values, flag)
         raw = item.split("=", 1)[1].strip()
         check_key(key, f"--set {item}")
         if key == "seed":
@@ -109,14 +119,14 @@ def apply_sets(grid: dict, items: list[str], label: str, grid_dir: Path = Path("
         if key in variant_keys:
             raise ConfigError(f"--set {item}: {key} is set by the grid's variants; edit the grid file instead")
         if "," in raw and not raw.startswith(("[", "{")):
-            parts = [parse_override(f"{key}={x}")[1] for x in raw.split(",")]
+            parts = [parse_override(f"{key}={x}", max_values, flag)[1] for x in raw.split(",")]
             axes = out.get("axes") or {}
             out["axes"] = {**axes, key: parts}
             continue
         if key in (out.get("axes") or {}):
             out["axes"] = {**out["axes"], key: [value]}
             continue
-        base = _load_base(out.get("base"), label, grid_dir)
+        base = _load_base(out.get("base"), label, grid_dir, max_values, flag)
         base = copy.deepcopy(base)
         set_key(base, key, value)
         out["base"] = base
@@ -252,7 +262,8 @@ def _fmt_assign(assign: dict[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in assign.items())
 
 
-def _parse_seeds(value: Any, default_seed: int, label: str) -> list[int]:
+def _parse_seeds(value: Any, default_seed: int, label: str) -> Sequence[int]:
+    """The grid's seeds: ``range(n)`` for a count (not materialized: the run count is checked first), or the list."""
     bad = f"{label}: seeds must be a positive count or a non-empty list of distinct integers >= 0; got {value!r}"
     if value is None:
         return [default_seed]
@@ -261,7 +272,7 @@ def _parse_seeds(value: Any, default_seed: int, label: str) -> list[int]:
     if isinstance(value, int):
         if value < 1:
             raise ConfigError(bad)
-        return list(range(value))
+        return range(value)
     if isinstance(value, list) and value:
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value) or len(set(value)) != len(value):
             raise ConfigError(bad)
@@ -277,13 +288,13 @@ def parse_batch_size(value: Any, where: str) -> int | None:
     return value
 
 
-def _load_base(value: Any, label: str, grid_dir: Path) -> dict:
+def _load_base(value: Any, label: str, grid_dir: Path, max_values: int, flag: str | None) -> dict:
     if value is None:
         return {}
     if isinstance(value, str):
         path = Path(value) if Path(value).is_absolute() else grid_dir / value
         try:
-            return load_yaml(path)
+            return load_yaml(path, max_values, flag)
         except ConfigError as e:
             raise ConfigError(f"{label}: base: {e}") from e
     if isinstance(value, dict):
@@ -291,16 +302,39 @@ def _load_base(value: Any, label: str, grid_dir: Path) -> dict:
     raise ConfigError(f"{label}: base must be a mapping of config keys or a config YAML path; got {value!r}")
 
 
-def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
+def count_runs(n_axis_values: list[int], n_variants: int, n_seeds: int) -> int:
+    """The runs a grid expands to before exclusions: the product of the axes' lengths × variants × seeds."""
+    return math.prod(n_axis_values) * max(1, n_variants) * n_seeds
+
+
+def _check_run_count(label: str, axes: dict[str, list], n_variants: int, n_seeds: int, max_runs: int,
+                     flag: str | None) -> None:
+    """One-line :class:`ConfigError` if the grid expands to more than ``max_runs`` runs (before expanding it)."""
+    n = count_runs([len(v) for v in axes.values()], n_variants, n_seeds)
+    if n <= max_runs:
+        return
+    sizes = " x ".join([*(f"{len(v)} {k}" for k, v in axes.items()), *([f"{n_variants} variants"] * bool(n_variants)),
+                        f"{n_seeds} seeds"])
+    hint = f"; raise the bound with {flag} N if this is meant" if flag else ""
+    raise ConfigError(f"{label}: the grid expands to {n} runs ({sizes}), more than the bound of {max_runs} "
+                      f"runs{hint}")
+
+
+def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int = MAX_RUNS,
+               max_values: int = yamlsafe.MAX_VALUES, flags: tuple[str, str] | None = None) -> SweepPlan:
     """Expand and validate ``grid`` (the parsed grid file) into a :class:`SweepPlan`.
 
     ``label`` names the grid in errors; ``grid_dir`` resolves a relative ``base`` path. Raises
-    :class:`ConfigError` (one line naming the key) on any malformed part or invalid run.
+    :class:`ConfigError` (one line naming the key) on any malformed part or invalid run. A grid of more than
+    ``max_runs`` runs (axes product × variants × seeds, counted before anything is expanded) is refused, and
+    a ``base`` file over ``max_values`` YAML values (:func:`sim.config.read_yaml_file`); ``flags`` names the
+    options that raise these two bounds in the messages.
     """
+    runs_flag, values_flag = flags or (None, None)
     unknown = [k for k in grid if k not in GRID_KEYS]
     if unknown:
         raise ConfigError(f"{label}: unknown grid key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
-    base_raw = _load_base(grid.get("base"), label, grid_dir)
+    base_raw = _load_base(grid.get("base"), label, grid_dir, max_values, values_flag)
     try:
         base_cfg = dispatch.from_dict(base_raw, effects="off")
     except ConfigError as e:
@@ -338,7 +372,13 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path(".")) -> SweepPlan:
                 raise ConfigError(f"{label}: exclude[{i}] must be a non-empty mapping of config keys; got {e!r}")
             exclude.append(_flatten(e, f"{label}: exclude[{i}]"))
 
-    seeds = _parse_seeds(grid.get("seeds"), base_cfg.seed, label)
+    n_seeds = len(_parse_seeds(grid.get("seeds"), base_cfg.seed, label))
+    _check_run_count(label, axes, len(variants), n_seeds, max_runs, runs_flag)
+    seeds = list(_parse_seeds(grid.get("seeds"), base_cfg.seed, label))
+    n_planned = count_runs([len(v) for v in axes.values()], len(variants), n_seeds)
+    if n_planned >= ANNOUNCE_RUNS:
+        print(f"reflab: {label}: expanding and checking {n_planned} runs (about {n_planned // 1000 + 1} s)",
+              file=sys.stderr)
     batch_size = parse_batch_size(grid.get("batch_size"), f"{label}: batch_size")
 
     variant_keys = list(dict.fromkeys(k for v in variants for k in v))

@@ -24,6 +24,9 @@ STATUS_FILE = "status.json"
 CONFIG_FILE = "config.json"
 TABLES = ("metrics", "policy", "trajectories")
 FINISHED = ("done", "diverged")
+PARQUET_MAGIC = b"PAR1"
+#: The state of a run whose status says finished but whose tables are missing or unreadable: trained again.
+UNREADABLE = "unreadable"
 
 
 def _umask_mode() -> int:
@@ -113,13 +116,62 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     if not p.is_file():
         return {"status": "pending"}
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        status = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {"status": "pending"}
+    return status if isinstance(status, dict) else {"status": "pending"}
+
+
+def parquet_error(path: Path) -> str | None:
+    """Why ``path`` is not a whole Parquet file (``None`` if it looks whole), from 12 bytes: the magic bytes
+    ``PAR1`` at both ends and a footer length that fits the file. A truncated or overwritten file fails this;
+    no table is read, so a sweep can check every run's tables each time it resumes."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 12:
+                return f"{size} bytes, too short for a Parquet file"
+            head = f.read(4)
+            f.seek(size - 8)
+            tail = f.read(8)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if head != PARQUET_MAGIC or tail[4:] != PARQUET_MAGIC:
+        return "not a whole Parquet file (no magic bytes at both ends: truncated or overwritten)"
+    footer = int.from_bytes(tail[:4], "little")
+    if not 0 < footer <= size - 12:
+        return f"not a whole Parquet file (its footer length {footer} does not fit its {size} bytes)"
+    return None
+
+
+def unreadable_tables(run_dir: Path) -> dict[str, str]:
+    """``{file: reason}`` for the run's Parquet tables that are missing (:data:`TABLES`) or not whole
+    (:func:`parquet_error`); a run with none of these is what :func:`finish_run` wrote. Cheap: 12 bytes a table."""
+    run_dir = Path(run_dir)
+    try:
+        present = {e.name for e in os.scandir(run_dir) if e.name.endswith(".parquet") and not e.name.startswith(".")}
+    except OSError:
+        present = set()
+    bad: dict[str, str] = {}
+    for name in sorted(present | {f"{t}.parquet" for t in TABLES}):
+        reason = "missing" if name not in present else parquet_error(run_dir / name)
+        if reason:
+            bad[name] = reason
+    return bad
+
+
+def run_state(run_dir: Path) -> str:
+    """done | diverged | failed | running | pending from ``status.json``, or :data:`UNREADABLE` for a run whose
+    status says done/diverged but whose tables are missing or unreadable (:func:`unreadable_tables`)."""
+    status = read_status(run_dir).get("status", "pending")
+    if status in FINISHED:
+        return UNREADABLE if unreadable_tables(run_dir) else status
+    return status if status in ("failed", "running") else "pending"
 
 
 def is_finished(run_dir: Path) -> bool:
-    return read_status(run_dir).get("status") in FINISHED
+    """Whether the run is done or diverged with every table readable (a sweep skips it on resume)."""
+    return run_state(run_dir) in FINISHED
 
 
 def start_run(run_dir: Path, cfg: Config, device: torch.device | str, extra: dict | None = None) -> None:

@@ -9,8 +9,11 @@ Runs that share a :func:`sim.config.batch_signature` are packed into tasks (one
 :func:`sim.lab.dispatch.train_batch` call each; size automatic and memory-aware, or ``batch_size``) and run by an
 executor from :mod:`sim.lab.executors` (``--executor local|ray|slurm``); workers write the run folders.
 
-Resume: the same command again trains only the runs whose ``status.json`` is not ``done``/``diverged``,
-each from scratch. An exclusive ``flock`` on ``DIR/.lock`` keeps two sweeps off one folder.
+Resume: the same command again trains only the runs whose ``status.json`` is not ``done``/``diverged`` or
+whose tables are missing or not whole (``unreadable``: :func:`sim.lab.runs.unreadable_tables`), each from
+scratch; a sweep SIGKILLed anywhere, even before its ``sweep.json`` is in place, resumes. An exclusive ``flock``
+on ``DIR/.lock`` keeps two sweeps off one folder. Before anything is written, the grid's size is bounded
+(``--max-runs``, ``--max-yaml-values``) and every run's device is checked (:func:`check_devices`).
 ``reflab status DIR`` counts a sweep's runs by status (or shows one run folder's status).
 """
 
@@ -33,7 +36,8 @@ from typing import Any
 import pandas as pd
 
 import envs
-from sim.config import Config, UsageError, batch_signature
+from sim import yamlsafe
+from sim.config import Config, ConfigError, UsageError, batch_signature
 from sim.lab import dispatch, runs
 from sim.lab.executors import (
     EXECUTORS,
@@ -45,7 +49,7 @@ from sim.lab.executors import (
     make_executor,
     record_failure,
 )
-from sim.lab.grid import PlannedRun, SweepPlan, apply_sets, load_grid, parse_batch_size, plan_sweep
+from sim.lab.grid import MAX_RUNS, PlannedRun, SweepPlan, apply_sets, load_grid, parse_batch_size, plan_sweep
 from sim.lab.progress import progress, use_bar
 
 SWEEP_FILE = "sweep.json"
@@ -221,9 +225,26 @@ def write_index(sweep_dir: Path, plan: SweepPlan, statuses: dict[str, str]) -> N
 
 
 def disk_status(run_dir: Path) -> str:
-    """done | diverged | failed | running | pending, from the run's ``status.json``."""
-    status = runs.read_status(run_dir).get("status", "pending")
-    return status if status in ("done", "diverged", "failed", "running") else "pending"
+    """done | diverged | failed | running | pending from the run's ``status.json``, or ``unreadable`` when it says
+    finished but a table is missing or unreadable (:func:`sim.lab.runs.run_state`; such a run is trained again)."""
+    return runs.run_state(run_dir)
+
+
+def check_devices(plan: SweepPlan, executor: Executor) -> None:
+    """One-line :class:`ConfigError` naming a run whose ``device`` this machine lacks (``device=cuda`` without
+    CUDA), checked before anything is written when ``executor`` trains here (:attr:`Executor.runs_here`)."""
+    if not executor.runs_here:
+        return
+    checked: set[str] = set()
+    for run in plan.runs:
+        if run.config.device in checked:
+            continue
+        try:
+            dispatch.resolve_device(run.config.device)
+        except ConfigError as e:
+            n = sum(r.config.device == run.config.device for r in plan.runs)
+            raise ConfigError(f"{plan.label}: {n} of {len(plan.runs)} runs (e.g. {run.run_id}) have {e}") from None
+        checked.add(run.config.device)
 
 
 def _check_sweep_dir(out: Path, plan: SweepPlan) -> None:
@@ -233,7 +254,8 @@ def _check_sweep_dir(out: Path, plan: SweepPlan) -> None:
         return
     manifest = out / SWEEP_FILE
     if not manifest.is_file():
-        if [p for p in out.iterdir() if p.name != LOCK_FILE]:
+        # A sweep killed before its sweep.json was in place leaves its lock and temporary files: resumable.
+        if [p for p in out.iterdir() if not _is_sweep_leftover(p.name)]:
             raise UsageError(f"--out {str(out)!r} is not empty and holds no sweep ({SWEEP_FILE}); use a new folder")
         return
     try:
@@ -245,6 +267,12 @@ def _check_sweep_dir(out: Path, plan: SweepPlan) -> None:
     if old_ids != new_ids:
         raise UsageError(f"--out {str(out)!r} holds another sweep ({len(old_ids)} runs, {len(new_ids - old_ids)} of "
                          f"this grid's {len(new_ids)} not among them); use a new folder for a different grid")
+
+
+def _is_sweep_leftover(name: str) -> bool:
+    """Whether ``name`` in a sweep folder is what a killed sweep may leave before its ``sweep.json``: the lock,
+    or a temporary file of an atomic write of ``sweep.json`` or ``index.parquet``."""
+    return name == LOCK_FILE or (name.endswith(".tmp") and name.startswith((f".{SWEEP_FILE}.", f".{INDEX_FILE}.")))
 
 
 def _remove_stale_temp_files(sweep_dir: Path) -> None:
@@ -288,6 +316,7 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, progress_mode: str
     """
 
     out = out.resolve()  # workers elsewhere (Ray, Slurm) need absolute run folders
+    check_devices(plan, executor)
     _check_sweep_dir(out, plan)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +348,7 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, progress_mode: str
         finally:
             for run in plan.runs:  # the folders are the truth, whatever happened above
                 statuses[run.run_id] = s = disk_status(runs_dir / run.run_id)
-                if s == "running":
+                if s in ("running", runs.UNREADABLE):
                     statuses[run.run_id] = "pending"
             write_index(out, plan, statuses)
     return SweepSummary(_count(statuses), len(plan.runs) - len(todo), len(todo), n_tasks,
@@ -360,9 +389,8 @@ def _outcome_results(outcome: TaskOutcome) -> tuple[RunResult, ...]:
         return outcome.results
     task, res = outcome.task, []
     for rid, run_dir in zip(task.run_ids, task.run_dirs, strict=True):
-        status = runs.read_status(Path(run_dir))
-        if status.get("status") in runs.FINISHED:
-            res.append(RunResult(rid, status["status"]))
+        if runs.is_finished(Path(run_dir)):
+            res.append(RunResult(rid, runs.read_status(Path(run_dir))["status"]))
             continue
         res.append(record_failure(Path(run_dir), rid, f"task failed: {outcome.error}"))
     return tuple(res)
@@ -392,19 +420,31 @@ def status_report(path: Path, max_errors: int = 10) -> str:
         lines = [f"sweep {path}: {len(run_ids)} runs | " + " | ".join(f"{k} {v}" for k, v in counts.items())]
         if holder:
             lines.append(f"a sweep is running on it ({holder})")
-        elif counts["pending"] or counts["failed"]:
+        elif counts["pending"] or counts["failed"] or counts.get(runs.UNREADABLE):
             note = f" ({interrupted} interrupted)" if interrupted else ""
-            lines.append(f"no sweep is running on it{note}; run the same `reflab sweep` command to resume")
-        failed = [rid for rid, s in statuses.items() if s == "failed"]
-        for rid in failed[:max_errors]:
-            err = runs.read_status(path / RUNS_DIR / rid).get("error", "")
-            lines.append(f"failed {rid}: {err}")
-        if len(failed) > max_errors:
-            lines.append(f"... and {len(failed) - max_errors} more failed runs")
+            n_bad = counts.get(runs.UNREADABLE, 0)
+            again = f" (it trains the {n_bad} unreadable run{'s' * (n_bad != 1)} again)" if n_bad else ""
+            lines.append(f"no sweep is running on it{note}; run the same `reflab sweep` command to resume{again}")
+        for kind in ("failed", runs.UNREADABLE):
+            listed = [rid for rid, s in statuses.items() if s == kind]
+            for rid in listed[:max_errors]:
+                run_dir = path / RUNS_DIR / rid
+                if kind == "failed":
+                    why = runs.read_status(run_dir).get("error", "")
+                else:
+                    why = "; ".join(f"{name} {reason}" for name, reason in runs.unreadable_tables(run_dir).items())
+                lines.append(f"{kind} {rid}: {why}")
+            if len(listed) > max_errors:
+                lines.append(f"... and {len(listed) - max_errors} more {kind} runs")
         return "\n".join(lines)
     if (path / runs.STATUS_FILE).is_file() or (path / runs.CONFIG_FILE).is_file():
         st = runs.read_status(path)
+        state = runs.run_state(path)
         parts = [f"run {path}: {st.get('status', 'pending')}"]
+        if state == runs.UNREADABLE:
+            bad = runs.unreadable_tables(path)
+            parts = [f"run {path}: {state} (status {st['status']}, but " +
+                     "; ".join(f"{name} {reason}" for name, reason in bad.items()) + ")"]
         if "update" in st:
             parts.append(f"update {st['update']}")
         if "wall_time_s" in st:
@@ -432,9 +472,12 @@ def _dry_run_table(plan: SweepPlan, out: Path | None) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``reflab sweep``: expand, validate, then (unless ``--dry-run``) train into ``--out``."""
-    grid, path = load_grid(args.grid)
-    grid = apply_sets(grid, args.set, args.grid, path.parent)
-    plan = plan_sweep(grid, args.grid, path.parent)
+    if args.max_runs < 1 or args.max_yaml_values < 1:
+        raise UsageError("--max-runs and --max-yaml-values must be positive integers")
+    grid, path = load_grid(args.grid, args.max_yaml_values, "--max-yaml-values")
+    grid = apply_sets(grid, args.set, args.grid, path.parent, args.max_yaml_values, "--max-yaml-values")
+    plan = plan_sweep(grid, args.grid, path.parent, args.max_runs, args.max_yaml_values,
+                      ("--max-runs", "--max-yaml-values"))
     batch_size = None
     if args.batch_size is not None:
         batch_size = parse_batch_size(_int_or_auto(args.batch_size), "--batch-size") or "auto"
@@ -456,6 +499,7 @@ def main(args: argparse.Namespace) -> int:
         executor.check()
     except ExecutorError as e:
         raise UsageError(str(e)) from e
+    check_devices(plan, executor)
     mode = "none" if args.quiet else args.progress
     try:
         summary = run_sweep(plan, out, executor, mode, batch_size)
@@ -508,6 +552,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
                    help="a rich bar on a terminal (auto), plain lines, or nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output (same as --progress none)")
+    p.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
+                   help=f"refuse a grid of more than N runs, counted before expanding it (default {MAX_RUNS})")
+    p.add_argument("--max-yaml-values", type=int, default=yamlsafe.MAX_VALUES, metavar="N",
+                   help="refuse a grid (or base) file of more than N YAML values once aliases are expanded "
+                        f"(default {yamlsafe.MAX_VALUES}; also bounds its characters and bytes)")
     g = p.add_argument_group("ray")
     g.add_argument("--address", default=None,
                    help="address of an existing Ray cluster (default: start a local Ray instance)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 
 from analysis import figures as F
 from analysis import loading, plotting
+from analysis import metrics as M
 from analysis import policy_figures as P
 from analysis.loading import load
 
@@ -59,6 +61,19 @@ def test_recovery_figure(bandit_beta, tmp_path: Path) -> None:
 def test_heatmap_over_beta(bandit, tmp_path: Path) -> None:
     written(F.plot_heatmap(bandit.metrics, tmp_path / "heat", value="kl_final", formats=("png",)))
     written(F.plot_heatmap(bandit.metrics, tmp_path / "heat_c", value="collapsed", stat="mean", formats=("png",)))
+
+
+def test_a_narrow_heatmap_with_a_long_title_is_laid_out_without_warnings(bandit, tmp_path: Path) -> None:
+    """A one-β heatmap (the narrowest) titled with a long condition label: its title is wrapped to the figure
+    instead of leaving constrained layout no room ("axes sizes collapsed to zero", a UserWarning per figure)."""
+    one_beta = M.run_summary(bandit.metrics[bandit.metrics["kl.beta"] == 0.25])
+    one_beta = one_beta[one_beta["variant"].astype(str).isin(["none", "k1 in reward", "k3 as loss"])]
+    title = "final TV distance to the optimum, IQM over seeds (train.lr = 1e+06, env.horizon = 12)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        paths = F.plot_heatmap(one_beta, tmp_path / "heat", value="tv_opt_final", summary=one_beta, title=title,
+                               formats=("pdf", "png"))
+    written(paths, (".pdf", ".png"))
 
 
 def test_bandit_final_policy(bandit, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -82,6 +83,33 @@ def test_failed_and_missing_runs_are_reported(broken_sweep: Path) -> None:
     assert "boom" in problems.loc["failed", "error"]
     assert res.metrics["run_id"].nunique() == 30
     assert len(res.policy["run_id"].unique()) == 30
+
+
+def test_unreadable_runs_are_marked_and_left_out(bandit_sweep: Path, tmp_path: Path) -> None:
+    """A run whose status says done but whose metrics.parquet is truncated is not silently dropped."""
+    out = tmp_path / "sweep"
+    shutil.copytree(bandit_sweep, out)
+    victim = sorted((out / "runs").iterdir())[3]
+    metrics = victim / "metrics.parquet"
+    metrics.write_bytes(metrics.read_bytes()[:100])
+    res = load(out)
+    row = res.runs[res.runs["run_id"].astype(str) == victim.name].iloc[0]
+    assert row["status"] == "unreadable" and not row["has_metrics"]
+    assert row["error"].startswith("metrics.parquet: ")
+    assert victim.name not in set(res.metrics["run_id"].astype(str)) and res.metrics["run_id"].nunique() == 31
+    problems = res.problems
+    assert list(problems["run_id"].astype(str)) == [victim.name] and list(problems["status"]) == ["unreadable"]
+    assert victim.name not in set(res.policy["run_id"].astype(str))
+    # a metrics.parquet that looks whole (magic bytes, footer length) but whose footer is garbage is caught on reading
+    other = sorted((out / "runs").iterdir())[5] / "metrics.parquet"
+    data = bytearray(other.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[-8 - footer:-8] = b"\xff" * footer
+    other.write_bytes(bytes(data))
+    res = load(out)
+    assert list(res.problems["run_id"].astype(str)) == [victim.name, other.parent.name]
+    assert set(res.problems["status"]) == {"unreadable"} and res.metrics["run_id"].nunique() == 30
+    assert "remove the run's folder" in res.problems["error"].iloc[1]
 
 
 def test_folder_of_run_folders(bandit_sweep: Path, tmp_path: Path) -> None:

@@ -92,3 +92,58 @@ def test_report_of_a_gaussian_sweep(gauss_sweep: Path, tmp_path: Path) -> None:
     table = pd.read_csv(out / "summary.csv")
     assert "collapsed" not in table.columns  # no absolute entropy threshold for a Gaussian
     assert "kl_opt_final" in table.columns
+
+
+def _damage(sweep: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of ``sweep`` whose first run's metrics.parquet is truncated and second run's policy.parquet has a
+    garbage footer; both runs' status.json still say done."""
+    out = tmp_path / "damaged"
+    shutil.copytree(sweep, out)
+    ids = [str(r) for r in pd.read_parquet(out / "index.parquet")["run_id"]]
+    metrics = out / "runs" / ids[0] / "metrics.parquet"
+    metrics.write_bytes(metrics.read_bytes()[: metrics.stat().st_size // 2])
+    policy = out / "runs" / ids[1] / "policy.parquet"
+    policy.write_bytes(policy.read_bytes()[:-16] + b"\xff" * 16)
+    return out, ids
+
+
+def test_report_names_every_unreadable_run(bandit_sweep: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    src, ids = _damage(bandit_sweep, tmp_path)
+    out = tmp_path / "report"
+    assert main(["report", str(src), "--out", str(out), "--formats", "png", "--n-boot", "20", "--figures",
+                 "none"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"report: {out / 'index.md'} (30 of 32 runs with results, 0 figure files; 2 unreadable "
+                           "runs left out: ")
+    assert f"{ids[0]} (metrics.parquet)" in line and f"{ids[1]} (policy.parquet)" in line
+    index = (out / "index.md").read_text()
+    assert "(sweep of 32 runs; done 30, unreadable 2)" in index
+    assert f"| {ids[0]} | unreadable | metrics.parquet: " in index
+    assert f"| {ids[1]} | unreadable | policy.parquet: " in index
+    assert "trains them again" in index
+    assert pd.read_csv(out / "summary.csv")["n"].sum() == 30
+
+
+def test_report_refuses_unreadable_sweep_metadata_in_one_line(bandit_sweep: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    def damaged(name: str, content: bytes) -> Path:
+        out = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(bandit_sweep, out)
+        (out / name).write_bytes(content)
+        return out
+
+    cases = [(damaged("index.parquet", b"garbage, not parquet"), "index.parquet is not a readable Parquet table"),
+             (damaged("sweep.json", b"{not json"), "sweep.json is unreadable"),
+             (damaged("sweep.json", b"[1, 2]"), "sweep.json holds list")]
+    no_run_id = tmp_path / "no_run_id"
+    shutil.copytree(bandit_sweep, no_run_id)
+    pd.read_parquet(no_run_id / "index.parquet").drop(columns="run_id").to_parquet(no_run_id / "index.parquet")
+    cases.append((no_run_id, "index.parquet has no run_id column"))
+    for src, needle in cases:
+        assert main(["report", str(src), "--formats", "png", "--figures", "none"]) == 2, needle
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+        assert captured.err.startswith("reflab: error: ") and needle in captured.err
+        assert "reflab sweep" in captured.err
+        assert not (src / "report").exists()
