@@ -89,6 +89,8 @@ class PPOTrainer(DiscreteTrainer):
         ``ref_logp`` ``[R, S, A]``."""
         pi_t, ref_t = self._tables()
         buf = sample_episodes(self.core, pi_t, rng.fold(self.rt.keys, update), self.cfg.train.batch, self.dtype)
+        if self.proxy is not None:  # a learned reward: the runs train on their proxy (sim.algos.proxy)
+            buf["reward"] = self.proxy.rewards(buf)
         self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
         return buf, {"logp": pi_t, "ref_logp": ref_t}
 
@@ -376,7 +378,7 @@ class PPOTrainer(DiscreteTrainer):
             pi, ref = pi.to(torch.float64), ref.to(torch.float64)
             occ = tabular.state_occupancy(self.mdp, pi)
             ks = (pi.exp().unsqueeze(-1) * all_estimates(pi, ref)).sum(-2)  # [R, S, 3]
-            exp_diag = {"reward": tabular.expected_return(self.mdp, pi),
+            exp_diag = {"reward": tabular.expected_return(self.train_mdp, pi),
                         **{f"kl_k{i + 1}": (occ * ks[..., i]).sum(-1) for i in range(3)},
                         "episode_length": occ.sum(-1)}
         return exp_diag
