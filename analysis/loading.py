@@ -43,7 +43,7 @@ TABLES: tuple[str, ...] = ("metrics", "policy", "trajectories")
 _NON_CONDITION_KEYS = {"run_id", "seed", "device", "threads", "log.progress"}
 #: Config keys that never split runs into conditions: the above plus the keys ``variant`` stands for.
 NOT_CONDITION_KEYS = _NON_CONDITION_KEYS | {"kl.placement", "kl.estimator", "kl.is_correction", "train.algo",
-                                            "dpo.loss"}
+                                            "dpo.loss", "bon.n"}
 
 
 def variant_order(variants: Sequence[str]) -> list[str]:
@@ -57,10 +57,13 @@ def variant_label(placement: str, estimator: str, is_correction: bool = False, a
     """The human label of a placement × estimator pair: ``"none"``, ``"k1 in reward"``, ``"k3 as loss"``.
 
     Loss-placed KL with importance-sampling correction gets the suffix ``" (IS)"``. Runs with
-    ``train.algo = dpo`` are ``"DPO"`` or ``"IPO"`` (``dpo.loss``) whatever their ``kl.*`` keys.
+    ``train.algo = dpo`` are ``"DPO"`` or ``"IPO"`` (``dpo.loss``) whatever their ``kl.*`` keys, runs with
+    ``train.algo = bon`` ``"BoN"`` (best-of-n; its ``bon.n`` is not a condition).
     """
     if algo == "dpo":
         return "IPO" if dpo_loss == "ipo" else "DPO"
+    if algo == "bon":
+        return "BoN"
     if placement == "none":
         return "none"
     if placement == "reward":
@@ -358,6 +361,21 @@ def _read_table(runs: pd.DataFrame, name: str, keys: Sequence[str],
     return out
 
 
+def _env_determined(runs: pd.DataFrame, swept: Sequence[str]) -> set[str]:
+    """Swept env keys that ``env.id`` determines (a sweep over whole env mappings, e.g. an axis ``env: [{id:
+    bandit, …}, {id: token_tree, …}]``): the ``env`` mapping itself and each ``env.<param>`` that takes one value
+    per env. ``env.id`` stands for them, so they define no further condition."""
+    if "env.id" not in runs or runs["env.id"].astype(str).nunique() < 2:
+        return set()
+    out = {"env"} & set(swept)
+    ids = runs["env.id"].astype(str)
+    for c in swept:
+        if c.startswith("env.") and c != "env.id" and c in runs:
+            if int(runs[c].astype(str).groupby(ids).nunique().max()) <= 1:
+                out.add(c)
+    return out
+
+
 def load(path: str | Path, metric_columns: Sequence[str] | None = None) -> Results:
     """Load a run folder or a sweep folder into :class:`Results`.
 
@@ -377,7 +395,7 @@ def load(path: str | Path, metric_columns: Sequence[str] | None = None) -> Resul
     runs, configs = _runs_frame(entries)
     cfg_cols = [c for c in runs.columns if "." in c or c == "seed"]
     swept = [c for c in index_swept if c in runs] + [c for c in _varying(runs, cfg_cols) if c not in index_swept]
-    swept = [c for c in swept if c not in _NON_CONDITION_KEYS - {"seed"}]
+    swept = [c for c in swept if c not in _NON_CONDITION_KEYS - {"seed"} and c not in _env_determined(runs, swept)]
     keys = [k for k in BASE_KEYS if k in runs] + [k for k in swept if k not in BASE_KEYS]
     runs = _categorize(runs, keys)
     lead = keys + [c for c in ("status", "error", "has_metrics", "final_update", "wall_time_s", "path")

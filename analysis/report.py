@@ -31,7 +31,7 @@ import pandas as pd
 
 from analysis import figures as F
 from analysis import metrics as M
-from analysis import plotting
+from analysis import overopt, plotting
 from analysis import policy_figures as P
 from analysis.loading import Results, load
 from analysis.stats import aggregate
@@ -50,12 +50,13 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 MAX_CONDITIONS = 8
 #: Figure kinds a report can draw (``--figures``).
-FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous")
+FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous", "overopt")
 #: Figure file prefixes and their titles in index.md.
 FIGURE_KINDS = {"fig1": "Fig. 1: drift", "fig2": "Fig. 2: collapse", "fig3": "Fig. 3: recovery",
                 "fig4": "Fig. 4: final measure over β × variant", "fig5": "Fig. 5: final policy",
                 "fig6": "Fig. 6: estimators", "fig7": "Fig. 7: DPO vs PPO over β",
-                "figG": "Gaussian policy vs the optimum", "figD1": "x_0 distribution", "figD2": "mode mix of x_0"}
+                "figG": "Gaussian policy vs the optimum", "figD1": "x_0 distribution", "figD2": "mode mix of x_0",
+                "figO1": "Fig. O1: gold and proxy reward vs √KL", "figO2": "Fig. O2: β along the frontier"}
 #: Diffusion chain: estimator figures leave out batches whose sampling policy's KL exceeds this (nats).
 DIFFUSION_ESTIMATOR_MAX_KL = 50.0
 
@@ -137,6 +138,7 @@ class _Report:
         self.seeds, self.threshold, self.n_boot, self.seed = seeds, collapse_threshold, n_boot, seed
         self.sections: list[tuple[str, list[tuple[str, list[Path]]]]] = []
         self.errors: list[str] = []
+        self.extra_markdown: list[str] = []
 
     def _figure(self, entries: list[tuple[str, list[Path]]], sentence: str, fn: Any, *args: Any, **kw: Any) -> None:
         """Draw one figure; a figure that cannot be drawn is reported in index.md, not raised."""
@@ -339,6 +341,9 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
     out.mkdir(parents=True, exist_ok=True)
     rep = _Report(res, out, formats, seeds, collapse_threshold, n_boot, seed, figures)
     metrics = res.metrics
+    # best-of-n trains nothing: its runs are in the over-optimization section only (analysis.overopt_report)
+    frontier = overopt.has_frontier(metrics)
+    everything, metrics = metrics, metrics[metrics["variant"].astype(str) != overopt.BON] if frontier else metrics
     by: list[str] = []
     table = pd.DataFrame()
     if not metrics.empty:
@@ -365,10 +370,17 @@ def write_report(path: str | Path, out: str | Path | None = None, formats: Seque
                 rep.dpo_beta(condition, g, x)
     else:
         skipped = 0
+    if frontier:
+        from analysis.overopt_report import write_overopt  # matplotlib figures, like the rest of this module
+
+        section = write_overopt(everything, out, formats, n_boot, seed, figures="overopt" in rep.kinds)
+        rep.extra_markdown, rep.errors = section.markdown, rep.errors + section.errors
+        if section.figures:
+            rep.sections.append(("Reward over-optimization", section.figures))
     index = out / "index.md"
     index.write_text(_index_markdown(res, Path(path), out, table, by, rep, skipped, max_conditions,
                                      collapse_threshold, recovery_tol, n_boot, time.perf_counter() - t0))
-    n_with = int(metrics["run_id"].nunique()) if not metrics.empty else 0
+    n_with = int(everything["run_id"].nunique()) if not everything.empty else 0
     figures = [p for _, entries in rep.sections for _, paths in entries for p in paths]
     return ReportOutput(index, len(res.runs), n_with, figures)
 
@@ -402,7 +414,7 @@ def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by:
             err = str(p["error"]).replace("|", "\\|").replace("\n", " ")[:200]
             lines.append(f"| {p['run_id']} | {p['status']} | {err} |")
         lines.append("")
-    if table.empty:
+    if table.empty and not rep.extra_markdown:
         lines += ["**No run has metrics: nothing to summarize.**", ""]
         return "\n".join(lines)
     lines += ["## Summary", "",
@@ -415,6 +427,7 @@ def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by:
               f"until the KL halves after the switch; *returned* = KL after reward off ≤ {tol:g} nats.", "",
               summary_markdown(table, by),
               "Tables: [summary.csv](summary.csv), [summary.md](summary.md), per run: [runs.csv](runs.csv).", ""]
+    lines += rep.extra_markdown
     lines += ["## Figures", ""]
     for title, entries in rep.sections:
         lines += [f"### {title}", ""]

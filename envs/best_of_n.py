@@ -157,15 +157,18 @@ def _levels(ref_prob: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, T
 
 
 def _level_law(mass: Tensor, below: Tensor, n: Tensor) -> Tensor:
-    """``P_v = F(v)^n − F(v⁻)^n`` ``[..., O]`` for level masses ``p_v`` and masses below ``F(v⁻)``, computed
-    without cancellation: ``F(v⁻)^n · expm1(n·log1p(p_v/F(v⁻)))`` (``p_v^n`` on the lowest level)."""
+    """``P_v = F(v)^n − F(v⁻)^n`` ``[..., O]`` for level masses ``p_v`` and masses below ``F(v⁻)``, in log space
+    so that neither large ``n`` nor tiny levels lose it: ``P_v = exp(n·log F(v) + log(−expm1(n·log(F(v⁻)/F(v)))))``
+    (``F(v)^n`` on the lowest level, where ``F(v⁻) = 0``)."""
     nn = n.to(mass).unsqueeze(-1)
-    safe_below = torch.where(below > 0, below, torch.ones_like(below))
-    upper = torch.exp(nn * torch.log(safe_below)) * torch.expm1(nn * torch.log1p(mass / safe_below))
-    lowest = torch.where(mass > 0, torch.exp(nn * torch.log(torch.where(mass > 0, mass, torch.ones_like(mass)))),
-                         torch.zeros_like(mass))
-    law = torch.where(below > 0, upper, lowest)
-    return torch.where(mass > 0, law, torch.zeros_like(law))
+    upper = below + mass
+    ok = mass > 0
+    safe_upper = torch.where(ok, upper, torch.ones_like(upper))
+    log_upper = torch.log(safe_upper)
+    ratio = torch.where(below > 0, torch.log(torch.where(below > 0, below, torch.ones_like(below))) - log_upper,
+                        torch.full_like(below, -torch.inf))
+    law = torch.exp(nn * log_upper + torch.log(-torch.expm1(nn * ratio)))
+    return torch.where(ok, law, torch.zeros_like(law))
 
 
 def best_of_n(ref_prob: Tensor, scores: Tensor, n: Tensor | int) -> tuple[Tensor, Tensor]:

@@ -33,6 +33,8 @@ from sim.engine import reward_model, rng
 from sim.engine.outputs import snapshot
 from sim.engine.preferences import sample_preferences, sampler_logp
 
+#: Gradient max-norm at or below which a tabular or linear fit counts as converged in ``status.json``.
+CONVERGED = 1e-9
 #: Columns of ``reward_model.parquet`` (one row per (state, action) of the env).
 REWARD_MODEL_COLUMNS = ("state", "action", "proxy", "gold", "column", "pairs")
 
@@ -46,8 +48,8 @@ class ProxyReward:
         gold: the env's MDP (the gold reward).
         data: the runs' preference pairs (as :func:`~sim.engine.preferences.sample_preferences` returns them).
         tau: the Bradley–Terry temperature of the labels.
-        finite: ``[R]`` whether each run's fit is finite (a run whose fit is not is marked diverged at update 0
-            by the trainer and trains on a zero proxy).
+        finite: ``[R]`` whether each run's fit and its final gradient are finite (a run whose fit is not is
+            marked diverged at update 0 by the trainer and trains on a zero proxy).
     """
 
     def __init__(self, configs: list[Config], mdp: tabular.TabularMDP, core: tabular.TabularCore,
@@ -61,7 +63,7 @@ class ProxyReward:
         self.data = sample_preferences(core, sampler_logp(rc.sampler, mdp), keys, rc.pairs, self.tau)
         self.design = reward_model.build_design(mdp.to("cpu"), cfg)
         table, self.diag = reward_model.fit(self.design, self.data, cfg, keys)
-        self.finite = torch.isfinite(table).reshape(len(configs), -1).all(-1)
+        self.finite = torch.isfinite(table).reshape(len(configs), -1).all(-1) & torch.isfinite(self.diag["grad_norm"])
         self.table = torch.where(self.finite[:, None, None], table, torch.zeros_like(table))
         R, (S, A, K) = len(configs), mdp.next_state.shape
         self.mdp = replace(mdp, reward=self.table.unsqueeze(-1).expand(R, S, A, K).contiguous(), reward_noise=0.0)
@@ -117,10 +119,13 @@ class ProxyReward:
 
     def status(self, run: int) -> dict:
         """The fit's summary for ``status.json``: family, columns, per-episode or per-step, pairs, columns in no
-        pair (``unseen``), the final loss, training accuracy, gradient norm and iterations, finiteness."""
+        pair (``unseen``), the final loss, training accuracy, gradient norm and iterations, whether Newton's
+        method converged (gradient max-norm ≤ :data:`CONVERGED`; ``None`` for the MLP's fixed Adam steps) and
+        finiteness."""
         d = self.diag
         return {"family": self.design.family, "per_episode": self.design.per_episode,
                 "columns": self.design.n_columns, "pairs": int(self.data["valid"].shape[1]),
                 "unseen": int(d["unseen"][run]), "loss": float(d["loss"][run]), "accuracy": float(d["accuracy"][run]),
                 "grad_norm": float(d["grad_norm"][run]), "iterations": int(d["iterations"][run]),
+                "converged": None if self.design.family == "mlp" else bool(d["grad_norm"][run] <= CONVERGED),
                 "finite": bool(self.finite[run])}
