@@ -168,13 +168,15 @@ def bon_check(points: pd.DataFrame, fits: pd.DataFrame, by: Sequence[str], n_boo
 def peak_per_run(points: pd.DataFrame) -> pd.DataFrame:
     """One row per run: key columns, ``gold_peak`` (highest gold over the reward phase), ``kl_at_peak``,
     ``update_at_peak``, ``gold_final``, ``kl_final``, ``proxy_final``, ``drop = gold_peak − gold_final`` and
-    ``gold_ref`` (gold of π_ref)."""
+    ``gold_ref`` (gold of π_ref). A best-of-n run is its n-policy alone (peak = final)."""
     keys = key_columns(points)
     p = points.sort_values(["run_id", "update"], kind="stable")
+    first = p.groupby("run_id", observed=True, sort=False).head(1).set_index("run_id")
+    last_update = p.groupby("run_id", observed=True, sort=False)["update"].transform("max")
+    p = p[(p["variant"].astype(str) != BON) | (p["update"] == last_update)]  # best-of-n: its n-policy only
     g = p.groupby("run_id", observed=True, sort=False)
     at_peak = p.loc[g["gold"].idxmax().dropna().to_numpy()].set_index("run_id")
     last = g.tail(1).set_index("run_id")
-    first = g.head(1).set_index("run_id")
     per = pd.DataFrame({"gold_peak": at_peak["gold"], "kl_at_peak": at_peak["kl"],
                         "update_at_peak": at_peak["update"], "gold_final": last["gold"], "kl_final": last["kl"],
                         "proxy_final": last["proxy"], "gold_ref": first["gold"]})
@@ -184,7 +186,7 @@ def peak_per_run(points: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-PEAK_COLUMNS = ("gold_peak", "kl_at_peak", "gold_final", "kl_final", "proxy_final", "drop")
+PEAK_COLUMNS = ("gold_ref", "gold_peak", "kl_at_peak", "gold_final", "kl_final", "proxy_final", "drop")
 
 
 def peak_table(per_run: pd.DataFrame, by: Sequence[str], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -208,14 +210,25 @@ def peak_table(per_run: pd.DataFrame, by: Sequence[str], n_boot: int = 2000, see
 
 
 def frontier_envelope(points: pd.DataFrame, grid: np.ndarray) -> np.ndarray:
-    """The best ``gold_rel`` reached at ``d ≤ grid[j]`` over ``points`` (any runs and updates): ``[len(grid)]``
-    (NaN below the smallest d reached). With the runs of one variant and seed over every β, it is the frontier
-    that variant reaches by early stopping at a KL budget."""
-    d, g = points["d"].to_numpy(float), points["gold_rel"].to_numpy(float)
-    order = np.argsort(d, kind="stable")
-    d, best = d[order], np.fmax.accumulate(g[order])
-    idx = np.searchsorted(d, grid, side="right") - 1
-    return np.where(idx >= 0, best[np.clip(idx, 0, None)], np.nan)
+    """The best ``gold_rel`` reached at ``d ≤ grid[j]`` over ``points``' runs: ``[len(grid)]`` (NaN below the
+    smallest d reached). Each run's logged (d, gold) are joined by straight segments in update order, so a run
+    that moves fast in d between two logged updates is not penalized for the gap (the points inside a segment
+    with d ≤ budget are an interval, whose best gold is at one of its ends). With the runs of one variant and
+    seed over every β, it is the frontier that variant reaches by early stopping at a KL budget."""
+    grid = np.asarray(grid, dtype=float)
+    best = np.full(len(grid), -np.inf)
+    for _, r in points.sort_values(["run_id", "update"], kind="stable").groupby("run_id", observed=True, sort=False):
+        d, g = r["d"].to_numpy(float), r["gold_rel"].to_numpy(float)
+        for j, budget in enumerate(grid):
+            ok = d <= budget
+            if ok.any():
+                best[j] = max(best[j], g[ok].max())
+            a, b = d[:-1], d[1:]
+            cross = (np.minimum(a, b) <= budget) & (np.maximum(a, b) > budget)  # the segment leaves the budget
+            if cross.any():
+                t = (budget - a[cross]) / (b[cross] - a[cross])
+                best[j] = max(best[j], float(np.max(g[:-1][cross] + t * (g[1:][cross] - g[:-1][cross]))))
+    return np.where(np.isfinite(best), best, np.nan)
 
 
 def frontier_comparison(points: pd.DataFrame, by: Sequence[str], grid: Sequence[float], n_boot: int = 2000,

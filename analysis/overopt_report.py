@@ -248,8 +248,9 @@ def _markdown(peaks: pd.DataFrame, fits: pd.DataFrame, bon: pd.DataFrame, fronti
               conds: list[str], has_beta: bool, n_boot: int) -> list[str]:
     keys = [(c, c) for c in conds] + ([("kl.beta", "β")] if has_beta else [])
     lines = ["## Reward over-optimization", "",
-             "Gold = the env's reward, proxy = each run's learned reward model; both exact expectations, relative "
-             "to π_ref's; d = √KL(π‖π_ref). Mean over seeds [95 % bootstrap interval, "
+             "Gold = the env's reward, proxy = each run's learned reward model; both exact expectations (the table "
+             "gives them as they are, the fits and the frontier relative to π_ref's); d = √KL(π‖π_ref). Mean over "
+             "seeds [95 % bootstrap interval, "
              f"{n_boot} replicates]. *peak* = the highest gold over the reward phase, *final* = at its end; "
              "*lost* = the fraction of the peak's gain over π_ref given back by the end. Best-of-n rows are per n "
              "(one policy each: peak = final). Tables: [overopt_peaks.csv](overopt_peaks.csv), "
@@ -257,7 +258,8 @@ def _markdown(peaks: pd.DataFrame, fits: pd.DataFrame, bon: pd.DataFrame, fronti
              "[overopt_frontier.csv](overopt_frontier.csv).", ""]
     if not peaks.empty:
         cols = [("variant", "variant"), *keys] + ([("bon.n", "n")] if "bon.n" in peaks else []) + [
-            ("n", "seeds"), ("gold_peak", "peak gold"), ("kl_at_peak", "KL at peak"), ("gold_final", "final gold"),
+            ("n", "seeds"), ("gold_ref", "π_ref's gold"), ("gold_peak", "peak gold"), ("kl_at_peak", "KL at peak"),
+            ("gold_final", "final gold"),
             ("kl_final", "final KL"), ("proxy_final", "final proxy"), ("drop", "peak − final"),
             ("lost", "lost")]
         cols = [(c, h) for c, h in cols if c in peaks]
