@@ -146,9 +146,8 @@ def plot_beta_frontier(points: pd.DataFrame, path: str | Path, *, title: str | N
     fig.supxlabel(D_LABEL, fontsize=7)
     fig.supylabel("gold reward − π_ref's", fontsize=7)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), handlelength=1.5)
-    if title:
-        fig.suptitle(title, fontsize=7)
+    fig.legend(handles, labels, loc="outside upper center", ncol=min(6, len(labels)), handlelength=1.5,
+               title=title)
     return save(fig, path, formats)
 
 

@@ -1,6 +1,7 @@
 """Direct preference optimization on the discrete envs, batched over runs like the PPO engine (seed §6).
 
-With ``train.algo: dpo`` every run gets its own dataset of ``dpo.pairs`` preference pairs: two episodes
+With ``train.algo: dpo`` every run gets its own dataset (:mod:`sim.engine.preferences`; with
+``reward.model: learned``, the pairs its proxy reward was fitted to) of ``dpo.pairs`` preference pairs: two episodes
 from the same start state, both sampled from ``dpo.sampler`` (the reference by default), labelled by a
 Bradley–Terry model on the env's noise-free reward, ``P(y₁ ≻ y₂) = σ((r(y₁) − r(y₂))/τ)`` with
 ``τ = dpo.bt_temperature`` (``r(y)`` = the episode's summed expected reward). The policy then minimizes,
