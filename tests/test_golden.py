@@ -27,6 +27,9 @@ DATA = GOLDEN / "data"
 def fresh(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("golden")
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    # the code under test, not whatever copy of the package is installed (the script's own folder comes first on
+    # its sys.path, so without this an editable install of another checkout would be imported)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(GOLDEN.parent.parent), env.get("PYTHONPATH")) if p)
     subprocess.run([sys.executable, str(GOLDEN / "golden.py"), "--out", str(out)], check=True, env=env,
                    cwd=GOLDEN.parent.parent)
     return out
