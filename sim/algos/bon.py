@@ -24,12 +24,12 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-import envs
 from envs.best_of_n import EpisodeTree, best_of_n, episode_tree, kl_upper_bound
 from sim.algos.discrete import DiscreteTrainer
 from sim.config import Config, ConfigError
 from sim.engine.loop import ProgressFn
 from sim.engine.outputs import RunOutput, RunOutputs
+from sim.engine.reward_model import config_tree
 
 
 class BoNTrainer(DiscreteTrainer):
@@ -41,7 +41,7 @@ class BoNTrainer(DiscreteTrainer):
         super().check_config(cfg)
         if cfg.bon.n < 1:
             raise ConfigError(f"bon.n must be >= 1, got {cfg.bon.n}")
-        if episode_tree(envs.from_config(cfg.env).build()) is None:
+        if config_tree(cfg.env) is None:
             raise ConfigError(f"train.algo=bon needs an env whose episodes form a tree (one start state, fixed "
                               f"transitions, each state entered by one (state, action): bandit, token_tree); "
                               f"env.id={cfg.env['id']!r} with these keys is not one")

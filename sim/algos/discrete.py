@@ -42,7 +42,7 @@ class DiscreteTrainer(BatchTrainer):
         (:func:`sim.engine.reward_model.check_reward_config`)."""
         init = cfg.train.init
         if cfg.reward.model == "learned":
-            check_reward_config(cfg, envs.from_config(cfg.env).build())
+            check_reward_config(cfg)
         if isinstance(init, str):
             return
         mdp = envs.from_config(cfg.env).build()

@@ -27,15 +27,18 @@ depend on its batch.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+import envs
 from envs import tabular
 from envs.best_of_n import EpisodeTree, episode_tree
 from sim.config import Config, ConfigError, check_positive
@@ -128,12 +131,34 @@ def build_design(mdp: tabular.TabularMDP, cfg: Config) -> ProxyDesign:
     return ProxyDesign(rc.family, tree is not None, columns, col_of, feats, rc.hidden, S, A)
 
 
-def check_reward_config(cfg: Config, mdp: tabular.TabularMDP) -> None:
+@functools.lru_cache(maxsize=16)
+def _mdp_of(env_json: str) -> tabular.TabularMDP:
+    return envs.from_config(json.loads(env_json)).build()
+
+
+def config_mdp(env: Mapping[str, Any]) -> tabular.TabularMDP:
+    """The MDP of a config's ``env`` mapping, for config checks: built once per distinct mapping (a sweep checks
+    hundreds of runs of one env) and shared, so read only."""
+    return _mdp_of(json.dumps(dict(env), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _tree_of(env_json: str) -> EpisodeTree | None:
+    return episode_tree(_mdp_of(env_json))
+
+
+def config_tree(env: Mapping[str, Any]) -> EpisodeTree | None:
+    """:func:`envs.best_of_n.episode_tree` of :func:`config_mdp` (cached the same way)."""
+    return _tree_of(json.dumps(dict(env), sort_keys=True))
+
+
+def check_reward_config(cfg: Config) -> None:
     """Raise :class:`ConfigError` (one line naming the key) for a ``reward`` section a discrete env cannot fit;
     print one ``reflab: warning`` line (once per message) when the sampler never reaches some columns."""
     rc = cfg.reward
     if rc.model != "learned":
         return
+    mdp = config_mdp(cfg.env)
     if rc.pairs < 1:
         raise ConfigError(f"reward.pairs must be > 0 with reward.model=learned (the proxy is fitted to them); "
                           f"got {rc.pairs}")
@@ -158,26 +183,28 @@ def check_reward_config(cfg: Config, mdp: tabular.TabularMDP) -> None:
             raise ConfigError(f"reward.features has {len(rows)} rows of lengths {sorted({len(r) for r in rows})}; "
                               f"env.id={cfg.env['id']!r} has {S} state(s) × {A} actions = {S * A} (state, action) "
                               "pairs: give one row of equal length per pair, state-major")
-    _warn_unreached(cfg, mdp)
-
-
-def _warn_unreached(cfg: Config, mdp: tabular.TabularMDP) -> None:
-    """Warn (once per message) when the sampler gives some of the proxy's columns probability 0."""
-    rc = cfg.reward
-    tree = per_episode_tree(mdp)
-    columns = tree.final_pairs if tree is not None else torch.arange(mdp.n_states * mdp.n_actions)
-    logp = sampler_logp(rc.sampler, mdp)
-    occ = tabular.state_occupancy(mdp, logp)
-    reach = (occ.unsqueeze(-1) * logp.exp()).reshape(-1)[columns]
-    never = int((reach <= 0).sum())
+    env_json = json.dumps(dict(cfg.env), sort_keys=True)
+    never, total = _unreached(env_json, json.dumps(rc.sampler))
     if never:
         what = "keeps them at 0" if rc.family == "tabular" else "extrapolates them from their features"
-        msg = (f"reflab: warning: reward.sampler={rc.sampler} never reaches {never} of the {columns.numel()} "
+        msg = (f"reflab: warning: reward.sampler={rc.sampler} never reaches {never} of the {total} "
                f"(state, action) pairs the proxy scores on env.id={cfg.env['id']!r}: the proxy never sees them "
                f"and {what}")
         if msg not in _WARNED:
             _WARNED.add(msg)
             print(msg, file=sys.stderr)
+
+
+@functools.lru_cache(maxsize=16)
+def _unreached(env_json: str, sampler_json: str) -> tuple[int, int]:
+    """``(columns the sampler gives probability 0, columns)`` of the proxy on an env."""
+    mdp = _mdp_of(env_json)
+    tree = per_episode_tree(mdp)
+    columns = tree.final_pairs if tree is not None else torch.arange(mdp.n_states * mdp.n_actions)
+    logp = sampler_logp(json.loads(sampler_json), mdp)
+    occ = tabular.state_occupancy(mdp, logp)
+    reach = (occ.unsqueeze(-1) * logp.exp()).reshape(-1)[columns]
+    return int((reach <= 0).sum()), int(columns.numel())
 
 
 # ----------------------------------------------------------------------------------------------------------
