@@ -38,6 +38,19 @@ def _points() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def test_env_keys_that_env_id_determines_are_no_condition():
+    """A sweep over whole env mappings (an axis ``env: [{id: bandit, ...}, {id: token_tree, ...}]``) varies every
+    env key with env.id; env.id alone is the condition, an env key that varies within one env stays one."""
+    from analysis.loading import _env_determined
+
+    runs = pd.DataFrame({"env.id": ["bandit", "bandit", "token_tree", "token_tree"],
+                         "env.n_arms": [300, 300, np.nan, np.nan], "env.vocab": [np.nan, np.nan, 4, 4],
+                         "env.reward_seed": [1, 2, 0, 0], "env": ["{}", "{}", "{x}", "{x}"]})
+    swept = ["env", "env.id", "env.n_arms", "env.vocab", "env.reward_seed"]
+    assert _env_determined(runs, swept) == {"env", "env.n_arms", "env.vocab"}
+    assert _env_determined(runs.iloc[:2], swept) == set()  # one env: nothing is implied
+
+
 def test_peaks_and_the_early_stopping_frontier():
     points = _points()
     per = O.peak_per_run(points).set_index("run_id")
