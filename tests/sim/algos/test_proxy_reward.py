@@ -154,3 +154,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys, sets: 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("reflab: error: ") and message in err[0]
     assert not out.exists()
+
+
+def test_reflab_run_writes_a_best_of_n_run_with_its_proxy(tmp_path: Path, capsys):
+    out = tmp_path / "bon"
+    args = ["run", "--quiet", "--out", str(out), "--set", "train.algo=bon", "--set", "bon.n=8", "--set",
+            "reward.model=learned", "--set", "reward.pairs=30"]
+    assert main(args) == 0
+    assert "reward nan" in capsys.readouterr().out  # best-of-n samples no batch
+    assert {p.name for p in out.iterdir()} >= {"metrics.parquet", "policy.parquet", "reward_model.parquet"}
