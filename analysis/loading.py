@@ -48,7 +48,8 @@ VARIANT_ORDER: tuple[str, ...] = ("none", "k1 in reward", "k2 in reward", "k3 in
 #: Run statuses whose tables are complete (``diverged`` runs stop early but their tables are written).
 FINISHED: tuple[str, ...] = ("done", "diverged")
 #: Config keys a variant label stands for (placement × estimator × IS correction, or DPO / IPO).
-VARIANT_KEYS: tuple[str, ...] = ("kl.placement", "kl.estimator", "kl.is_correction", "train.algo", "dpo.loss")
+VARIANT_KEYS: tuple[str, ...] = ("kl.placement", "kl.estimator", "kl.is_correction", "train.algo", "dpo.loss",
+                                 "bon.n")
 
 #: The status given to a run whose ``status.json`` says finished but one of whose tables is missing or cannot be
 #: read (a truncated file): it is left out of every table, listed by :attr:`Results.problems`, and
@@ -81,10 +82,13 @@ def variant_label(placement: str, estimator: str, is_correction: bool = False, a
     """The human label of a placement × estimator pair: ``"none"``, ``"k1 in reward"``, ``"k3 as loss"``.
 
     Loss-placed KL with importance-sampling correction gets the suffix ``" (IS)"``. Runs with
-    ``train.algo = dpo`` are ``"DPO"`` or ``"IPO"`` (``dpo.loss``) whatever their ``kl.*`` keys.
+    ``train.algo = dpo`` are ``"DPO"`` or ``"IPO"`` (``dpo.loss``) whatever their ``kl.*`` keys, runs with
+    ``train.algo = bon`` ``"BoN"`` (best-of-n; its ``bon.n`` is not a condition).
     """
     if algo == "dpo":
         return "IPO" if dpo_loss == "ipo" else "DPO"
+    if algo == "bon":
+        return "BoN"
     suffix = " (IS)" if is_correction else ""  # only meaningful in the loss; shown wherever set (old folders)
     if placement == "none":
         return "none" + suffix
@@ -549,6 +553,21 @@ def _mark_unreadable(runs: pd.DataFrame, errors: dict[int, str]) -> pd.DataFrame
     return runs
 
 
+def _env_determined(runs: pd.DataFrame, swept: Sequence[str]) -> set[str]:
+    """Swept env keys that ``env.id`` determines (a sweep over whole env mappings, e.g. an axis ``env: [{id:
+    bandit, …}, {id: token_tree, …}]``): the ``env`` mapping itself and each ``env.<param>`` that takes one value
+    per env. ``env.id`` stands for them, so they define no further condition."""
+    if "env.id" not in runs or runs["env.id"].astype(str).nunique() < 2:
+        return set()
+    out = {"env"} & set(swept)
+    ids = runs["env.id"].astype(str)
+    for c in swept:
+        if c.startswith("env.") and c != "env.id" and c in runs:
+            if int(runs[c].astype(str).groupby(ids).nunique().max()) <= 1:
+                out.add(c)
+    return out
+
+
 def load(path: str | Path | Sequence[str | Path], metric_columns: Sequence[str] | None = None,
          labels: Sequence[str] | None = None, pool: Sequence[str] = ()) -> Results:
     """Load a run folder, a sweep folder, or several of them as one comparison, into :class:`Results`.
@@ -598,7 +617,7 @@ def load(path: str | Path | Sequence[str | Path], metric_columns: Sequence[str] 
     runs["config_id"] = [config_id({k: row[k] for k in cfg_cols if k in row and not _missing(row[k])}, pooled)
                          for row in runs[cfg_cols].to_dict("records")]
     swept = [c for c in index_swept if c in runs] + [c for c in _varying(runs, cfg_cols) if c not in index_swept]
-    swept = [c for c in swept if c not in set(pooled) - {"seed"}]
+    swept = [c for c in swept if c not in set(pooled) - {"seed"} and c not in _env_determined(runs, swept)]
     front = [k for k in BASE_KEYS if k in runs] + (["sweep"] if many else [])
     keys = front + [k for k in swept if k not in front] + ["config_id"]
     runs = _categorize(runs, keys)
@@ -640,7 +659,9 @@ def _conditions(runs: pd.DataFrame, keys: Sequence[str], pooled: Sequence[str], 
     out += [k for k in keys if k not in NOT_CONDITION_KEYS and k not in pooled and k not in ("variant", "sweep")]
     if "variant" in runs:
         for k in VARIANT_KEYS:
-            if k in runs and k not in out and k not in pooled:
+            # best-of-n's n is where a run sits along its frontier (as the update is for a trained run), read by
+            # the over-optimization section; it never splits conditions
+            if k in runs and k not in out and k not in pooled and k != "bon.n":
                 within = runs.groupby("variant", observed=True)[k].nunique(dropna=False)
                 if (within > 1).any():
                     out.append(k)

@@ -34,7 +34,7 @@ import pandas as pd
 from analysis import axis_figures as A
 from analysis import figures as F
 from analysis import metrics as M
-from analysis import plotting
+from analysis import overopt, plotting
 from analysis import policy_figures as P
 from analysis.improvement import poi_markdown, poi_score, poi_table
 from analysis.loading import POOLED_KEYS, UNREADABLE, LoadError, Results, load
@@ -51,13 +51,14 @@ from analysis.summary import (  # noqa: F401 (re-exported)
 MAX_CONDITIONS = 8
 #: Figure kinds a report can draw (``--figures``).
 FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous", "profile",
-                  "length", "staleness")
+                  "length", "staleness", "overopt")
 #: Figure file prefixes and their titles in index.md.
 FIGURE_KINDS = {"fig1": "Fig. 1: drift", "fig2": "Fig. 2: collapse", "fig3": "Fig. 3: recovery",
                 "fig4": "Fig. 4: final measure over β × variant", "fig5": "Fig. 5: final policy",
                 "fig6": "Fig. 6: estimators", "fig7": "Fig. 7: DPO vs PPO over β",
                 "fig8": "Fig. 8: performance profile",
-                "figG": "Gaussian policy vs the optimum", "figD1": "x_0 distribution", "figD2": "mode mix of x_0"}
+                "figG": "Gaussian policy vs the optimum", "figD1": "x_0 distribution", "figD2": "mode mix of x_0",
+                "figO1": "Fig. O1: gold and proxy reward vs √KL", "figO2": "Fig. O2: β along the frontier"}
 #: Diffusion chain: estimator figures leave out batches whose sampling policy's KL exceeds this (nats).
 DIFFUSION_ESTIMATOR_MAX_KL = 50.0
 
@@ -85,6 +86,7 @@ class _Report:
         self.seeds, self.threshold, self.n_boot, self.seed = seeds, collapse_threshold, n_boot, seed
         self.sections: list[tuple[str, list[tuple[str, list[Path]]]]] = []
         self.errors: list[str] = []
+        self.extra_markdown: list[str] = []
 
     def _figure(self, entries: list[tuple[str, list[Path]]], sentence: str, fn: Any, *args: Any, **kw: Any) -> None:
         """Draw one figure; a figure that cannot be drawn is reported in index.md, not raised."""
@@ -374,6 +376,9 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
     out.mkdir(parents=True, exist_ok=True)
     rep = _Report(res, out, formats, seeds, collapse_threshold, n_boot, seed, figures)
     metrics = res.metrics
+    # best-of-n trains nothing: its runs are in the over-optimization section only (analysis.overopt_report)
+    frontier = overopt.has_frontier(metrics)
+    everything, metrics = metrics, metrics[metrics["variant"].astype(str) != overopt.BON] if frontier else metrics
     by: list[str] = []
     table = pd.DataFrame()
     poi = pd.DataFrame()
@@ -411,11 +416,18 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
                 rep.dpo_beta(condition, g, x)
     else:
         skipped = 0
+    if frontier:
+        from analysis.overopt_report import write_overopt  # matplotlib figures, like the rest of this module
+
+        section = write_overopt(everything, out, formats, n_boot, seed, figures="overopt" in rep.kinds)
+        rep.extra_markdown, rep.errors = section.markdown, rep.errors + section.errors
+        if section.figures:
+            rep.sections.append(("Reward over-optimization", section.figures))
     index = out / "index.md"
     src = Path(path) if not many else Path(out)
     index.write_text(_index_markdown(res, src, out, table, by, rep, skipped, max_conditions,
                                      collapse_threshold, recovery_tol, n_boot, time.perf_counter() - t0, poi))
-    n_with = int(metrics["run_id"].nunique()) if not metrics.empty else 0
+    n_with = int(everything["run_id"].nunique()) if not everything.empty else 0
     figures = [p for _, entries in rep.sections for _, paths in entries for p in paths]
     bad = res.runs[res.runs["status"].astype(str) == UNREADABLE]
     unreadable = dict(zip(bad["run_id"].astype(str), bad["error"].astype(str), strict=True))
@@ -464,7 +476,7 @@ def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by:
             lines += ["*unreadable*: `status.json` says the run finished but a table cannot be read (a truncated or "
                       "overwritten file); the sweep's `reflab sweep` command, run again, trains them again (one whose "
                       "file looks whole: once its folder is removed).", ""]
-    if table.empty:
+    if table.empty and not rep.extra_markdown:
         lines += ["**No run has metrics: nothing to summarize.**", ""]
         return "\n".join(lines)
     lines += ["## Summary", "",
@@ -486,6 +498,7 @@ def _index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by:
                   f"[95 % bootstrap over both variants' seeds, {n_boot} replicates] (seeds × seeds). "
                   "With few seeds the value moves in steps of 1/(pairs) and the interval is wide. "
                   "[poi.csv](poi.csv)", "", poi_markdown(poi, conds)]
+    lines += rep.extra_markdown
     lines += ["## Figures", ""]
     for title, entries in rep.sections:
         lines += [f"### {title}", ""]

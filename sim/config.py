@@ -169,8 +169,9 @@ class TrainConfig:
     reference, no ``kl.clamp``). The choices are the backends of :data:`sim.lab.dispatch.ROUTES`."""
     algo: str = "ppo"
     """``ppo`` (RL on the env's reward with a KL penalty) | ``dpo`` (direct preference optimization on pairs
-    labelled by Bradley–Terry on the env's reward; see the ``dpo`` section and :mod:`sim.algos.dpo`). The
-    choices are the algorithms of :data:`sim.lab.dispatch.ROUTES`."""
+    labelled by Bradley–Terry on the env's reward; see the ``dpo`` section and :mod:`sim.algos.dpo`) | ``bon``
+    (best-of-n, no training; the ``bon`` section and :mod:`sim.algos.bon`). The choices are the algorithms of
+    :data:`sim.lab.dispatch.ROUTES`."""
 
     def phase_list(self) -> tuple[Phase, ...]:
         """The phases actually run (a single reward-scale-1 phase when none are given)."""
@@ -220,6 +221,61 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """The reward the runs optimise (:mod:`sim.engine.reward_model`): the env's own, the *gold* reward, or a
+    *proxy* fitted before training, per run, to Bradley–Terry preference pairs. Metrics of runs with a proxy add
+    ``gold_return``, ``proxy_return``, ``sqrt_kl``, ``opt_gold`` and ``opt_proxy``; the keys below other than
+    ``model`` apply to ``learned`` only."""
+
+    model: str = "gold"
+    """``gold`` (train on the env's reward) | ``learned`` (train on a proxy reward model fitted to
+    ``pairs`` preference pairs by maximum likelihood; the env's reward stays the gold measure)."""
+    family: str = "tabular"
+    """``tabular`` (one value per (state, action); per whole episode on envs that pay only when an episode
+    ends and whose states determine their history: per arm on the bandit, per sequence on the token tree) |
+    ``linear`` (w·φ over ``features``) | ``mlp`` (a one-hidden-layer tanh MLP of ``features``)."""
+    pairs: int = 1024
+    """Preference pairs the proxy is fitted to (> 0)."""
+    sampler: Any = "reference"
+    """Policy the pairs' episodes are sampled from: ``reference`` | ``uniform`` | a list of arm probabilities
+    (one-state envs; zeros leave arms out of every pair)."""
+    bt_temperature: float = 1.0
+    """Temperature τ of the Bradley–Terry labels, P(y₁ ≻ y₂) = σ((r(y₁) − r(y₂))/τ); the fitted logits are
+    multiplied by τ, so the proxy is on the gold reward's scale."""
+    l2: float = 1e-3
+    """L2 coefficient λ ≥ 0 of the fit: minimise mean_pairs softplus(−Δ) + (λ/2)·‖θ‖² over the parameters θ
+    (tabular needs λ > 0: BT fixes values only up to a shift)."""
+    data_seed: int | None = None
+    """Seed of the pairs (and of an MLP's initial weights); none = the run's ``seed``. The same data seed gives
+    the same pairs as ``dpo.data_seed``. Per-run."""
+    features: Any = "state_action"
+    """Features φ(s, a) of ``linear`` and ``mlp``: ``state_action`` (the env's state features ⊗ one-hot
+    action) | ``time_action`` (one-hot (time step, action): the arm on a bandit, (position, token) on the
+    token tree) | ``random`` (``feature_dim`` standard normals per (state, action), seed ``feature_seed``) | a
+    list of S·A rows of numbers, state-major. On per-episode envs an episode's features are the sum over its
+    steps."""
+    feature_dim: int = 16
+    """Dimension of ``random`` features."""
+    feature_seed: int = 0
+    """Seed of ``random`` features (shared by every run: the features are the model, not the data)."""
+    hidden: int = 32
+    """Hidden width of the ``mlp`` proxy."""
+    steps: int = 500
+    """Full-batch Adam steps of the ``mlp`` fit (``tabular`` and ``linear`` are solved by Newton's method)."""
+    lr: float = 0.01
+    """Adam learning rate of the ``mlp`` fit."""
+
+
+@dataclass(frozen=True)
+class BoNConfig:
+    """Best-of-n (``train.algo: bon``; :mod:`sim.algos.bon`): no training; the policy is the exact law of the
+    episode with the highest proxy reward among ``n`` episodes drawn from π_ref."""
+
+    n: int = 1
+    """Episodes drawn from the reference (n ≥ 1; 1 is π_ref itself). Per-run."""
+
+
+@dataclass(frozen=True)
 class Config:
     env: dict = field(default_factory=lambda: {"id": "bandit"})
     """Environment: ``env.id`` (bandit | gaussian_bandit | gridworld | token_tree | diffusion_chain) and that
@@ -229,6 +285,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    bon: BoNConfig = field(default_factory=BoNConfig)
     seed: int = 0
     """Seed of the run's random streams. Per-run."""
     device: str = "cpu"
@@ -273,6 +331,8 @@ CHOICES: dict[str, tuple] = {
     "train.policy": ("tabular", "mlp"),
     "train.dtype": ("float32", "float64"),
     "dpo.loss": ("dpo", "ipo"),
+    "reward.model": ("gold", "learned"),
+    "reward.family": ("tabular", "linear", "mlp"),
     "log.progress": ("auto", "bar", "plain", "none"),
     "device": ("cpu", "cuda", "auto"),
 }
@@ -280,9 +340,10 @@ CHOICES: dict[str, tuple] = {
 #: Keys that may differ between runs that share one batch.
 PER_RUN_KEYS = ("seed", "kl.placement", "kl.estimator", "kl.beta", "kl.is_correction", "kl.controller",
                 "kl.target", "kl.horizon", "kl.value_clamp", "kl.reward_logp", "train.lr", "train.staleness",
-                "train.staleness_dist", "dpo.beta", "dpo.loss")
+                "train.staleness_dist", "dpo.beta", "dpo.loss", "reward.data_seed", "bon.n")
 
-_SECTIONS = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig, "dpo": DPOConfig}
+SECTIONS: dict[str, type] = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig, "dpo": DPOConfig,
+             "reward": RewardConfig, "bon": BoNConfig}
 
 
 def to_plain(x: Any) -> Any:
@@ -500,7 +561,7 @@ def from_dict(data: dict, effects: str = "strict") -> Config:
         if k not in top:
             raise ConfigError(f"unknown key {k!r}; valid top-level keys: {', '.join(sorted(top))}")
     kwargs: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
+    for name, cls in SECTIONS.items():
         kwargs[name] = _build_section(name, cls, data.get(name, {}) or {})
     kwargs["env"] = _validate_env(data.get("env", {"id": "bandit"}))
     for k in ("seed", "threads"):

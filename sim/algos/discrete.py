@@ -21,20 +21,28 @@ from torch import Tensor
 
 import envs
 from envs import tabular
+from sim.algos.proxy import ProxyReward
 from sim.config import Config, ConfigError
 from sim.engine.loop import BatchTrainer
-from sim.engine.outputs import snapshot
+from sim.engine.outputs import RunOutput, snapshot
 from sim.engine.policies import MLPPolicy, TabularPolicy
+from sim.engine.reward_model import check_reward_config
 
 
 class DiscreteTrainer(BatchTrainer):
     """Tabular run state, reference caches, exact metrics and policy tables of runs on a discrete env."""
 
+    fits_reward_model = True
+    """Runs may train on a learned proxy reward (``reward.model: learned``, :mod:`sim.algos.proxy`)."""
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Raise :class:`ConfigError` (one line) for what runs on a discrete env cannot do: ``train.init`` as
-        a list of probabilities needs a one-state env with that many actions."""
+        a list of probabilities needs a one-state env with that many actions; a learned reward's keys
+        (:func:`sim.engine.reward_model.check_reward_config`)."""
         init = cfg.train.init
+        if cfg.reward.model == "learned":
+            check_reward_config(cfg)
         if isinstance(init, str):
             return
         mdp = envs.from_config(cfg.env).build()
@@ -70,7 +78,12 @@ class DiscreteTrainer(BatchTrainer):
         self._opt_cache: dict = {}
         self._ref_derived_cache: dict[str, Tensor] = {}
         self._ref_derived_version = -1
-        self._scaled_mdp = self.mdp
+        # the reward the runs optimise: the env's (gold), or each run's proxy fitted to preference pairs
+        self.proxy = ProxyReward(configs, self.mdp, self.core, device) if cfg.reward.model == "learned" else None
+        self.train_mdp = self.proxy.mdp if self.proxy is not None else self.mdp
+        if self.proxy is not None:
+            self._mark_diverged(~self.proxy.finite, 0, "non-finite proxy reward model")
+        self._scaled_mdp = self.train_mdp
 
     def _init_logp(self, init: str | list[float], ref_logp: Tensor) -> Tensor:
         """The initial policy's log-probabilities ``[R, S, A]`` for ``train.init`` (checked by
@@ -83,7 +96,7 @@ class DiscreteTrainer(BatchTrainer):
         return torch.log(probs).to(self.dtype).view(1, 1, -1).expand_as(ref_logp).contiguous()
 
     def _on_phase(self) -> None:
-        self._scaled_mdp = replace(self.mdp, reward=self.mdp.reward * self.reward_scale)
+        self._scaled_mdp = replace(self.train_mdp, reward=self.train_mdp.reward * self.reward_scale)
 
     # -- tables -------------------------------------------------------------------------------------------
     def _tables(self) -> tuple[Tensor, Tensor]:
@@ -132,9 +145,14 @@ class DiscreteTrainer(BatchTrainer):
             self._opt_cache[key] = self._optimum(ref64).exp()
         return self._opt_cache[key]
 
+    def _policy64(self) -> Tensor:
+        """The current policy's log-probability table ``[R, S, A]`` in float64 (what the metrics measure)."""
+        return self.policy.table(self.params).detach().to(torch.float64)
+
     def exact_metrics(self) -> dict[str, Tensor]:
-        """Exact (float64) KL to the reference, entropy, support, return and distance to the optimum."""
-        pi = self.policy.table(self.params).detach().to(torch.float64)
+        """Exact (float64) KL to the reference, entropy, support, return and distance to the optimum; with a
+        learned reward also ``gold_return``, ``proxy_return``, ``sqrt_kl``, ``opt_gold``, ``opt_proxy``."""
+        pi = self._policy64()
         prob = pi.exp()
         ref = self._ref64()
         mdp = self.mdp.with_reference(ref)
@@ -164,10 +182,14 @@ class DiscreteTrainer(BatchTrainer):
             out["tv_opt"] = (occ * tv).sum(-1) / length
         else:
             out["tv_opt"] = torch.full_like(length, float("nan"))
+        if self.proxy is not None:
+            out.update(self.proxy.metrics(pi, prob, out["return_true"], self._optimum_key(),
+                                          lambda: self._optimum(ref), self.rt.beta))
+            out["sqrt_kl"] = out["kl_true"].clamp(min=0).sqrt()
         return out
 
     def policy_tables(self) -> dict[str, np.ndarray]:
-        pi = self.policy.table(self.params).detach().to(torch.float64)
+        pi = self._policy64()
         ref = self._ref64()
         tabs = {"prob": pi.exp(), "ref_prob": self._ref_derived("prob", ref.exp)}
         if bool((self.rt.beta > 0).all()):
@@ -187,3 +209,14 @@ class DiscreteTrainer(BatchTrainer):
         for k in logs[0][1]:
             frame[k] = np.concatenate([tabs[k][run].reshape(-1) for _, tabs in logs])
         return pd.DataFrame(frame, copy=False)  # fresh arrays
+
+    def _extra_tables(self, run: int) -> dict[str, pd.DataFrame]:
+        """``reward_model``: the run's fitted proxy (:meth:`sim.algos.proxy.ProxyReward.frame`), with a
+        learned reward."""
+        return {"reward_model": self.proxy.frame(run)} if self.proxy is not None else {}
+
+    def _run_output(self, i: int, cols: dict[str, np.ndarray], traj_stacked: tuple) -> RunOutput:
+        out = super()._run_output(i, cols, traj_stacked)
+        if self.proxy is not None:
+            out.status["reward_model"] = self.proxy.status(i)
+        return out

@@ -1,6 +1,7 @@
 """Direct preference optimization on the discrete envs, batched over runs like the PPO engine (seed §6).
 
-With ``train.algo: dpo`` every run gets its own dataset of ``dpo.pairs`` preference pairs: two episodes
+With ``train.algo: dpo`` every run gets its own dataset (:mod:`sim.engine.preferences`; with
+``reward.model: learned``, the pairs its proxy reward was fitted to) of ``dpo.pairs`` preference pairs: two episodes
 from the same start state, both sampled from ``dpo.sampler`` (the reference by default), labelled by a
 Bradley–Terry model on the env's noise-free reward, ``P(y₁ ≻ y₂) = σ((r(y₁) − r(y₂))/τ)`` with
 ``τ = dpo.bt_temperature`` (``r(y)`` = the episode's summed expected reward). The policy then minimizes,
@@ -43,15 +44,15 @@ from torch import Tensor
 import envs
 from envs import tabular
 from sim.algos.discrete import DiscreteTrainer
-from sim.config import PPO_VARIANT_KEYS, Config, ConfigError, check_positive, set_keys
+from sim.config import PPO_VARIANT_KEYS, Config, ConfigError, DPOConfig, check_positive, set_keys
 from sim.engine import rng
 from sim.engine.loop import take_samples
 from sim.engine.outputs import snapshot
+from sim.engine.preferences import check_sampler, sample_preferences, sampler_logp
 
 #: Columns of ``preferences.parquet`` (one row per pair × side × step of the episode).
 PREFERENCE_COLUMNS = ("pair", "chosen", "t", "state", "action", "reward", "return", "bt_prob")
-_DATA_STREAM = 0xD0D0  # purpose tags of the run's random streams (distinct from the PPO engine's)
-_SHUFFLE_STREAM = 0xD5F1
+_SHUFFLE_STREAM = 0xD5F1  # purpose tag of the minibatch shuffles (the pairs' is sim.engine.preferences')
 
 
 def _check_dpo(cfg: Config) -> None:
@@ -61,17 +62,7 @@ def _check_dpo(cfg: Config) -> None:
     if (d.beta if d.beta is not None else cfg.kl.beta) <= 0:
         raise ConfigError(f"train.algo=dpo needs a positive β (dpo.beta or kl.beta); got {cfg.kl.beta!r}")
     mdp = envs.from_config(cfg.env).build()
-    if isinstance(d.sampler, str):
-        if d.sampler not in ("reference", "uniform"):
-            raise ConfigError(f"dpo.sampler must be reference, uniform or a list of probabilities; got {d.sampler!r}")
-    elif not (isinstance(d.sampler, list | tuple) and d.sampler
-              and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in d.sampler)
-              and abs(sum(d.sampler) - 1.0) <= 1e-6):
-        raise ConfigError(f"dpo.sampler must be reference, uniform or a list of probabilities summing to 1; "
-                          f"got {d.sampler!r}")
-    elif mdp.n_states != 1 or len(d.sampler) != mdp.n_actions:
-        raise ConfigError(f"dpo.sampler as a list of probabilities needs a one-state env with {mdp.n_actions} "
-                          f"actions (a bandit); got {list(d.sampler)} with env.id={cfg.env['id']!r}")
+    check_sampler("dpo.sampler", d.sampler, mdp, cfg.env["id"])
     if mdp.n_outcomes > 1:
         raise ConfigError(f"train.algo=dpo needs deterministic dynamics (its optimum is the soft-VI policy only "
                           f"then); env.id={cfg.env['id']!r} has random transitions with these env keys")
@@ -85,69 +76,15 @@ def _check_dpo(cfg: Config) -> None:
     if bad:
         raise ConfigError(f"{bad[0]} has no effect with train.algo=dpo (a PPO setting)")
 
-
-def sampler_logp(cfg: Config, mdp: tabular.TabularMDP) -> Tensor:
-    """Log-probabilities ``[S, A]`` (float64) of the policy the preference pairs are sampled from."""
-    S, A = mdp.n_states, mdp.n_actions
-    sampler = cfg.dpo.sampler
-    if sampler == "reference":
-        return mdp.ref_logp.to(torch.float64)
-    if sampler == "uniform":
-        return torch.full((S, A), -math.log(A), dtype=torch.float64, device=mdp.ref_logp.device)
-    probs = torch.tensor(sampler, dtype=torch.float64, device=mdp.ref_logp.device)
-    return probs.log().view(1, A)  # a one-state env with A actions (checked by DPOTrainer.check_config)
-
-
-def sample_preferences(core: tabular.TabularCore, sampler: Tensor, keys: Tensor, n_pairs: int,
-                       temperature: float) -> dict[str, Tensor]:
-    """Each run's preference dataset: ``n_pairs`` pairs of episodes from one start state, labelled by BT.
-
-    Args:
-        core: the env's batched sampler (deterministic dynamics).
-        sampler: ``[S, A]`` log-probabilities of the sampling policy (shared by the runs).
-        keys: ``[R]`` the runs' data keys (:func:`sim.engine.rng.run_keys`).
-        n_pairs: pairs per run ``N``. temperature: BT temperature τ > 0.
-    Returns:
-        ``state, action`` ``[R, N, 2, H]`` int64, ``valid`` ``[R, N, 2, H]`` bool, ``reward`` ``[R, N, 2, H]``
-        float64 (expected reward of each step), ``ret`` ``[R, N, 2]`` (episode return), ``bt_prob`` ``[R, N, 2]``
-        (BT probability that the episode beats the other one). Side 0 is the preferred episode ``y_w``,
-        side 1 the rejected ``y_l``.
-    """
-    mdp = core.mdp
-    R, N, H, A, S = keys.shape[0], n_pairs, mdp.horizon, mdp.n_actions, mdp.n_states
-    dev = keys.device
-    key = rng.fold(keys, _DATA_STREAM)
-    u_act = rng.uniform(rng.fold(key, 0), (N, 2, H))
-    u_start = rng.uniform(rng.fold(key, 1), (N,))
-    u_label = rng.uniform(rng.fold(key, 2), (N,))
-    cdf = sampler.exp().cumsum(-1)  # [S, A]
-    state = core.reset(u_start).unsqueeze(-1).expand(R, N, 2).contiguous()  # both episodes of a pair: one start
-    shape = (R, N, 2, H)
-    st = torch.zeros(shape, dtype=torch.long, device=dev)
-    ac = torch.zeros(shape, dtype=torch.long, device=dev)
-    rw = torch.zeros(shape, dtype=torch.float64, device=dev)
-    valid = torch.zeros(shape, dtype=torch.bool, device=dev)
-    alive = torch.ones(R, N, 2, dtype=torch.bool, device=dev)
-    for t in range(H):
-        s = state.clamp(max=S - 1)
-        a = (u_act[..., t, None] >= cdf[s]).sum(-1).clamp_(max=A - 1)
-        nxt, r, done = core.step(s, a, None)  # no draws: deterministic dynamics, noise-free reward (float64)
-        st[..., t], ac[..., t], valid[..., t] = s, a, alive
-        rw[..., t] = torch.where(alive, r, torch.zeros((), dtype=torch.float64, device=dev))
-        alive = alive & ~done
-        state = nxt
-        if not bool(alive.any()):
-            break
-    ret = rw.sum(-1)  # [R, N, 2]
-    p_first = torch.sigmoid((ret[..., 0] - ret[..., 1]) / temperature)  # [R, N]
-    first_wins = u_label < p_first
-    order = torch.stack([~first_wins, first_wins], dim=-1).long()  # side index of (winner, loser)
-    out = {"state": st, "action": ac, "valid": valid, "reward": rw}
-    out = {k: v.gather(2, order.view(R, N, 2, 1).expand(shape)) for k, v in out.items()}
-    out["ret"] = ret.gather(2, order)
-    p_w = torch.where(first_wins, p_first, 1 - p_first)
-    out["bt_prob"] = torch.stack([p_w, 1 - p_w], dim=-1)
-    return out
+    if cfg.reward.model == "learned":  # DPO then trains on the pairs the proxy is fitted to (reward.*)
+        default = DPOConfig()
+        for key in ("pairs", "sampler", "bt_temperature", "data_seed"):
+            if getattr(d, key) != getattr(default, key):
+                raise ConfigError(f"dpo.{key} must keep its default with reward.model=learned: DPO then trains on "
+                                  f"the proxy's pairs; set reward.{key} instead")
+        if d.loss == "ipo":
+            raise ConfigError("dpo.loss=ipo is not supported with reward.model=learned (its optimum is computed "
+                              "from the gold reward); use dpo.loss=dpo")
 
 
 def preference_loss(margin: Tensor, beta: Tensor, is_ipo: Tensor) -> Tensor:
@@ -195,14 +132,20 @@ class DPOTrainer(DiscreteTrainer):
         betas = [c.dpo.beta if c.dpo.beta is not None else c.kl.beta for c in configs]
         self.rt.beta = torch.tensor(betas, dtype=torch.float64, device=device)
         self.is_ipo = torch.tensor([c.dpo.loss == "ipo" for c in configs], dtype=torch.bool, device=device)
-        self.tau = float(self.cfg.dpo.bt_temperature)
+        if self.proxy is not None:  # a learned reward: train on the pairs the proxy was fitted to
+            self.tau, self.data = self.proxy.tau, self.proxy.data
+            self.sampler = sampler_logp(self.cfg.reward.sampler, self.mdp)
+        else:
+            self.tau = float(self.cfg.dpo.bt_temperature)
+            self.sampler = sampler_logp(self.cfg.dpo.sampler, self.mdp)
+            data_seeds = [c.dpo.data_seed if c.dpo.data_seed is not None else c.seed for c in configs]
+            self.data = sample_preferences(self.core, self.sampler, rng.run_keys(data_seeds, device),
+                                           self.cfg.dpo.pairs, self.tau)
         # The labels' implied reward is r/τ: the engine's soft-VI optimum of this MDP is then π_ref·e^{r/(τβ)},
-        # the optimum DPO targets (exact_metrics' tv_opt and opt_prob use it). DPO has no reward phases.
-        self._scaled_mdp = replace(self.mdp, reward=self.mdp.reward / self.tau)
-        self.sampler = sampler_logp(self.cfg, self.mdp)
-        data_seeds = [c.dpo.data_seed if c.dpo.data_seed is not None else c.seed for c in configs]
-        self.data = sample_preferences(self.core, self.sampler, rng.run_keys(data_seeds, device),
-                                       self.cfg.dpo.pairs, self.tau)
+        # the optimum DPO targets (exact_metrics' tv_opt and opt_prob use it; with a learned reward the
+        # proxy's, r̂/τ being the fitted logits). DPO has no reward phases.
+        self._scaled_mdp = replace(self.train_mdp, reward=self.train_mdp.reward / self.tau)
+        self.n_pairs = int(self.data["valid"].shape[1])
         self.env_steps += self.data["valid"].reshape(self.R, -1).sum(-1)
         self._sa = self.data["state"] * self.A + self.data["action"]  # flat (state, action) index [R, N, 2, H]
 
@@ -220,7 +163,7 @@ class DPOTrainer(DiscreteTrainer):
 
     def sampled_update(self, update: int) -> dict[str, Tensor]:
         d = self.cfg.dpo
-        n = d.pairs
+        n = self.n_pairs
         bs = min(d.batch_size or n, n)
         n_chunks = math.ceil(n / bs)
         key = rng.fold(rng.fold(self.rt.keys, update), _SHUFFLE_STREAM) if n_chunks > 1 else self.rt.keys
@@ -273,5 +216,6 @@ class DPOTrainer(DiscreteTrainer):
                              "bt_prob": d["bt_prob"][pair, side]})
 
     def _extra_tables(self, run: int) -> dict[str, pd.DataFrame]:
-        """``preferences``: the run's dataset (:meth:`preference_frame`), written as ``preferences.parquet``."""
-        return {"preferences": self.preference_frame(run)}
+        """``preferences``: the run's dataset (:meth:`preference_frame`), written as ``preferences.parquet``
+        (and, with a learned reward, the base's ``reward_model``)."""
+        return {**super()._extra_tables(run), "preferences": self.preference_frame(run)}

@@ -133,6 +133,8 @@ class PPOTrainer(DiscreteTrainer):
             tabs["learner"] = pi_t
         buf = sample_episodes(self.core, tabs["logp"], rng.fold(self.rt.keys, update), self.cfg.train.batch,
                               self.dtype, group=self.cfg.train.group)
+        if self.proxy is not None:  # a learned reward: the runs train on their proxy (sim.algos.proxy)
+            buf["reward"] = self.proxy.rewards(buf)
         self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
         return buf, tabs
 
@@ -510,7 +512,7 @@ class PPOTrainer(DiscreteTrainer):
             pi, ref = pi.to(torch.float64), ref.to(torch.float64)
             occ = tabular.state_occupancy(self.mdp, pi)
             ks = (pi.exp().unsqueeze(-1) * all_estimates(pi, ref)).sum(-2)  # [R, S, 3]
-            exp_diag = {"reward": tabular.expected_return(self.mdp, pi),
+            exp_diag = {"reward": tabular.expected_return(self.train_mdp, pi),
                         **{f"kl_k{i + 1}": (occ * ks[..., i]).sum(-1) for i in range(3)},
                         "episode_length": occ.sum(-1)}
         return exp_diag

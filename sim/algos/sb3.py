@@ -123,6 +123,7 @@ class SB3Trainer(DiscreteTrainer):
     """
 
     batches_runs = False
+    fits_reward_model = False  # SB3 trains on the gymnasium shell's (gold) reward
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

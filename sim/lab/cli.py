@@ -88,8 +88,9 @@ def run_main(args: argparse.Namespace) -> int:
     keys = {"run_id": run_id(cfg), "seed": cfg.seed, **{k: get_dotted(cfg_dict, k) for k in ALWAYS_COLUMNS}}
     runs.finish_run(out, output.tables(), output.status, keys)
     m = output.metrics.iloc[-1]
-    summary = (f"{output.status['status']}: {out} | reward {m['reward']:.4f} kl_true {m['kl_true']:.4f} "
-               f"entropy {m['entropy']:.4f} tv_opt {m['tv_opt']:.4f} ({output.status['wall_time_s']:.1f}s)")
+    nan = float("nan")  # a column a run kind does not log (best-of-n samples no batch: no reward)
+    summary = (f"{output.status['status']}: {out} | reward {m.get('reward', nan):.4f} kl_true {m['kl_true']:.4f} "
+               f"entropy {m['entropy']:.4f} tv_opt {m.get('tv_opt', nan):.4f} ({output.status['wall_time_s']:.1f}s)")
     print(summary)
     return 0
 

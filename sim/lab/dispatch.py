@@ -17,6 +17,7 @@ import torch
 
 import envs
 from sim import config, yamlsafe
+from sim.algos.bon import BoNTrainer
 from sim.algos.diffusion import DiffusionTrainer
 from sim.algos.dpo import DPOTrainer
 from sim.algos.gaussian import GaussianTrainer
@@ -43,6 +44,7 @@ ROUTES: tuple[Route, ...] = (
     Route("native", "ppo", ("gaussian_bandit",), GaussianTrainer),
     Route("native", "ppo", ("diffusion_chain",), DiffusionTrainer),
     Route("native", "dpo", envs.DISCRETE_ENVS, DPOTrainer),
+    Route("native", "bon", envs.DISCRETE_ENVS, BoNTrainer),
     Route("sb3", "ppo", envs.DISCRETE_ENVS, SB3Trainer),
 )
 
@@ -68,7 +70,14 @@ def trainer_class(cfg: Config) -> type[BatchTrainer]:
 
 def check_config(cfg: Config) -> Config:
     """``cfg`` if some trainer runs it as configured, else one-line :class:`ConfigError`."""
-    trainer_class(cfg).check_config(cfg)
+    cls = trainer_class(cfg)
+    if cfg.reward.model != "gold" and not getattr(cls, "fits_reward_model", False):
+        raise ConfigError(f"reward.model={cfg.reward.model} needs a native trainer on a discrete env "
+                          f"({', '.join(envs.DISCRETE_ENVS)}); this config is trained by {cls.__name__}")
+    if cfg.bon.n != 1 and cfg.train.algo != "bon":
+        raise ConfigError(f"bon.n applies to train.algo=bon only; got bon.n={cfg.bon.n} with "
+                          f"train.algo={cfg.train.algo}")
+    cls.check_config(cfg)
     return cfg
 
 

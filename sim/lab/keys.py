@@ -85,8 +85,7 @@ def config_keys() -> list[KeyDoc]:
     defaults = C.default_dict()
     out = [KeyDoc("env.id", "bandit", tuple(envs.REGISTRY), "Environment; each env has its own env.* keys "
                   "(reflab config --env ID).")]
-    sections = {"kl": C.KLConfig, "reference": C.ReferenceConfig, "train": C.TrainConfig, "log": C.LogConfig,
-                "dpo": C.DPOConfig}
+    sections = C.SECTIONS
     for name, cls in sections.items():
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):

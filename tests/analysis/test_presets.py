@@ -54,3 +54,18 @@ def test_reflab_sweep_accepts_preset(name: str) -> None:
 
     plan = plan_sweep(grid(name), name, PRESETS)
     assert len(plan.runs) == len(expand_grid(grid(name)))
+
+
+def test_overopt_preset_couples_env_and_proxy_and_keeps_best_of_n_at_one_beta() -> None:
+    from sim.lab.grid import plan_sweep
+
+    plan = plan_sweep(grid("overopt"), "overopt", PRESETS)
+    cfgs = [r.config for r in plan.runs]
+    assert len(cfgs) == 620 and all(c.reward.model == "learned" for c in cfgs)
+    assert {(c.env["id"], c.reward.family) for c in cfgs} == {("bandit", "tabular"), ("token_tree", "linear")}
+    bon = [c for c in cfgs if c.train.algo == "bon"]
+    assert len({c.kl.beta for c in bon}) == 1 and len({c.bon.n for c in bon}) == 11
+    trained = {(c.train.algo, c.kl.placement, c.kl.estimator) for c in cfgs if c.train.algo != "bon"}
+    assert trained == {("ppo", "none", "k1"), ("ppo", "reward", "k1"), ("ppo", "loss", "k2"), ("ppo", "loss", "k3"),
+                       ("dpo", "none", "k1")}
+    assert len({c.seed for c in cfgs}) == 10 and all(c.log.progress == "none" for c in cfgs)

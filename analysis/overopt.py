@@ -1,0 +1,267 @@
+"""Reward over-optimization: gold and proxy reward against d = √KL, Gao et al.'s functional forms, best-of-n.
+
+Runs trained on a learned proxy (``reward.model: learned``) log ``gold_return`` (the env's exact expected
+return) and ``proxy_return`` (the proxy's) besides ``kl_true``; best-of-n runs (``train.algo: bon``, variant
+``BoN``) log the same for π_ref (update 0) and the best-of-n policy (update 1). Runs without them (the gold
+reward) count with ``gold = proxy = return_true``. Conventions:
+
+- **d** = √KL(π‖π_ref), the x axis of Gao, Schulman & Hilton (2022, arXiv:2210.10760);
+- gold and proxy are measured **relative to π_ref** (their value at update 0, the same for every run of an env
+  and proxy), as Gao et al.'s forms assume R(0) = 0;
+- only the reward phase counts (rows up to a switch to ``reward_scale = 0``, :func:`analysis.metrics.reward_phase`);
+- **peak** = the highest gold over a run's logged updates, **final** = the last one.
+
+Gao et al.'s forms, fitted by least squares through the origin (both are linear in (α, β)):
+``R_bon(d) = d(α − β·d)`` and ``R_RL(d) = d(α − β·log d)``; 95 % intervals by resampling runs (seeds) with
+replacement (:func:`gao_fits`). :func:`frontier_envelope` gives each run group's early-stopping frontier
+(the best gold reached at KL ≤ d) and :func:`frontier_comparison` compares each variant's with no KL's, seed by
+seed (the runs of one seed share the proxy: the same data seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis import metrics as M
+from analysis.loading import key_columns, variant_order
+from analysis.stats import aggregate
+
+BON = "BoN"
+"""The variant label of best-of-n runs."""
+NO_KL = "none"
+FORMS = ("bon", "rl")
+"""Gao et al.'s functional forms: ``bon``: d(α − β d); ``rl``: d(α − β log d)."""
+
+
+def has_frontier(metrics: pd.DataFrame) -> bool:
+    """Whether ``metrics`` has what a frontier needs: a KL and a gold return, from a proxy or best-of-n run."""
+    return not metrics.empty and "kl_true" in metrics and ("gold_return" in metrics and
+                                                          bool(metrics["gold_return"].notna().any()))
+
+
+def frontier_points(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per run × logged update of the reward phase: key columns, ``update``, ``kl``, ``d``, ``gold``,
+    ``proxy`` (their values), ``gold_rel``/``proxy_rel`` (minus the run's update-0 value) and ``bon_n``."""
+    m = M.reward_phase(metrics)
+    m = m[m["kl_true"].notna()]
+    keys = key_columns(m)
+    gold = m["gold_return"] if "gold_return" in m else m["return_true"]
+    proxy = m["proxy_return"] if "proxy_return" in m else m["return_true"]
+    gold = gold.fillna(m["return_true"])
+    proxy = proxy.fillna(gold)
+    out = m[keys + ["update"]].copy()
+    out["kl"] = m["kl_true"].astype(float).clip(lower=0.0)
+    out["d"] = np.sqrt(out["kl"])
+    out["gold"], out["proxy"] = gold.astype(float), proxy.astype(float)
+    out["bon_n"] = m["bon_n"].astype(float) if "bon_n" in m else np.nan
+    first = out.sort_values(["run_id", "update"]).groupby("run_id", observed=True)[["gold", "proxy"]].first()
+    out["gold_rel"] = out["gold"] - out["run_id"].map(first["gold"]).astype(float)
+    out["proxy_rel"] = out["proxy"] - out["run_id"].map(first["proxy"]).astype(float)
+    return out.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gao et al.'s forms
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gao_design(d: np.ndarray, form: str) -> np.ndarray:
+    """``[n, 2]`` regressors of ``R(d) = α·x₁ − β·x₂``: ``(d, d²)`` for ``bon``, ``(d, d·log d)`` for ``rl``
+    (``d log d = 0`` at ``d = 0``)."""
+    d = np.asarray(d, dtype=float)
+    if form == "bon":
+        return np.stack([d, d * d], axis=-1)
+    if form == "rl":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dlogd = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
+        return np.stack([d, dlogd], axis=-1)
+    raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+
+
+def gao_curve(d: np.ndarray, alpha: float, beta: float, form: str) -> np.ndarray:
+    """``R(d)`` of the form with coefficients α, β."""
+    x = gao_design(d, form)
+    return alpha * x[..., 0] - beta * x[..., 1]
+
+
+def fit_gao(d: np.ndarray, r: np.ndarray, form: str) -> tuple[float, float, float]:
+    """Least-squares ``(α, β, rmse)`` of ``r ≈ d(α − β·d)`` (``bon``) or ``d(α − β·log d)`` (``rl``) through the
+    origin (NaN if fewer than two distinct positive ``d``)."""
+    d, r = np.asarray(d, float), np.asarray(r, float)
+    ok = np.isfinite(d) & np.isfinite(r)
+    d, r = d[ok], r[ok]
+    if np.unique(d[d > 0]).size < 2:
+        return np.nan, np.nan, np.nan
+    x = gao_design(d, form)
+    x[:, 1] = -x[:, 1]
+    coef, *_ = np.linalg.lstsq(x, r, rcond=None)
+    rmse = float(np.sqrt(np.mean((x @ coef - r) ** 2)))
+    return float(coef[0]), float(coef[1]), rmse
+
+
+def gao_fits(points: pd.DataFrame, by: Sequence[str], form: str | None = None, n_boot: int = 1000, seed: int = 0
+             ) -> pd.DataFrame:
+    """Gao et al.'s form fitted to ``gold_rel`` vs ``d`` per group ``by`` (pooled over its runs and updates):
+    ``bon`` for best-of-n, ``rl`` for the others (or ``form`` for all). 95 % intervals by resampling the group's
+    runs with replacement ``n_boot`` times.
+
+    Returns one row per group: ``by``, ``form``, ``runs``, ``points``, ``alpha``, ``alpha_lo``, ``alpha_hi``,
+    ``beta``, ``beta_lo``, ``beta_hi``, ``rmse`` and ``d_max`` (the largest d fitted).
+    """
+    rows = []
+    rng = np.random.default_rng(seed)
+    for group, g in points.groupby(list(by), observed=True, sort=True):
+        values = dict(zip(by, group if isinstance(group, tuple) else (group,), strict=True))
+        f = form or ("bon" if str(values.get("variant", "")) == BON else "rl")
+        per_run = [(r["d"].to_numpy(float), r["gold_rel"].to_numpy(float))
+                   for _, r in g.groupby("run_id", observed=True)]
+        d = np.concatenate([p[0] for p in per_run])
+        r = np.concatenate([p[1] for p in per_run])
+        alpha, beta, rmse = fit_gao(d, r, f)
+        boots = []
+        for _ in range(n_boot if len(per_run) > 1 else 0):
+            pick = rng.integers(0, len(per_run), len(per_run))
+            boots.append(fit_gao(np.concatenate([per_run[i][0] for i in pick]),
+                                 np.concatenate([per_run[i][1] for i in pick]), f)[:2])
+        b = np.array(boots, dtype=float).reshape(-1, 2)
+        lo, hi = (np.nanquantile(b, [0.025, 0.975], axis=0) if len(b) and np.isfinite(b).any()
+                  else (np.full(2, np.nan), np.full(2, np.nan)))
+        rows.append({**values, "form": f, "runs": len(per_run), "points": int(d.size), "alpha": alpha,
+                     "alpha_lo": lo[0], "alpha_hi": hi[0], "beta": beta, "beta_lo": lo[1], "beta_hi": hi[1],
+                     "rmse": rmse, "d_max": float(np.nanmax(d)) if d.size else np.nan})
+    return pd.DataFrame(rows)
+
+
+def bon_check(points: pd.DataFrame, fits: pd.DataFrame, by: Sequence[str], n_boot: int = 1000, seed: int = 0
+              ) -> pd.DataFrame:
+    """Per best-of-n group and ``n``: the mean ``d`` and ``gold_rel`` over seeds with a 95 % bootstrap interval of
+    the mean gold, the fitted ``R_bon`` at that mean d, and whether the fit lies in the interval (``inside``)."""
+    bon = points[points["variant"].astype(str) == BON]
+    bon = bon[bon["update"] == bon.groupby("run_id", observed=True)["update"].transform("max")]
+    if bon.empty:
+        return pd.DataFrame()
+    table = aggregate(bon, ["gold_rel", "d"], list(by) + ["bon_n"], stat="mean", n_boot=n_boot, seed=seed)
+    fit = fits[fits["form"] == "bon"].set_index(list(by)) if not fits.empty else None
+    out = []
+    for _, row in table.iterrows():
+        key = tuple(row[b] for b in by)
+        key = key[0] if len(key) == 1 else key
+        if fit is None or key not in fit.index:
+            continue
+        f = fit.loc[key]
+        pred = float(gao_curve(np.array([row["d"]]), f["alpha"], f["beta"], "bon")[0])
+        inside = bool(row["gold_rel_lo"] <= pred <= row["gold_rel_hi"]) if row["n"] > 1 else np.nan
+        out.append({**{b: row[b] for b in by}, "bon_n": int(row["bon_n"]), "seeds": int(row["n"]), "d": row["d"],
+                    "gold_rel": row["gold_rel"], "gold_rel_lo": row["gold_rel_lo"], "gold_rel_hi": row["gold_rel_hi"],
+                    "fit": pred, "inside": inside})
+    return pd.DataFrame(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peak and final gold per run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def peak_per_run(points: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: key columns, ``gold_peak`` (highest gold over the reward phase), ``kl_at_peak``,
+    ``update_at_peak``, ``gold_final``, ``kl_final``, ``proxy_final``, ``drop = gold_peak − gold_final`` and
+    ``gold_ref`` (gold of π_ref). A best-of-n run is its n-policy alone (peak = final)."""
+    keys = key_columns(points)
+    p = points.sort_values(["run_id", "update"], kind="stable")
+    first = p.groupby("run_id", observed=True, sort=False).head(1).set_index("run_id")
+    last_update = p.groupby("run_id", observed=True, sort=False)["update"].transform("max")
+    p = p[(p["variant"].astype(str) != BON) | (p["update"] == last_update)]  # best-of-n: its n-policy only
+    g = p.groupby("run_id", observed=True, sort=False)
+    at_peak = p.loc[g["gold"].idxmax().dropna().to_numpy()].set_index("run_id")
+    last = g.tail(1).set_index("run_id")
+    per = pd.DataFrame({"gold_peak": at_peak["gold"], "kl_at_peak": at_peak["kl"],
+                        "update_at_peak": at_peak["update"], "gold_final": last["gold"], "kl_final": last["kl"],
+                        "proxy_final": last["proxy"], "gold_ref": first["gold"]})
+    per["drop"] = per["gold_peak"] - per["gold_final"]
+    per.index.name = "run_id"
+    out = p.drop_duplicates("run_id")[keys].merge(per.reset_index(), on="run_id", how="left")
+    return out.reset_index(drop=True)
+
+
+PEAK_COLUMNS = ("gold_ref", "gold_peak", "kl_at_peak", "gold_final", "kl_final", "proxy_final", "drop")
+
+
+def peak_table(per_run: pd.DataFrame, by: Sequence[str], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Mean over seeds with a 95 % bootstrap interval of every :data:`PEAK_COLUMNS` measure per group ``by``,
+    plus ``lost``: the fraction of the peak's gain over π_ref given back by the end,
+    ``(gold_peak − gold_final)/(gold_peak − gold_ref)`` (NaN for runs whose peak gains nothing)."""
+    frame = per_run.copy()
+    gain = frame["gold_peak"] - frame["gold_ref"]
+    frame["lost"] = (frame["drop"] / gain).where(gain > 1e-12)
+    out = aggregate(frame, [*PEAK_COLUMNS, "lost"], list(by), stat="mean", n_boot=n_boot, seed=seed)
+    if "variant" in out:
+        order = {v: i for i, v in enumerate(variant_order(out["variant"].astype(str)))}
+        out = out.sort_values(["variant", *[b for b in by if b != "variant"]],
+                              key=lambda c: c.map(order) if c.name == "variant" else c, kind="stable")
+    return out.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The early-stopping frontier
+# ----------------------------------------------------------------------------------------------------------
+
+
+def frontier_envelope(points: pd.DataFrame, grid: np.ndarray) -> np.ndarray:
+    """The best ``gold_rel`` reached at ``d ≤ grid[j]`` over ``points``' runs: ``[len(grid)]`` (NaN below the
+    smallest d reached). Each run's logged (d, gold) are joined by straight segments in update order, so a run
+    that moves fast in d between two logged updates is not penalized for the gap (the points inside a segment
+    with d ≤ budget are an interval, whose best gold is at one of its ends). With the runs of one variant and
+    seed over every β, it is the frontier that variant reaches by early stopping at a KL budget."""
+    grid = np.asarray(grid, dtype=float)
+    best = np.full(len(grid), -np.inf)
+    for _, r in points.sort_values(["run_id", "update"], kind="stable").groupby("run_id", observed=True, sort=False):
+        d, g = r["d"].to_numpy(float), r["gold_rel"].to_numpy(float)
+        for j, budget in enumerate(grid):
+            ok = d <= budget
+            if ok.any():
+                best[j] = max(best[j], g[ok].max())
+            a, b = d[:-1], d[1:]
+            cross = (np.minimum(a, b) <= budget) & (np.maximum(a, b) > budget)  # the segment leaves the budget
+            if cross.any():
+                t = (budget - a[cross]) / (b[cross] - a[cross])
+                best[j] = max(best[j], float(np.max(g[:-1][cross] + t * (g[1:][cross] - g[:-1][cross]))))
+    return np.where(np.isfinite(best), best, np.nan)
+
+
+def frontier_comparison(points: pd.DataFrame, by: Sequence[str], grid: Sequence[float], n_boot: int = 2000,
+                        seed: int = 0) -> pd.DataFrame:
+    """Each variant's early-stopping frontier (over all its β) minus no KL's, per seed and KL budget ``d``.
+
+    Per group ``by`` (e.g. env and proxy: not β) and seed, :func:`frontier_envelope` of each variant and of
+    ``none`` on ``grid``; the difference is paired by seed (same proxy). Returns one row per group × variant ×
+    ``d``: ``seeds``, the mean variant frontier ``gold_rel``, the mean no-KL frontier ``none_gold_rel``, their
+    mean difference ``diff`` with a 95 % bootstrap interval (``diff_lo``, ``diff_hi``) and ``wins`` (the fraction
+    of seeds where the variant's frontier is higher by more than 1e-3).
+    """
+    grid_a = np.asarray(grid, dtype=float)
+    rows = []
+    rng = np.random.default_rng(seed)
+    for group, g in points.groupby(list(by), observed=True, sort=True) if by else [((), points)]:
+        values = dict(zip(by, group if isinstance(group, tuple) else (group,), strict=True))
+        base = {s: frontier_envelope(r, grid_a) for s, r in g[g["variant"].astype(str) == NO_KL].groupby("seed")}
+        for variant, gv in g[g["variant"].astype(str) != NO_KL].groupby("variant", observed=True):
+            env = {s: frontier_envelope(r, grid_a) for s, r in gv.groupby("seed")}
+            seeds = sorted(set(env) & set(base))
+            if not seeds:
+                continue
+            a = np.array([env[s] for s in seeds])
+            b = np.array([base[s] for s in seeds])
+            diff = a - b
+            boot = diff[rng.integers(0, len(seeds), (n_boot, len(seeds)))]
+            with np.errstate(all="ignore"):
+                lo, hi = np.nanquantile(np.nanmean(boot, axis=1), [0.025, 0.975], axis=0) if len(seeds) > 1 else (
+                    np.nanmean(diff, 0), np.nanmean(diff, 0))
+            for j, dj in enumerate(grid_a):
+                rows.append({**values, "variant": str(variant), "d": dj, "seeds": len(seeds),
+                             "gold_rel": np.nanmean(a[:, j]), "none_gold_rel": np.nanmean(b[:, j]),
+                             "diff": np.nanmean(diff[:, j]), "diff_lo": lo[j], "diff_hi": hi[j],
+                             "wins": float(np.mean(diff[:, j] > 1e-3))})
+    return pd.DataFrame(rows)

@@ -1,0 +1,104 @@
+"""The over-optimization analysis (analysis/overopt.py, analysis/overopt_report.py): Gao et al.'s forms, the
+peak/final table, the early-stopping frontier, and the report section on a small real sweep with a learned proxy
+and best-of-n."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import analysis
+from analysis import overopt as O
+from analysis.loading import variant_label
+from sim.lab.cli import main
+from tests.analysis.sweep_fixture import write_sweep
+
+
+@pytest.mark.parametrize("form, alpha, beta", [("bon", 1.3, 0.4), ("rl", 0.8, 0.25)])
+def test_gao_forms_are_recovered_from_their_own_curves(form: str, alpha: float, beta: float):
+    d = np.linspace(0.0, 3.0, 40)
+    a, b, rmse = O.fit_gao(d, O.gao_curve(d, alpha, beta, form), form)
+    assert abs(a - alpha) < 1e-12 and abs(b - beta) < 1e-12 and rmse < 1e-12
+    assert O.gao_curve(np.array([0.0]), alpha, beta, form)[0] == 0  # R(0) = 0 for both forms
+
+
+def _points() -> pd.DataFrame:
+    rows = []
+    for seed in (0, 1):
+        for variant, beta, path in (("none", 0.1, [(0, 0), (1, 1.0), (2, 1.5), (3, 0.5)]),
+                                    ("k1 in reward", 0.1, [(0, 0), (0.5, 0.8), (1.0, 1.2)]),
+                                    ("k1 in reward", 1.0, [(0, 0), (0.2, 0.3)])):
+            for u, (d, g) in enumerate(path):
+                rows.append({"run_id": f"{variant}-{beta}-{seed}", "variant": variant, "seed": seed, "kl.beta": beta,
+                             "update": u, "kl": d * d, "d": d, "gold": g + seed, "proxy": 2 * d, "gold_rel": g,
+                             "proxy_rel": 2 * d, "bon_n": np.nan})
+    return pd.DataFrame(rows)
+
+
+def test_env_keys_that_env_id_determines_are_no_condition():
+    """A sweep over whole env mappings (an axis ``env: [{id: bandit, ...}, {id: token_tree, ...}]``) varies every
+    env key with env.id; env.id alone is the condition, an env key that varies within one env stays one."""
+    from analysis.loading import _env_determined
+
+    runs = pd.DataFrame({"env.id": ["bandit", "bandit", "token_tree", "token_tree"],
+                         "env.n_arms": [300, 300, np.nan, np.nan], "env.vocab": [np.nan, np.nan, 4, 4],
+                         "env.reward_seed": [1, 2, 0, 0], "env": ["{}", "{}", "{x}", "{x}"]})
+    swept = ["env", "env.id", "env.n_arms", "env.vocab", "env.reward_seed"]
+    assert _env_determined(runs, swept) == {"env", "env.n_arms", "env.vocab"}
+    assert _env_determined(runs.iloc[:2], swept) == set()  # one env: nothing is implied
+
+
+def test_peaks_and_the_early_stopping_frontier():
+    points = _points()
+    per = O.peak_per_run(points).set_index("run_id")
+    none = per.loc["none-0.1-0"]
+    assert none["gold_peak"] == 1.5 and none["kl_at_peak"] == 4.0 and none["gold_final"] == 0.5
+    assert none["drop"] == 1.0
+    table = O.peak_table(per.reset_index(), ["variant", "kl.beta"], n_boot=50)
+    assert abs(table.loc[table["variant"] == "none", "lost"].iloc[0] - 1 / 1.5) < 1e-12
+    grid = np.array([0.5, 1.0, 2.0])
+    # the path (0, 0) → (1, 1) → (1.5², …) is joined by segments: half-way to d = 1 it has gold 0.5
+    assert np.array_equal(O.frontier_envelope(points[points["run_id"] == "none-0.1-0"], grid), [0.5, 1.0, 1.5])
+    comp = O.frontier_comparison(points, [], grid, n_boot=50)
+    k1 = comp[comp["variant"] == "k1 in reward"].set_index("d")
+    # k1's frontier (both β) reaches 0.8 at d ≤ 0.5 and 1.2 at d ≤ 1 where no KL has 0.5 and 1.0
+    assert np.allclose(k1["diff"], [0.3, 0.2, -0.3]) and np.allclose(k1["wins"], [1, 1, 0])
+
+
+GRID = {
+    "base": {"env": {"id": "bandit", "n_arms": 12, "reward_seed": 2},
+             "reward": {"model": "learned", "pairs": 40, "l2": 0.01},
+             "train": {"updates": 12, "batch": 32, "lr": 0.1},
+             "log": {"every": 1, "trajectories": 0, "policy_every": 12, "progress": "none"}},
+    "axes": {"kl.beta": [0.1, 1.0]},
+    "variants": [{"kl.placement": "none"}, {"kl.placement": "reward", "kl.estimator": "k1"},
+                 {"train.algo": "bon", "bon.n": 4}, {"train.algo": "bon", "bon.n": 64}],
+    "exclude": [{"train.algo": "bon", "kl.beta": 1.0}],
+    "seeds": 3,
+}
+
+
+def test_a_learned_reward_sweep_gets_the_over_optimization_section(tmp_path: Path):
+    out = write_sweep(GRID, tmp_path / "sweep")
+    res = analysis.load(out)
+    assert variant_label("none", "k1", algo="bon") == "BoN"
+    assert "bon.n" not in res.conditions
+    assert {"gold_return", "proxy_return", "sqrt_kl", "opt_gold", "opt_proxy"} <= set(res.metrics.columns)
+    assert main(["report", str(out), "--n-boot", "50", "--formats", "png", "--figures", "overopt"]) == 0
+    rep = out / "report"
+    index = (rep / "index.md").read_text()
+    assert "## Reward over-optimization" in index and "Gao et al.'s forms" in index
+    assert "Best-of-n against its fit" in index and "Frontier against no KL" in index
+    for beta in ("0.1", "1"):
+        assert (rep / f"figO1_frontier_beta-{beta}.png").is_file()
+    assert (rep / "figO2_beta.png").is_file()
+    peaks = pd.read_csv(rep / "overopt_peaks.csv")
+    assert set(peaks["variant"]) == {"none", "k1 in reward", "BoN"}
+    assert sorted(peaks.loc[peaks["variant"] == "BoN", "bon.n"]) == [4, 64]
+    fits = pd.read_csv(rep / "overopt_fits.csv")
+    assert set(fits.loc[fits["variant"] == "BoN", "form"]) == {"bon"}
+    summary = pd.read_csv(rep / "summary.csv")
+    assert "BoN" not in set(summary["variant"])  # best-of-n trains nothing: only in its own section
