@@ -342,8 +342,8 @@ PER_RUN_KEYS = ("seed", "kl.placement", "kl.estimator", "kl.beta", "kl.is_correc
                 "kl.target", "kl.horizon", "kl.value_clamp", "kl.reward_logp", "train.lr", "train.staleness",
                 "train.staleness_dist", "dpo.beta", "dpo.loss", "reward.data_seed", "bon.n")
 
-SECTIONS: dict[str, type] = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig, "dpo": DPOConfig,
-             "reward": RewardConfig, "bon": BoNConfig}
+SECTIONS: dict[str, type] = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig,
+                             "dpo": DPOConfig, "reward": RewardConfig, "bon": BoNConfig}
 
 
 def to_plain(x: Any) -> Any:
