@@ -118,7 +118,7 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 def test_the_graph_is_read():
     assert "sim.engine.loop" in GRAPH["sim.algos.discrete"]
     assert "sim.algos.ppo" in GRAPH["sim.lab.dispatch"]
-    assert "envs" in GRAPH["sim.config"]
+    assert "envs" in GRAPH["sim.config.parse"]
 
 
 def test_no_import_cycles():

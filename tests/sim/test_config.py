@@ -1,4 +1,4 @@
-"""sim/config.py: keys without effect are refused (one line), phases record the updates they run, and run ids
+"""sim.config: keys without effect are refused (one line), phases record the updates they run, and run ids
 stay those of the folders already on disk."""
 
 from __future__ import annotations
