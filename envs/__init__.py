@@ -6,65 +6,117 @@ bandit and the toy diffusion chain have their own cores and closed forms. Import
 the gymnasium ids ``reflab/Bandit-v0``, ``reflab/GaussianBandit-v0``, ``reflab/GridWorld-v0``,
 ``reflab/TokenTree-v0`` and ``reflab/DiffusionChain-v0``.
 This package never imports ``sim`` or ``analysis``.
+
+Importing it is cheap (gymnasium, no torch): :data:`REGISTRY` names each env's module and classes, and a
+module, class or function is imported the first time it is used (``envs.BanditParams``,
+``REGISTRY["bandit"].params``, ``from envs import tabular``), so ``reflab --help`` and config errors that need
+no env start without torch. The gymnasium ids are registered with ``"module:Class"`` entry points, which
+gymnasium imports on ``gymnasium.make``.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium
 
-from envs.bandit import BanditEnv, BanditParams
-from envs.diffusion_chain import DiffusionChainEnv, DiffusionChainParams
-from envs.gaussian_bandit import (
-    GaussianBanditCore,
-    GaussianBanditEnv,
-    GaussianBanditParams,
-    gaussian_kl,
-    gibbs_optimum,
-)
-from envs.gridworld import GridWorld, GridWorldEnv, GridWorldParams, builtin_layouts
-from envs.params import EnvParams
-from envs.tabular import TabularCore, TabularMDP
-from envs.token_tree import TokenTreeEnv, TokenTreeParams, gibbs_sequence_optimum, sequence_probs
+if TYPE_CHECKING:
+    from envs.params import EnvParams
 
 
 @dataclass(frozen=True)
 class EnvSpec:
-    """One environment of the registry: its config id, params class, gymnasium shell and action kind."""
+    """One environment of the registry: its config id, params class, gymnasium shell and action kind.
+
+    The classes are named by module and attribute and imported when first read (:attr:`params`,
+    :attr:`gym_env`)."""
 
     id: str
     """The config's ``env.id``."""
-    params: type[EnvParams]
-    """The frozen params dataclass (its fields are the ``env.*`` keys)."""
+    module: str
+    """The module defining the env (``envs.bandit``)."""
+    params_name: str
+    """The name of its frozen params dataclass in :attr:`module` (its fields are the ``env.*`` keys)."""
     gym_id: str
     """The gymnasium id of the thin shell (registered on ``import envs``)."""
-    gym_env: type[gymnasium.Env]
-    """The shell's class."""
+    gym_env_name: str
+    """The name of the shell's class in :attr:`module`."""
     discrete: bool
     """Enumerable actions: the params compile to a :class:`~envs.tabular.TabularMDP` (``params.build()``), so
     the exact tabular oracles apply. Otherwise the env has its own core and closed forms."""
 
+    @property
+    def params(self) -> type[EnvParams]:
+        """The frozen params dataclass (imports :attr:`module`)."""
+        return getattr(importlib.import_module(self.module), self.params_name)
+
+    @property
+    def gym_env(self) -> type[gymnasium.Env]:
+        """The gymnasium shell's class (imports :attr:`module`)."""
+        return getattr(importlib.import_module(self.module), self.gym_env_name)
+
+    @property
+    def entry_point(self) -> str:
+        """The shell as a gymnasium entry point, ``"module:Class"``."""
+        return f"{self.module}:{self.gym_env_name}"
+
 
 REGISTRY: dict[str, EnvSpec] = {spec.id: spec for spec in (
-    EnvSpec("bandit", BanditParams, "reflab/Bandit-v0", BanditEnv, discrete=True),
-    EnvSpec("gaussian_bandit", GaussianBanditParams, "reflab/GaussianBandit-v0", GaussianBanditEnv, discrete=False),
-    EnvSpec("diffusion_chain", DiffusionChainParams, "reflab/DiffusionChain-v0", DiffusionChainEnv, discrete=False),
-    EnvSpec("gridworld", GridWorldParams, "reflab/GridWorld-v0", GridWorldEnv, discrete=True),
-    EnvSpec("token_tree", TokenTreeParams, "reflab/TokenTree-v0", TokenTreeEnv, discrete=True),
+    EnvSpec("bandit", "envs.bandit", "BanditParams", "reflab/Bandit-v0", "BanditEnv", discrete=True),
+    EnvSpec("gaussian_bandit", "envs.gaussian_bandit", "GaussianBanditParams", "reflab/GaussianBandit-v0",
+            "GaussianBanditEnv", discrete=False),
+    EnvSpec("diffusion_chain", "envs.diffusion_chain", "DiffusionChainParams", "reflab/DiffusionChain-v0",
+            "DiffusionChainEnv", discrete=False),
+    EnvSpec("gridworld", "envs.gridworld", "GridWorldParams", "reflab/GridWorld-v0", "GridWorldEnv", discrete=True),
+    EnvSpec("token_tree", "envs.token_tree", "TokenTreeParams", "reflab/TokenTree-v0", "TokenTreeEnv", discrete=True),
 )}
 """Every environment, by ``env.id``: the one place that lists them."""
 
-ENV_PARAMS: dict[str, type[EnvParams]] = {k: s.params for k, s in REGISTRY.items()}
-"""The params class of each ``env.id``."""
-
-GYM_IDS: dict[str, type[gymnasium.Env]] = {s.gym_id: s.gym_env for s in REGISTRY.values()}
-"""The gymnasium shell of each registered gymnasium id."""
-
 DISCRETE_ENVS: tuple[str, ...] = tuple(k for k, s in REGISTRY.items() if s.discrete)
 """The ``env.id``s with enumerable actions (tabular MDPs)."""
+
+#: Names this package exports from its modules, imported on first use (``envs.X`` or ``from envs import X``).
+_LAZY: dict[str, str] = {
+    "BanditEnv": "envs.bandit", "BanditParams": "envs.bandit",
+    "DiffusionChainEnv": "envs.diffusion_chain", "DiffusionChainParams": "envs.diffusion_chain",
+    "GaussianBanditCore": "envs.gaussian_bandit", "GaussianBanditEnv": "envs.gaussian_bandit",
+    "GaussianBanditParams": "envs.gaussian_bandit", "gaussian_kl": "envs.gaussian_bandit",
+    "gibbs_optimum": "envs.gaussian_bandit",
+    "GridWorld": "envs.gridworld", "GridWorldEnv": "envs.gridworld", "GridWorldParams": "envs.gridworld",
+    "builtin_layouts": "envs.gridworld",
+    "EnvParams": "envs.params",
+    "TabularCore": "envs.tabular", "TabularMDP": "envs.tabular",
+    "TokenTreeEnv": "envs.token_tree", "TokenTreeParams": "envs.token_tree",
+    "gibbs_sequence_optimum": "envs.token_tree", "sequence_probs": "envs.token_tree",
+}
+_SUBMODULES = ("bandit", "best_of_n", "diffusion_chain", "gaussian_bandit", "gridworld", "gym_shell", "params",
+               "tabular", "token_tree")
+
+
+def __getattr__(name: str) -> Any:
+    """Import on first use: the exported classes and functions, ``ENV_PARAMS``, ``GYM_IDS`` and the submodules."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name == "ENV_PARAMS":
+        value = {k: s.params for k, s in REGISTRY.items()}
+    elif name == "GYM_IDS":
+        value = {s.gym_id: s.gym_env for s in REGISTRY.values()}
+    elif name in _SUBMODULES:
+        return importlib.import_module(f"envs.{name}")
+    else:
+        raise AttributeError(f"module 'envs' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    ENV_PARAMS: dict[str, type[EnvParams]]
+    """The params class of each ``env.id``."""
+    GYM_IDS: dict[str, type[gymnasium.Env]]
+    """The gymnasium shell of each registered gymnasium id."""
 
 
 def spec(env_id: str) -> EnvSpec:
@@ -86,10 +138,10 @@ def from_config(env: Mapping[str, Any]) -> EnvParams:
 
 
 def register_gym_envs() -> None:
-    """Register the reflab ids with gymnasium (idempotent)."""
-    for gym_id, env_class in GYM_IDS.items():
-        if gym_id not in gymnasium.registry:
-            gymnasium.register(id=gym_id, entry_point=env_class)
+    """Register the reflab ids with gymnasium (idempotent); gymnasium imports a shell's module on ``make``."""
+    for s in REGISTRY.values():
+        if s.gym_id not in gymnasium.registry:
+            gymnasium.register(id=s.gym_id, entry_point=s.entry_point)
 
 
 register_gym_envs()

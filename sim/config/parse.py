@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 
-import envs
 from sim import yamlsafe
 from sim.config.effects import check_effects
 from sim.config.schema import (
@@ -200,6 +199,10 @@ def _parse_phases(v: Any) -> tuple[Phase, ...] | None:
 
 
 def _validate_env(env: Any) -> dict:
+    """The env mapping checked by its params class: imports that env's module (torch), so :func:`from_dict`
+    calls it after every check that needs no env."""
+    import envs
+
     if not isinstance(env, dict):
         raise ConfigError(f"env must be a mapping with an id, got {env!r}")
     env = dict(env)
@@ -222,12 +225,16 @@ def check_positive(key: str, value: float | int | None, allow_zero: bool = False
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def from_dict(data: dict, effects: str = "strict") -> Config:
+def from_dict(data: dict, effects: str = "strict", check_env: bool = True) -> Config:
     """Validate a nested dict (partial: missing keys take defaults) and build a :class:`Config`.
 
     ``effects``: how keys without effect are checked (:func:`check_effects`): ``strict`` (one run: refused),
     ``grid`` (a run of a grid whose base is shared by runs of several kinds: keys only some of them read are
-    accepted) or ``off`` (a grid's base on its own, before the axes and variants complete it)."""
+    accepted) or ``off`` (a grid's base on its own, before the axes and variants complete it).
+
+    The env mapping is checked last, by the env's params class (which imports the env's module and torch);
+    ``check_env=False`` leaves it out (the config's ``env`` is then the default one): every other check, without
+    importing anything heavy."""
     if not isinstance(data, dict):
         raise ConfigError("config must be a mapping of keys")
     top = {f.name for f in fields(Config)}
@@ -237,7 +244,6 @@ def from_dict(data: dict, effects: str = "strict") -> Config:
     kwargs: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         kwargs[name] = _build_section(name, cls, data.get(name, {}) or {})
-    kwargs["env"] = _validate_env(data.get("env", {"id": "bandit"}))
     for k in ("seed", "threads"):
         if k in data:
             kwargs[k] = _check_type(k, data[k], "int | None" if k == "threads" else "int", None)
@@ -253,11 +259,13 @@ def from_dict(data: dict, effects: str = "strict") -> Config:
             raise ConfigError(f"train.updates={given!r} has no effect with train.phases, which run {total} "
                               f"updates; leave train.updates out or set it to {total}")
         kwargs["train"] = dataclasses.replace(train, updates=total)
-    cfg = Config(**kwargs)
+    cfg = Config(**kwargs)  # every check but the env's reads no env: they come first and import nothing heavy
     _check_ranges(cfg)
     if effects != "off":
         check_effects(cfg, shared_base=effects == "grid")
-    return cfg
+    if not check_env:
+        return cfg
+    return dataclasses.replace(cfg, env=_validate_env(data.get("env", {"id": "bandit"})))
 
 
 def _check_ranges(cfg: Config) -> None:

@@ -44,10 +44,25 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-yaml-values", type=int, default=yamlsafe.MAX_VALUES, metavar="N",
                    help="refuse a config file or --set value of more than N YAML values once aliases are expanded "
                         f"(default {yamlsafe.MAX_VALUES})")
-    from sim.lab.keys import compact_keys
+    p.formatter_class = KeysEpilogFormatter
+    p.epilog = KEYS_EPILOG
 
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = compact_keys()
+
+#: The epilog of ``reflab run --help``: replaced by the list of config keys when the help is printed, so that
+#: parsing a command line imports nothing the keys' list needs (:mod:`sim.lab.keys` reads every env's params).
+KEYS_EPILOG = "{config keys}"
+
+
+class KeysEpilogFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help formatter that writes :data:`KEYS_EPILOG` as :func:`sim.lab.keys.compact_keys` (computed only when
+    the help is printed)."""
+
+    def add_text(self, text: str | None) -> None:
+        if text == KEYS_EPILOG:
+            from sim.lab.keys import compact_keys
+
+            text = compact_keys()
+        super().add_text(text)
 
 
 def plain(text: str) -> str:
@@ -56,16 +71,23 @@ def plain(text: str) -> str:
 
 
 def run_main(args: argparse.Namespace) -> int:
-    """``reflab run``: 0 when the run finished (done or diverged), 1 if it crashed, 2 on bad input."""
+    """``reflab run``: 0 when the run finished (done or diverged), 1 if it crashed, 2 on bad input.
+
+    The config is read and checked by :mod:`sim.config` before torch and the trainers are imported, so a bad
+    ``kl.*`` or ``train.*`` key or value fails in a fraction of a second; an ``env.*`` error needs the env's
+    module (torch)."""
+    from sim.config import resolve
+
+    if args.max_yaml_values < 1:
+        raise UsageError("--max-yaml-values must be a positive integer")
+    cfg = resolve(args.config, args.set, effects="strict", max_values=args.max_yaml_values,
+                  flag="--max-yaml-values")  # one run: every key must act
     import torch
 
     from sim.lab import dispatch, runs
     from sim.lab.progress import progress
 
-    if args.max_yaml_values < 1:
-        raise UsageError("--max-yaml-values must be a positive integer")
-    cfg = dispatch.resolve(args.config, args.set, effects="strict", max_values=args.max_yaml_values,
-                           flag="--max-yaml-values")  # one run: every key must act
+    cfg = dispatch.check_config(cfg)
     out = Path(args.out)
     runs.check_writable_dir(out)
     if cfg.threads:

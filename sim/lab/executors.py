@@ -28,7 +28,6 @@ from typing import Any
 
 from sim.config import Config
 from sim.lab import runs
-from sim.lab.dispatch import resolve_device, train_batch
 
 EXECUTORS = ("local", "ray", "slurm")
 #: Seconds between completion checks of submitit jobs (Slurm's accounting is queried at most this often).
@@ -99,6 +98,8 @@ def _train_and_write(run_dirs: list[Path], configs: list[Config], run_ids: list[
                      keys: list[dict] | None = None) -> list[RunResult]:
     """Train ``configs`` as one batch and write their folders (``keys``: each run's index columns, written
     into its tables with its ``run_id``); raises if training raises."""
+    from sim.lab.dispatch import resolve_device, train_batch  # the trainers (torch): in the worker only
+
     device = resolve_device(configs[0].device)
     for run_dir, cfg, run_id in zip(run_dirs, configs, run_ids, strict=True):
         _clear_run_dir(run_dir)

@@ -38,6 +38,7 @@ from sim.config import (
     deep_merge,
     default_dict,
     effective_dict,
+    from_dict,
     get_dotted,
     load_yaml,
     parse_override,
@@ -45,7 +46,6 @@ from sim.config import (
     set_key,
     yaml_load,
 )
-from sim.lab import dispatch
 from sim.lab.run_ids import run_id
 
 GRID_KEYS = ("base", "axes", "variants", "seeds", "exclude", "batch_size", "description")
@@ -320,6 +320,19 @@ def _check_run_count(label: str, axes: dict[str, list], n_variants: int, n_seeds
                       f"runs{hint}")
 
 
+def _excluded(data: dict, exclude: list[dict]) -> int | None:
+    """The index of the first ``exclude`` entry the (invalid, so unresolved) run config ``data`` matches, with
+    every key it leaves out at its default; ``None`` if none."""
+    merged = deep_merge(default_dict(), data)
+    return next((i for i, entry in enumerate(exclude) if _matches(merged, entry)), None)
+
+
+def _run_error(label: str, assign: dict[str, Any], e: Exception) -> ConfigError:
+    """The one-line error of the grid's run ``assign`` whose config raised ``e``."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ConfigError(f"{label}: run {_fmt_assign(assign)}: {msg}")
+
+
 def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int = MAX_RUNS,
                max_values: int = yamlsafe.MAX_VALUES, flags: tuple[str, str] | None = None) -> SweepPlan:
     """Expand and validate ``grid`` (the parsed grid file) into a :class:`SweepPlan`.
@@ -336,7 +349,7 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int
         raise ConfigError(f"{label}: unknown grid key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
     base_raw = _load_base(grid.get("base"), label, grid_dir, max_values, values_flag)
     try:
-        base_cfg = dispatch.from_dict(base_raw, effects="off")
+        base_cfg = from_dict(base_raw, effects="off", check_env=False)  # no env, no trainer: nothing heavy yet
     except ConfigError as e:
         raise ConfigError(f"{label}: base: {e}") from e
 
@@ -389,46 +402,57 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int
             raise ConfigError(f"{label}: key {key!r} is both an axis and a variant key; use one of them")
     swept_keys = list(axes) + [k for k in variant_keys if k not in axes]
 
+    expanded = [(assign, apply_assignments(base_raw, assign)) for assign in
+                ({**dict(zip(axes, combo, strict=True)), **variant, "seed": seed}
+                 for combo in itertools.product(*axes.values()) for variant in variants or [{}] for seed in seeds)]
+    # First every check that needs no env and no trainer (sim.config alone), so that a bad key or value
+    # anywhere in the grid is reported before the envs' and trainers' modules (torch) are imported.
+    for assign, data in expanded:
+        try:
+            from_dict(data, effects="grid", check_env=False)
+        except (ValueError, TypeError) as e:
+            if _excluded(data, exclude) is None:
+                raise _run_error(label, assign, e) from e
+    from sim.lab import dispatch
+
+    try:
+        base_cfg = dispatch.from_dict(base_raw, effects="off")
+    except ConfigError as e:
+        raise ConfigError(f"{label}: base: {e}") from e
     runs: list[PlannedRun] = []
     seen: dict[str, dict] = {}
     effective: dict[str, tuple[dict, Config]] = {}  # effective config (no-effect keys at defaults) → its run
     excluded_by = [0] * len(exclude)
-    for combo in itertools.product(*axes.values()):
-        for variant in variants or [{}]:
-            for seed in seeds:
-                assign = {**dict(zip(axes, combo, strict=True)), **variant, "seed": seed}
-                data = apply_assignments(base_raw, assign)
-                try:
-                    cfg = dispatch.from_dict(data, effects="grid")
-                except (ValueError, TypeError) as e:
-                    # An excluded invalid combination is simply dropped: exclude is how a grid skips them.
-                    merged = deep_merge(default_dict(), data)
-                    hit = [i for i, entry in enumerate(exclude) if _matches(merged, entry)]
-                    if hit:
-                        excluded_by[hit[0]] += 1
-                        continue
-                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    raise ConfigError(f"{label}: run {_fmt_assign(assign)}: {msg}") from e
-                resolved = cfg.to_dict()
-                hit = [i for i, entry in enumerate(exclude) if _matches(resolved, entry)]
-                if hit:
-                    excluded_by[hit[0]] += 1
-                    continue
-                rid = run_id(cfg)
-                if rid in seen:
-                    raise ConfigError(f"{label}: runs {_fmt_assign(seen[rid])} and {_fmt_assign(assign)} resolve "
-                                      f"to the same config (run id {rid}); remove the duplicate")
-                seen[rid] = assign
-                eff = json.dumps(effective_dict(cfg), sort_keys=True)
-                if eff in effective:
-                    other, other_cfg = effective[eff]
-                    keys = ", ".join(_differing_keys(other_cfg.to_dict(), resolved))
-                    raise ConfigError(f"{label}: runs {_fmt_assign(other)} and {_fmt_assign(assign)} differ only in "
-                                      f"{keys}, which has no effect on them (they would train the same numbers "
-                                      "under two ids); exclude one of them")
-                effective[eff] = (assign, cfg)
-                columns = {k: _lookup(resolved, k)[1] for k in ("seed", *ALWAYS_COLUMNS, *swept_keys)}
-                runs.append(PlannedRun(rid, cfg, columns))
+    for assign, data in expanded:
+        try:
+            cfg = dispatch.from_dict(data, effects="grid")
+        except (ValueError, TypeError) as e:
+            # An excluded invalid combination is simply dropped: exclude is how a grid skips them.
+            hit = _excluded(data, exclude)
+            if hit is not None:
+                excluded_by[hit] += 1
+                continue
+            raise _run_error(label, assign, e) from e
+        resolved = cfg.to_dict()
+        hit = [i for i, entry in enumerate(exclude) if _matches(resolved, entry)]
+        if hit:
+            excluded_by[hit[0]] += 1
+            continue
+        rid = run_id(cfg)
+        if rid in seen:
+            raise ConfigError(f"{label}: runs {_fmt_assign(seen[rid])} and {_fmt_assign(assign)} resolve "
+                              f"to the same config (run id {rid}); remove the duplicate")
+        seen[rid] = assign
+        eff = json.dumps(effective_dict(cfg), sort_keys=True)
+        if eff in effective:
+            other, other_cfg = effective[eff]
+            keys = ", ".join(_differing_keys(other_cfg.to_dict(), resolved))
+            raise ConfigError(f"{label}: runs {_fmt_assign(other)} and {_fmt_assign(assign)} differ only in "
+                              f"{keys}, which has no effect on them (they would train the same numbers "
+                              "under two ids); exclude one of them")
+        effective[eff] = (assign, cfg)
+        columns = {k: _lookup(resolved, k)[1] for k in ("seed", *ALWAYS_COLUMNS, *swept_keys)}
+        runs.append(PlannedRun(rid, cfg, columns))
     for i, n in enumerate(excluded_by):
         if n == 0:
             print(f"reflab: warning: {label}: exclude[{i}] {_fmt_assign(exclude[i])} matched no run", file=sys.stderr)

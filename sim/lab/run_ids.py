@@ -9,10 +9,10 @@ as the phases' sum) is hashed at its default, as it was before the sum was recor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 
-import envs
 from sim.config import Config, to_plain
 
 ID_KEYS = frozenset((
@@ -53,7 +53,7 @@ def identity_json(cfg: Config) -> str:
         if section == "env":
             env_id = d["env"]["id"]
             known = ID_ENV_KEYS.get(env_id, ())
-            env_defaults = dataclasses.asdict(envs.spec(env_id).params())
+            env_defaults = _env_defaults(env_id)
             for key in list(d["env"]):
                 if key != "id" and key not in known and to_plain(env_defaults.get(key)) == d["env"][key]:
                     del d["env"][key]
@@ -66,6 +66,14 @@ def identity_json(cfg: Config) -> str:
         elif section not in ID_KEYS and d[section] == defaults[section]:
             del d[section]
     return json.dumps(d, sort_keys=True)
+
+
+@functools.cache
+def _env_defaults(env_id: str) -> dict:
+    """The default params of ``env_id`` as a dict (read only; imports the env's module)."""
+    import envs
+
+    return dataclasses.asdict(envs.spec(env_id).params())
 
 
 def run_id(cfg: Config) -> str:

@@ -13,12 +13,13 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sim.config import Config, UsageError
+
+if TYPE_CHECKING:  # imported where used: a sweep's planning and `reflab --help` need neither
+    import pandas as pd
+    import torch
 
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.json"
@@ -94,7 +95,9 @@ def environment_info(device: torch.device | str) -> dict[str, Any]:
     """Library versions, device and threads: written into every run's ``config.json``."""
     import gymnasium
     import numpy
+    import pandas as pd
     import pyarrow
+    import torch
 
     return {
         "python": sys.version.split()[0],
@@ -197,6 +200,8 @@ def finish_run(run_dir: Path, tables: dict[str, pd.DataFrame], status: dict[str,
     duckdb, polars or pandas; every file also carries ``{"keys": ..., "config": ...}`` (the run's config
     from ``config.json``) as Parquet metadata under ``reflab``.
     """
+    import pandas as pd
+
     run_dir = Path(run_dir)
     cells = key_cells(keys or {})
     meta = None

@@ -31,14 +31,11 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-import envs
 from sim import yamlsafe
 from sim.config import Config, ConfigError, UsageError, batch_signature
-from sim.lab import dispatch, runs
+from sim.lab import runs
 from sim.lab.executors import (
     EXECUTORS,
     Executor,
@@ -51,6 +48,9 @@ from sim.lab.executors import (
 )
 from sim.lab.grid import MAX_RUNS, PlannedRun, SweepPlan, apply_sets, load_grid, parse_batch_size, plan_sweep
 from sim.lab.progress import progress, use_bar
+
+if TYPE_CHECKING:  # imported where used, so `reflab sweep --help` and grid errors start without them
+    import pandas as pd
 
 SWEEP_FILE = "sweep.json"
 INDEX_FILE = "index.parquet"
@@ -76,6 +76,8 @@ def estimate_run_bytes(cfg: Config) -> int:
     actions), MLP activations and the logs kept until the run is written; calibrated on the gridworld
     (tabular: ~5 MB per run at batch 256 × horizon 30).
     """
+    import envs
+
     tr, log = cfg.train, cfg.log
     n_states, n_actions, horizon, n_outcomes = envs.from_config(cfg.env).size_hint()
     steps = tr.batch * horizon
@@ -136,6 +138,8 @@ def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, bat
     ``batch_size`` caps the runs per task; ``None`` = :func:`auto_batch_size` with ``task_budget`` bytes per
     task (default: :data:`MEMORY_FRACTION` of the available memory shared by ``workers``).
     """
+    from sim.lab import dispatch
+
     groups: dict[str, list[PlannedRun]] = {}
     for run in planned:
         groups.setdefault(batch_signature(run.config), []).append(run)
@@ -212,6 +216,8 @@ def _column(values: list[Any]) -> list[Any]:
 
 def index_frame(plan: SweepPlan, statuses: dict[str, str]) -> pd.DataFrame:
     """The index table: one row per run, columns ``run_id``, ``status``, ``seed``, always-columns, swept keys."""
+    import pandas as pd
+
     cols: dict[str, list[Any]] = {"run_id": [r.run_id for r in plan.runs],
                                   "status": [statuses.get(r.run_id, "pending") for r in plan.runs]}
     for key in plan.runs[0].columns:
@@ -235,6 +241,8 @@ def check_devices(plan: SweepPlan, executor: Executor) -> None:
     CUDA), checked before anything is written when ``executor`` trains here (:attr:`Executor.runs_here`)."""
     if not executor.runs_here:
         return
+    from sim.lab import dispatch
+
     checked: set[str] = set()
     for run in plan.runs:
         if run.config.device in checked:
@@ -462,6 +470,8 @@ def status_report(path: Path, max_errors: int = 10) -> str:
 
 
 def _dry_run_table(plan: SweepPlan, out: Path | None) -> str:
+    import pandas as pd
+
     cols: dict[str, list[Any]] = {"run_id": [r.run_id for r in plan.runs]}
     if out is not None and (out / RUNS_DIR).is_dir():
         cols["status"] = [disk_status(out / RUNS_DIR / r.run_id) for r in plan.runs]

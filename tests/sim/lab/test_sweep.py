@@ -322,18 +322,18 @@ def test_packing_groups_by_signature_and_sizes_batches():
 
 
 def test_a_failing_run_does_not_lose_its_batch(tmp_path, monkeypatch):
-    import sim.lab.executors
+    import sim.lab.dispatch
 
     plan = plan_sweep({"base": BASE, "seeds": 4}, "grid")
     (task,) = pack_tasks(plan.runs, tmp_path, workers=1, batch_size=4)
-    real = sim.lab.executors.train_batch
+    real = sim.lab.dispatch.train_batch  # what the worker calls (imported there when a task runs)
 
     def train_batch(configs, progress=None, device=None):
         if any(c.seed == 2 for c in configs):
             raise RuntimeError("seed 2 is cursed")
         return real(configs, progress, device)
 
-    monkeypatch.setattr(sim.lab.executors, "train_batch", train_batch)
+    monkeypatch.setattr(sim.lab.dispatch, "train_batch", train_batch)
     # a stale, unfinished folder from an earlier attempt is replaced
     stale = Path(task.run_dirs[0])
     results.atomic_write_json(stale / "status.json", {"status": "running"})

@@ -81,8 +81,8 @@ def test_a_config_bomb_for_reflab_run_names_the_flag(tmp_path, capsys):
 
 def test_the_run_count_is_checked_before_expanding(tmp_path, capsys, monkeypatch):
     calls = []
-    real = grid_mod.dispatch.from_dict
-    monkeypatch.setattr(grid_mod.dispatch, "from_dict", lambda d, **kw: calls.append(1) or real(d, **kw))
+    real = grid_mod.from_dict  # sim.config's checks, which the grid applies first (the trainers' come later)
+    monkeypatch.setattr(grid_mod, "from_dict", lambda d, **kw: calls.append(1) or real(d, **kw))
     values = [round(0.001 * (i + 1), 6) for i in range(1000)]
     big = write(tmp_path / "big.yaml", yaml.safe_dump({"base": BASE, "axes": {"kl.beta": values, "train.lr": values},
                                                        "seeds": 3}))
