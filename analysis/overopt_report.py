@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import overopt as O
+from analysis.figure_pool import FigureQueue
 from analysis.loading import variant_order
 from analysis.plotting import FORMATS, PAGE_WIDTH, condition_columns, condition_label, new_figure, paper_style, save
 from analysis.plotting import variant_style as _variant_style
@@ -198,9 +199,13 @@ def _slug(values: dict[str, Any]) -> str:
 
 
 def write_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_boot: int = 2000, seed: int = 0,
-                  figures: bool = True) -> OveroptSection:
+                  figures: bool = True, queue: FigureQueue | None = None) -> OveroptSection:
     """Tables, CSVs and figures of the over-optimization analysis of ``metrics`` into ``out`` (see the module
-    docstring). Figures that cannot be drawn are listed in ``errors``, never raised."""
+    docstring). Figures that cannot be drawn are listed in ``errors``, never raised.
+
+    With a ``queue`` (:class:`analysis.figure_pool.FigureQueue`, e.g. the whole report's) the figures are only
+    queued there: ``figures`` holds their places and the queue's owner draws them and collects their errors;
+    without one they are drawn before this returns."""
     sec = OveroptSection()
     points = O.frontier_points(metrics)
     conds = [c for c in condition_columns(points) if c != "kl.beta"]
@@ -239,7 +244,11 @@ def write_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_bo
         table.to_csv(out / f"overopt_{name}.csv", index=False)
     sec.markdown += _markdown(peaks, fits, bon_rows, frontier, conds, has_beta, n_boot)
     if figures:
-        _figures(sec, points_fit, fits, conds, out, formats, n_boot, seed)
+        own = queue is None
+        queue = FigureQueue() if queue is None else queue
+        _figures(sec, queue, points_fit, fits, conds, out, formats, n_boot, seed)
+        if own:
+            sec.errors += queue.draw()
     return sec
 
 
@@ -292,8 +301,8 @@ def _markdown(peaks: pd.DataFrame, fits: pd.DataFrame, bon: pd.DataFrame, fronti
     return lines
 
 
-def _figures(sec: OveroptSection, points: pd.DataFrame, fits: pd.DataFrame, conds: list[str], out: Path,
-             formats: Sequence[str], n_boot: int, seed: int) -> None:
+def _figures(sec: OveroptSection, queue: FigureQueue, points: pd.DataFrame, fits: pd.DataFrame, conds: list[str],
+             out: Path, formats: Sequence[str], n_boot: int, seed: int) -> None:
     groups = points.groupby(conds, observed=True) if conds else [((), points)]
     for key, g in groups:
         values = dict(zip(conds, key if isinstance(key, tuple) else (key,), strict=True))
@@ -313,19 +322,12 @@ def _figures(sec: OveroptSection, points: pd.DataFrame, fits: pd.DataFrame, cond
                         "(mean over seeds per logged update, band = 95 % bootstrap interval; dots = final points), "
                         "best-of-n over n (black, markers) and Gao et al.'s fitted forms (dashed)"
                         + (f" — {condition_label(cond)}." if cond else "."))
-            _try(sec, sentence, plot_frontier, rows, bon, fb, name, title=condition_label(cond) or None,
-                 n_boot=min(n_boot, 1000), seed=seed, formats=formats)
+            queue.add(sec.figures, sentence, name.name, plot_frontier, rows, bon, fb, name,
+                      title=condition_label(cond) or None, n_boot=min(n_boot, 1000), seed=seed, formats=formats)
         if len(betas) > 1:
             name = out / ("figO2_beta" + (f"_{_slug(values)}" if values else ""))
             sentence = ("How β moves the stopping point along the frontier: per KL variant, gold reward minus π_ref's "
                         "against d for each β (light to dark = small to large β; dots = final points), over no KL "
                         "(grey) and best-of-n (black)" + (f" — {condition_label(values)}." if values else "."))
-            _try(sec, sentence, plot_beta_frontier, g, name, title=condition_label(values) or None, seed=seed,
-                 formats=formats)
-
-
-def _try(sec: OveroptSection, sentence: str, fn: Any, *args: Any, **kw: Any) -> None:
-    try:
-        sec.figures.append((sentence, fn(*args, **kw)))
-    except Exception as e:  # noqa: BLE001 - one broken figure must not lose the rest of the report
-        sec.errors.append(f"{Path(args[-1]).name}: {type(e).__name__}: {e}")
+            queue.add(sec.figures, sentence, name.name, plot_beta_frontier, g, name,
+                      title=condition_label(values) or None, seed=seed, formats=formats)

@@ -36,6 +36,7 @@ from analysis import figures as F
 from analysis import metrics as M
 from analysis import overopt, plotting
 from analysis import policy_figures as P
+from analysis.figure_pool import FigureQueue
 from analysis.improvement import poi_score, poi_table
 from analysis.loading import UNREADABLE, LoadError, Results, load
 from analysis.references import kl_references
@@ -82,9 +83,12 @@ class _Report:
         self.sections: list[tuple[str, list[tuple[str, list[Path]]]]] = []
         self.errors: list[str] = []
         self.extra_markdown: list[str] = []
+        self.queue = FigureQueue()
+        self._kept: list[list] = []  # entry lists whose section stays in index.md even without a figure
 
     def _figure(self, entries: list[tuple[str, list[Path]]], sentence: str, fn: Any, *args: Any, **kw: Any) -> None:
-        """Draw one figure; a figure that cannot be drawn is reported in index.md, not raised."""
+        """Queue one figure (drawn by :meth:`draw`); a figure that cannot be drawn is reported in index.md, not
+        raised."""
         kind = {F.plot_kl: "kl", F.plot_entropy: "entropy", F.plot_recovery: "recovery", F.plot_heatmap: "heatmap",
                 P.plot_final_policy: "policy", F.plot_estimators: "estimators", F.plot_dpo_beta: "dpo",
                 P.plot_gaussian_trajectory: "continuous", P.plot_mode_mix: "continuous",
@@ -92,12 +96,14 @@ class _Report:
                 A.plot_against: "staleness"}[fn]
         if kind not in self.kinds:
             return
-        try:
-            paths = fn(*args, formats=self.formats, **kw)
-        except Exception as e:  # noqa: BLE001 - one broken figure must not lose the rest of the report
-            self.errors.append(f"{Path(args[1]).name}: {type(e).__name__}: {e}")
-            return
-        entries.append((sentence, paths))
+        self.queue.add(entries, sentence, Path(args[1]).name, fn, *args, formats=self.formats, **kw)
+
+    def draw(self, workers: int | None) -> None:
+        """Draw every queued figure in ``workers`` processes (:mod:`analysis.figure_pool`); sections left without
+        a figure are dropped (but the per-condition curve sections, listed whatever they hold)."""
+        self.errors += self.queue.draw(workers)
+        self.sections = [(title, entries) for title, entries in self.sections
+                         if entries or any(entries is k for k in self._kept)]
 
     def curves(self, condition: dict[str, Any], m: pd.DataFrame) -> None:
         slug = _slug(condition)
@@ -151,6 +157,7 @@ class _Report:
             self._per_variant(entries, ms, tag + ("" if sw is None else f"_sweep-{sw}"), lab, seeds_txt,
                               switch, diffusion)
         self.sections.append((label or "all runs", entries))
+        self._kept.append(entries)
 
     def _per_variant(self, entries: list[tuple[str, list[Path]]], m: pd.DataFrame, tag: str, label: str,
                      seeds_txt: str, switch: pd.Series, diffusion: bool) -> None:
@@ -345,7 +352,8 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
                  collapse_threshold: float = M.COLLAPSE_ENTROPY, recovery_tol: float = M.RECOVERY_TOL,
                  n_boot: int = 2000, seed: int = 0, seeds: bool = False,
                  max_conditions: int = MAX_CONDITIONS, figures: Sequence[str] = FIGURE_CHOICES,
-                 labels: Sequence[str] | None = None, pool: Sequence[str] = ()) -> ReportOutput:
+                 labels: Sequence[str] | None = None, pool: Sequence[str] = (),
+                 workers: int | None = None) -> ReportOutput:
     """Write the report of the run or sweep folder ``path`` (see the module docstring).
 
     Args:
@@ -361,6 +369,8 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
         seeds: also draw each seed as a thin line in the curve figures.
         max_conditions: draw curve figures for at most this many conditions (the table covers all).
         figures: the figure kinds to draw (a subset of :data:`FIGURE_CHOICES`; empty: tables only).
+        workers: processes drawing the figures (default: one per core; 1: in this process, one after another;
+            :mod:`analysis.figure_pool`). The files and ``index.md`` are the same for any number.
     """
     t0 = time.perf_counter()
     many = not isinstance(path, str | Path)
@@ -414,10 +424,12 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
     if frontier:
         from analysis.overopt_report import write_overopt  # matplotlib figures, like the rest of this module
 
-        section = write_overopt(everything, out, formats, n_boot, seed, figures="overopt" in rep.kinds)
+        section = write_overopt(everything, out, formats, n_boot, seed, figures="overopt" in rep.kinds,
+                                queue=rep.queue)
         rep.extra_markdown, rep.errors = section.markdown, rep.errors + section.errors
         if section.figures:
             rep.sections.append(("Reward over-optimization", section.figures))
+    rep.draw(workers)
     index = out / "index.md"
     src = Path(path) if not many else Path(out)
     index.write_text(index_markdown(res, src, out, table, by, rep, skipped, max_conditions,
@@ -462,13 +474,15 @@ def main(args: argparse.Namespace) -> int:
         return _usage_error(f"--formats must be a comma-separated list of pdf, png, svg; got {args.formats!r}")
     if args.n_boot < 0 or args.max_conditions < 1:
         return _usage_error("--n-boot must be >= 0 and --max-conditions >= 1")
+    if args.workers is not None and args.workers < 1:
+        return _usage_error(f"--workers must be a positive integer; got {args.workers}")
     kinds = [k.strip() for k in args.figures.split(",") if k.strip() and k.strip() != "none"]
     if any(k not in FIGURE_CHOICES for k in kinds):
         return _usage_error(f"--figures must be a comma-separated list of {', '.join(FIGURE_CHOICES)} (or none); "
                             f"got {args.figures!r}")
     try:
         result = write_report(src, args.out, formats, args.collapse_threshold, args.recovery_tol, args.n_boot,
-                              args.seed, args.seed_lines, args.max_conditions, kinds, labels, pool)
+                              args.seed, args.seed_lines, args.max_conditions, kinds, labels, pool, args.workers)
     except (FileNotFoundError, LoadError) as e:
         return _usage_error(str(e))
     unreadable = ""
@@ -509,5 +523,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates of every interval (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--seed-lines", action="store_true", help="also draw every seed as a thin line")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes drawing the figures (default: one per core; 1: one after another in this "
+                        "process); the files are the same for any N")
     p.add_argument("--max-conditions", type=int, default=MAX_CONDITIONS,
                    help=f"curve figures for at most this many conditions (default {MAX_CONDITIONS})")

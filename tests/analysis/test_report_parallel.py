@@ -1,0 +1,91 @@
+"""Figures drawn in worker processes: the same files, the same index.md and the same errors as drawn one after
+another in this process (:mod:`analysis.figure_pool`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from analysis.figure_pool import FigureQueue, can_fork, draw_all
+from analysis.report import FIGURE_CHOICES, write_report
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every written file but the PDFs (whose bytes carry a creation date) and index.md (its run time) by name, with
+    its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix != ".pdf" and p.name != "index.md"}
+
+
+def _index(folder: Path) -> str:
+    return re.sub(r"Written by `reflab report` in \d+ s", "", (folder / "index.md").read_text())
+
+
+@pytest.mark.skipif(not can_fork(), reason="workers are forked (Linux); elsewhere every report is drawn serially")
+@pytest.mark.parametrize(("sweep", "kinds", "formats"), [("bandit_sweep", FIGURE_CHOICES, ("png",)),
+                                                          ("grid_sweep", ("policy", "kl"), ("pdf", "png"))])
+def test_parallel_report_writes_what_the_serial_one_writes(sweep: str, kinds: tuple[str, ...],
+                                                           formats: tuple[str, ...], tmp_path: Path,
+                                                           request: pytest.FixtureRequest) -> None:
+    """Every kind of figure on the bandit; the gridworld's policy figure calls torch in the workers."""
+    src = request.getfixturevalue(sweep)
+    kw = {"n_boot": 100, "max_conditions": 1, "figures": kinds, "formats": formats}
+    serial = write_report(src, tmp_path / "serial", workers=1, **kw)
+    parallel = write_report(src, tmp_path / "parallel", workers=2, **kw)
+    assert [p.name for p in parallel.figures] == [p.name for p in serial.figures]
+    assert {p.suffix.lstrip(".") for p in serial.figures} == set(formats)
+    assert sorted(p.name for p in (tmp_path / "parallel").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "serial").iterdir())
+    assert _files(tmp_path / "parallel") == _files(tmp_path / "serial")  # PNGs byte for byte, tables
+    assert _index(tmp_path / "parallel") == _index(tmp_path / "serial")
+
+
+def _write(path: Path, text: str, formats: tuple[str, ...] = ("txt",)) -> list[Path]:
+    if text == "boom":
+        raise RuntimeError("no figure today")
+    out = [path.with_name(f"{path.name}.{f}") for f in formats]
+    for p in out:
+        p.write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_queue_keeps_the_order_and_reports_failures(tmp_path: Path, workers: int) -> None:
+    queue = FigureQueue()
+    first: list = [("already there", [])]
+    second: list = []
+    for i, text in enumerate(["a", "boom", "c"]):
+        queue.add(first, f"figure {i}", f"f{i}", _write, tmp_path / f"f{i}", text)
+    queue.add(second, "last", "g", _write, tmp_path / "g", "boom")
+    errors = queue.draw(workers)
+    assert first == [("already there", []), ("figure 0", [tmp_path / "f0.txt"]), ("figure 2", [tmp_path / "f2.txt"])]
+    assert second == []
+    assert errors == ["f1: RuntimeError: no figure today", "g: RuntimeError: no figure today"]
+    assert (tmp_path / "f2.txt").read_text() == "c"
+    assert len(queue) == 0
+
+
+def _exit(path: Path) -> list[Path]:
+    import os
+
+    if os.getpid() != PARENT:  # a worker process that dies
+        os._exit(3)
+    return _write(path, "drawn here")
+
+
+PARENT = 0
+"""The process that queues the figures (set by the test before the workers are forked)."""
+
+
+@pytest.mark.skipif(not can_fork(), reason="workers are forked (Linux)")
+def test_figures_of_a_dead_worker_are_drawn_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from analysis import figure_pool
+
+    monkeypatch.setitem(globals(), "PARENT", os.getpid())  # the forked workers inherit it
+    jobs = [figure_pool.FigureJob(_exit, (tmp_path / f"d{i}",), {}, f"d{i}") for i in range(3)]
+    results = draw_all(jobs, workers=2)
+    assert [r.paths for r in results] == [[tmp_path / f"d{i}.txt"] for i in range(3)]
+    assert all(r.error is None for r in results)
