@@ -21,7 +21,7 @@ from sim.algos.discrete import DiscreteTrainer
 from sim.config import GROUP_ADVANTAGES, Config, ConfigError
 from sim.engine import rng
 from sim.engine.exact import exact_loss
-from sim.engine.kl import all_estimates, full_kl, full_kl_slope, masked_product
+from sim.engine.kl import all_estimates, full_kl, full_kl_slope, masked_product, prepare_weights
 from sim.engine.outputs import snapshot
 from sim.engine.placement import kl_loss_term, kl_loss_term_and_slope, kl_reward_penalty
 from sim.engine.policies import MLPValue, TabularValue, gather_rows, log_softmax_action_major, sum_actions
@@ -36,7 +36,7 @@ from sim.engine.ppo import (
     sum_steps,
 )
 from sim.engine.rollout import sample_episodes
-from sim.engine.rows import per_run_sum, row_blocks, take_valid, visited_rows
+from sim.engine.rows import ROW_PAD, per_run_sum, row_blocks, take_valid, visited_rows
 from sim.engine.staleness import BehaviourPolicies
 
 
@@ -322,13 +322,14 @@ class PPOTrainer(DiscreteTrainer):
         gv = torch.empty_like(v_all) if v_all is not None else None
         loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
         parts: list[dict[str, Tensor]] = []
-        for cols in row_blocks(P):
-            run = g["run"][cols]
+        for plan in self._block_plans(g):
+            cols, run = plan["cols"], plan["run"]
             v = v_all[cols] if v_all is not None else None
             per_row, block_parts, (g_lp, g_v, prob) = self._rows_loss(
-                g, cols, log_softmax_action_major(x_all[:, cols]), v, want_diag, grad=True, want_loss=want_loss)
+                g, cols, log_softmax_action_major(x_all[:, cols]), v, want_diag, grad=True, want_loss=want_loss,
+                plan=plan)
             parts.append(block_parts)
-            n_run = g["n"].index_select(0, run)  # the per-run mean's divisor
+            n_run = plan["n_run"]  # the per-run mean's divisor
             torch.div(torch.addcmul(g_lp, prob, sum_actions(g_lp), value=-1), n_run, out=gx[:, cols])
             if gv is not None:
                 gv[cols] = g_v / n_run
@@ -351,8 +352,32 @@ class PPOTrainer(DiscreteTrainer):
             if want_diag else {}
         return loss, diag, out
 
+    def _block_plans(self, g: dict[str, Tensor]) -> list[dict]:
+        """What every epoch's loss on :meth:`_group`'s statistics ``g`` reuses, per block of columns
+        (:func:`~sim.engine.rows.row_blocks`), computed once and kept in ``g``: the block's runs and their
+        divisors, its KL-in-loss weights as :class:`~sim.engine.kl.PreparedWeights` (plain and
+        importance-weighted), and the exact KL's gradient weights (per-row sample count × β) on the span of
+        columns that holds them."""
+        if "_blocks" in g:
+            return g["_blocks"]  # type: ignore[return-value]
+        plans = []
+        for cols in row_blocks(g["count"].shape[1]):
+            run = g["run"][cols]
+            kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
+            used = (kl_w != 0).any(-1).tolist()
+            weights = tuple(prepare_weights([kl_w[f, j] if used[f][j] else None for j in range(4)], ROW_PAD)
+                            for f in range(2))
+            plan = {"cols": cols, "run": run, "n_run": g["n"].index_select(0, run), "weights": weights}
+            full = [w.weights[3] for w in weights if w.weights[3] is not None]
+            if len(full) == 1:  # the exact KL's weights of the gradient, on their span
+                fw = prepare_weights([g["n_s_kl"][cols] * full[0]], ROW_PAD)
+                plan["full"] = (fw.spans[0], fw.span_weights[0], fw.span_masks[0])
+            plans.append(plan)
+        g["_blocks"] = plans  # type: ignore[assignment]
+        return plans
+
     def _rows_loss(self, g: dict[str, Tensor], cols: slice, lp: Tensor, v: Tensor | None, keep: bool,
-                   grad: bool = False, want_loss: bool = True
+                   grad: bool = False, want_loss: bool = True, plan: dict | None = None
                    ) -> tuple[Tensor | None, dict[str, Tensor], tuple | None]:
         """The PPO loss of columns ``cols`` of the row tables, per row ``[c]`` (a sum over the row's samples;
         with a value ``v``, ``vf_coef·½·n_s·(v − mean return)²`` too: the within-state spread ``ret_ss`` is
@@ -375,9 +400,12 @@ class PPOTrainer(DiscreteTrainer):
         prob = lp.exp() if grad or tr.ent_coef > 0 else None
         ref_lp = self.clamp(lp, ref, n, row_run=run)
         k_full = lambda: full_kl(lp, ref, dim=0, prob_all=prob).unsqueeze(0)  # noqa: E731
-        kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
-        used = (kl_w != 0).any(-1).tolist()
-        weights = tuple([kl_w[f, j] if used[f][j] else None for j in range(4)] for f in range(2))
+        if plan is not None:
+            weights = plan["weights"]
+        else:
+            kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
+            used = (kl_w != 0).any(-1).tolist()
+            weights = tuple([kl_w[f, j] if used[f][j] else None for j in range(4)] for f in range(2))
         if grad:
             kl_old = g["kl_old"][:, cols] if "kl_old" in g else old  # the IS corrections' denominator
             kl, kl_slope, full_w = kl_loss_term_and_slope(lp, kl_old, ref_lp, k_full, rt, weights=weights,
@@ -404,7 +432,11 @@ class PPOTrainer(DiscreteTrainer):
             g_lp = -(adv_pos * (ratio <= hi) + adv_neg * (ratio >= lo)) * ratio
             if kl_slope is not None:
                 g_lp = g_lp + n_kl * kl_slope
-            if full_w is not None:  # the row's exact KL counts once per sample of the row
+            if full_w is not None and plan is not None and "full" in plan:  # on the weights' span only
+                sp, fw, on = plan["full"]
+                term = fw * full_kl_slope(lp[:, sp], ref[:, sp], prob[:, sp])
+                g_lp[:, sp].add_(term if on is None else torch.where(on, term, 0.0))
+            elif full_w is not None:  # the row's exact KL counts once per sample of the row
                 g_lp = g_lp + masked_product(g["n_s_kl"][cols] * full_w, full_kl_slope(lp, ref, prob))
             if tr.ent_coef > 0:  # ∂(−c·n_s·H)/∂lp = c·n_s·π·(lp + 1) where π > 0
                 g_lp = g_lp + (tr.ent_coef * n_s) * torch.where(prob > 0, prob * (lp + 1.0), 0.0)
