@@ -230,11 +230,25 @@ class TabularCore:
             ``(next_state [*B] int64, reward [*B] float, done [*B] bool)``; the reward has ``u``'s dtype
             (when ``u`` is ``None``: that of ``z`` if the rewards are noisy, else float64).
         """
-        k = self.outcome(state, action, u)
-        next_state, reward, done = self.transition(state, action, k, z)
+        return self.step_pairs(state * self._n_actions + action, u, z)
+
+    def step_pairs(self, pair: Tensor, u: Tensor | None, z: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`step` from flat (state, action) indices ``pair = state·A + action`` ``[*B]`` (int64): the same
+        outcomes, rewards and ends, for a caller that has the flat index already."""
+        flat = pair
+        if not self._deterministic:
+            if u is None:
+                raise ValueError("TabularCore.outcome needs uniforms u: this MDP has stochastic transitions")
+            cdf = self._cdf.index_select(0, pair.reshape(-1)).view(pair.shape + (-1,))
+            k = (u.unsqueeze(-1) >= cdf.to(u.dtype)).sum(-1).clamp_(max=self._n_outcomes - 1)
+            flat = pair * self._n_outcomes + k
+        next_state = torch.take(self._next_state_flat, flat)
+        reward = torch.take(self._reward_flat, flat)
+        if self.mdp.reward_noise > 0 and z is not None:
+            reward = reward.to(z.dtype) + self.mdp.reward_noise * z
         if u is not None and reward.dtype != u.dtype:
             reward = reward.to(u.dtype)
-        return next_state, reward, done
+        return next_state, reward, next_state == self.mdp.n_states
 
     def sample_reset(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n]`` initial states drawn with ``generator`` (no draw when the start state is fixed)."""

@@ -35,9 +35,10 @@ from sim.engine.ppo import (
     resolve_baseline,
     sum_steps,
 )
-from sim.engine.rollout import sample_episodes
-from sim.engine.rows import ROW_PAD, per_run_sum, row_blocks, take_valid, visited_rows
+from sim.engine.rollout import Episodes, sample_episodes
+from sim.engine.rows import ROW_PAD, per_run_sum, row_blocks, step_visits, take_valid, visited_rows
 from sim.engine.staleness import BehaviourPolicies
+from sim.engine.steps import layered_from_start, per_run_in_sample_order, returns_to_go, successors
 
 
 class PPOTrainer(DiscreteTrainer):
@@ -86,6 +87,14 @@ class PPOTrainer(DiscreteTrainer):
         self.stale = BehaviourPolicies(configs, device)  # the lagging sampler's policies (train.staleness)
         self._reward_learner = torch.tensor([c.kl.reward_logp == "learner" for c in configs], device=device)
         self._lag = torch.zeros(self.R, dtype=torch.long, device=device)
+        tr = cfg.train
+        self._by_steps = (  # work on the sampled steps, not on [R, N, H] buffers (see _steps_update_inputs)
+            self.H > 1 and self.proxy is None and tr.policy == "tabular" and tr.advantage == "gae"
+            and not tr.norm_adv and min(tr.minibatches, tr.batch * self.H) == 1
+            and tr.loss_agg == "token-mean" and (cfg.kl.loss_agg or tr.loss_agg) == "token-mean"
+            and ((self.baseline == "value" and tr.gamma * tr.gae_lambda == 1.0)
+                 or (self.baseline == "none" and tr.gamma == 1.0))
+            and layered_from_start(self.mdp))
 
     # -- one sampled update, top to bottom -----------------------------------------------------------------
     def sampled_update(self, update: int) -> dict[str, Tensor]:
@@ -93,13 +102,18 @@ class PPOTrainer(DiscreteTrainer):
         passes of the clipped loss (+ KL in the loss) on per-(state, action) sums; returns the update's
         sample statistics and diagnostics."""
         buf, tabs = self._collect(update)
-        R, N, H = buf["valid"].shape
-        flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}
-        vis = visited_rows(flat, tabs, self.H == 1, self.dtype)
-        buf.update(self._shape_and_advantage(buf, tabs, vis))
-        flat.update({k: buf[k].reshape(R, N * H) for k in ("adv", "ret")})
-        flat.update(self._aggregation(buf["valid"]))
-        whole = min(self.cfg.train.minibatches, N * H) == 1  # one full-batch minibatch: its visits are vis
+        R, N, H = self.R, self.cfg.train.batch, self.H
+        if self._by_steps and buf.steps is not None:
+            vis = step_visits(buf.steps, tabs, self.dtype)
+            flat = self._steps_update_inputs(buf, tabs, vis)
+            whole = True
+        else:
+            flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}
+            vis = visited_rows(flat, tabs, self.H == 1, self.dtype)
+            buf.update(self._shape_and_advantage(buf, tabs, vis))
+            flat.update({k: buf[k].reshape(R, N * H) for k in ("adv", "ret")})
+            flat.update(self._aggregation(buf["valid"]))
+            whole = min(self.cfg.train.minibatches, N * H) == 1  # one full-batch minibatch: its visits are vis
         loss_fn = self._ppo_loss_and_grads if self.cfg.train.policy == "tabular" else self._ppo_loss
         stats = self._ppo_epochs(flat, update, loss_fn, lambda mb: self._group(mb, tabs, vis if whole else None))
         self._maybe_log_traj(update, buf, tabs)
@@ -122,7 +136,7 @@ class PPOTrainer(DiscreteTrainer):
             self._control_beta(out["kl_k1"], N)
         return out
 
-    def _collect(self, update: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _collect(self, update: int) -> tuple[Episodes, dict[str, Tensor]]:
         """``train.batch`` episodes per run from the current policy (:func:`sim.engine.rollout.sample_episodes`,
         each run's stream for this update), and the tables they were drawn with: ``logp`` (π_old) and
         ``ref_logp`` ``[R, S, A]``."""
@@ -135,7 +149,10 @@ class PPOTrainer(DiscreteTrainer):
                               self.dtype, group=self.cfg.train.group)
         if self.proxy is not None:  # a learned reward: the runs train on their proxy (sim.algos.proxy)
             buf["reward"] = self.proxy.rewards(buf)
-        self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
+        if buf.steps is not None:  # every step taken is a valid sample
+            self.env_steps += torch.bincount(buf.steps["run"], minlength=self.R)
+        else:
+            self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
         return buf, tabs
 
     def _shape_and_advantage(self, buf: dict[str, Tensor], tabs: dict[str, Tensor], vis: dict[str, Tensor]
@@ -146,17 +163,10 @@ class PPOTrainer(DiscreteTrainer):
         visited rows (``vis``, from :func:`~sim.engine.rows.visited_rows`) and gathered. Adds ``kfull``
         (exact per-state KL of the visited rows ``[P]``) to ``vis``.
         """
-        tr, rt = self.cfg.train, self.rt
+        tr = self.cfg.train
         R, N, H = buf["valid"].shape
         valid = buf["valid"].to(self.dtype)  # the mask as a float, made once (a float mask is used as is)
-        old, ref, run = vis["old"], vis["ref"], vis["run"]
-        if "learner" in tabs and bool(self._reward_learner.any()):  # kl.reward_logp: learner, per run
-            learner = gather_rows(tabs["learner"].reshape(-1, self.A), vis["rows"], run.numel())
-            old = torch.where(self._reward_learner.index_select(0, run), learner, old)
-        vis["kfull"] = full_kl(old, ref, dim=0)
-        ref_c = self.clamp(old, ref, vis["count"], row_run=run)
-        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), rt, row_run=run).reshape(-1)
-        penalty = pen.index_select(0, vis["entry"])  # the valid samples'
+        penalty = self._reward_penalty(tabs, vis)
         shaped = (self.reward_scale * buf["reward"]).view(-1)
         if "sel" in vis:  # r − β·k at the valid samples (x + (−y) is x − y exactly)
             shaped.index_add_(0, vis["sel"], penalty, alpha=-1)
@@ -189,6 +199,42 @@ class PPOTrainer(DiscreteTrainer):
         if tr.norm_adv:
             adv = normalize_per_run(adv, valid)
         return {"adv": adv.detach(), "ret": ret.detach(), **extra}
+
+    def _reward_penalty(self, tabs: dict[str, Tensor], vis: dict[str, Tensor]) -> Tensor:
+        """β·k of the KL in the reward at each valid sample (in ``vis``' sample order), computed on the visited
+        rows; adds ``kfull`` (exact per-state KL of the visited rows ``[P]``) to ``vis``."""
+        old, ref, run = vis["old"], vis["ref"], vis["run"]
+        if "learner" in tabs and bool(self._reward_learner.any()):  # kl.reward_logp: learner, per run
+            learner = gather_rows(tabs["learner"].reshape(-1, self.A), vis["rows"], run.numel())
+            old = torch.where(self._reward_learner.index_select(0, run), learner, old)
+        vis["kfull"] = full_kl(old, ref, dim=0)
+        ref_c = self.clamp(old, ref, vis["count"], row_run=run)
+        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), self.rt, row_run=run).reshape(-1)
+        return pen.index_select(0, vis["entry"])
+
+    def _steps_update_inputs(self, buf: Episodes, tabs: dict[str, Tensor], vis: dict[str, Tensor]
+                             ) -> dict[str, Tensor]:
+        """:meth:`_shape_and_advantage` on the sampled steps (``buf.steps``, in the order taken; ``vis`` from
+        :func:`~sim.engine.rows.step_visits`), for what :attr:`_by_steps` allows (GAE with γλ = 1 and a
+        tabular value or none, token-mean losses, one minibatch, a layered MDP): the same numbers, per step.
+
+        Returns :meth:`_group`'s input: ``adv``, ``ret`` ``[n]`` in the steps' order, ``at`` (their positions in
+        the ``[R, N, H]`` buffers) and ``n_valid`` (samples per run ``[R]``)."""
+        st, tr = buf.steps, self.cfg.train
+        shaped = self.reward_scale * st["reward"] - self._reward_penalty(tabs, vis)  # the buffers' r − β·k
+        not_done = (~st["done"]).to(self.dtype)
+        succ = successors(buf.counts, buf.goings, shaped.device)
+        if self.baseline == "value":
+            v = self.value_fn.table(self.params).detach().reshape(-1).take(st["row"])
+            # the next step's value, 0 after the last one (where not_done is 0 and the sum restarts from 0)
+            next_v = torch.cat([v, torch.zeros(1, dtype=v.dtype, device=v.device)]).index_select(0, succ)
+            adv = returns_to_go(shaped + tr.gamma * next_v * not_done - v, buf.counts, succ)
+            ret = adv + v
+        else:
+            zero = torch.zeros_like(shaped)
+            ret = adv = returns_to_go(shaped + tr.gamma * zero * not_done - zero, buf.counts, succ)
+        return {"adv": adv, "ret": ret, "at": st["at"],
+                "n_valid": torch.bincount(st["run"], minlength=self.R).to(self.dtype)}
 
     def _aggregation(self, valid: Tensor) -> dict[str, Tensor]:
         """Per-sample weights and per-run divisors ``[R, N·H]`` of the loss aggregation (``train.loss_agg``
@@ -232,12 +278,13 @@ class PPOTrainer(DiscreteTrainer):
             squares) ``[R]``.
         """
         vis = vis if vis is not None else visited_rows(mb, tabs, self.H == 1, self.dtype)
-        R, (A, P) = mb["idx"].shape[0], vis["count"].shape
+        R, (A, P) = self.R, vis["count"].shape
         dt, dev = self.dtype, self.device
-        adv = take_valid(mb["adv"].reshape(-1), vis)
+        steps = "at" in mb  # the sampled steps' values, in the order taken (_steps_update_inputs)
+        adv = mb["adv"] if steps else take_valid(mb["adv"].reshape(-1), vis)
         zeros = torch.zeros(A * P, dtype=dt, device=dev)
         count = vis["count"]
-        n_valid = torch.count_nonzero(mb["valid"], 1).to(dt).clamp(min=1)
+        n_valid = (mb["n_valid"] if steps else torch.count_nonzero(mb["valid"], 1).to(dt)).clamp(min=1)
         w = take_valid(mb["w"].reshape(-1), vis).to(dt) if "w" in mb else None  # the samples' aggregation weights
         if w is not None:
             adv = adv * w
@@ -259,14 +306,17 @@ class PPOTrainer(DiscreteTrainer):
         g["kl_count"] = self._kl_count(mb, vis, g, zeros, n_valid)
         g["n_s_kl"] = g["n_s"] if g["kl_count"] is weight else sum_actions(g["kl_count"])
         if self.baseline == "value":  # the value loss, aggregated like the policy loss
-            ret_valid = take_valid(mb["ret"].reshape(-1), vis)
+            ret_valid = mb["ret"] if steps else take_valid(mb["ret"].reshape(-1), vis)
             wret = ret_valid if w is None else w * ret_valid
             ret_sum = torch.zeros(P, dtype=dt, device=dev).index_add_(0, vis["col"], wret)
             g["ret_mean"] = ret_sum / g["n_s"].clamp(min=1) if w is None else ret_sum / g["n_s"].clamp(min=1e-30)
             # Σ (return − its state's mean)² over each run's valid samples, summed in sample order
             spread = (ret_valid - g["ret_mean"].index_select(0, vis["col"])).square()
-            g["ret_ss"] = torch.zeros(R, dtype=dt, device=dev).index_add_(
-                0, vis["run"].index_select(0, vis["col"]), spread if w is None else w * spread)
+            if steps:
+                g["ret_ss"] = per_run_in_sample_order(spread, mb["at"], R, self.cfg.train.batch * self.H)
+            else:
+                g["ret_ss"] = torch.zeros(R, dtype=dt, device=dev).index_add_(
+                    0, vis["run"].index_select(0, vis["col"]), spread if w is None else w * spread)
         return g
 
     def _decouple(self, g: dict[str, Tensor], vis: dict[str, Tensor], tabs: dict[str, Tensor]) -> None:

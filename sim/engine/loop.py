@@ -146,7 +146,7 @@ class BatchTrainer:
         (other updates compute none).
         """
         tr = self.cfg.train
-        n = next(iter(flat.values())).shape[1]
+        n = next(iter(flat.values())).shape[-1]
         mb_key = rng.fold(self.rt.keys, update ^ 0x5A5A5A)
         stats: dict[str, Tensor] = {}
         n_steps = 0

@@ -37,7 +37,8 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
     so they are computed on these tables and gathered; only visited rows carry loss.
 
     Args:
-        mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, each ``[R, n]``.
+        mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, each ``[R, n]`` (and optionally
+            ``action``, else taken from ``idx``).
         tabs: the batch's ``logp`` (π_old) and ``ref_logp`` tables ``[R, S, A]``.
         one_step: the env's episodes have one step (then the samples are checked for validity only if
             some are not valid).
@@ -57,6 +58,24 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
         row_of = take_valid(mb["state"].reshape(-1), v) + v["sel"] // n * S  # flat run·S + state
     else:
         row_of = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)
+    action = take_valid(mb["action"].reshape(-1), v) if "action" in mb else take_valid(mb["idx"].reshape(-1), v) % A
+    v.update(_rows_of(row_of, action, tabs, count_dtype))
+    return v
+
+
+def step_visits(steps: dict[str, Tensor], tabs: dict[str, Tensor], count_dtype: torch.dtype) -> dict[str, Tensor]:
+    """:func:`visited_rows` of sampled steps (:class:`sim.engine.rollout.Episodes`' ``steps``: ``row`` =
+    run·S + state and ``action`` of each step, in the order taken; every step is a valid sample): the same
+    tables, with ``col`` and ``entry`` in the steps' order and no ``sel``."""
+    return _rows_of(steps["row"], steps["action"], tabs, count_dtype)
+
+
+def _rows_of(row_of: Tensor, action: Tensor, tabs: dict[str, Tensor], count_dtype: torch.dtype
+             ) -> dict[str, Tensor]:
+    """The row tables of samples at rows ``row_of`` (flat run·S + state) taking ``action`` (see
+    :func:`visited_rows`)."""
+    R, S, A = tabs["logp"].shape
+    dev = row_of.device
     seen = torch.zeros(R * S, dtype=torch.bool, device=dev)
     seen.index_fill_(0, row_of, True)
     rows = seen.nonzero().squeeze(1)
@@ -65,13 +84,11 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
     pos = torch.zeros(R * S, dtype=torch.long, device=dev)
     pos.index_copy_(0, rows, torch.arange(M, device=dev))
     col = pos.index_select(0, row_of)
-    action = take_valid(mb["idx"].reshape(-1), v) % A  # idx = state·A + action
     entry = action * P + col
-    v.update(rows=rows, run=F.pad(rows // S, (0, P - M)), col=col, entry=entry,
-             count=torch.bincount(entry, minlength=A * P).to(count_dtype).view(A, P),
-             old=gather_rows(tabs["logp"].reshape(R * S, A), rows, P),
-             ref=gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P))
-    return v
+    return {"rows": rows, "run": F.pad(rows // S, (0, P - M)), "col": col, "entry": entry,
+            "count": torch.bincount(entry, minlength=A * P).to(count_dtype).view(A, P),
+            "old": gather_rows(tabs["logp"].reshape(R * S, A), rows, P),
+            "ref": gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P)}
 
 
 def take_valid(x: Tensor, vis: dict[str, Tensor]) -> Tensor:
