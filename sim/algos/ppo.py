@@ -21,7 +21,8 @@ from sim.algos.discrete import DiscreteTrainer
 from sim.config import GROUP_ADVANTAGES, Config, ConfigError
 from sim.engine import rng
 from sim.engine.exact import exact_loss
-from sim.engine.kl import all_estimates, full_kl, full_kl_slope, masked_product, prepare_weights
+from sim.engine.kl import all_estimates, full_kl, full_kl_slope, masked_product
+from sim.engine.loop import FINITE
 from sim.engine.outputs import snapshot
 from sim.engine.placement import kl_loss_term, kl_loss_term_and_slope, kl_reward_penalty
 from sim.engine.policies import MLPValue, TabularValue, gather_rows, log_softmax_action_major, sum_actions
@@ -36,9 +37,17 @@ from sim.engine.ppo import (
     sum_steps,
 )
 from sim.engine.rollout import Episodes, sample_episodes
-from sim.engine.rows import ROW_PAD, per_run_sum, row_blocks, step_visits, take_valid, visited_rows
+from sim.engine.rows import (
+    ROW_PAD,
+    block_plans,
+    finite_rows,
+    per_run_sum,
+    step_visits,
+    take_valid,
+    visited_rows,
+)
 from sim.engine.staleness import BehaviourPolicies
-from sim.engine.steps import layered_from_start, per_run_in_sample_order, returns_to_go, successors
+from sim.engine.steps import gae_on_steps, layered_from_start, per_run_in_sample_order
 
 
 class PPOTrainer(DiscreteTrainer):
@@ -209,7 +218,7 @@ class PPOTrainer(DiscreteTrainer):
             old = torch.where(self._reward_learner.index_select(0, run), learner, old)
         vis["kfull"] = full_kl(old, ref, dim=0)
         ref_c = self.clamp(old, ref, vis["count"], row_run=run)
-        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), self.rt, row_run=run).reshape(-1)
+        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), self.rt, row_run=run, pad=ROW_PAD).reshape(-1)
         return pen.index_select(0, vis["entry"])
 
     def _steps_update_inputs(self, buf: Episodes, tabs: dict[str, Tensor], vis: dict[str, Tensor]
@@ -220,19 +229,11 @@ class PPOTrainer(DiscreteTrainer):
 
         Returns :meth:`_group`'s input: ``adv``, ``ret`` ``[n]`` in the steps' order, ``at`` (their positions in
         the ``[R, N, H]`` buffers) and ``n_valid`` (samples per run ``[R]``)."""
-        st, tr = buf.steps, self.cfg.train
+        st = buf.steps
         shaped = self.reward_scale * st["reward"] - self._reward_penalty(tabs, vis)  # the buffers' r − β·k
-        not_done = (~st["done"]).to(self.dtype)
-        succ = successors(buf.counts, buf.goings, shaped.device)
-        if self.baseline == "value":
-            v = self.value_fn.table(self.params).detach().reshape(-1).take(st["row"])
-            # the next step's value, 0 after the last one (where not_done is 0 and the sum restarts from 0)
-            next_v = torch.cat([v, torch.zeros(1, dtype=v.dtype, device=v.device)]).index_select(0, succ)
-            adv = returns_to_go(shaped + tr.gamma * next_v * not_done - v, buf.counts, succ)
-            ret = adv + v
-        else:
-            zero = torch.zeros_like(shaped)
-            ret = adv = returns_to_go(shaped + tr.gamma * zero * not_done - zero, buf.counts, succ)
+        v = self.value_fn.table(self.params).detach().reshape(-1).take(st["row"]) if self.baseline == "value" \
+            else None
+        adv, ret = gae_on_steps(shaped, v, st["done"], self.cfg.train.gamma, buf.counts, buf.goings)
         return {"adv": adv, "ret": ret, "at": st["at"],
                 "n_valid": torch.bincount(st["run"], minlength=self.R).to(self.dtype)}
 
@@ -372,7 +373,7 @@ class PPOTrainer(DiscreteTrainer):
         gv = torch.empty_like(v_all) if v_all is not None else None
         loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
         parts: list[dict[str, Tensor]] = []
-        for plan in self._block_plans(g):
+        for plan in block_plans(g):
             cols, run = plan["cols"], plan["run"]
             v = v_all[cols] if v_all is not None else None
             per_row, block_parts, (g_lp, g_v, prob) = self._rows_loss(
@@ -398,33 +399,10 @@ class PPOTrainer(DiscreteTrainer):
         out["logits"].view(-1, A).index_copy_(0, rows, gx[:, :M].t())
         if gv is not None:
             out["v"].view(-1).index_copy_(0, rows, gv[:M])
+        out[FINITE] = finite_rows(gx[:, :M], None if gv is None else gv[:M], g["run"], self.R)
         diag = self._loss_diagnostics(g, {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}) \
             if want_diag else {}
         return loss, diag, out
-
-    def _block_plans(self, g: dict[str, Tensor]) -> list[dict]:
-        """What every epoch's loss on :meth:`_group`'s statistics ``g`` reuses, per block of columns
-        (:func:`~sim.engine.rows.row_blocks`), computed once and kept in ``g``: the block's runs and their
-        divisors, its KL-in-loss weights as :class:`~sim.engine.kl.PreparedWeights` (plain and
-        importance-weighted), and the exact KL's gradient weights (per-row sample count × β) on the span of
-        columns that holds them."""
-        if "_blocks" in g:
-            return g["_blocks"]  # type: ignore[return-value]
-        plans = []
-        for cols in row_blocks(g["count"].shape[1]):
-            run = g["run"][cols]
-            kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
-            used = (kl_w != 0).any(-1).tolist()
-            weights = tuple(prepare_weights([kl_w[f, j] if used[f][j] else None for j in range(4)], ROW_PAD)
-                            for f in range(2))
-            plan = {"cols": cols, "run": run, "n_run": g["n"].index_select(0, run), "weights": weights}
-            full = [w.weights[3] for w in weights if w.weights[3] is not None]
-            if len(full) == 1:  # the exact KL's weights of the gradient, on their span
-                fw = prepare_weights([g["n_s_kl"][cols] * full[0]], ROW_PAD)
-                plan["full"] = (fw.spans[0], fw.span_weights[0], fw.span_masks[0])
-            plans.append(plan)
-        g["_blocks"] = plans  # type: ignore[assignment]
-        return plans
 
     def _rows_loss(self, g: dict[str, Tensor], cols: slice, lp: Tensor, v: Tensor | None, keep: bool,
                    grad: bool = False, want_loss: bool = True, plan: dict | None = None

@@ -24,6 +24,7 @@ from sim.engine.kl import (
     PreparedWeights,
     Weights,
     estimator_weights,
+    prepare_weights,
     weighted_estimate,
     weighted_estimate_and_slope,
 )
@@ -77,15 +78,20 @@ class RunTensors:
 
 
 def kl_reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTensors,
-                      row_run: Tensor | None = None) -> Tensor:
+                      row_run: Tensor | None = None, pad: int | None = None) -> Tensor:
     """``β·k`` for runs whose KL sits in the reward (0 for the others), ``[R, ...]``, no gradient.
 
     ``logp``/``ref_logp`` are the sampling policy's and the reference's log-probabilities of the sampled
     actions; ``k_full`` the exact per-state KL (used by ``full``). With ``row_run [M]`` the inputs are
-    action-major row tables ``[A, M]`` whose row ``m`` belongs to run ``row_run[m]``.
+    action-major row tables ``[A, M]`` whose row ``m`` belongs to run ``row_run[m]``; with ``pad`` too (``M`` a
+    multiple of it), each estimator is evaluated on the span of rows its runs occupy
+    (:func:`sim.engine.kl.prepare_weights`; the same numbers).
     """
     with torch.no_grad():
-        return weighted_estimate(logp, ref_logp, rt.coef("reward"), k_full, run_index=row_run)
+        coef: Tensor | PreparedWeights = rt.coef("reward")
+        if row_run is not None and pad is not None:
+            coef = prepare_weights(estimator_weights(coef, logp, row_run), pad)
+        return weighted_estimate(logp, ref_logp, coef, k_full, run_index=row_run)
 
 
 def kl_loss_term(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | Callable[[], Tensor],

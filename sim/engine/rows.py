@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sim.engine.kl import prepare_weights
 from sim.engine.policies import gather_rows, sum_actions
 
 ROW_PAD = 64
@@ -111,3 +112,42 @@ def row_blocks(n_columns: int) -> list[slice]:
     n_blocks = -(-n_columns // ROW_CHUNK)
     size = -(-n_columns // (n_blocks * ROW_PAD)) * ROW_PAD
     return [slice(c0, min(n_columns, c0 + size)) for c0 in range(0, n_columns, size)]
+
+
+def block_plans(g: dict[str, Tensor]) -> list[dict]:
+    """What every epoch's tabular PPO loss on the per-(state, action) statistics ``g`` (``PPOTrainer._group``)
+    reuses, per block of columns (:func:`row_blocks`), computed once and kept in ``g``: the block's ``cols``,
+    ``run`` and per-run divisors ``n_run``, its KL-in-loss ``weights`` as
+    :class:`~sim.engine.kl.PreparedWeights` (plain and importance-weighted), and under ``full`` the exact
+    KL's gradient weights (per-row sample count × β) on the span of columns that holds them ``(span, weights,
+    mask)``."""
+    if "_blocks" in g:
+        return g["_blocks"]  # type: ignore[return-value]
+    plans = []
+    for cols in row_blocks(g["count"].shape[1]):
+        run = g["run"][cols]
+        kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
+        used = (kl_w != 0).any(-1).tolist()
+        weights = tuple(prepare_weights([kl_w[f, j] if used[f][j] else None for j in range(4)], ROW_PAD)
+                        for f in range(2))
+        plan = {"cols": cols, "run": run, "n_run": g["n"].index_select(0, run), "weights": weights}
+        full = [w.weights[3] for w in weights if w.weights[3] is not None]
+        if len(full) == 1:  # the exact KL's weights of the gradient, on their span
+            fw = prepare_weights([g["n_s_kl"][cols] * full[0]], ROW_PAD)
+            plan["full"] = (fw.spans[0], fw.span_weights[0], fw.span_masks[0])
+        plans.append(plan)
+    g["_blocks"] = plans  # type: ignore[assignment]
+    return plans
+
+
+def finite_rows(gx: Tensor, gv: Tensor | None, run: Tensor, n_runs: int) -> Tensor:
+    """Per run ``[n_runs]``: whether the gradients of its visited rows (``gx [A, M]``, ``gv [M]``; ``run``: each
+    column's run) are all finite. The gradient buffers are zero at every other row, so this is whether all
+    of a run's gradients are finite."""
+    ok = torch.isfinite(gx).all(0)
+    if gv is not None:
+        ok &= torch.isfinite(gv)
+    finite = torch.ones(n_runs, dtype=torch.bool, device=gx.device)
+    if not bool(ok.all()):
+        finite[run[: ok.numel()][~ok]] = False
+    return finite

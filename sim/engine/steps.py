@@ -59,6 +59,26 @@ def returns_to_go(x: Tensor, counts: list[int], succ: Tensor) -> Tensor:
     return acc[:-1].to(x.dtype)
 
 
+def gae_on_steps(shaped: Tensor, v: Tensor | None, done: Tensor, gamma: float, counts: list[int],
+                 goings: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+    """Advantages and returns ``[n]`` of the steps (:func:`sim.engine.ppo.gae` with ``γλ = 1``, the returns to
+    go of ``δ = r + γ·V(s') − V(s)``) from their shaped rewards ``shaped``, values ``v`` (``None``: no
+    baseline, the returns themselves) and ends ``done``: bitwise :func:`~sim.engine.ppo.gae` on the buffers.
+
+    After an episode's last step ``not_done`` is 0 and the buffers' sum starts from 0 there, so the next
+    value is taken as 0: the step's ``δ`` then differs at most in the sign of a zero, which ``0 + δ`` drops.
+    """
+    not_done = (~done).to(shaped.dtype)
+    succ = successors(counts, goings, shaped.device)
+    if v is None:
+        zero = torch.zeros_like(shaped)
+        ret = returns_to_go(shaped + gamma * zero * not_done - zero, counts, succ)
+        return ret, ret
+    next_v = torch.cat([v, torch.zeros(1, dtype=v.dtype, device=v.device)]).index_select(0, succ)
+    adv = returns_to_go(shaped + gamma * next_v * not_done - v, counts, succ)
+    return adv, adv + v
+
+
 def per_run_in_sample_order(x: Tensor, at: Tensor, n_runs: int, per_run: int) -> Tensor:
     """Per-run sums ``[n_runs]`` of non-negative sample values ``x [n]`` (at flat positions ``at`` of the runs'
     buffers, ``per_run`` = N·H positions each), added one after the other in (episode, step) order, as an
