@@ -373,7 +373,7 @@ class PPOTrainer(DiscreteTrainer):
         gv = torch.empty_like(v_all) if v_all is not None else None
         loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
         parts: list[dict[str, Tensor]] = []
-        for plan in block_plans(g):
+        for plan in self._loss_plans(g):
             cols, run = plan["cols"], plan["run"]
             v = v_all[cols] if v_all is not None else None
             per_row, block_parts, (g_lp, g_v, prob) = self._rows_loss(
@@ -383,7 +383,7 @@ class PPOTrainer(DiscreteTrainer):
             n_run = plan["n_run"]  # the per-run mean's divisor
             torch.div(torch.addcmul(g_lp, prob, sum_actions(g_lp), value=-1), n_run, out=gx[:, cols])
             if gv is not None:
-                gv[cols] = g_v / n_run
+                torch.div(g_v, n_run, out=gv[cols])
             if per_row is not None:  # summed block after block: each run's terms in column order, as in one pass
                 loss.index_add_(0, run, per_row)
         loss = self._mean_loss(g, loss) if want_loss else None
@@ -403,6 +403,16 @@ class PPOTrainer(DiscreteTrainer):
         diag = self._loss_diagnostics(g, {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}) \
             if want_diag else {}
         return loss, diag, out
+
+    def _loss_plans(self, g: dict[str, Tensor]) -> list[dict]:
+        """:func:`~sim.engine.rows.block_plans` with, per block, the clipped loss's advantage sums negated
+        (``neg_adv``) and ``vf·n_s``."""
+        plans = block_plans(g)
+        if "neg_adv" not in plans[0]:
+            for plan in plans:
+                plan["neg_adv"] = (-g["adv_pos"][:, plan["cols"]], -g["adv_neg"][:, plan["cols"]])
+                plan["vf_n_s"] = self.cfg.train.vf_coef * g["n_s"][plan["cols"]]
+        return plans
 
     def _rows_loss(self, g: dict[str, Tensor], cols: slice, lp: Tensor, v: Tensor | None, keep: bool,
                    grad: bool = False, want_loss: bool = True, plan: dict | None = None
@@ -457,7 +467,11 @@ class PPOTrainer(DiscreteTrainer):
         grads = None
         if grad:
             # ∂pg/∂lp = −adv·ρ where the clip passes ρ (bounds included, as autograd's clamp), else 0
-            g_lp = -(adv_pos * (ratio <= hi) + adv_neg * (ratio >= lo)) * ratio
+            if plan is not None:  # −x·m + −y·m' is −(x·m + y·m') exactly
+                neg_pos, neg_neg = plan["neg_adv"]
+                g_lp = (neg_pos * (ratio <= hi) + neg_neg * (ratio >= lo)) * ratio
+            else:
+                g_lp = -(adv_pos * (ratio <= hi) + adv_neg * (ratio >= lo)) * ratio
             if kl_slope is not None:
                 g_lp = g_lp + n_kl * kl_slope
             if full_w is not None and plan is not None and "full" in plan:  # on the weights' span only
@@ -468,7 +482,8 @@ class PPOTrainer(DiscreteTrainer):
                 g_lp = g_lp + masked_product(g["n_s_kl"][cols] * full_w, full_kl_slope(lp, ref, prob))
             if tr.ent_coef > 0:  # ∂(−c·n_s·H)/∂lp = c·n_s·π·(lp + 1) where π > 0
                 g_lp = g_lp + (tr.ent_coef * n_s) * torch.where(prob > 0, prob * (lp + 1.0), 0.0)
-            grads = (g_lp, tr.vf_coef * n_s * v_err if v is not None else None, prob)
+            vf_n_s = plan["vf_n_s"] if plan is not None else tr.vf_coef * n_s
+            grads = (g_lp, vf_n_s * v_err if v is not None else None, prob)
         if not keep:
             return per_row, {}, grads
         with torch.no_grad():

@@ -143,11 +143,15 @@ def block_plans(g: dict[str, Tensor]) -> list[dict]:
 def finite_rows(gx: Tensor, gv: Tensor | None, run: Tensor, n_runs: int) -> Tensor:
     """Per run ``[n_runs]``: whether the gradients of its visited rows (``gx [A, M]``, ``gv [M]``; ``run``: each
     column's run) are all finite. The gradient buffers are zero at every other row, so this is whether all
-    of a run's gradients are finite."""
+    of a run's gradients are finite. One sum first: finite unless some gradient is not (or the sum
+    overflows, which the elementwise check then tells apart)."""
+    finite = torch.ones(n_runs, dtype=torch.bool, device=gx.device)
+    total = gx.sum() if gv is None else gx.sum() + gv.sum()
+    if bool(torch.isfinite(total)):
+        return finite
     ok = torch.isfinite(gx).all(0)
     if gv is not None:
         ok &= torch.isfinite(gv)
-    finite = torch.ones(n_runs, dtype=torch.bool, device=gx.device)
     if not bool(ok.all()):
         finite[run[: ok.numel()][~ok]] = False
     return finite
