@@ -364,14 +364,22 @@ def _backward_induction(mdp: TabularMDP, r: Tensor, batch: torch.Size,
 def kl_per_state(logp: Tensor, ref_logp: Tensor, prob: Tensor | None = None) -> Tensor:
     """Reverse KL(π‖π_ref) per state, ``[..., S]``; ``0·log 0`` counts as 0 (``prob``: ``logp.exp()`` if known)."""
     pi = logp.exp() if prob is None else prob
-    return torch.where(pi > 0, pi * (logp - ref_logp), 0.0).sum(-1)
+    return _where_positive(pi, pi * (logp - ref_logp)).sum(-1)
 
 
 def forward_kl_per_state(logp: Tensor, ref_logp: Tensor, ref_prob: Tensor | None = None) -> Tensor:
     """Forward KL(π_ref‖π) per state, ``[..., S]`` (``inf`` where π drops an action π_ref keeps;
     ``ref_prob``: ``ref_logp.exp()`` if known)."""
     ref = ref_logp.exp() if ref_prob is None else ref_prob
-    return torch.where(ref > 0, ref * (ref_logp - logp), 0.0).sum(-1)
+    return _where_positive(ref, ref * (ref_logp - logp)).sum(-1)
+
+
+def _where_positive(p: Tensor, x: Tensor) -> Tensor:
+    """``x`` where ``p > 0``, else 0 (``torch.where``; when every ``p`` is positive, ``x`` itself, without the
+    elementwise select)."""
+    if p.numel() and bool(p.min() > 0):  # false when some p is NaN
+        return x
+    return torch.where(p > 0, x, 0.0)
 
 
 def sequence_kl(mdp: TabularMDP, logp: Tensor) -> Tensor:
@@ -461,7 +469,7 @@ def total_variation(logp: Tensor, other_logp: Tensor, prob: Tensor | None = None
 def entropy_per_state(logp: Tensor, prob: Tensor | None = None) -> Tensor:
     """Per-state entropy ``[..., S]`` in nats (``prob``: ``logp.exp()`` if known)."""
     pi = logp.exp() if prob is None else prob
-    return -torch.where(pi > 0, pi * logp, 0.0).sum(-1)
+    return -_where_positive(pi, pi * logp).sum(-1)
 
 
 def forward_kl_stationary_point(rewards: Tensor, ref_probs: Tensor, beta: float | Tensor,

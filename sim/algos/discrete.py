@@ -174,7 +174,9 @@ class DiscreteTrainer(BatchTrainer):
         kl_s = tabular.kl_per_state(pi, ref, prob)
         ent_s = tabular.entropy_per_state(pi, prob)
         minp = torch.where(visited, prob.min(-1).values, 1.0).min(-1).values
-        support = torch.where(visited.unsqueeze(-1), (prob > 1e-3).to(torch.float64), 0.0).sum(-1)
+        # 0/1 products (exactly the select of the visited states' indicators), the masks made as floats directly
+        support = (torch.gt(prob, 1e-3, out=torch.empty_like(prob))
+                   * torch.gt(occ, 1e-9, out=torch.empty_like(occ)).unsqueeze(-1)).sum(-1)
         # KL(π_ref(τ)‖π(τ)) = Σ_s occupancy_ref(s)·KL(π_ref‖π)_s; the reference's occupancy and probabilities
         # are computed once per reference
         ref_prob = self._ref_derived("prob", ref.exp)

@@ -467,9 +467,12 @@ class PPOTrainer(DiscreteTrainer):
         grads = None
         if grad:
             # ∂pg/∂lp = −adv·ρ where the clip passes ρ (bounds included, as autograd's clamp), else 0
-            if plan is not None:  # −x·m + −y·m' is −(x·m + y·m') exactly
+            if plan is not None:  # −x·m + −y·m' is −(x·m + y·m') exactly; the masks made as floats directly
                 neg_pos, neg_neg = plan["neg_adv"]
-                g_lp = (neg_pos * (ratio <= hi) + neg_neg * (ratio >= lo)) * ratio
+                passes = torch.empty((2,) + ratio.shape, dtype=ratio.dtype, device=ratio.device)
+                torch.le(ratio, hi, out=passes[0])
+                torch.ge(ratio, lo, out=passes[1])
+                g_lp = (neg_pos * passes[0] + neg_neg * passes[1]) * ratio
             else:
                 g_lp = -(adv_pos * (ratio <= hi) + adv_neg * (ratio >= lo)) * ratio
             if kl_slope is not None:
