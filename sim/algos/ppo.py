@@ -478,9 +478,9 @@ class PPOTrainer(DiscreteTrainer):
             if kl_slope is not None:
                 g_lp = g_lp + n_kl * kl_slope
             if full_w is not None and plan is not None and "full" in plan:  # on the weights' span only
-                sp, fw, on = plan["full"]
+                sp, fw, on, to, cut = plan["full"]
                 term = fw * full_kl_slope(lp[:, sp], ref[:, sp], prob[:, sp])
-                g_lp[:, sp].add_(term if on is None else torch.where(on, term, 0.0))
+                g_lp[:, to].add_((term if on is None else torch.where(on, term, 0.0))[:, cut])
             elif full_w is not None:  # the row's exact KL counts once per sample of the row
                 g_lp = g_lp + masked_product(g["n_s_kl"][cols] * full_w, full_kl_slope(lp, ref, prob))
             if tr.ent_coef > 0:  # ∂(−c·n_s·H)/∂lp = c·n_s·π·(lp + 1) where π > 0

@@ -94,37 +94,46 @@ def estimator_weights(coef: Tensor, like: Tensor, run_index: Tensor | None = Non
 class PreparedWeights:
     """:data:`Weights` over the columns (last axis) of action-major row tables ``[A, c]``, with what every
     evaluation on those columns reuses (:func:`prepare_weights`; e.g. every epoch of an update): where each
-    weight is non-zero (``masks``: ``None`` where all are), and per estimator the span of columns that holds
-    its non-zero weights (``spans``, multiples of the padding), with the weights and masks cut to it."""
+    weight is non-zero (``masks``: ``None`` where all are), and per estimator the window of columns that holds
+    its non-zero weights (``spans``, multiples of the padding; the weights and masks cut to it). An estimator
+    is evaluated on its window and its terms added at ``targets``, taken at ``cuts`` of the window: the
+    columns from its first to its last non-zero weight when all of those are non-zero (no mask needed), else
+    the whole window with a mask."""
 
     weights: Weights
     masks: list[Tensor | None]
     spans: list[slice | None]
     span_weights: list[Tensor | None]
     span_masks: list[Tensor | None]
+    targets: list[slice | None]
+    cuts: list[slice | None]
 
 
 def prepare_weights(weights: Weights, pad: int) -> PreparedWeights:
     """:class:`PreparedWeights` of per-column ``weights`` (each ``[c]`` or ``None``; ``c`` a multiple of
-    ``pad``): the spans start and end on multiples of ``pad``, so vectorized kernels cover every column of a
-    span as they cover the whole table."""
+    ``pad``): the windows start and end on multiples of ``pad``, so vectorized kernels cover every column of
+    a window as they cover the whole table."""
     masks = [_where_used(w) for w in weights]
-    spans: list[slice | None] = []
-    span_w: list[Tensor | None] = []
-    span_m: list[Tensor | None] = []
+    prep: dict[str, list] = {k: [] for k in ("spans", "span_weights", "span_masks", "targets", "cuts")}
     for w in weights:
         if w is None:
-            spans.append(None)
-            span_w.append(None)
-            span_m.append(None)
+            for v in prep.values():
+                v.append(None)
             continue
         nz = torch.nonzero(w != 0).view(-1)
-        lo = int(nz[0]) // pad * pad if nz.numel() else 0
-        hi = min(w.shape[-1], -(-(int(nz[-1]) + 1) // pad) * pad) if nz.numel() else pad
-        spans.append(slice(lo, hi))
-        span_w.append(w[..., lo:hi])
-        span_m.append(_where_used(w[..., lo:hi]))
-    return PreparedWeights(weights, masks, spans, span_w, span_m)
+        first, last = (int(nz[0]), int(nz[-1]) + 1) if nz.numel() else (0, 0)
+        lo, hi = first // pad * pad, min(w.shape[-1], max(-(-last // pad) * pad, pad))
+        prep["spans"].append(slice(lo, hi))
+        prep["span_weights"].append(w[..., lo:hi])
+        if nz.numel() == last - first:  # every column from the first to the last non-zero weight
+            prep["span_masks"].append(None)
+            prep["targets"].append(slice(first, last))
+            prep["cuts"].append(slice(first - lo, last - lo))
+        else:
+            prep["span_masks"].append(_where_used(w[..., lo:hi]))
+            prep["targets"].append(slice(lo, hi))
+            prep["cuts"].append(slice(0, hi - lo))
+    return PreparedWeights(weights, masks, **prep)
 
 
 def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights | PreparedWeights,
@@ -256,7 +265,7 @@ def _weighted_spans(logp: Tensor, ref_logp: Tensor, prep: PreparedWeights,
     The same numbers: :func:`_weighted` adds every used estimator's term to every column, and a column's terms
     of the estimators its run does not use are exactly zero; here the terms start from zeros and each is
     added on its span (a sum with at least one zero, as there). Outside a span the term is zero and is not
-    added.
+    added; columns of a window outside its span are evaluated (unmasked) but never added.
     """
     weights = prep.weights
     out = torch.zeros_like(logp) if value else None
@@ -265,18 +274,19 @@ def _weighted_spans(logp: Tensor, ref_logp: Tensor, prep: PreparedWeights,
         if weights[j] is None:
             continue
         sp, w, on = prep.spans[j], prep.span_weights[j], prep.span_masks[j]
+        to, cut = prep.targets[j], prep.cuts[j]
         delta = logp[:, sp] - ref_logp[:, sp]
         delta_j = delta if on is None else torch.where(on, delta, 0.0)
         k, dk = _with_slope(delta_j, SAMPLED_ESTIMATORS[j], slope, value)
         if value:
-            out[:, sp].add_(w * k)
+            out[:, to].add_((w * k)[..., cut])
         if slope:
-            d_delta[:, sp].add_(w if dk is None else w * dk)
+            d_delta[:, to].add_((w if dk is None else w * dk)[..., cut])
     if weights[3] is not None and value:
         kf = k_full() if callable(k_full) else k_full
         sp, w, on = prep.spans[3], prep.span_weights[3], prep.span_masks[3]
         term = w * kf[..., sp]
-        out[:, sp].add_(term if on is None else torch.where(on, term, 0.0))
+        out[:, prep.targets[3]].add_((term if on is None else torch.where(on, term, 0.0))[..., prep.cuts[3]])
     grad = None
     if d_delta is not None:
         grad = d_delta if delta_slope is None else d_delta * delta_slope

@@ -119,8 +119,8 @@ def block_plans(g: dict[str, Tensor]) -> list[dict]:
     reuses, per block of columns (:func:`row_blocks`), computed once and kept in ``g``: the block's ``cols``,
     ``run`` and per-run divisors ``n_run``, its KL-in-loss ``weights`` as
     :class:`~sim.engine.kl.PreparedWeights` (plain and importance-weighted), and under ``full`` the exact
-    KL's gradient weights (per-row sample count × β) on the span of columns that holds them ``(span, weights,
-    mask)``."""
+    KL's gradient weights (per-row sample count × β) on the window of columns that holds them ``(window,
+    weights, mask, target, cut)`` as in :class:`~sim.engine.kl.PreparedWeights`."""
     if "_blocks" in g:
         return g["_blocks"]  # type: ignore[return-value]
     plans = []
@@ -134,7 +134,7 @@ def block_plans(g: dict[str, Tensor]) -> list[dict]:
         full = [w.weights[3] for w in weights if w.weights[3] is not None]
         if len(full) == 1:  # the exact KL's weights of the gradient, on their span
             fw = prepare_weights([g["n_s_kl"][cols] * full[0]], ROW_PAD)
-            plan["full"] = (fw.spans[0], fw.span_weights[0], fw.span_masks[0])
+            plan["full"] = (fw.spans[0], fw.span_weights[0], fw.span_masks[0], fw.targets[0], fw.cuts[0])
         plans.append(plan)
     g["_blocks"] = plans  # type: ignore[assignment]
     return plans
