@@ -57,6 +57,8 @@ class GaussianPolicy:
 class GaussianTrainer(BatchTrainer):
     """The batched trainer for ``env.id = gaussian_bandit`` (one step, batch-mean baseline)."""
 
+    optional_metrics = ("kl_opt", "opt_mean_error", "opt_mean", "opt_std")  # only where a closed form exists
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Sampled mode, a state-free Gaussian policy started at the reference."""
@@ -164,20 +166,24 @@ class GaussianTrainer(BatchTrainer):
     def _optimum(self, ref: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
         """Gibbs optimum ``(mean [R, d], std [R])`` relative to each run's *current* reference and the
         phase's reward scale, where a closed form exists (linear and quadratic rewards)."""
-        if self.env_params.reward == "two_mode" or not bool((self.rt.beta > 0).all()):
+        if self.env_params.reward == "two_mode":
             return None
-        if self.reward_scale == 0:
-            return ref["mean"], ref["log_std"][:, 0].exp()
-        base = dataclasses.replace(self.env_params,
-                                   reward_coef=_scaled(self.env_params.reward_coef, self.reward_scale))
-        beta = self.rt.beta.cpu()
-        if self.cfg.reference.schedule == "frozen":  # every run shares the env's reference: one batched call
-            mean, std = gibbs_optimum(base, beta)
+        beta = self.rt.beta.cpu().clamp(min=1e-12)  # runs without a KL: NaN below, per run
+        if self.reward_scale == 0:  # no reward: the optimum of a KL-regularized objective is the reference
+            mean, std = ref["mean"].cpu(), ref["log_std"][:, 0].exp().cpu()
         else:
-            parts = [gibbs_optimum(dataclasses.replace(base, ref_mean=tuple(ref["mean"][i].tolist()),
-                                                       ref_std=float(ref["log_std"][i, 0].exp())), beta[i])
-                     for i in range(self.R)]
-            mean, std = torch.stack([m for m, _ in parts]), torch.stack([s for _, s in parts])
+            base = dataclasses.replace(self.env_params,
+                                       reward_coef=_scaled(self.env_params.reward_coef, self.reward_scale))
+            if self.cfg.reference.schedule == "frozen":  # every run shares the env's reference: one call
+                mean, std = gibbs_optimum(base, beta)
+            else:
+                parts = [gibbs_optimum(dataclasses.replace(base, ref_mean=tuple(ref["mean"][i].tolist()),
+                                                           ref_std=float(ref["log_std"][i, 0].exp())), beta[i])
+                         for i in range(self.R)]
+                mean, std = torch.stack([m for m, _ in parts]), torch.stack([s for _, s in parts])
+        none = (self.rt.beta <= 0).cpu()  # a run without a KL has no optimum, whatever its batch-mates have
+        mean = torch.where(none.view(-1, 1), torch.nan, mean)
+        std = torch.where(none, torch.nan, std)
         return mean.to(self.device), std.to(self.device)
 
     def policy_tables(self) -> dict[str, np.ndarray]:
