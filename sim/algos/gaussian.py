@@ -26,6 +26,21 @@ from sim.engine.placement import kl_loss_term, kl_reward_penalty
 from sim.engine.ppo import clip_bounds, clipped_surrogate, masked_mean, normalize_per_run, ppo_diagnostics
 
 
+def check_continuous_ppo(cfg: Config) -> None:
+    """What every continuous-action PPO trainer needs: sampled mode (no enumeration), a policy started at the
+    reference, and none of the discrete trainers' PPO variants (batch-mean baseline, token-mean loss, on-time
+    rollouts; only the clip bounds apply). Raises :class:`ConfigError` naming the first offending key."""
+    env = cfg.env["id"]
+    if cfg.train.mode != "sampled":
+        raise ConfigError(f"train.mode=exact needs a discrete env; got env.id={env!r}")
+    if cfg.train.init != "reference":
+        raise ConfigError(f"train.init must be reference for env.id={env!r}; got {cfg.train.init!r}")
+    bad = set_keys(cfg, tuple(k for k in PPO_VARIANT_KEYS if "clip" not in k))
+    if bad:
+        raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss, "
+                          "on-time rollouts)")
+
+
 class GaussianPolicy:
     """Isotropic Gaussian actions ``N(mean, exp(log_std)²·I)`` per run, with no state."""
 
@@ -62,17 +77,9 @@ class GaussianTrainer(BatchTrainer):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Sampled mode, a state-free Gaussian policy started at the reference."""
-        env = cfg.env["id"]
-        if cfg.train.mode != "sampled":
-            raise ConfigError(f"train.mode=exact needs a discrete env; got env.id={env!r}")
+        check_continuous_ppo(cfg)
         if cfg.train.policy != "tabular":
-            raise ConfigError(f"train.policy must be tabular for env.id={env!r} (a state-free Gaussian)")
-        if cfg.train.init != "reference":
-            raise ConfigError(f"train.init must be reference for env.id={env!r}; got {cfg.train.init!r}")
-        bad = set_keys(cfg, tuple(k for k in PPO_VARIANT_KEYS if "clip" not in k))
-        if bad:
-            raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss, "
-                              "on-time rollouts)")
+            raise ConfigError(f"train.policy must be tabular for env.id={cfg.env['id']!r} (a state-free Gaussian)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
