@@ -191,11 +191,9 @@ class DiscreteTrainer(BatchTrainer):
         }
         if self.H > 1:  # the exact expected episode length (steps taken), where episodes can end early
             out["length_true"] = occ.sum(-1)
-        if bool((self.rt.beta > 0).all()):
-            tv = tabular.total_variation(pi, self._optimum(ref), prob, self._optimum_prob(ref))
-            out["tv_opt"] = (occ * tv).sum(-1) / length
-        else:
-            out["tv_opt"] = torch.full_like(length, float("nan"))
+        # per run: a run without a KL (β = 0) has no optimum, whatever its batch-mates have
+        tv = tabular.total_variation(pi, self._optimum(ref), prob, self._optimum_prob(ref))
+        out["tv_opt"] = torch.where(self.rt.beta > 0, (occ * tv).sum(-1) / length, torch.nan)
         if self.proxy is not None:
             out.update(self.proxy.metrics(pi, prob, out["return_true"], self._optimum_key(),
                                           lambda: self._optimum(ref), self.rt.beta))
@@ -206,10 +204,7 @@ class DiscreteTrainer(BatchTrainer):
         pi = self._policy64()
         ref = self._ref64()
         tabs = {"prob": pi.exp(), "ref_prob": self._ref_derived("prob", ref.exp)}
-        if bool((self.rt.beta > 0).all()):
-            tabs["opt_prob"] = self._optimum_prob(ref)
-        else:
-            tabs["opt_prob"] = torch.full_like(pi, float("nan"))
+        tabs["opt_prob"] = torch.where((self.rt.beta > 0).view(-1, 1, 1), self._optimum_prob(ref), torch.nan)
         return snapshot(tabs)
 
     def policy_frame(self, run: int) -> pd.DataFrame:
