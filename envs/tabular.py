@@ -230,11 +230,25 @@ class TabularCore:
             ``(next_state [*B] int64, reward [*B] float, done [*B] bool)``; the reward has ``u``'s dtype
             (when ``u`` is ``None``: that of ``z`` if the rewards are noisy, else float64).
         """
-        k = self.outcome(state, action, u)
-        next_state, reward, done = self.transition(state, action, k, z)
+        return self.step_pairs(state * self._n_actions + action, u, z)
+
+    def step_pairs(self, pair: Tensor, u: Tensor | None, z: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`step` from flat (state, action) indices ``pair = state·A + action`` ``[*B]`` (int64): the same
+        outcomes, rewards and ends, for a caller that has the flat index already."""
+        flat = pair
+        if not self._deterministic:
+            if u is None:
+                raise ValueError("TabularCore.outcome needs uniforms u: this MDP has stochastic transitions")
+            cdf = self._cdf.index_select(0, pair.reshape(-1)).view(pair.shape + (-1,))
+            k = (u.unsqueeze(-1) >= cdf.to(u.dtype)).sum(-1).clamp_(max=self._n_outcomes - 1)
+            flat = pair * self._n_outcomes + k
+        next_state = torch.take(self._next_state_flat, flat)
+        reward = torch.take(self._reward_flat, flat)
+        if self.mdp.reward_noise > 0 and z is not None:
+            reward = reward.to(z.dtype) + self.mdp.reward_noise * z
         if u is not None and reward.dtype != u.dtype:
             reward = reward.to(u.dtype)
-        return next_state, reward, done
+        return next_state, reward, next_state == self.mdp.n_states
 
     def sample_reset(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n]`` initial states drawn with ``generator`` (no draw when the start state is fixed)."""
@@ -350,14 +364,22 @@ def _backward_induction(mdp: TabularMDP, r: Tensor, batch: torch.Size,
 def kl_per_state(logp: Tensor, ref_logp: Tensor, prob: Tensor | None = None) -> Tensor:
     """Reverse KL(π‖π_ref) per state, ``[..., S]``; ``0·log 0`` counts as 0 (``prob``: ``logp.exp()`` if known)."""
     pi = logp.exp() if prob is None else prob
-    return torch.where(pi > 0, pi * (logp - ref_logp), torch.zeros_like(pi)).sum(-1)
+    return _where_positive(pi, pi * (logp - ref_logp)).sum(-1)
 
 
 def forward_kl_per_state(logp: Tensor, ref_logp: Tensor, ref_prob: Tensor | None = None) -> Tensor:
     """Forward KL(π_ref‖π) per state, ``[..., S]`` (``inf`` where π drops an action π_ref keeps;
     ``ref_prob``: ``ref_logp.exp()`` if known)."""
     ref = ref_logp.exp() if ref_prob is None else ref_prob
-    return torch.where(ref > 0, ref * (ref_logp - logp), torch.zeros_like(ref)).sum(-1)
+    return _where_positive(ref, ref * (ref_logp - logp)).sum(-1)
+
+
+def _where_positive(p: Tensor, x: Tensor) -> Tensor:
+    """``x`` where ``p > 0``, else 0 (``torch.where``; when every ``p`` is positive, ``x`` itself, without the
+    elementwise select)."""
+    if p.numel() and bool(p.min() > 0):  # false when some p is NaN
+        return x
+    return torch.where(p > 0, x, 0.0)
 
 
 def sequence_kl(mdp: TabularMDP, logp: Tensor) -> Tensor:
@@ -447,7 +469,7 @@ def total_variation(logp: Tensor, other_logp: Tensor, prob: Tensor | None = None
 def entropy_per_state(logp: Tensor, prob: Tensor | None = None) -> Tensor:
     """Per-state entropy ``[..., S]`` in nats (``prob``: ``logp.exp()`` if known)."""
     pi = logp.exp() if prob is None else prob
-    return -torch.where(pi > 0, pi * logp, torch.zeros_like(pi)).sum(-1)
+    return -_where_positive(pi, pi * logp).sum(-1)
 
 
 def forward_kl_stationary_point(rewards: Tensor, ref_probs: Tensor, beta: float | Tensor,

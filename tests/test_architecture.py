@@ -142,3 +142,19 @@ def test_the_checks_catch_what_they_look_for():
 def test_no_module_is_over_the_line_budget(name: str):
     n = len(MODULES[name].read_text(encoding="utf-8").splitlines())
     assert n <= MAX_LINES, f"{MODULES[name].relative_to(ROOT)} has {n} lines; split it by concern"
+
+
+def test_no_file_holds_a_merge_conflict_marker():
+    """A conflict resolved by hand must not leave its markers in any text file of the project."""
+    suffixes = {".py", ".md", ".toml", ".yaml", ".yml", ".txt", ".cfg", ".ipynb"}
+    markers = ("<" * 7 + " ", "=" * 7 + "\n", ">" * 7 + " ")
+    found = []
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        if path.suffix not in suffixes or not path.is_file() or rel.parts[0] in (".git", "results", "build") \
+                or any(p.startswith(".") or p.endswith(".egg-info") for p in rel.parts[:-1]):
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(keepends=True), 1):
+            if line.startswith(markers):
+                found.append(f"{rel}:{i}")
+    assert not found, found

@@ -48,7 +48,8 @@ from torch import Tensor
 
 import envs
 from envs.diffusion_chain import DiffusionChainCore, density_grid, tilt_weights
-from sim.config import PPO_VARIANT_KEYS, Config, ConfigError, set_keys
+from sim.algos.gaussian import check_continuous_ppo
+from sim.config import Config, ConfigError
 from sim.engine import rng
 from sim.engine.kl import all_estimates
 from sim.engine.loop import BatchTrainer
@@ -105,20 +106,13 @@ class DiffusionTrainer(BatchTrainer):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Sampled mode, a correction started at 0 (π_θ = π_ref), no learned value, no entropy bonus."""
+        check_continuous_ppo(cfg)
         t, env = cfg.train, cfg.env["id"]
-        if t.mode != "sampled":
-            raise ConfigError(f"train.mode=exact needs a discrete env; got env.id={env!r}")
         if t.baseline == "value":
             raise ConfigError(f"train.baseline must be auto, mean or none for env.id={env!r}; got 'value'")
         if t.ent_coef != 0:
             raise ConfigError(f"train.ent_coef must be 0 for env.id={env!r} (the step std is fixed, so the "
                               f"entropy is constant); got {t.ent_coef!r}")
-        if t.init != "reference":
-            raise ConfigError(f"train.init must be reference for env.id={env!r}; got {t.init!r}")
-        bad = set_keys(cfg, tuple(k for k in PPO_VARIANT_KEYS if "clip" not in k))
-        if bad:
-            raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss, "
-                              "on-time rollouts)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)

@@ -101,8 +101,20 @@ class DiscreteTrainer(BatchTrainer):
     # -- tables -------------------------------------------------------------------------------------------
     def _tables(self) -> tuple[Tensor, Tensor]:
         """Current policy and reference log-probability tables ``[R, S, A]`` (no grad, contiguous)."""
-        with torch.no_grad():
-            return self.policy.table(self.params).contiguous(), self._ref_table()
+        return self._policy_table(contiguous=True), self._ref_table()
+
+    def _policy_table(self, contiguous: bool = False) -> Tensor:
+        """The current policy's log-probability table ``[R, S, A]`` (no grad; as the policy gives it, or a
+        contiguous copy), recomputed only when a parameter has changed since (the tensors' in-place version
+        counters)."""
+        key = tuple((id(p), p._version) for p in self.params.values())
+        if getattr(self, "_table_key", None) != key:
+            with torch.no_grad():
+                self._table = {False: self.policy.table(self.params)}
+            self._table_key, self._table_of = key, list(self.params.values())  # held: their ids stay theirs
+        if contiguous not in self._table:
+            self._table[contiguous] = self._table[False].contiguous()
+        return self._table[contiguous]
 
     def _ref_table(self) -> Tensor:
         """The reference's log-probability table ``[R, S, A]``, recomputed only when the reference changes."""
@@ -147,7 +159,7 @@ class DiscreteTrainer(BatchTrainer):
 
     def _policy64(self) -> Tensor:
         """The current policy's log-probability table ``[R, S, A]`` in float64 (what the metrics measure)."""
-        return self.policy.table(self.params).detach().to(torch.float64)
+        return self._policy_table().to(torch.float64)
 
     def exact_metrics(self) -> dict[str, Tensor]:
         """Exact (float64) KL to the reference, entropy, support, return and distance to the optimum; with a
@@ -161,8 +173,10 @@ class DiscreteTrainer(BatchTrainer):
         visited = occ > 1e-9
         kl_s = tabular.kl_per_state(pi, ref, prob)
         ent_s = tabular.entropy_per_state(pi, prob)
-        minp = torch.where(visited, prob.min(-1).values, torch.ones_like(occ)).min(-1).values
-        support = torch.where(visited.unsqueeze(-1), (prob > 1e-3).to(torch.float64), 0.0).sum(-1)
+        minp = torch.where(visited, prob.min(-1).values, 1.0).min(-1).values
+        # 0/1 products (exactly the select of the visited states' indicators), the masks made as floats directly
+        support = (torch.gt(prob, 1e-3, out=torch.empty_like(prob))
+                   * torch.gt(occ, 1e-9, out=torch.empty_like(occ)).unsqueeze(-1)).sum(-1)
         # KL(π_ref(τ)‖π(τ)) = Σ_s occupancy_ref(s)·KL(π_ref‖π)_s; the reference's occupancy and probabilities
         # are computed once per reference
         ref_prob = self._ref_derived("prob", ref.exp)
@@ -177,11 +191,9 @@ class DiscreteTrainer(BatchTrainer):
         }
         if self.H > 1:  # the exact expected episode length (steps taken), where episodes can end early
             out["length_true"] = occ.sum(-1)
-        if bool((self.rt.beta > 0).all()):
-            tv = tabular.total_variation(pi, self._optimum(ref), prob, self._optimum_prob(ref))
-            out["tv_opt"] = (occ * tv).sum(-1) / length
-        else:
-            out["tv_opt"] = torch.full_like(length, float("nan"))
+        # per run: a run without a KL (β = 0) has no optimum, whatever its batch-mates have
+        tv = tabular.total_variation(pi, self._optimum(ref), prob, self._optimum_prob(ref))
+        out["tv_opt"] = torch.where(self.rt.beta > 0, (occ * tv).sum(-1) / length, torch.nan)
         if self.proxy is not None:
             out.update(self.proxy.metrics(pi, prob, out["return_true"], self._optimum_key(),
                                           lambda: self._optimum(ref), self.rt.beta))
@@ -192,10 +204,7 @@ class DiscreteTrainer(BatchTrainer):
         pi = self._policy64()
         ref = self._ref64()
         tabs = {"prob": pi.exp(), "ref_prob": self._ref_derived("prob", ref.exp)}
-        if bool((self.rt.beta > 0).all()):
-            tabs["opt_prob"] = self._optimum_prob(ref)
-        else:
-            tabs["opt_prob"] = torch.full_like(pi, float("nan"))
+        tabs["opt_prob"] = torch.where((self.rt.beta > 0).view(-1, 1, 1), self._optimum_prob(ref), torch.nan)
         return snapshot(tabs)
 
     def policy_frame(self, run: int) -> pd.DataFrame:

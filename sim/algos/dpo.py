@@ -46,6 +46,7 @@ from envs import tabular
 from sim.algos.discrete import DiscreteTrainer
 from sim.config import PPO_VARIANT_KEYS, Config, ConfigError, DPOConfig, check_positive, set_keys
 from sim.engine import rng
+from sim.engine.elementwise import softplus
 from sim.engine.loop import take_samples
 from sim.engine.outputs import snapshot
 from sim.engine.preferences import check_sampler, sample_preferences, sampler_logp
@@ -92,12 +93,12 @@ def preference_loss(margin: Tensor, beta: Tensor, is_ipo: Tensor) -> Tensor:
     or IPO ``(Δ − 1/(2β))²`` where ``is_ipo [R]``; ``beta [R]``."""
     b = beta.view(-1, 1).to(margin.dtype)
     if not bool(is_ipo.any()):
-        return torch.nn.functional.softplus(-b * margin)
+        return softplus(-b * margin)
     # each loss sees only its own runs' margins (the others get a harmless 0), so a run's overflow cannot
     # reach a batch-mate through the other loss's gradient (0·inf)
     ipo_run = is_ipo.view(-1, 1)
     zero = torch.zeros((), dtype=margin.dtype, device=margin.device)
-    dpo = torch.nn.functional.softplus(-b * torch.where(ipo_run, zero, margin))
+    dpo = softplus(-b * torch.where(ipo_run, zero, margin))
     ipo = (torch.where(ipo_run, margin, zero) - 0.5 / b).square()
     return torch.where(ipo_run, ipo, dpo)
 

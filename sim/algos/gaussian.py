@@ -26,6 +26,21 @@ from sim.engine.placement import kl_loss_term, kl_reward_penalty
 from sim.engine.ppo import clip_bounds, clipped_surrogate, masked_mean, normalize_per_run, ppo_diagnostics
 
 
+def check_continuous_ppo(cfg: Config) -> None:
+    """What every continuous-action PPO trainer needs: sampled mode (no enumeration), a policy started at the
+    reference, and none of the discrete trainers' PPO variants (batch-mean baseline, token-mean loss, on-time
+    rollouts; only the clip bounds apply). Raises :class:`ConfigError` naming the first offending key."""
+    env = cfg.env["id"]
+    if cfg.train.mode != "sampled":
+        raise ConfigError(f"train.mode=exact needs a discrete env; got env.id={env!r}")
+    if cfg.train.init != "reference":
+        raise ConfigError(f"train.init must be reference for env.id={env!r}; got {cfg.train.init!r}")
+    bad = set_keys(cfg, tuple(k for k in PPO_VARIANT_KEYS if "clip" not in k))
+    if bad:
+        raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss, "
+                          "on-time rollouts)")
+
+
 class GaussianPolicy:
     """Isotropic Gaussian actions ``N(mean, exp(log_std)²·I)`` per run, with no state."""
 
@@ -57,20 +72,14 @@ class GaussianPolicy:
 class GaussianTrainer(BatchTrainer):
     """The batched trainer for ``env.id = gaussian_bandit`` (one step, batch-mean baseline)."""
 
+    optional_metrics = ("kl_opt", "opt_mean_error", "opt_mean", "opt_std")  # only where a closed form exists
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Sampled mode, a state-free Gaussian policy started at the reference."""
-        env = cfg.env["id"]
-        if cfg.train.mode != "sampled":
-            raise ConfigError(f"train.mode=exact needs a discrete env; got env.id={env!r}")
+        check_continuous_ppo(cfg)
         if cfg.train.policy != "tabular":
-            raise ConfigError(f"train.policy must be tabular for env.id={env!r} (a state-free Gaussian)")
-        if cfg.train.init != "reference":
-            raise ConfigError(f"train.init must be reference for env.id={env!r}; got {cfg.train.init!r}")
-        bad = set_keys(cfg, tuple(k for k in PPO_VARIANT_KEYS if "clip" not in k))
-        if bad:
-            raise ConfigError(f"{bad[0]} is not supported for env.id={env!r} (batch-mean baseline, token-mean loss, "
-                              "on-time rollouts)")
+            raise ConfigError(f"train.policy must be tabular for env.id={cfg.env['id']!r} (a state-free Gaussian)")
 
     def __init__(self, configs: list[Config], device: torch.device):
         super().__init__(configs, device)
@@ -164,20 +173,24 @@ class GaussianTrainer(BatchTrainer):
     def _optimum(self, ref: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
         """Gibbs optimum ``(mean [R, d], std [R])`` relative to each run's *current* reference and the
         phase's reward scale, where a closed form exists (linear and quadratic rewards)."""
-        if self.env_params.reward == "two_mode" or not bool((self.rt.beta > 0).all()):
+        if self.env_params.reward == "two_mode":
             return None
-        if self.reward_scale == 0:
-            return ref["mean"], ref["log_std"][:, 0].exp()
-        base = dataclasses.replace(self.env_params,
-                                   reward_coef=_scaled(self.env_params.reward_coef, self.reward_scale))
-        beta = self.rt.beta.cpu()
-        if self.cfg.reference.schedule == "frozen":  # every run shares the env's reference: one batched call
-            mean, std = gibbs_optimum(base, beta)
+        beta = self.rt.beta.cpu().clamp(min=1e-12)  # runs without a KL: NaN below, per run
+        if self.reward_scale == 0:  # no reward: the optimum of a KL-regularized objective is the reference
+            mean, std = ref["mean"].cpu(), ref["log_std"][:, 0].exp().cpu()
         else:
-            parts = [gibbs_optimum(dataclasses.replace(base, ref_mean=tuple(ref["mean"][i].tolist()),
-                                                       ref_std=float(ref["log_std"][i, 0].exp())), beta[i])
-                     for i in range(self.R)]
-            mean, std = torch.stack([m for m, _ in parts]), torch.stack([s for _, s in parts])
+            base = dataclasses.replace(self.env_params,
+                                       reward_coef=_scaled(self.env_params.reward_coef, self.reward_scale))
+            if self.cfg.reference.schedule == "frozen":  # every run shares the env's reference: one call
+                mean, std = gibbs_optimum(base, beta)
+            else:
+                parts = [gibbs_optimum(dataclasses.replace(base, ref_mean=tuple(ref["mean"][i].tolist()),
+                                                           ref_std=float(ref["log_std"][i, 0].exp())), beta[i])
+                         for i in range(self.R)]
+                mean, std = torch.stack([m for m, _ in parts]), torch.stack([s for _, s in parts])
+        none = (self.rt.beta <= 0).cpu()  # a run without a KL has no optimum, whatever its batch-mates have
+        mean = torch.where(none.view(-1, 1), torch.nan, mean)
+        std = torch.where(none, torch.nan, std)
         return mean.to(self.device), std.to(self.device)
 
     def policy_tables(self) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from sim.config import GROUP_ADVANTAGES, Config, ConfigError
 from sim.engine import rng
 from sim.engine.exact import exact_loss
 from sim.engine.kl import all_estimates, full_kl, full_kl_slope, masked_product
+from sim.engine.loop import FINITE
 from sim.engine.outputs import snapshot
 from sim.engine.placement import kl_loss_term, kl_loss_term_and_slope, kl_reward_penalty
 from sim.engine.policies import MLPValue, TabularValue, gather_rows, log_softmax_action_major, sum_actions
@@ -35,9 +36,18 @@ from sim.engine.ppo import (
     resolve_baseline,
     sum_steps,
 )
-from sim.engine.rollout import sample_episodes
-from sim.engine.rows import per_run_sum, row_blocks, take_valid, visited_rows
+from sim.engine.rollout import Episodes, sample_episodes
+from sim.engine.rows import (
+    ROW_PAD,
+    block_plans,
+    finite_rows,
+    per_run_sum,
+    step_visits,
+    take_valid,
+    visited_rows,
+)
 from sim.engine.staleness import BehaviourPolicies
+from sim.engine.steps import gae_on_steps, layered_from_start, per_run_in_sample_order
 
 
 class PPOTrainer(DiscreteTrainer):
@@ -86,6 +96,14 @@ class PPOTrainer(DiscreteTrainer):
         self.stale = BehaviourPolicies(configs, device)  # the lagging sampler's policies (train.staleness)
         self._reward_learner = torch.tensor([c.kl.reward_logp == "learner" for c in configs], device=device)
         self._lag = torch.zeros(self.R, dtype=torch.long, device=device)
+        tr = cfg.train
+        self._by_steps = (  # work on the sampled steps, not on [R, N, H] buffers (see _steps_update_inputs)
+            self.H > 1 and self.proxy is None and tr.policy == "tabular" and tr.advantage == "gae"
+            and not tr.norm_adv and min(tr.minibatches, tr.batch * self.H) == 1
+            and tr.loss_agg == "token-mean" and (cfg.kl.loss_agg or tr.loss_agg) == "token-mean"
+            and ((self.baseline == "value" and tr.gamma * tr.gae_lambda == 1.0)
+                 or (self.baseline == "none" and tr.gamma == 1.0))
+            and layered_from_start(self.mdp))
 
     # -- one sampled update, top to bottom -----------------------------------------------------------------
     def sampled_update(self, update: int) -> dict[str, Tensor]:
@@ -93,13 +111,18 @@ class PPOTrainer(DiscreteTrainer):
         passes of the clipped loss (+ KL in the loss) on per-(state, action) sums; returns the update's
         sample statistics and diagnostics."""
         buf, tabs = self._collect(update)
-        R, N, H = buf["valid"].shape
-        flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}
-        vis = visited_rows(flat, tabs, self.H == 1, self.dtype)
-        buf.update(self._shape_and_advantage(buf, tabs, vis))
-        flat.update({k: buf[k].reshape(R, N * H) for k in ("adv", "ret")})
-        flat.update(self._aggregation(buf["valid"]))
-        whole = min(self.cfg.train.minibatches, N * H) == 1  # one full-batch minibatch: its visits are vis
+        R, N, H = self.R, self.cfg.train.batch, self.H
+        if self._by_steps and buf.steps is not None:
+            vis = step_visits(buf.steps, tabs, self.dtype)
+            flat = self._steps_update_inputs(buf, tabs, vis)
+            whole = True
+        else:
+            flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}
+            vis = visited_rows(flat, tabs, self.H == 1, self.dtype)
+            buf.update(self._shape_and_advantage(buf, tabs, vis))
+            flat.update({k: buf[k].reshape(R, N * H) for k in ("adv", "ret")})
+            flat.update(self._aggregation(buf["valid"]))
+            whole = min(self.cfg.train.minibatches, N * H) == 1  # one full-batch minibatch: its visits are vis
         loss_fn = self._ppo_loss_and_grads if self.cfg.train.policy == "tabular" else self._ppo_loss
         stats = self._ppo_epochs(flat, update, loss_fn, lambda mb: self._group(mb, tabs, vis if whole else None))
         self._maybe_log_traj(update, buf, tabs)
@@ -122,7 +145,7 @@ class PPOTrainer(DiscreteTrainer):
             self._control_beta(out["kl_k1"], N)
         return out
 
-    def _collect(self, update: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _collect(self, update: int) -> tuple[Episodes, dict[str, Tensor]]:
         """``train.batch`` episodes per run from the current policy (:func:`sim.engine.rollout.sample_episodes`,
         each run's stream for this update), and the tables they were drawn with: ``logp`` (π_old) and
         ``ref_logp`` ``[R, S, A]``."""
@@ -135,7 +158,10 @@ class PPOTrainer(DiscreteTrainer):
                               self.dtype, group=self.cfg.train.group)
         if self.proxy is not None:  # a learned reward: the runs train on their proxy (sim.algos.proxy)
             buf["reward"] = self.proxy.rewards(buf)
-        self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
+        if buf.steps is not None:  # every step taken is a valid sample
+            self.env_steps += torch.bincount(buf.steps["run"], minlength=self.R)
+        else:
+            self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
         return buf, tabs
 
     def _shape_and_advantage(self, buf: dict[str, Tensor], tabs: dict[str, Tensor], vis: dict[str, Tensor]
@@ -146,17 +172,10 @@ class PPOTrainer(DiscreteTrainer):
         visited rows (``vis``, from :func:`~sim.engine.rows.visited_rows`) and gathered. Adds ``kfull``
         (exact per-state KL of the visited rows ``[P]``) to ``vis``.
         """
-        tr, rt = self.cfg.train, self.rt
+        tr = self.cfg.train
         R, N, H = buf["valid"].shape
         valid = buf["valid"].to(self.dtype)  # the mask as a float, made once (a float mask is used as is)
-        old, ref, run = vis["old"], vis["ref"], vis["run"]
-        if "learner" in tabs and bool(self._reward_learner.any()):  # kl.reward_logp: learner, per run
-            learner = gather_rows(tabs["learner"].reshape(-1, self.A), vis["rows"], run.numel())
-            old = torch.where(self._reward_learner.index_select(0, run), learner, old)
-        vis["kfull"] = full_kl(old, ref, dim=0)
-        ref_c = self.clamp(old, ref, vis["count"], row_run=run)
-        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), rt, row_run=run).reshape(-1)
-        penalty = pen.index_select(0, vis["entry"])  # the valid samples'
+        penalty = self._reward_penalty(tabs, vis)
         shaped = (self.reward_scale * buf["reward"]).view(-1)
         if "sel" in vis:  # r − β·k at the valid samples (x + (−y) is x − y exactly)
             shaped.index_add_(0, vis["sel"], penalty, alpha=-1)
@@ -189,6 +208,34 @@ class PPOTrainer(DiscreteTrainer):
         if tr.norm_adv:
             adv = normalize_per_run(adv, valid)
         return {"adv": adv.detach(), "ret": ret.detach(), **extra}
+
+    def _reward_penalty(self, tabs: dict[str, Tensor], vis: dict[str, Tensor]) -> Tensor:
+        """β·k of the KL in the reward at each valid sample (in ``vis``' sample order), computed on the visited
+        rows; adds ``kfull`` (exact per-state KL of the visited rows ``[P]``) to ``vis``."""
+        old, ref, run = vis["old"], vis["ref"], vis["run"]
+        if "learner" in tabs and bool(self._reward_learner.any()):  # kl.reward_logp: learner, per run
+            learner = gather_rows(tabs["learner"].reshape(-1, self.A), vis["rows"], run.numel())
+            old = torch.where(self._reward_learner.index_select(0, run), learner, old)
+        vis["kfull"] = full_kl(old, ref, dim=0)
+        ref_c = self.clamp(old, ref, vis["count"], row_run=run)
+        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), self.rt, row_run=run, pad=ROW_PAD).reshape(-1)
+        return pen.index_select(0, vis["entry"])
+
+    def _steps_update_inputs(self, buf: Episodes, tabs: dict[str, Tensor], vis: dict[str, Tensor]
+                             ) -> dict[str, Tensor]:
+        """:meth:`_shape_and_advantage` on the sampled steps (``buf.steps``, in the order taken; ``vis`` from
+        :func:`~sim.engine.rows.step_visits`), for what :attr:`_by_steps` allows (GAE with γλ = 1 and a
+        tabular value or none, token-mean losses, one minibatch, a layered MDP): the same numbers, per step.
+
+        Returns :meth:`_group`'s input: ``adv``, ``ret`` ``[n]`` in the steps' order, ``at`` (their positions in
+        the ``[R, N, H]`` buffers) and ``n_valid`` (samples per run ``[R]``)."""
+        st = buf.steps
+        shaped = self.reward_scale * st["reward"] - self._reward_penalty(tabs, vis)  # the buffers' r − β·k
+        v = self.value_fn.table(self.params).detach().reshape(-1).take(st["row"]) if self.baseline == "value" \
+            else None
+        adv, ret = gae_on_steps(shaped, v, st["done"], self.cfg.train.gamma, buf.counts, buf.goings)
+        return {"adv": adv, "ret": ret, "at": st["at"],
+                "n_valid": torch.bincount(st["run"], minlength=self.R).to(self.dtype)}
 
     def _aggregation(self, valid: Tensor) -> dict[str, Tensor]:
         """Per-sample weights and per-run divisors ``[R, N·H]`` of the loss aggregation (``train.loss_agg``
@@ -232,12 +279,13 @@ class PPOTrainer(DiscreteTrainer):
             squares) ``[R]``.
         """
         vis = vis if vis is not None else visited_rows(mb, tabs, self.H == 1, self.dtype)
-        R, (A, P) = mb["idx"].shape[0], vis["count"].shape
+        R, (A, P) = self.R, vis["count"].shape
         dt, dev = self.dtype, self.device
-        adv = take_valid(mb["adv"].reshape(-1), vis)
+        steps = "at" in mb  # the sampled steps' values, in the order taken (_steps_update_inputs)
+        adv = mb["adv"] if steps else take_valid(mb["adv"].reshape(-1), vis)
         zeros = torch.zeros(A * P, dtype=dt, device=dev)
         count = vis["count"]
-        n_valid = torch.count_nonzero(mb["valid"], 1).to(dt).clamp(min=1)
+        n_valid = (mb["n_valid"] if steps else torch.count_nonzero(mb["valid"], 1).to(dt)).clamp(min=1)
         w = take_valid(mb["w"].reshape(-1), vis).to(dt) if "w" in mb else None  # the samples' aggregation weights
         if w is not None:
             adv = adv * w
@@ -259,14 +307,17 @@ class PPOTrainer(DiscreteTrainer):
         g["kl_count"] = self._kl_count(mb, vis, g, zeros, n_valid)
         g["n_s_kl"] = g["n_s"] if g["kl_count"] is weight else sum_actions(g["kl_count"])
         if self.baseline == "value":  # the value loss, aggregated like the policy loss
-            ret_valid = take_valid(mb["ret"].reshape(-1), vis)
+            ret_valid = mb["ret"] if steps else take_valid(mb["ret"].reshape(-1), vis)
             wret = ret_valid if w is None else w * ret_valid
             ret_sum = torch.zeros(P, dtype=dt, device=dev).index_add_(0, vis["col"], wret)
             g["ret_mean"] = ret_sum / g["n_s"].clamp(min=1) if w is None else ret_sum / g["n_s"].clamp(min=1e-30)
             # Σ (return − its state's mean)² over each run's valid samples, summed in sample order
             spread = (ret_valid - g["ret_mean"].index_select(0, vis["col"])).square()
-            g["ret_ss"] = torch.zeros(R, dtype=dt, device=dev).index_add_(
-                0, vis["run"].index_select(0, vis["col"]), spread if w is None else w * spread)
+            if steps:
+                g["ret_ss"] = per_run_in_sample_order(spread, mb["at"], R, self.cfg.train.batch * self.H)
+            else:
+                g["ret_ss"] = torch.zeros(R, dtype=dt, device=dev).index_add_(
+                    0, vis["run"].index_select(0, vis["col"]), spread if w is None else w * spread)
         return g
 
     def _decouple(self, g: dict[str, Tensor], vis: dict[str, Tensor], tabs: dict[str, Tensor]) -> None:
@@ -322,16 +373,17 @@ class PPOTrainer(DiscreteTrainer):
         gv = torch.empty_like(v_all) if v_all is not None else None
         loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
         parts: list[dict[str, Tensor]] = []
-        for cols in row_blocks(P):
-            run = g["run"][cols]
+        for plan in self._loss_plans(g):
+            cols, run = plan["cols"], plan["run"]
             v = v_all[cols] if v_all is not None else None
             per_row, block_parts, (g_lp, g_v, prob) = self._rows_loss(
-                g, cols, log_softmax_action_major(x_all[:, cols]), v, want_diag, grad=True, want_loss=want_loss)
+                g, cols, log_softmax_action_major(x_all[:, cols]), v, want_diag, grad=True, want_loss=want_loss,
+                plan=plan)
             parts.append(block_parts)
-            n_run = g["n"].index_select(0, run)  # the per-run mean's divisor
+            n_run = plan["n_run"]  # the per-run mean's divisor
             torch.div(torch.addcmul(g_lp, prob, sum_actions(g_lp), value=-1), n_run, out=gx[:, cols])
             if gv is not None:
-                gv[cols] = g_v / n_run
+                torch.div(g_v, n_run, out=gv[cols])
             if per_row is not None:  # summed block after block: each run's terms in column order, as in one pass
                 loss.index_add_(0, run, per_row)
         loss = self._mean_loss(g, loss) if want_loss else None
@@ -347,12 +399,23 @@ class PPOTrainer(DiscreteTrainer):
         out["logits"].view(-1, A).index_copy_(0, rows, gx[:, :M].t())
         if gv is not None:
             out["v"].view(-1).index_copy_(0, rows, gv[:M])
+        out[FINITE] = finite_rows(gx[:, :M], None if gv is None else gv[:M], g["run"], self.R)
         diag = self._loss_diagnostics(g, {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}) \
             if want_diag else {}
         return loss, diag, out
 
+    def _loss_plans(self, g: dict[str, Tensor]) -> list[dict]:
+        """:func:`~sim.engine.rows.block_plans` with, per block, the clipped loss's advantage sums negated
+        (``neg_adv``) and ``vf·n_s``."""
+        plans = block_plans(g)
+        if "neg_adv" not in plans[0]:
+            for plan in plans:
+                plan["neg_adv"] = (-g["adv_pos"][:, plan["cols"]], -g["adv_neg"][:, plan["cols"]])
+                plan["vf_n_s"] = self.cfg.train.vf_coef * g["n_s"][plan["cols"]]
+        return plans
+
     def _rows_loss(self, g: dict[str, Tensor], cols: slice, lp: Tensor, v: Tensor | None, keep: bool,
-                   grad: bool = False, want_loss: bool = True
+                   grad: bool = False, want_loss: bool = True, plan: dict | None = None
                    ) -> tuple[Tensor | None, dict[str, Tensor], tuple | None]:
         """The PPO loss of columns ``cols`` of the row tables, per row ``[c]`` (a sum over the row's samples;
         with a value ``v``, ``vf_coef·½·n_s·(v − mean return)²`` too: the within-state spread ``ret_ss`` is
@@ -375,9 +438,12 @@ class PPOTrainer(DiscreteTrainer):
         prob = lp.exp() if grad or tr.ent_coef > 0 else None
         ref_lp = self.clamp(lp, ref, n, row_run=run)
         k_full = lambda: full_kl(lp, ref, dim=0, prob_all=prob).unsqueeze(0)  # noqa: E731
-        kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
-        used = (kl_w != 0).any(-1).tolist()
-        weights = tuple([kl_w[f, j] if used[f][j] else None for j in range(4)] for f in range(2))
+        if plan is not None:
+            weights = plan["weights"]
+        else:
+            kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
+            used = (kl_w != 0).any(-1).tolist()
+            weights = tuple([kl_w[f, j] if used[f][j] else None for j in range(4)] for f in range(2))
         if grad:
             kl_old = g["kl_old"][:, cols] if "kl_old" in g else old  # the IS corrections' denominator
             kl, kl_slope, full_w = kl_loss_term_and_slope(lp, kl_old, ref_lp, k_full, rt, weights=weights,
@@ -401,14 +467,26 @@ class PPOTrainer(DiscreteTrainer):
         grads = None
         if grad:
             # ∂pg/∂lp = −adv·ρ where the clip passes ρ (bounds included, as autograd's clamp), else 0
-            g_lp = -(adv_pos * (ratio <= hi) + adv_neg * (ratio >= lo)) * ratio
+            if plan is not None:  # −x·m + −y·m' is −(x·m + y·m') exactly; the masks made as floats directly
+                neg_pos, neg_neg = plan["neg_adv"]
+                passes = torch.empty((2,) + ratio.shape, dtype=ratio.dtype, device=ratio.device)
+                torch.le(ratio, hi, out=passes[0])
+                torch.ge(ratio, lo, out=passes[1])
+                g_lp = (neg_pos * passes[0] + neg_neg * passes[1]) * ratio
+            else:
+                g_lp = -(adv_pos * (ratio <= hi) + adv_neg * (ratio >= lo)) * ratio
             if kl_slope is not None:
                 g_lp = g_lp + n_kl * kl_slope
-            if full_w is not None:  # the row's exact KL counts once per sample of the row
+            if full_w is not None and plan is not None and "full" in plan:  # on the weights' span only
+                sp, fw, on, to, cut = plan["full"]
+                term = fw * full_kl_slope(lp[:, sp], ref[:, sp], prob[:, sp])
+                g_lp[:, to].add_((term if on is None else torch.where(on, term, 0.0))[:, cut])
+            elif full_w is not None:  # the row's exact KL counts once per sample of the row
                 g_lp = g_lp + masked_product(g["n_s_kl"][cols] * full_w, full_kl_slope(lp, ref, prob))
             if tr.ent_coef > 0:  # ∂(−c·n_s·H)/∂lp = c·n_s·π·(lp + 1) where π > 0
                 g_lp = g_lp + (tr.ent_coef * n_s) * torch.where(prob > 0, prob * (lp + 1.0), 0.0)
-            grads = (g_lp, tr.vf_coef * n_s * v_err if v is not None else None, prob)
+            vf_n_s = plan["vf_n_s"] if plan is not None else tr.vf_coef * n_s
+            grads = (g_lp, vf_n_s * v_err if v is not None else None, prob)
         if not keep:
             return per_row, {}, grads
         with torch.no_grad():

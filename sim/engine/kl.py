@@ -9,6 +9,7 @@ hand, and :func:`weighted_estimate` evaluates per run the estimator that run use
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -89,7 +90,53 @@ def estimator_weights(coef: Tensor, like: Tensor, run_index: Tensor | None = Non
     return weights
 
 
-def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
+@dataclass(frozen=True)
+class PreparedWeights:
+    """:data:`Weights` over the columns (last axis) of action-major row tables ``[A, c]``, with what every
+    evaluation on those columns reuses (:func:`prepare_weights`; e.g. every epoch of an update): where each
+    weight is non-zero (``masks``: ``None`` where all are), and per estimator the window of columns that holds
+    its non-zero weights (``spans``, multiples of the padding; the weights and masks cut to it). An estimator
+    is evaluated on its window and its terms added at ``targets``, taken at ``cuts`` of the window: the
+    columns from its first to its last non-zero weight when all of those are non-zero (no mask needed), else
+    the whole window with a mask."""
+
+    weights: Weights
+    masks: list[Tensor | None]
+    spans: list[slice | None]
+    span_weights: list[Tensor | None]
+    span_masks: list[Tensor | None]
+    targets: list[slice | None]
+    cuts: list[slice | None]
+
+
+def prepare_weights(weights: Weights, pad: int) -> PreparedWeights:
+    """:class:`PreparedWeights` of per-column ``weights`` (each ``[c]`` or ``None``; ``c`` a multiple of
+    ``pad``): the windows start and end on multiples of ``pad``, so vectorized kernels cover every column of
+    a window as they cover the whole table."""
+    masks = [_where_used(w) for w in weights]
+    prep: dict[str, list] = {k: [] for k in ("spans", "span_weights", "span_masks", "targets", "cuts")}
+    for w in weights:
+        if w is None:
+            for v in prep.values():
+                v.append(None)
+            continue
+        nz = torch.nonzero(w != 0).view(-1)
+        first, last = (int(nz[0]), int(nz[-1]) + 1) if nz.numel() else (0, 0)
+        lo, hi = first // pad * pad, min(w.shape[-1], max(-(-last // pad) * pad, pad))
+        prep["spans"].append(slice(lo, hi))
+        prep["span_weights"].append(w[..., lo:hi])
+        if nz.numel() == last - first:  # every column from the first to the last non-zero weight
+            prep["span_masks"].append(None)
+            prep["targets"].append(slice(first, last))
+            prep["cuts"].append(slice(first - lo, last - lo))
+        else:
+            prep["span_masks"].append(_where_used(w[..., lo:hi]))
+            prep["targets"].append(slice(lo, hi))
+            prep["cuts"].append(slice(0, hi - lo))
+    return PreparedWeights(weights, masks, **prep)
+
+
+def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights | PreparedWeights,
                       k_full: Tensor | Callable[[], Tensor] | None,
                       logp_old: Tensor | None = None, run_index: Tensor | None = None) -> Tensor:
     """``Σ_j coef[r, j]·k_j`` per sample: each run's own estimator, scaled (by β and its placement mask).
@@ -117,7 +164,7 @@ def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
     return out
 
 
-def weighted_estimate_and_slope(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
+def weighted_estimate_and_slope(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights | PreparedWeights,
                                 k_full: Tensor | Callable[[], Tensor] | None, logp_old: Tensor | None = None,
                                 run_index: Tensor | None = None, delta_slope: Tensor | None = None,
                                 value: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -137,7 +184,7 @@ def weighted_estimate_and_slope(logp: Tensor, ref_logp: Tensor, coef: Tensor | W
     return _weighted(logp, ref_logp, coef, k_full, logp_old, run_index, delta_slope, slope=True, value=value)
 
 
-def _weighted(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
+def _weighted(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights | PreparedWeights,
               k_full: Tensor | Callable[[], Tensor] | None, logp_old: Tensor | None, run_index: Tensor | None,
               delta_slope: Tensor | None, slope: bool, value: bool = True
               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -147,10 +194,19 @@ def _weighted(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
     that gives exactly 0 (δ = 0, an importance weight of 1). A run that does not use k3 therefore never
     meets its own ``e^{−δ}`` overflowing, and ``0·inf`` cannot turn a batch-mate's estimator into a NaN in
     its loss or gradient: a run's numbers stay those it gets alone.
+
+    With :class:`PreparedWeights` of several sampled estimators and no importance weights, each estimator is
+    evaluated on its span of columns only (:func:`_weighted_spans`).
     """
-    weights = coef if isinstance(coef, list) else estimator_weights(coef, logp, run_index)
+    if isinstance(coef, PreparedWeights):
+        n_sampled = sum(w is not None for w in coef.weights[:3])
+        if logp_old is None and n_sampled >= 2 and logp.dim() == 2:
+            return _weighted_spans(logp, ref_logp, coef, k_full, delta_slope, slope, value)
+        weights, on = coef.weights, coef.masks
+    else:
+        weights = coef if isinstance(coef, list) else estimator_weights(coef, logp, run_index)
+        on = [_where_used(w) for w in weights]  # None where every entry uses the estimator (no masking needed)
     used = [w is not None for w in weights]
-    on = [_where_used(w) for w in weights]  # None where every entry uses the estimator (no masking needed)
 
     sampled = [j for j in range(3) if used[j]]
     delta = logp - ref_logp if sampled else None
@@ -198,6 +254,43 @@ def _weighted(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights,
         grad = d_delta if w is None else w * (d_delta if d_w is None else d_delta + d_w)
         grad = grad if grad.shape == logp.shape else grad.expand_as(logp)
     return out, grad, weights[3] if used[3] else None
+
+
+def _weighted_spans(logp: Tensor, ref_logp: Tensor, prep: PreparedWeights,
+                    k_full: Tensor | Callable[[], Tensor] | None, delta_slope: Tensor | None, slope: bool,
+                    value: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`_weighted` of action-major tables ``[A, c]`` with at least two sampled estimators in use and no
+    importance weights, each estimator evaluated on its span of columns only.
+
+    The same numbers: :func:`_weighted` adds every used estimator's term to every column, and a column's terms
+    of the estimators its run does not use are exactly zero; here the terms start from zeros and each is
+    added on its span (a sum with at least one zero, as there). Outside a span the term is zero and is not
+    added; columns of a window outside its span are evaluated (unmasked) but never added.
+    """
+    weights = prep.weights
+    out = torch.zeros_like(logp) if value else None
+    d_delta = torch.zeros_like(logp) if slope else None
+    for j in range(3):
+        if weights[j] is None:
+            continue
+        sp, w, on = prep.spans[j], prep.span_weights[j], prep.span_masks[j]
+        to, cut = prep.targets[j], prep.cuts[j]
+        delta = logp[:, sp] - ref_logp[:, sp]
+        delta_j = delta if on is None else torch.where(on, delta, 0.0)
+        k, dk = _with_slope(delta_j, SAMPLED_ESTIMATORS[j], slope, value)
+        if value:
+            out[:, to].add_((w * k)[..., cut])
+        if slope:
+            d_delta[:, to].add_((w if dk is None else w * dk)[..., cut])
+    if weights[3] is not None and value:
+        kf = k_full() if callable(k_full) else k_full
+        sp, w, on = prep.spans[3], prep.span_weights[3], prep.span_masks[3]
+        term = w * kf[..., sp]
+        out[:, prep.targets[3]].add_((term if on is None else torch.where(on, term, 0.0))[..., prep.cuts[3]])
+    grad = None
+    if d_delta is not None:
+        grad = d_delta if delta_slope is None else d_delta * delta_slope
+    return out, grad, weights[3]
 
 
 def masked_product(weight: Tensor, x: Tensor) -> Tensor:

@@ -36,6 +36,10 @@ from sim.engine.placement import Clamp, RunTensors
 
 ProgressFn = Callable[[int, int], None]
 
+FINITE = "_finite"
+"""Key of a loss function's gradients (:meth:`BatchTrainer._ppo_epochs`) under which it may give, per run,
+whether all its gradients are finite (``[R]`` bool), checked instead of the gradients themselves."""
+
 
 class BatchTrainer:
     """Phases, reference schedule, β controller, divergence detection and logging for a batch of runs.
@@ -101,10 +105,11 @@ class BatchTrainer:
                                     self.cfg.train.optimizer)
 
     def _apply_grads(self, loss_per_run: Tensor | None, update: int, want_norm: bool = True,
-                     grads: dict[str, Tensor] | None = None) -> Tensor | None:
+                     grads: dict[str, Tensor] | None = None, grads_finite: Tensor | None = None) -> Tensor | None:
         """Backpropagate ``Σ_r loss_r`` (unless the gradients ``grads`` are given), freeze runs whose loss or
         gradient is non-finite, step. With ``grads`` given the loss may be ``None`` (not computed on this
-        step): only the gradients are checked.
+        step): only the gradients are checked; ``grads_finite [R]`` (optional) says per run whether its
+        gradients are all finite, when the caller knows it more cheaply than a pass over them.
 
         Returns the per-run gradient norms ``[R]`` (before clipping) when clipping or ``want_norm`` needs them.
         """
@@ -116,8 +121,11 @@ class BatchTrainer:
                      for k, g in zip(self.trainable, grads_list, strict=True)}
         finite = (torch.isfinite(loss_per_run) if loss_per_run is not None
                   else torch.ones(self.R, dtype=torch.bool, device=self.device))
-        for g in grads.values():
-            finite &= finite_per_run(g.reshape(self.R, -1))
+        if grads_finite is not None:
+            finite &= grads_finite
+        else:
+            for g in grads.values():
+                finite &= finite_per_run(g.reshape(self.R, -1))
         self._mark_diverged(~finite, update, "non-finite loss or gradient")
         if not bool(self.alive.all()):
             for k in grads:
@@ -139,14 +147,15 @@ class BatchTrainer:
         Each run's permutation comes from its own stream, so the minibatches of a run do not depend on the
         batch it is trained in. ``prepare(minibatch)`` (optional) turns a minibatch into what the loss needs
         (computed once for full-batch epochs); ``loss_fn(prepared, want_diagnostics, want_loss)`` returns the
-        per-run loss, diagnostics (when asked) and optionally the gradients it computed itself, in which case
+        per-run loss, diagnostics (when asked) and optionally the gradients it computed itself (with, under
+        :data:`FINITE`, whether each run's are finite), in which case
         the loss may be ``None`` unless ``want_loss``. The loss is asked for on the last epoch: a loss that
         is not finite there marks the run diverged at this update, as a non-finite gradient does at any step.
         Diagnostics are averaged over the last epoch's gradient steps of an update whose metrics are logged
         (other updates compute none).
         """
         tr = self.cfg.train
-        n = next(iter(flat.values())).shape[1]
+        n = next(iter(flat.values())).shape[-1]
         mb_key = rng.fold(self.rt.keys, update ^ 0x5A5A5A)
         stats: dict[str, Tensor] = {}
         n_steps = 0
@@ -164,7 +173,9 @@ class BatchTrainer:
             for chunk in chunks:
                 mb = whole if chunk is None else prepare({k: take_samples(v, chunk) for k, v in flat.items()})
                 loss, diag, *grads = loss_fn(mb, diagnose, last)
-                norm = self._apply_grads(loss, update, want_norm=diagnose, grads=grads[0] if grads else None)
+                g = dict(grads[0]) if grads else None
+                norm = self._apply_grads(loss, update, want_norm=diagnose, grads=g,
+                                         grads_finite=g.pop(FINITE, None) if g is not None else None)
                 if diagnose:  # diagnostics of the last epoch: how far the update moved from π_old
                     diag["grad_norm"] = norm
                     for k, v in diag.items():

@@ -20,7 +20,14 @@ from torch import Tensor
 
 from sim.config import ESTIMATORS, PLACEMENTS, Config
 from sim.engine import rng
-from sim.engine.kl import Weights, estimator_weights, weighted_estimate, weighted_estimate_and_slope
+from sim.engine.kl import (
+    PreparedWeights,
+    Weights,
+    estimator_weights,
+    prepare_weights,
+    weighted_estimate,
+    weighted_estimate_and_slope,
+)
 
 
 @dataclass
@@ -71,15 +78,20 @@ class RunTensors:
 
 
 def kl_reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTensors,
-                      row_run: Tensor | None = None) -> Tensor:
+                      row_run: Tensor | None = None, pad: int | None = None) -> Tensor:
     """``β·k`` for runs whose KL sits in the reward (0 for the others), ``[R, ...]``, no gradient.
 
     ``logp``/``ref_logp`` are the sampling policy's and the reference's log-probabilities of the sampled
     actions; ``k_full`` the exact per-state KL (used by ``full``). With ``row_run [M]`` the inputs are
-    action-major row tables ``[A, M]`` whose row ``m`` belongs to run ``row_run[m]``.
+    action-major row tables ``[A, M]`` whose row ``m`` belongs to run ``row_run[m]``; with ``pad`` too (``M`` a
+    multiple of it), each estimator is evaluated on the span of rows its runs occupy
+    (:func:`sim.engine.kl.prepare_weights`; the same numbers).
     """
     with torch.no_grad():
-        return weighted_estimate(logp, ref_logp, rt.coef("reward"), k_full, run_index=row_run)
+        coef: Tensor | PreparedWeights = rt.coef("reward")
+        if row_run is not None and pad is not None:
+            coef = prepare_weights(estimator_weights(coef, logp, row_run), pad)
+        return weighted_estimate(logp, ref_logp, coef, k_full, run_index=row_run)
 
 
 def kl_loss_term(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | Callable[[], Tensor],
@@ -101,19 +113,23 @@ def kl_loss_term(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tenso
 
 def kl_loss_term_and_slope(logp: Tensor, logp_old: Tensor, ref_logp: Tensor,
                            k_full: Tensor | Callable[[], Tensor], rt: RunTensors, row_run: Tensor | None = None,
-                           weights: tuple[Weights, Weights] | None = None, delta_slope: Tensor | None = None,
-                           value: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                           weights: tuple[Weights | PreparedWeights, Weights | PreparedWeights] | None = None,
+                           delta_slope: Tensor | None = None, value: bool = True
+                           ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:func:`kl_loss_term` (the same values; ``None`` unless ``value``) with its derivative
     ``(value, slope, full_weight)`` as in :func:`sim.engine.kl.weighted_estimate_and_slope`, for losses
-    differentiated by hand."""
+    differentiated by hand. ``weights`` may be :class:`~sim.engine.kl.PreparedWeights` (reused over many
+    evaluations on the same row tables)."""
     return _kl_loss(logp, logp_old, ref_logp, k_full, rt, row_run, weights, delta_slope, slope=True, value=value)
 
 
 def _kl_loss(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | Callable[[], Tensor],
-             rt: RunTensors, row_run: Tensor | None, weights: tuple[Weights, Weights] | None,
+             rt: RunTensors, row_run: Tensor | None,
+             weights: tuple[Weights | PreparedWeights, Weights | PreparedWeights] | None,
              delta_slope: Tensor | None, slope: bool, value: bool = True
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    def estimate(w: Weights, old: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def estimate(w: Weights | PreparedWeights, old: Tensor | None
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if slope:
             return weighted_estimate_and_slope(logp, ref_logp, w, k_full, old, delta_slope=delta_slope, value=value)
         return weighted_estimate(logp, ref_logp, w, k_full, old), None, None
@@ -123,7 +139,8 @@ def _kl_loss(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | 
                    estimator_weights(rt.coef("loss_is"), logp, row_run))
     plain, is_weighted = weights
     parts = [estimate(plain, None)]
-    if any(w is not None for w in is_weighted):
+    is_list = is_weighted.weights if isinstance(is_weighted, PreparedWeights) else is_weighted
+    if any(w is not None for w in is_list):
         parts.append(estimate(is_weighted, logp_old))
 
     def total(xs: list[Tensor | None]) -> Tensor | None:

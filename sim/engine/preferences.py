@@ -19,6 +19,7 @@ from torch import Tensor
 from envs import tabular
 from sim.config import ConfigError
 from sim.engine import rng
+from sim.engine.elementwise import sigmoid
 
 PAIR_STREAM = 0xD0D0
 """Purpose tag of the pair streams (distinct from the PPO engine's)."""
@@ -104,7 +105,7 @@ def sample_preferences(core: tabular.TabularCore, sampler: Tensor, keys: Tensor,
         if not bool(alive.any()):
             break
     ret = rw.sum(-1)  # [R, N, 2]
-    p_first = torch.sigmoid((ret[..., 0] - ret[..., 1]) / temperature)  # [R, N]
+    p_first = sigmoid((ret[..., 0] - ret[..., 1]) / temperature)  # [R, N]
     first_wins = u_label < p_first
     order = torch.stack([~first_wins, first_wins], dim=-1).long()  # side index of (winner, loser)
     out = {"state": st, "action": ac, "valid": valid, "reward": rw}

@@ -43,6 +43,7 @@ from envs import tabular
 from envs.best_of_n import EpisodeTree, episode_tree
 from sim.config import Config, ConfigError, check_positive
 from sim.engine import rng
+from sim.engine.elementwise import sigmoid, softplus
 from sim.engine.optim import BatchedOptimizer
 from sim.engine.preferences import check_sampler, sampler_logp
 
@@ -269,20 +270,9 @@ class _LinearPairs:
         return (self.xt.square() * w.unsqueeze(1)).sum(-1)
 
 
-def _sigmoid(x: Tensor) -> Tensor:
-    """σ(x) = 1/(1 + e^{−x}) from ``exp`` alone: torch's ``sigmoid`` and ``softplus`` kernels round a tensor's
-    last, partial vector differently, which would make a run's numbers depend on its batch."""
-    return 1.0 / (1.0 + torch.exp(-x))
-
-
-def _softplus(x: Tensor) -> Tensor:
-    """log(1 + e^x) = max(x, 0) + log1p(e^{−|x|}), from ``exp`` and ``log1p`` (see :func:`_sigmoid`)."""
-    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
-
-
 def _objective(pairs: Any, theta: Tensor, lam: float) -> Tensor:
     """``L(θ)`` per run ``[R]``."""
-    return _softplus(-pairs.margin(theta)).mean(-1) + 0.5 * lam * theta.square().sum(-1)
+    return softplus(-pairs.margin(theta)).mean(-1) + 0.5 * lam * theta.square().sum(-1)
 
 
 def _cg(hv: Callable[[Tensor], Tensor], b: Tensor, precond: Tensor, tol: Tensor, active: Tensor, max_iter: int
@@ -325,7 +315,7 @@ def _newton(pairs: Any, n_params: int, lam: float) -> tuple[Tensor, dict[str, Te
     f = _objective(pairs, theta, lam)
     for _ in range(MAX_NEWTON):
         m = pairs.margin(theta)
-        s = _sigmoid(-m)  # P(the label is the other way round)
+        s = sigmoid(-m)  # P(the label is the other way round)
         grad = -pairs.adjoint(s) / pairs.N + lam * theta
         gnorm = grad.abs().amax(-1)
         active = active & (gnorm > GRAD_TOL) & torch.isfinite(gnorm)
@@ -359,7 +349,7 @@ def _newton(pairs: Any, n_params: int, lam: float) -> tuple[Tensor, dict[str, Te
         iters = iters + moved.long()
         active = active & ~stalled
     m = pairs.margin(theta)
-    grad = -pairs.adjoint(_sigmoid(-m)) / pairs.N + lam * theta
+    grad = -pairs.adjoint(sigmoid(-m)) / pairs.N + lam * theta
     return theta, {"iterations": iters, "grad_norm": grad.abs().amax(-1)}
 
 
@@ -386,7 +376,7 @@ def _fit_mlp(design: ProxyDesign, col: Tensor, lam: float, steps: int, lr: float
     for _ in range(steps):
         g = values()
         penalty = sum(p.square().reshape(R, -1).sum(-1) for p in params.values())
-        loss = _softplus(-pairs.margin(g)).mean(-1) + 0.5 * lam * penalty
+        loss = softplus(-pairs.margin(g)).mean(-1) + 0.5 * lam * penalty
         grads = dict(zip(params, torch.autograd.grad(loss.sum(), list(params.values())), strict=True))
         norm = torch.stack([v.reshape(R, -1).square().sum(-1) for v in grads.values()]).sum(0).sqrt()
         opt.step(grads)
@@ -430,7 +420,7 @@ def fit(design: ProxyDesign, data: dict[str, Tensor], cfg: Config, keys: Tensor
     margin = counts.margin(g)
     table = torch.zeros(counts.R, S * A, dtype=torch.float64, device=dev)
     table[:, design.columns.to(dev)] = rc.bt_temperature * g
-    diag = {**diag, "loss": _softplus(-margin).mean(-1),
+    diag = {**diag, "loss": softplus(-margin).mean(-1),
             "accuracy": ((margin > 0).double() + 0.5 * (margin == 0).double()).mean(-1),
             "unseen": (counts.seen == 0).sum(-1)}
     return table.view(counts.R, S, A), diag

@@ -25,8 +25,8 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
     the env needs it. With ``group`` G > 1 the episodes come in consecutive groups of G that share their start
     state (G completions of one prompt): group g's start uses element g of the start stream. Step ``t`` of
     episode ``n`` uses element ``n·H + t`` of the ``[N, H]`` streams. Each
-    step computes only the episodes still running (uniforms: those running at the first of each pair of
-    steps), so the cost follows the steps taken rather than ``N·H``.
+    step computes only the episodes still running (uniforms: drawn a few steps ahead for the episodes running
+    when drawn, :func:`_draw`), so the cost follows the steps taken rather than ``N·H``.
     """
     mdp = core.mdp
     (R, S, A), N, H = logp.shape, n_episodes, mdp.horizon
@@ -44,73 +44,131 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
     # (the CDF does not decrease, and u ≥ the last column only happens where the others are all below u)
     cdf = logp.exp().cumsum(-1).reshape(R * S, A)
     cdf_cols = cdf[:, : A - 1].t().contiguous() if S > 1 and 1 < A <= 9 else None
-    taken: dict[str, list[Tensor]] = {"at": [], "state": [], "action": [], "reward": [], "done": []}
+    taken: dict[str, list[Tensor]] = {k: [] for k in ("at", "row", "run", "state", "action", "idx", "reward", "done")}
+    counts: list[int] = []  # running episodes per step
+    goings: list[Tensor | None] = []  # per step, which of them run on (None: all)
     streams = [k_act] if k_out is None else [k_act, k_out]
-    ahead: list[Tensor] = []  # the streams' next-step uniforms for the running episodes, if drawn
-
-    def draw(t: int) -> list[Tensor]:
-        """Element ``n·H + t`` of each running episode's ``[N, H]`` streams (actions, outcomes), flat.
-
-        Steps are drawn in pairs, ``t`` and ``t + 1`` in one hash pass (half the passes); the second is
-        kept in ``ahead`` for the episodes still running at ``t + 1``. The numbers are the same.
-        """
-        if ahead:
-            out = list(ahead)
-            ahead.clear()
-            return out
-        counter = torch.stack([n_h + t + i for i in range(min(2, H - t))])
-        out = []
-        for key in streams:
-            u = rng.uniform_at(key.index_select(0, run.view(-1)).view(run.shape), counter, N * H)
-            out.append(u[0].reshape(-1))
-            ahead.extend(x.reshape(-1) for x in u[1:])
-        return out
-
-    # per running episode: its run, run·S, n·H and (run·N + n)·H; while every episode runs, broadcastable
-    # [R, 1] / [1, N] forms and ep_h = None
-    run = torch.arange(R, device=dev).unsqueeze(1)
-    run_s = run * S
-    n_h = (torch.arange(N, device=dev) * H).unsqueeze(0)
-    ep_h: Tensor | None = None
+    # per running episode (columns): its run, run·S, n·H and (run·N + n)·H
+    run = torch.arange(R, device=dev)
+    n_ep = torch.arange(N, device=dev)
+    ep = torch.stack([run.repeat_interleave(N), (run * S).repeat_interleave(N), (n_ep * H).repeat(R),
+                      torch.arange(R * N, device=dev) * H])
+    ahead: list[Tensor] = []  # the streams' uniforms [k, running] of steps t0 … t0 + k − 1
+    t0 = t_end = 0
+    every = True  # every episode still running
     for t in range(H):
         s = state  # running episodes only: never the sink
-        u, *u_outcome = draw(t)
-        if S == 1 and ep_h is None:  # one state, every episode running: binary search in the run's CDF
+        if t == t_end:  # draw the next steps for the running episodes (see _draw)
+            ahead, t0 = _draw(streams, ep, t, H, N), t
+            t_end = t + ahead[0].shape[0]
+        u, *u_outcome = (x[t - t0] for x in ahead)
+        if S == 1 and every:  # one state, every episode running: binary search in the run's CDF
             a = torch.searchsorted(cdf.to(u.dtype), u.view(R, N), right=True).view(-1).clamp_(max=A - 1)
+            taken["row"].append(ep[1] + s)
         else:
-            rows = run_s.expand(R, N).reshape(-1) + s if ep_h is None else run_s + s
+            rows = ep[1] + s
             if cdf_cols is None:  # one state, or many actions: compare with whole CDF rows
                 a = (u.unsqueeze(-1) >= cdf.index_select(0, rows)).sum(-1).clamp_(max=A - 1)
             else:  # count the columns at or below u, in uint8 (at most A − 1 ≤ 8)
-                hits = [(u >= cdf_cols[j].index_select(0, rows)).view(torch.uint8) for j in range(A - 1)]
-                a = hits[0]
-                for h in hits[1:]:
-                    a = a + h
-                a = a.long()
-        u_out = u_outcome[0] if u_outcome else u
-        at = (torch.arange(0, R * N * H, H, device=dev) if ep_h is None else ep_h) + t  # (run·N + n)·H + t
-        nxt, r, end = core.step(s, a, u_out, None if z is None else z.take(at))
-        for k, v in (("at", at), ("state", s), ("action", a), ("reward", r), ("done", end)):
+                a = (u >= cdf_cols[0].index_select(0, rows)).view(torch.uint8)
+                for j in range(1, A - 1):
+                    a = a + (u >= cdf_cols[j].index_select(0, rows)).view(torch.uint8)
+            taken["row"].append(rows)
+        at = ep[3] + t  # (run·N + n)·H + t
+        pair = s * A + a
+        nxt, r, end = core.step_pairs(pair, u_outcome[0] if u_outcome else u, None if z is None else z.take(at))
+        for k, v in (("at", at), ("run", ep[0]), ("state", s), ("action", a), ("idx", pair), ("reward", r),
+                     ("done", end)):
             taken[k].append(v)
+        counts.append(s.numel())
         going = (~end).nonzero().squeeze(1)
         if going.numel() == 0:
             break
-        if ep_h is None:
-            run = going // N
-            run_s, n_h, ep_h = run * S, going % N * H, going * H
-        else:
-            run, run_s, n_h, ep_h = (x.index_select(0, going) for x in (run, run_s, n_h, ep_h))
-        state = nxt.index_select(0, going)
-        ahead[:] = [x.index_select(0, going) for x in ahead]
+        if going.numel() == end.numel():  # none ended
+            goings.append(None)
+            state = nxt
+            continue
+        goings.append(going)
+        every = False
+        ep, state = ep.index_select(1, going), nxt.index_select(0, going)
+        if t + 1 < t_end:
+            ahead = [x[t + 1 - t0:].index_select(1, going) for x in ahead]
+            t0 = t + 1
     taken["reward"] = [torch.cat(taken["reward"]).to(reward_dtype)]  # cast once, not per step
+    taken["action"] = [torch.cat(taken["action"]).long()]
     if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
-        buf = {k: v[0].view(R, N, 1) for k, v in taken.items() if k != "at"}
+        buf = Episodes({k: v[0].view(R, N, 1) for k, v in taken.items() if k in DENSE_KEYS})
         buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
-    else:  # one scatter per buffer; steps after an episode's end stay zero (done true, valid false)
-        at = torch.cat(taken.pop("at"))
-        cat = {k: torch.cat(v) for k, v in taken.items()}
-        buf = {k: torch.full((R * N * H,), k == "done", dtype=v.dtype, device=dev).scatter_(0, at, v)
-               .view(R, N, H) for k, v in cat.items()}
-        buf["valid"] = torch.zeros(R * N * H, dtype=torch.bool, device=dev).scatter_(0, at, True).view(R, N, H)
-    buf["idx"] = buf["state"] * A + buf["action"]
-    return buf
+        return buf
+    return Episodes.from_steps(taken, counts, goings, (R, N, H))
+
+
+class _Joined(dict):
+    """Per-step tensors ``{key: [step tensors]}`` read as ``{key: all steps}``, each joined on first read."""
+
+    def __init__(self, parts: dict[str, list[Tensor]]):
+        super().__init__()
+        self._parts = parts
+
+    def __missing__(self, key: str) -> Tensor:
+        parts = self._parts[key]
+        self[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self[key]
+
+
+DENSE_KEYS = ("state", "action", "idx", "reward", "done", "valid")
+"""The buffers ``[R, N, H]`` of :class:`Episodes`."""
+
+
+class Episodes(dict):
+    """Sampled episodes: the buffers ``state, action, idx, reward, done, valid`` ``[R, N, H]`` as a dict, and
+    (when sampled over several steps) the steps taken, compact, in the order they were taken: step by step,
+    the running episodes in (run, episode) order (``steps``: ``at`` (the flat position ``(run·N + n)·H + t``
+    in the buffers), ``row`` (run·S + state), ``run``, ``state``, ``action``, ``idx``, ``reward``, ``done``;
+    ``counts``: the episodes running at each step; ``goings``: which of them run on to the next step, ``None``
+    where all do).
+
+    A buffer is made from the steps on first access: code that works on the steps never pays for the
+    ``R·N·H`` buffers.
+    """
+
+    steps: dict[str, Tensor] | None = None
+    counts: list[int]
+    goings: list[Tensor | None]
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def from_steps(cls, steps: dict[str, list[Tensor]], counts: list[int], goings: list[Tensor | None],
+                   shape: tuple[int, int, int]) -> Episodes:
+        """Episodes whose buffers are made from the steps (``steps``: each key's tensors, step by step, joined
+        when first read) when first read."""
+        eps = cls()
+        eps.steps, eps.counts, eps.goings, eps.shape = _Joined(steps), counts, goings, shape
+        return eps
+
+    def __missing__(self, key: str) -> Tensor:
+        if self.steps is None or key not in DENSE_KEYS:
+            raise KeyError(key)
+        R, N, H = self.shape
+        at = self.steps["at"]
+        if key == "valid":
+            x = torch.zeros(R * N * H, dtype=torch.bool, device=at.device).index_fill_(0, at, True)
+        else:  # steps after an episode's end stay zero (done true)
+            v = self.steps[key]
+            x = torch.full((R * N * H,), key == "done", dtype=v.dtype, device=v.device).scatter_(0, at, v)
+        self[key] = x.view(R, N, H)
+        return self[key]
+
+_DRAW_BUDGET = 1 << 15
+"""About this many uniforms per stream are drawn at once: few running episodes draw many steps ahead (fewer
+passes of the hash), many draw two."""
+
+
+def _draw(streams: list[Tensor], ep: Tensor, t: int, H: int, N: int) -> list[Tensor]:
+    """Each stream's uniforms ``[k, running]`` of steps ``t … t + k − 1`` of the running episodes ``ep``
+    (columns: run, run·S, n·H, …): element ``n·H + t'`` of the run's ``[N, H]`` stream, as drawn one step at
+    a time; ``k`` (at least 2, at most the steps left) keeps about :data:`_DRAW_BUDGET` numbers per stream."""
+    n = ep.shape[1]
+    k = min(H - t, max(2, _DRAW_BUDGET // max(n, 1)))
+    counter = ep[2].unsqueeze(0) + torch.arange(t, t + k, device=ep.device).unsqueeze(1)  # [k, n]
+    return [rng.uniform_at(key.index_select(0, ep[0]).unsqueeze(0), counter, N * H) for key in streams]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sim.engine.kl import prepare_weights
 from sim.engine.policies import gather_rows, sum_actions
 
 ROW_PAD = 64
@@ -37,7 +38,8 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
     so they are computed on these tables and gathered; only visited rows carry loss.
 
     Args:
-        mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, each ``[R, n]``.
+        mb: per-sample ``idx`` (= state·A + action), ``state``, ``valid``, each ``[R, n]`` (and optionally
+            ``action``, else taken from ``idx``).
         tabs: the batch's ``logp`` (π_old) and ``ref_logp`` tables ``[R, S, A]``.
         one_step: the env's episodes have one step (then the samples are checked for validity only if
             some are not valid).
@@ -57,6 +59,24 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
         row_of = take_valid(mb["state"].reshape(-1), v) + v["sel"] // n * S  # flat run·S + state
     else:
         row_of = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)
+    action = take_valid(mb["action"].reshape(-1), v) if "action" in mb else take_valid(mb["idx"].reshape(-1), v) % A
+    v.update(_rows_of(row_of, action, tabs, count_dtype))
+    return v
+
+
+def step_visits(steps: dict[str, Tensor], tabs: dict[str, Tensor], count_dtype: torch.dtype) -> dict[str, Tensor]:
+    """:func:`visited_rows` of sampled steps (:class:`sim.engine.rollout.Episodes`' ``steps``: ``row`` =
+    run·S + state and ``action`` of each step, in the order taken; every step is a valid sample): the same
+    tables, with ``col`` and ``entry`` in the steps' order and no ``sel``."""
+    return _rows_of(steps["row"], steps["action"], tabs, count_dtype)
+
+
+def _rows_of(row_of: Tensor, action: Tensor, tabs: dict[str, Tensor], count_dtype: torch.dtype
+             ) -> dict[str, Tensor]:
+    """The row tables of samples at rows ``row_of`` (flat run·S + state) taking ``action`` (see
+    :func:`visited_rows`)."""
+    R, S, A = tabs["logp"].shape
+    dev = row_of.device
     seen = torch.zeros(R * S, dtype=torch.bool, device=dev)
     seen.index_fill_(0, row_of, True)
     rows = seen.nonzero().squeeze(1)
@@ -65,13 +85,11 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
     pos = torch.zeros(R * S, dtype=torch.long, device=dev)
     pos.index_copy_(0, rows, torch.arange(M, device=dev))
     col = pos.index_select(0, row_of)
-    action = take_valid(mb["idx"].reshape(-1), v) % A  # idx = state·A + action
     entry = action * P + col
-    v.update(rows=rows, run=F.pad(rows // S, (0, P - M)), col=col, entry=entry,
-             count=torch.bincount(entry, minlength=A * P).to(count_dtype).view(A, P),
-             old=gather_rows(tabs["logp"].reshape(R * S, A), rows, P),
-             ref=gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P))
-    return v
+    return {"rows": rows, "run": F.pad(rows // S, (0, P - M)), "col": col, "entry": entry,
+            "count": torch.bincount(entry, minlength=A * P).to(count_dtype).view(A, P),
+            "old": gather_rows(tabs["logp"].reshape(R * S, A), rows, P),
+            "ref": gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P)}
 
 
 def take_valid(x: Tensor, vis: dict[str, Tensor]) -> Tensor:
@@ -94,3 +112,46 @@ def row_blocks(n_columns: int) -> list[slice]:
     n_blocks = -(-n_columns // ROW_CHUNK)
     size = -(-n_columns // (n_blocks * ROW_PAD)) * ROW_PAD
     return [slice(c0, min(n_columns, c0 + size)) for c0 in range(0, n_columns, size)]
+
+
+def block_plans(g: dict[str, Tensor]) -> list[dict]:
+    """What every epoch's tabular PPO loss on the per-(state, action) statistics ``g`` (``PPOTrainer._group``)
+    reuses, per block of columns (:func:`row_blocks`), computed once and kept in ``g``: the block's ``cols``,
+    ``run`` and per-run divisors ``n_run``, its KL-in-loss ``weights`` as
+    :class:`~sim.engine.kl.PreparedWeights` (plain and importance-weighted), and under ``full`` the exact
+    KL's gradient weights (per-row sample count × β) on the window of columns that holds them ``(window,
+    weights, mask, target, cut)`` as in :class:`~sim.engine.kl.PreparedWeights`."""
+    if "_blocks" in g:
+        return g["_blocks"]  # type: ignore[return-value]
+    plans = []
+    for cols in row_blocks(g["count"].shape[1]):
+        run = g["run"][cols]
+        kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
+        used = (kl_w != 0).any(-1).tolist()
+        weights = tuple(prepare_weights([kl_w[f, j] if used[f][j] else None for j in range(4)], ROW_PAD)
+                        for f in range(2))
+        plan = {"cols": cols, "run": run, "n_run": g["n"].index_select(0, run), "weights": weights}
+        full = [w.weights[3] for w in weights if w.weights[3] is not None]
+        if len(full) == 1:  # the exact KL's weights of the gradient, on their span
+            fw = prepare_weights([g["n_s_kl"][cols] * full[0]], ROW_PAD)
+            plan["full"] = (fw.spans[0], fw.span_weights[0], fw.span_masks[0], fw.targets[0], fw.cuts[0])
+        plans.append(plan)
+    g["_blocks"] = plans  # type: ignore[assignment]
+    return plans
+
+
+def finite_rows(gx: Tensor, gv: Tensor | None, run: Tensor, n_runs: int) -> Tensor:
+    """Per run ``[n_runs]``: whether the gradients of its visited rows (``gx [A, M]``, ``gv [M]``; ``run``: each
+    column's run) are all finite. The gradient buffers are zero at every other row, so this is whether all
+    of a run's gradients are finite. One sum first: finite unless some gradient is not (or the sum
+    overflows, which the elementwise check then tells apart)."""
+    finite = torch.ones(n_runs, dtype=torch.bool, device=gx.device)
+    total = gx.sum() if gv is None else gx.sum() + gv.sum()
+    if bool(torch.isfinite(total)):
+        return finite
+    ok = torch.isfinite(gx).all(0)
+    if gv is not None:
+        ok &= torch.isfinite(gv)
+    if not bool(ok.all()):
+        finite[run[: ok.numel()][~ok]] = False
+    return finite

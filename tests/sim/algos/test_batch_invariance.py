@@ -99,3 +99,20 @@ def test_metric_columns_agree_for_every_batch_size_in_the_diffusion_evaluation()
         assert np.array_equal(m.to_numpy(float), three[i - 2].metrics.to_numpy(float), equal_nan=True)
         assert np.array_equal(m.to_numpy(float), train_batch([configs[i]])[0].metrics.to_numpy(float),
                               equal_nan=True)
+
+
+@pytest.mark.parametrize("env", [["env.id=bandit", "env.rewards=[1,0,0]", "train.mode=exact"],
+                                 ["env.id=gaussian_bandit", "env.dim=2", "train.batch=32"]])
+def test_the_distance_to_the_optimum_is_per_run_beside_a_run_without_a_kl(env: list[str]):
+    """A run with β > 0 keeps its distance to its Gibbs optimum (``tv_opt`` or ``kl_opt``) beside a run with
+    β = 0, which has no optimum and records NaN; the β > 0 run's numbers are the ones it has alone."""
+    base = [*env, "train.updates=4", "log.policy_every=2", "kl.placement=reward", "kl.estimator=k1"]
+    with_kl, without = resolve(None, [*base, "kl.beta=0.3", "seed=1"]), resolve(None, [*base, "kl.beta=0", "seed=2"])
+    batched = train_batch([with_kl, without])
+    for cfg, out in zip((with_kl, without), batched, strict=True):
+        (alone,) = train_batch([cfg])
+        _assert_same_run(alone, out, exact=True)
+    col = "tv_opt" if "env.id=bandit" in env else "kl_opt"
+    assert batched[0].metrics[col].notna().all()
+    # without a KL there is no optimum: NaN where the column always exists, absent where it is optional
+    assert col not in batched[1].metrics or batched[1].metrics[col].isna().all()

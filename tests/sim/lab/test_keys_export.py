@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import struct
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from analysis import load
 from sim.config import ConfigError
 from sim.lab.cli import main
 from sim.lab.grid import apply_sets, load_grid, plan_sweep
@@ -110,4 +112,70 @@ def test_export_to_tensorboard_reads_back(tmp_path: Path) -> None:
     assert "_hparams_/experiment" in hparams.PluginTagToContent("hparams")
     content = hparams.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     assert b"kl.placement" in content and b"reward" in content
+    assert main(["export", str(run), "--tensorboard", str(tb)]) == 0  # again: replaced, not appended
+    (again,) = list(tb.iterdir())
+    ea = EventAccumulator(str(again))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("metrics/kl_true")] == want["update"].tolist()
     assert main(["export", str(tmp_path / "nowhere"), "--tensorboard", str(tb)]) == 2
+    assert main(["export", str(run)]) == 2
+
+
+def _wandb_records(path: Path) -> list[bytes]:
+    """The records of a ``.wandb`` file, read independently of wandb: a 7-byte header (``:W&B``, magic, version)
+    and LevelDB-log records (4-byte CRC, 2-byte length, 1-byte type: 1 full, 2 first, 3 middle, 4 last) in
+    32 KiB blocks whose tails shorter than a record header are padding."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, records, part = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding up to the block's end
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            part = chunk
+        elif kind == 3:
+            part += chunk
+        else:
+            records.append(part + chunk)
+    return records
+
+
+def test_export_to_wandb_offline_reads_back(tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run = tmp_path / "run"
+    assert main(["run", *FAST, "--set", "kl.placement=reward", "--out", str(run), "--quiet"]) == 0
+    out = tmp_path / "wb"
+    for _ in range(2):  # the second export replaces the first
+        assert main(["export", str(run), "--wandb", str(out)]) == 0
+    want = pd.read_parquet(run / "metrics.parquet")
+    run_id = want["run_id"].iloc[0]
+    (folder,) = list((out / "wandb").glob("offline-run-*"))
+    assert f"-{run_id}" in folder.name
+    history, config, summary = [], {}, {}
+    for raw in _wandb_records(folder / f"run-{run_id}.wandb"):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        elif kind in ("run", "config"):  # the config comes with the run record (and any later updates)
+            items = rec.run.config.update if kind == "run" else rec.config.update
+            config.update({i.key: json.loads(i.value_json) for i in items})
+        elif kind == "summary":
+            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
+    assert [h["_step"] for h in history] == want["update"].tolist()
+    assert [h["metrics/kl_true"] for h in history] == pytest.approx(want["kl_true"].tolist(), rel=1e-12)
+    assert config["kl"]["placement"] == "reward" and config["variant"] == str(load(run).metrics["variant"].iloc[0])
+    assert summary["final/kl_true"] == pytest.approx(want["kl_true"].iloc[-1], rel=1e-12)
