@@ -96,7 +96,8 @@ class _Report:
                 A.plot_against: "staleness"}[fn]
         if kind not in self.kinds:
             return
-        self.queue.add(entries, sentence, Path(args[1]).name, fn, *args, formats=self.formats, **kw)
+        name = next((Path(a).name for a in args if isinstance(a, str | Path)), getattr(fn, "__name__", "figure"))
+        self.queue.add(entries, sentence, name, fn, *args, formats=self.formats, **kw)
 
     def draw(self, workers: int | None) -> None:
         """Draw every queued figure in ``workers`` processes (:mod:`analysis.figure_pool`); sections left without
