@@ -65,6 +65,13 @@ def log_softmax_action_major(logits: Tensor) -> Tensor:
     return z - sum_actions(z.exp()).log()
 
 
+def is_identity(features: Tensor) -> bool:
+    """Whether the state features ``[S, F]`` are one-hot in state order (the identity matrix): then an MLP's first
+    layer over all states is its weight matrix itself (``I·W = W`` exactly, and its gradient too), with no product."""
+    S, F = features.shape
+    return S == F and bool(torch.equal(features, torch.eye(S, dtype=features.dtype, device=features.device)))
+
+
 class TabularPolicy:
     """Softmax over a free logit table per run. ``frozen_keys`` are not trained."""
 
@@ -101,6 +108,7 @@ class MLPPolicy(TabularPolicy):
         super().__init__(features.shape[0], n_actions)
         self.features = features  # [S, F]
         self.hidden = hidden
+        self.one_hot = is_identity(features)
 
     def init_params(self, init_logp: Tensor, keys: Tensor) -> Params:
         R, F, H, A = init_logp.shape[0], self.features.shape[1], self.hidden, self.n_actions
@@ -120,6 +128,9 @@ class MLPPolicy(TabularPolicy):
         return torch.bmm(h, params["w2"]) + params["b2"].unsqueeze(1)
 
     def table(self, params: Params) -> Tensor:
+        if self.one_hot:  # one-hot features: the first layer's products are its weights, bit for bit
+            h = torch.tanh(params["w1"] + params["b1"].unsqueeze(1))
+            return log_softmax_actions(params["base"] + (torch.bmm(h, params["w2"]) + params["b2"].unsqueeze(1)))
         R = params["w1"].shape[0]
         feats = self.features.to(params["w1"].dtype).unsqueeze(0).expand(R, -1, -1)
         return log_softmax_actions(params["base"] + self._net(params, feats))
@@ -154,6 +165,7 @@ class MLPValue(TabularValue):
     def __init__(self, features: Tensor, hidden: int):
         super().__init__(features.shape[0])
         self.features, self.hidden = features, hidden
+        self.one_hot = is_identity(features)
 
     def init_params(self, n_runs: int, dtype: torch.dtype, device: torch.device, keys: Tensor) -> Params:
         F, H = self.features.shape[1], self.hidden
@@ -165,9 +177,16 @@ class MLPValue(TabularValue):
         }
 
     def value(self, params: Params, states: Tensor) -> Tensor:
+        if self.one_hot:  # a one-hot row times the first layer is that layer's row (as in the table)
+            w1 = params["vw1"]
+            h = torch.tanh(w1.gather(1, states.unsqueeze(-1).expand(-1, -1, w1.shape[-1])) + params["vb1"].unsqueeze(1))
+            return (torch.bmm(h, params["vw2"]) + params["vb2"].unsqueeze(1)).squeeze(-1)
         return self._net(params, self.features.to(params["vw1"].dtype)[states])
 
     def table(self, params: Params) -> Tensor:
+        if self.one_hot:  # as MLPPolicy.table
+            h = torch.tanh(params["vw1"] + params["vb1"].unsqueeze(1))
+            return (torch.bmm(h, params["vw2"]) + params["vb2"].unsqueeze(1)).squeeze(-1)
         R = params["vw1"].shape[0]
         return self._net(params, self.features.to(params["vw1"].dtype).unsqueeze(0).expand(R, -1, -1))
 

@@ -129,9 +129,15 @@ def uniform(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.floa
     n = 1
     for d in shape:
         n *= d
-    h = hash32(key[:, None] ^ _hashed_counter(n, key.device)[None, :])
-    h = hash32(h ^ (key[:, None] >> 7))
-    return _unit(h).reshape((key.shape[0],) + tuple(shape)).to(dtype)
+    if not _I32_EXACT:
+        h = hash32(key[:, None] ^ _hashed_counter(n, key.device)[None, :])
+        h = hash32(h ^ (key[:, None] >> 7))
+        return _unit(h).reshape((key.shape[0],) + tuple(shape)).to(dtype)
+    c = _i32(key.device)  # the int32 form of uniform_at: bitwise the same numbers, about twice as fast
+    k = key.to(torch.int32)[:, None]
+    h = _hash32_i32(k ^ _hashed_counter(n, key.device, torch.int32)[None, :])
+    h = _hash32_i32(h ^ ((k >> c["s7"]) & c["m25"]))
+    return torch.remainder(_unit(h), 1.0).reshape((key.shape[0],) + tuple(shape)).to(dtype)
 
 
 def _unit(h: Tensor) -> Tensor:

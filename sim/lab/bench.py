@@ -228,6 +228,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[{dev}] train.backend=sb3 (KLRegularizedPPO, k3 in the loss), same bandit: {sb['wall_s']:.2f} s "
                   f"for {sb['env_steps']} env-steps, {sb['steps_per_s']:,.0f} env-steps/s "
                   f"(plain SB3 PPO: {rep['sb3']['steps_per_s']:,.0f})", flush=True)
+        if dev == "cpu" and not args.no_trainers:
+            from sim.lab.bench_trainers import run_trainer_cases
+
+            rep.update(run_trainer_cases(args, lambda key, name, res, ratio: _print(dev, name, res, ratio)))
+        if dev == "cpu" and args.commands:
+            import tempfile
+
+            from sim.lab.bench_trainers import run_command_cases
+
+            with tempfile.TemporaryDirectory(prefix="reflab-bench-") as tmp:
+                rep["commands"] = run_command_cases(args.commands, args.repeats, Path(tmp))
         rep["scaling"] = time_scaling(args.sizes, args.scaling_updates, dev, max(1, args.repeats // 2))
         for row in rep["scaling"]:
             print(f"[{dev}] scaling {row['runs']:>6} runs: {row['wall_s']:7.2f} s  "
@@ -268,6 +279,11 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.updates, args.grid_updates, args.repeats = 60, 10, 1
         args.sb3_steps, args.sizes, args.scaling_updates = 4096, [1, 100, 1000], 20
+        args.trainer_updates = 10
+    if args.commands is not None and "all" in args.commands:
+        from sim.lab.grid import available_presets
+
+        args.commands = list(available_presets())
     torch.set_num_threads(args.threads)
     print(f"reflab bench — {machine()}", flush=True)
     report = run_bench(args)
@@ -287,6 +303,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling-updates", type=int, default=50, help="updates per scaling point (50)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     p.add_argument("--workers", type=int, default=default_workers(), help="worker processes for the parallel grid case")
+    p.add_argument("--trainer-updates", type=int, default=50,
+                   help="updates of the token tree, Gaussian, diffusion and DPO grids (50)")
+    p.add_argument("--no-trainers", action="store_true",
+                   help="skip the token tree, Gaussian, diffusion, DPO and report cases")
+    p.add_argument("--commands", nargs="*", default=None, metavar="PRESET",
+                   help="also time whole commands in fresh processes: --help, a config error, and "
+                        "`reflab sweep PRESET` + `reflab report` for each named preset (all: every preset)")
     p.add_argument("--no-sb3", action="store_true", help="skip the SB3 comparison")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.add_argument("--quick", action="store_true", help="a short version of every case (~1 min)")
