@@ -231,7 +231,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if dev == "cpu" and not args.no_trainers:
             from sim.lab.bench_trainers import run_trainer_cases
 
-            rep.update(run_trainer_cases(args, lambda key, name, res, ratio: _print(dev, name, res, ratio)))
+            rep.update(run_trainer_cases(args, lambda key, name, res, ratio: _print("cpu", name, res, ratio)))
         if dev == "cpu" and args.commands:
             import tempfile
 
