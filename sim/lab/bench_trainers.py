@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from sim.config import Config
-from sim.lab.dispatch import make_trainer, resolve
+from sim.lab.bench_timing import time_commands, time_native, time_native_workers, time_one_by_one, time_sb3_env
+from sim.lab.dispatch import resolve
 
 VARIANTS = [("none", "k1"), ("reward", "k1"), ("reward", "k2"), ("reward", "k3"),
             ("loss", "k1"), ("loss", "k2"), ("loss", "k3"), ("loss", "full")]
@@ -65,56 +66,8 @@ def dpo_grid(updates: int, seeds: int = 4, device: str = "cpu") -> list[Config]:
             for v in (["dpo.loss=dpo"], ["dpo.loss=ipo"]) for b in BETAS for s in range(seeds)]
 
 
-def time_one_by_one(configs: list[Config], repeats: int) -> dict[str, Any]:
-    """The obvious way: every run of ``configs`` trained alone, one after another (one trainer per run)."""
-    times, steps = [], 0
-    for _ in range(repeats):
-        t0, steps = time.perf_counter(), 0
-        for cfg in configs:
-            trainer = make_trainer([cfg])
-            for _output in trainer.run():
-                pass
-            steps += int(trainer.env_steps.sum())
-        times.append(time.perf_counter() - t0)
-    wall = statistics.median(times)
-    return {"runs": len(configs), "wall_s": wall, "env_steps": steps, "steps_per_s": steps / wall, "all_s": times}
-
-
-def time_sb3_env(gym_id: str, kwargs: dict[str, Any], total_steps: int, repeats: int) -> dict[str, Any]:
-    """Env-steps/s of SB3's PPO (MlpPolicy, 8 envs, CPU) on the gymnasium shell ``gym_id`` made with ``kwargs``."""
-    import gymnasium
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.env_util import make_vec_env
-
-    import envs  # noqa: F401  registers reflab/*
-    times = []
-    for r in range(repeats):
-        venv = make_vec_env(lambda: gymnasium.make(gym_id, **kwargs), n_envs=8, seed=r)
-        model = PPO("MlpPolicy", venv, n_steps=32, batch_size=64, n_epochs=4, seed=r, device="cpu", verbose=0)
-        t0 = time.perf_counter()
-        model.learn(total_timesteps=total_steps)
-        times.append(time.perf_counter() - t0)
-        venv.close()
-    wall = statistics.median(times)
-    return {"env_steps": total_steps, "wall_s": wall, "steps_per_s": total_steps / wall, "all_s": times}
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "sim.lab.cli", *args]
-
-
-def time_commands(commands: list[list[str]], repeats: int, cwd: Path) -> dict[str, Any]:
-    """Median wall time of running ``commands`` one after another, each a fresh process (``repeats`` times);
-    ``each_s``: the median of each command."""
-    totals, each = [], [[] for _ in commands]
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i, cmd in enumerate(commands):
-            t0 = time.perf_counter()
-            subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-            each[i].append(time.perf_counter() - t0)
-        totals.append(time.perf_counter() - start)
-    return {"wall_s": statistics.median(totals), "each_s": [statistics.median(t) for t in each], "all_s": totals}
 
 
 def time_report(repeats: int, workers: int, work: Path) -> dict[str, Any]:
@@ -137,8 +90,6 @@ def time_report(repeats: int, workers: int, work: Path) -> dict[str, Any]:
 
 def run_trainer_cases(args: Any, report: Callable[[str, str, dict[str, Any], str], None]) -> dict[str, Any]:
     """Every case of this module on CPU; ``report(key, name, result, ratio_text)`` prints one."""
-    from sim.lab.bench import time_native, time_native_workers
-
     rep: dict[str, Any] = {}
     reps, sb3 = args.repeats, not args.no_sb3
     cases = [("token_tree_mlp", "token tree V = 4, T = 6, MLP policies (80 runs, one process)",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from sim.lab.bench import bandit_grid, gridworld_grid, time_native
-from sim.lab.bench_trainers import DIFFUSION, GAUSSIAN, TOKEN_TREE, dpo_grid, kl_grid, time_one_by_one
+from sim.lab.bench_timing import time_one_by_one
+from sim.lab.bench_trainers import DIFFUSION, GAUSSIAN, TOKEN_TREE, dpo_grid, kl_grid
 
 
 @pytest.mark.parametrize(("name", "make", "steps_per_episode"), [
