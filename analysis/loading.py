@@ -292,7 +292,8 @@ def _read_json(path: Path) -> dict | None:
 
 def parquet_error(path: Path) -> str | None:
     """Why ``path`` is not a whole Parquet file (``None`` if it looks whole), from 12 bytes: the magic bytes
-    ``PAR1`` at both ends and a footer length that fits the file (what a truncated or overwritten file fails)."""
+    ``PAR1`` at both ends and a footer length that fits the file (what a truncated or overwritten file fails). No
+    table is read: ``reflab sweep`` checks every run's tables with it each time it resumes."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

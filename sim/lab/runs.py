@@ -25,7 +25,6 @@ STATUS_FILE = "status.json"
 CONFIG_FILE = "config.json"
 TABLES = ("metrics", "policy", "trajectories")
 FINISHED = ("done", "diverged")
-PARQUET_MAGIC = b"PAR1"
 #: The state of a run whose status says finished but whose tables are missing or unreadable: trained again.
 UNREADABLE = "unreadable"
 
@@ -125,31 +124,12 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     return status if isinstance(status, dict) else {"status": "pending"}
 
 
-def parquet_error(path: Path) -> str | None:
-    """Why ``path`` is not a whole Parquet file (``None`` if it looks whole), from 12 bytes: the magic bytes
-    ``PAR1`` at both ends and a footer length that fits the file. A truncated or overwritten file fails this;
-    no table is read, so a sweep can check every run's tables each time it resumes."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 12:
-                return f"{size} bytes, too short for a Parquet file"
-            head = f.read(4)
-            f.seek(size - 8)
-            tail = f.read(8)
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
-    if head != PARQUET_MAGIC or tail[4:] != PARQUET_MAGIC:
-        return "not a whole Parquet file (no magic bytes at both ends: truncated or overwritten)"
-    footer = int.from_bytes(tail[:4], "little")
-    if not 0 < footer <= size - 12:
-        return f"not a whole Parquet file (its footer length {footer} does not fit its {size} bytes)"
-    return None
-
-
 def unreadable_tables(run_dir: Path) -> dict[str, str]:
     """``{file: reason}`` for the run's Parquet tables that are missing (:data:`TABLES`) or not whole
-    (:func:`parquet_error`); a run with none of these is what :func:`finish_run` wrote. Cheap: 12 bytes a table."""
+    (:func:`analysis.loading.parquet_error`, which ``reflab report`` uses too); a run with none of these is what
+    :func:`finish_run` wrote. Cheap: 12 bytes a table."""
+    from analysis.loading import parquet_error  # pandas: only where tables are checked
+
     run_dir = Path(run_dir)
     try:
         present = {e.name for e in os.scandir(run_dir) if e.name.endswith(".parquet") and not e.name.startswith(".")}
