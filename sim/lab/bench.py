@@ -153,7 +153,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         _print(dev, "bandit grid with GRPO advantages, G = 8 (400 runs, one process)", rep["grpo_grid"],
                target=f"≤ 1.5× the PPO grid: {rep['grpo_over_ppo']:.2f}×")
         _grid_cases(rep, dev, args, "gridworld_grid", "gridworld grid",
-                    lambda d: gridworld_grid(args.grid_updates, device=d), "≥ 3 M steps/s on 2 workers", with_threads=False)
+                    lambda d: gridworld_grid(args.grid_updates, device=d), "≥ 3 M steps/s on 2 workers",
+                    with_threads=False)
         if dev == "cpu" and not args.no_sb3:
             rep["sb3"] = time_sb3(args.sb3_steps, args.repeats)
             best = max(rep[k]["steps_per_s"] for k in ("bandit_grid", "bandit_grid_threads", "bandit_grid_workers")
