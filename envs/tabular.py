@@ -210,8 +210,9 @@ class TabularCore:
         flat = state * self._n_actions + action
         if self._n_outcomes > 1:
             flat = flat * self._n_outcomes + k
-        next_state = torch.take(self._next_state_flat, flat)
-        reward = torch.take(self._reward_flat, flat)
+        idx = flat.reshape(-1)  # a gather along one axis: the same values as torch.take, several times faster
+        next_state = self._next_state_flat.index_select(0, idx).view(flat.shape)
+        reward = self._reward_flat.index_select(0, idx).view(flat.shape)
         if self.mdp.reward_noise > 0 and z is not None:
             reward = reward.to(z.dtype) + self.mdp.reward_noise * z
         return next_state, reward, next_state == self.mdp.n_states
@@ -242,8 +243,9 @@ class TabularCore:
             cdf = self._cdf.index_select(0, pair.reshape(-1)).view(pair.shape + (-1,))
             k = (u.unsqueeze(-1) >= cdf.to(u.dtype)).sum(-1).clamp_(max=self._n_outcomes - 1)
             flat = pair * self._n_outcomes + k
-        next_state = torch.take(self._next_state_flat, flat)
-        reward = torch.take(self._reward_flat, flat)
+        idx = flat.reshape(-1)  # a gather along one axis: the same values as torch.take, several times faster
+        next_state = self._next_state_flat.index_select(0, idx).view(flat.shape)
+        reward = self._reward_flat.index_select(0, idx).view(flat.shape)
         if self.mdp.reward_noise > 0 and z is not None:
             reward = reward.to(z.dtype) + self.mdp.reward_noise * z
         if u is not None and reward.dtype != u.dtype:
