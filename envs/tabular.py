@@ -363,23 +363,38 @@ def _backward_induction(mdp: TabularMDP, r: Tensor, batch: torch.Size,
     return v_ext[..., :S], q
 
 
-def kl_per_state(logp: Tensor, ref_logp: Tensor, prob: Tensor | None = None) -> Tensor:
-    """Reverse KL(π‖π_ref) per state, ``[..., S]``; ``0·log 0`` counts as 0 (``prob``: ``logp.exp()`` if known)."""
+def kl_per_state(logp: Tensor, ref_logp: Tensor, prob: Tensor | None = None, positive: bool | None = None
+                 ) -> Tensor:
+    """Reverse KL(π‖π_ref) per state, ``[..., S]``; ``0·log 0`` counts as 0 (``prob``: ``logp.exp()`` if known;
+    ``positive``: :func:`all_positive` of it, if known)."""
     pi = logp.exp() if prob is None else prob
-    return _where_positive(pi, pi * (logp - ref_logp)).sum(-1)
+    return _where_positive(pi, pi * (logp - ref_logp), positive).sum(-1)
 
 
-def forward_kl_per_state(logp: Tensor, ref_logp: Tensor, ref_prob: Tensor | None = None) -> Tensor:
+def forward_kl_per_state(logp: Tensor, ref_logp: Tensor, ref_prob: Tensor | None = None,
+                         positive: bool | None = None) -> Tensor:
     """Forward KL(π_ref‖π) per state, ``[..., S]`` (``inf`` where π drops an action π_ref keeps;
-    ``ref_prob``: ``ref_logp.exp()`` if known)."""
+    ``ref_prob``: ``ref_logp.exp()`` if known; ``positive``: :func:`all_positive` of it, if known)."""
     ref = ref_logp.exp() if ref_prob is None else ref_prob
-    return _where_positive(ref, ref * (ref_logp - logp)).sum(-1)
+    return _where_positive(ref, ref * (ref_logp - logp), positive).sum(-1)
 
 
-def _where_positive(p: Tensor, x: Tensor) -> Tensor:
-    """``x`` where ``p > 0``, else 0 (``torch.where``; when every ``p`` is positive, ``x`` itself, without the
-    elementwise select)."""
-    if p.numel() and bool(p.min() > 0):  # false when some p is NaN
+def all_positive(p: Tensor) -> bool:
+    """Whether every element of ``p`` is positive (false when some is NaN). A dense tensor in any dimension
+    order (e.g. a transposed table) is reduced in its memory order, without a contiguous copy."""
+    if not p.numel():
+        return False
+    if not p.is_contiguous() and p.dim() > 1:
+        order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
+        dense = p.permute(order)
+        p = dense if dense.is_contiguous() else p
+    return bool(p.min() > 0)
+
+
+def _where_positive(p: Tensor, x: Tensor, positive: bool | None = None) -> Tensor:
+    """``x`` where ``p > 0``, else 0 (``torch.where``; when every ``p`` is positive (``positive``, or
+    :func:`all_positive` when ``None``), ``x`` itself, without the elementwise select)."""
+    if positive if positive is not None else all_positive(p):
         return x
     return torch.where(p > 0, x, 0.0)
 
@@ -468,10 +483,11 @@ def total_variation(logp: Tensor, other_logp: Tensor, prob: Tensor | None = None
     return 0.5 * (p - q).abs().sum(-1)
 
 
-def entropy_per_state(logp: Tensor, prob: Tensor | None = None) -> Tensor:
-    """Per-state entropy ``[..., S]`` in nats (``prob``: ``logp.exp()`` if known)."""
+def entropy_per_state(logp: Tensor, prob: Tensor | None = None, positive: bool | None = None) -> Tensor:
+    """Per-state entropy ``[..., S]`` in nats (``prob``: ``logp.exp()`` if known; ``positive``:
+    :func:`all_positive` of it, if known)."""
     pi = logp.exp() if prob is None else prob
-    return -_where_positive(pi, pi * logp).sum(-1)
+    return -_where_positive(pi, pi * logp, positive).sum(-1)
 
 
 def forward_kl_stationary_point(rewards: Tensor, ref_probs: Tensor, beta: float | Tensor,
