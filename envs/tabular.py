@@ -236,6 +236,12 @@ class TabularCore:
     def step_pairs(self, pair: Tensor, u: Tensor | None, z: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`step` from flat (state, action) indices ``pair = state·A + action`` ``[*B]`` (int64): the same
         outcomes, rewards and ends, for a caller that has the flat index already."""
+        next_state, reward = self.step_pairs_no_end(pair, u, z)
+        return next_state, reward, next_state == self.mdp.n_states
+
+    def step_pairs_no_end(self, pair: Tensor, u: Tensor | None, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`step_pairs` without the ends (an end is a next state equal to :attr:`terminal`), for a
+        caller that finds them later."""
         flat = pair
         if not self._deterministic:
             if u is None:
@@ -250,7 +256,7 @@ class TabularCore:
             reward = reward.to(z.dtype) + self.mdp.reward_noise * z
         if u is not None and reward.dtype != u.dtype:
             reward = reward.to(u.dtype)
-        return next_state, reward, next_state == self.mdp.n_states
+        return next_state, reward
 
     def sample_reset(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n]`` initial states drawn with ``generator`` (no draw when the start state is fixed)."""

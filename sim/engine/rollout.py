@@ -53,6 +53,7 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
     n_ep = torch.arange(N, device=dev)
     ep = torch.stack([(run * S).repeat_interleave(N), torch.arange(R * N, device=dev) * H, run.repeat_interleave(N),
                       (n_ep * H).repeat(R)], dim=1)
+    sink = core.terminal
     ahead: list[Tensor] = []  # the streams' uniforms [running, k] of steps t0 … t0 + k − 1
     t0 = t_end = 0
     every = True  # every episode still running
@@ -74,18 +75,18 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
                 for j in range(1, A - 1):
                     a = a + (u >= cdf_cols[j].index_select(0, rows)).view(torch.uint8)
             taken["row"].append(rows)
-        at = ep[:, 1] + t  # (run·N + n)·H + t
         pair = torch.add(a, s, alpha=A)  # s·A + a
-        nxt, r, end = core.step_pairs(pair, u_outcome[0] if u_outcome else u,
-                                      None if z is None else z.index_select(0, at))
-        for k, v in (("at", at), ("run", ep[:, 2]), ("state", s), ("action", a), ("idx", pair), ("reward", r),
-                     ("done", end)):
+        nxt, r = core.step_pairs_no_end(pair, u_outcome[0] if u_outcome else u,
+                                        None if z is None else z.index_select(0, ep[:, 1] + t))
+        # each step's (run·N + n)·H, next state: its position (+ t) and end (the sink) found once after the loop
+        for k, v in (("at", ep[:, 1]), ("run", ep[:, 2]), ("state", s), ("action", a), ("idx", pair), ("reward", r),
+                     ("done", nxt)):
             taken[k].append(v)
         counts.append(s.numel())
-        going = (~end).nonzero().squeeze(1)
+        going = nxt.ne(sink).nonzero().squeeze(1)
         if going.numel() == 0:
             break
-        if going.numel() == end.numel():  # none ended
+        if going.numel() == nxt.numel():  # none ended
             goings.append(None)
             state = nxt
             continue
@@ -96,6 +97,10 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
             ahead = [x.index_select(0, going) for x in ahead]
     taken["reward"] = [torch.cat(taken["reward"]).to(reward_dtype)]  # cast once, not per step
     taken["action"] = [torch.cat(taken["action"]).long()]
+    taken["done"] = [torch.cat(taken["done"]) == sink]
+    steps_t = torch.repeat_interleave(torch.arange(len(counts), device=dev),
+                                      torch.tensor(counts, device=dev), output_size=sum(counts))
+    taken["at"] = [torch.cat(taken["at"]) + steps_t]  # (run·N + n)·H + t
     if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
         buf = Episodes({k: v[0].view(R, N, 1) for k, v in taken.items() if k in DENSE_KEYS})
         buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
@@ -133,6 +138,8 @@ class Episodes(dict):
     """
 
     steps: dict[str, Tensor] | None = None
+    run_steps: Tensor | None = None
+    """Steps taken per run ``[R]``, where a caller has counted them."""
     counts: list[int]
     goings: list[Tensor | None]
     shape: tuple[int, int, int]
