@@ -171,8 +171,9 @@ class DiscreteTrainer(BatchTrainer):
         occ = tabular.state_occupancy(mdp, pi, prob)
         length = occ.sum(-1).clamp(min=1e-12)
         visited = occ > 1e-9
-        kl_s = tabular.kl_per_state(pi, ref, prob)
-        ent_s = tabular.entropy_per_state(pi, prob)
+        positive = tabular.all_positive(prob)  # checked once for both
+        kl_s = tabular.kl_per_state(pi, ref, prob, positive)
+        ent_s = tabular.entropy_per_state(pi, prob, positive)
         minp = torch.where(visited, prob.min(-1).values, 1.0).min(-1).values
         # 0/1 products (exactly the select of the visited states' indicators), the masks made as floats directly
         support = (torch.gt(prob, 1e-3, out=torch.empty_like(prob))
@@ -181,9 +182,10 @@ class DiscreteTrainer(BatchTrainer):
         # are computed once per reference
         ref_prob = self._ref_derived("prob", ref.exp)
         occ_ref = self._ref_derived("occupancy", lambda: tabular.state_occupancy(mdp, ref, ref_prob))
+        ref_positive = bool(self._ref_derived("positive", lambda: torch.tensor(tabular.all_positive(ref_prob))))
         out = {
             "kl_true": (occ * kl_s).sum(-1),
-            "kl_forward": (occ_ref * tabular.forward_kl_per_state(pi, ref, ref_prob)).sum(-1),
+            "kl_forward": (occ_ref * tabular.forward_kl_per_state(pi, ref, ref_prob, ref_positive)).sum(-1),
             "entropy": (occ * ent_s).sum(-1) / length,
             "min_prob": minp,
             "support": (support * occ).sum(-1) / length,

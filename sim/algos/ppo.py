@@ -159,7 +159,8 @@ class PPOTrainer(DiscreteTrainer):
         if self.proxy is not None:  # a learned reward: the runs train on their proxy (sim.algos.proxy)
             buf["reward"] = self.proxy.rewards(buf)
         if buf.steps is not None:  # every step taken is a valid sample
-            self.env_steps += torch.bincount(buf.steps["run"], minlength=self.R)
+            buf.run_steps = torch.bincount(buf.steps["run"], minlength=self.R)
+            self.env_steps += buf.run_steps
         else:
             self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)
         return buf, tabs
@@ -231,11 +232,12 @@ class PPOTrainer(DiscreteTrainer):
         the ``[R, N, H]`` buffers) and ``n_valid`` (samples per run ``[R]``)."""
         st = buf.steps
         shaped = self.reward_scale * st["reward"] - self._reward_penalty(tabs, vis)  # the buffers' r − β·k
-        v = self.value_fn.table(self.params).detach().reshape(-1).take(st["row"]) if self.baseline == "value" \
-            else None
+        v = self.value_fn.table(self.params).detach().reshape(-1).index_select(0, st["row"]) \
+            if self.baseline == "value" else None
         adv, ret = gae_on_steps(shaped, v, st["done"], self.cfg.train.gamma, buf.counts, buf.goings)
         return {"adv": adv, "ret": ret, "at": st["at"],
-                "n_valid": torch.bincount(st["run"], minlength=self.R).to(self.dtype)}
+                "n_valid": (buf.run_steps if buf.run_steps is not None
+                            else torch.bincount(st["run"], minlength=self.R)).to(self.dtype)}
 
     def _aggregation(self, valid: Tensor) -> dict[str, Tensor]:
         """Per-sample weights and per-run divisors ``[R, N·H]`` of the loss aggregation (``train.loss_agg``
@@ -369,7 +371,10 @@ class PPOTrainer(DiscreteTrainer):
         M = rows.numel()
         x_all = self.policy.row_logits(self.params, rows, P)
         v_all = self._value_rows(rows, P) if self.baseline == "value" else None
-        gx = torch.empty_like(x_all)
+        # ∂/∂logits as an action-major view [A, P] of a row-major buffer [P, A]: written block by block, then
+        # copied to the gradient buffer's rows in one pass along its flat axis
+        gx_rows = torch.empty((P, A), dtype=x_all.dtype, device=x_all.device)
+        gx = gx_rows.t()
         gv = torch.empty_like(v_all) if v_all is not None else None
         loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
         parts: list[dict[str, Tensor]] = []
@@ -396,7 +401,9 @@ class PPOTrainer(DiscreteTrainer):
             for buf in out.values():
                 buf.zero_()
             self._grad_rows = rows
-        out["logits"].view(-1, A).index_copy_(0, rows, gx[:, :M].t())
+        if "_grad_index" not in g:  # the flat positions of the rows' entries, row-major (once per update)
+            g["_grad_index"] = (rows.unsqueeze(1) * A + torch.arange(A, device=rows.device)).view(-1)
+        out["logits"].view(-1).index_copy_(0, g["_grad_index"], gx_rows[:M].view(-1))
         if gv is not None:
             out["v"].view(-1).index_copy_(0, rows, gv[:M])
         out[FINITE] = finite_rows(gx[:, :M], None if gv is None else gv[:M], g["run"], self.R)

@@ -24,8 +24,8 @@ from sim.config.schema import (
     Config,
     ConfigError,
     Phase,
+    plain_dict,
     set_dotted,
-    to_plain,
 )
 
 
@@ -214,7 +214,7 @@ def _validate_env(env: Any) -> dict:
     except (ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(msg if msg.startswith("env.") else f"env: {msg}") from e
-    return {"id": env_id, **to_plain(dataclasses.asdict(params))}
+    return {"id": env_id, **plain_dict(params)}
 
 
 def check_positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:

@@ -6,6 +6,7 @@ batch; all others define the batch's tensor program and must be equal (:func:`ba
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -267,7 +268,7 @@ class Config:
 
     def to_dict(self) -> dict:
         """Plain nested dict (JSON/YAML-serializable)."""
-        return to_plain(dataclasses.asdict(self))
+        return plain_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -322,6 +323,28 @@ def to_plain(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [to_plain(v) for v in x]
     return x
+
+
+_ATOMIC = (str, int, float, bool, type(None))
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def plain_dict(x: Any) -> Any:
+    """``to_plain(dataclasses.asdict(x))`` of a dataclass tree (the same dict), in one pass: dataclasses become
+    dicts of their fields, lists and tuples lists, dicts dicts; immutable scalars are kept, anything else is
+    deep-copied (as ``asdict`` does). Several times faster than ``asdict``, which deep-copies every leaf."""
+    if isinstance(x, _ATOMIC):
+        return x
+    names = _FIELD_NAMES.get(type(x))
+    if names is None and dataclasses.is_dataclass(x) and not isinstance(x, type):
+        names = _FIELD_NAMES[type(x)] = tuple(f.name for f in dataclasses.fields(x))
+    if names is not None:
+        return {k: plain_dict(getattr(x, k)) for k in names}
+    if isinstance(x, dict):
+        return {plain_dict(k): plain_dict(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [plain_dict(v) for v in x]
+    return copy.deepcopy(x)
 
 
 def default_dict() -> dict:
@@ -400,5 +423,6 @@ __all__ = [
     "get_dotted",
     "set_dotted",
     "set_keys",
+    "plain_dict",
     "to_plain",
 ]

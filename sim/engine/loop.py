@@ -26,6 +26,7 @@ from sim.engine import rng
 from sim.engine.memory import keep_freed_memory, release_free_memory
 from sim.engine.optim import BatchedOptimizer, clip_grad_norm_per_run, grad_norm_per_run
 from sim.engine.outputs import (
+    MetricFrames,
     RunOutput,
     RunOutputs,
     metric_columns,
@@ -288,10 +289,12 @@ class BatchTrainer:
         """The :class:`RunOutput` of run ``i`` from the stacked logs."""
         c = self.configs[i]
         keep = cols["_alive"][i].astype(bool) | (cols["update"][i] == self.diverged_at[i].item())
-        # copy=False: every column is a fresh array (boolean indexing copies), not shared with other runs;
-        # an optional column that is NaN throughout is one this run does not have (it would not exist alone)
-        metrics = pd.DataFrame({k: v[i][keep] for k, v in cols.items() if k != "_alive" and not (
-            k in self.optional_metrics and bool(np.isnan(v[i]).all()))}, copy=False)
+        # arrays of the run's own; an optional column that is NaN throughout is one this run does not have (it
+        # would not exist alone)
+        frames = getattr(self, "_metric_frames", None)
+        if frames is None or frames.cols is not cols:
+            frames = self._metric_frames = MetricFrames(cols, self.optional_metrics)
+        metrics = frames.frame(i, keep)
         d = int(self.diverged_at[i])
         if d >= 0:
             status = {"status": "diverged", "update": d, "error": self.diverge_reason[i]}

@@ -79,6 +79,39 @@ def metric_columns(records: list[dict[str, Tensor]]) -> dict[str, np.ndarray]:
     return {k: torch.stack([rec.get(k, nan) for rec in records], dim=1).numpy() for k in keys}
 
 
+class MetricFrames:
+    """Each run's metrics table from the stacked columns ``{name: [R, n_records]}`` (:func:`metric_columns`):
+    the same table as ``pd.DataFrame({name: column[run][keep]})`` without ``_alive`` and without the columns of
+    ``drop_if_nan`` that are NaN for the run throughout, cut from one frame per block of :attr:`BLOCK` runs.
+
+    A block's frame is copied once into one array per dtype; a run's rows are then copied out of it in a few
+    passes instead of one per column (several times faster), into arrays of its own.
+    """
+
+    BLOCK = 256
+
+    def __init__(self, cols: dict[str, np.ndarray], drop_if_nan: tuple[str, ...] = ()):
+        self.cols = cols
+        self.names = [k for k in cols if k != "_alive"]
+        self.drop_if_nan = tuple(k for k in drop_if_nan if k in cols)
+        self.n = next(iter(cols.values())).shape[1]
+        self._block, self._frame = -1, pd.DataFrame()
+
+    def frame(self, run: int, keep: np.ndarray) -> pd.DataFrame:
+        """Run ``run``'s table: its records where ``keep [n_records]`` (bool) holds."""
+        b = run // self.BLOCK
+        if b != self._block:
+            lo = b * self.BLOCK
+            block = pd.DataFrame({k: self.cols[k][lo:lo + self.BLOCK].reshape(-1) for k in self.names}, copy=False)
+            self._block, self._frame = b, block.copy()  # a deep copy: one array per dtype
+        first = (run - b * self.BLOCK) * self.n
+        rows = slice(first, first + self.n) if bool(keep.all()) else first + np.flatnonzero(keep)
+        out = self._frame.iloc[rows].copy()
+        out.index = pd.RangeIndex(len(out))
+        drop = [k for k in self.drop_if_nan if bool(np.isnan(self.cols[k][run]).all())]
+        return out.drop(columns=drop) if drop else out
+
+
 def stack_trajectories(records: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Logged trajectory records (``{column: [R, episodes, steps]}`` plus ``valid`` and ``update``) stacked once:
     ``{column: [R, n_records, episodes, steps]}`` and the records' updates."""

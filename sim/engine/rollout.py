@@ -48,25 +48,26 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
     counts: list[int] = []  # running episodes per step
     goings: list[Tensor | None] = []  # per step, which of them run on (None: all)
     streams = [k_act] if k_out is None else [k_act, k_out]
-    # per running episode (columns): its run, run·S, n·H and (run·N + n)·H
+    # per running episode (rows, gathered whole when episodes end): its run·S, (run·N + n)·H, run and n·H
     run = torch.arange(R, device=dev)
     n_ep = torch.arange(N, device=dev)
-    ep = torch.stack([run.repeat_interleave(N), (run * S).repeat_interleave(N), (n_ep * H).repeat(R),
-                      torch.arange(R * N, device=dev) * H])
-    ahead: list[Tensor] = []  # the streams' uniforms [k, running] of steps t0 … t0 + k − 1
+    ep = torch.stack([(run * S).repeat_interleave(N), torch.arange(R * N, device=dev) * H, run.repeat_interleave(N),
+                      (n_ep * H).repeat(R)], dim=1)
+    sink = core.terminal
+    ahead: list[Tensor] = []  # the streams' uniforms [running, k] of steps t0 … t0 + k − 1
     t0 = t_end = 0
     every = True  # every episode still running
     for t in range(H):
         s = state  # running episodes only: never the sink
         if t == t_end:  # draw the next steps for the running episodes (see _draw)
             ahead, t0 = _draw(streams, ep, t, H, N), t
-            t_end = t + ahead[0].shape[0]
-        u, *u_outcome = (x[t - t0] for x in ahead)
+            t_end = t + ahead[0].shape[1]
+        u, *u_outcome = (x[:, t - t0].contiguous() for x in ahead)  # a contiguous u: several times faster compares
         if S == 1 and every:  # one state, every episode running: binary search in the run's CDF
-            a = torch.searchsorted(cdf.to(u.dtype), u.view(R, N), right=True).view(-1).clamp_(max=A - 1)
-            taken["row"].append(ep[1] + s)
+            a = torch.searchsorted(cdf.to(u.dtype), u.reshape(R, N), right=True).view(-1).clamp_(max=A - 1)
+            taken["row"].append(ep[:, 0] + s)
         else:
-            rows = ep[1] + s
+            rows = ep[:, 0] + s
             if cdf_cols is None:  # one state, or many actions: compare with whole CDF rows
                 a = (u.unsqueeze(-1) >= cdf.index_select(0, rows)).sum(-1).clamp_(max=A - 1)
             else:  # count the columns at or below u, in uint8 (at most A − 1 ≤ 8)
@@ -74,28 +75,32 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
                 for j in range(1, A - 1):
                     a = a + (u >= cdf_cols[j].index_select(0, rows)).view(torch.uint8)
             taken["row"].append(rows)
-        at = ep[3] + t  # (run·N + n)·H + t
-        pair = s * A + a
-        nxt, r, end = core.step_pairs(pair, u_outcome[0] if u_outcome else u, None if z is None else z.take(at))
-        for k, v in (("at", at), ("run", ep[0]), ("state", s), ("action", a), ("idx", pair), ("reward", r),
-                     ("done", end)):
+        pair = torch.add(a, s, alpha=A)  # s·A + a
+        nxt, r = core.step_pairs_no_end(pair, u_outcome[0] if u_outcome else u,
+                                        None if z is None else z.index_select(0, ep[:, 1] + t))
+        # each step's (run·N + n)·H, next state: its position (+ t) and end (the sink) found once after the loop
+        for k, v in (("at", ep[:, 1]), ("run", ep[:, 2]), ("state", s), ("action", a), ("idx", pair), ("reward", r),
+                     ("done", nxt)):
             taken[k].append(v)
         counts.append(s.numel())
-        going = (~end).nonzero().squeeze(1)
+        going = nxt.ne(sink).nonzero().squeeze(1)
         if going.numel() == 0:
             break
-        if going.numel() == end.numel():  # none ended
+        if going.numel() == nxt.numel():  # none ended
             goings.append(None)
             state = nxt
             continue
         goings.append(going)
         every = False
-        ep, state = ep.index_select(1, going), nxt.index_select(0, going)
+        ep, state = ep.index_select(0, going), nxt.index_select(0, going)
         if t + 1 < t_end:
-            ahead = [x[t + 1 - t0:].index_select(1, going) for x in ahead]
-            t0 = t + 1
+            ahead = [x.index_select(0, going) for x in ahead]
     taken["reward"] = [torch.cat(taken["reward"]).to(reward_dtype)]  # cast once, not per step
     taken["action"] = [torch.cat(taken["action"]).long()]
+    taken["done"] = [torch.cat(taken["done"]) == sink]
+    steps_t = torch.repeat_interleave(torch.arange(len(counts), device=dev),
+                                      torch.tensor(counts, device=dev), output_size=sum(counts))
+    taken["at"] = [torch.cat(taken["at"]) + steps_t]  # (run·N + n)·H + t
     if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
         buf = Episodes({k: v[0].view(R, N, 1) for k, v in taken.items() if k in DENSE_KEYS})
         buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
@@ -133,6 +138,8 @@ class Episodes(dict):
     """
 
     steps: dict[str, Tensor] | None = None
+    run_steps: Tensor | None = None
+    """Steps taken per run ``[R]``, where a caller has counted them."""
     counts: list[int]
     goings: list[Tensor | None]
     shape: tuple[int, int, int]
@@ -165,10 +172,10 @@ passes of the hash), many draw two."""
 
 
 def _draw(streams: list[Tensor], ep: Tensor, t: int, H: int, N: int) -> list[Tensor]:
-    """Each stream's uniforms ``[k, running]`` of steps ``t … t + k − 1`` of the running episodes ``ep``
-    (columns: run, run·S, n·H, …): element ``n·H + t'`` of the run's ``[N, H]`` stream, as drawn one step at
+    """Each stream's uniforms ``[running, k]`` of steps ``t … t + k − 1`` of the running episodes ``ep`` (rows:
+    run·S, (run·N + n)·H, run, n·H): element ``n·H + t'`` of the run's ``[N, H]`` stream, as drawn one step at
     a time; ``k`` (at least 2, at most the steps left) keeps about :data:`_DRAW_BUDGET` numbers per stream."""
-    n = ep.shape[1]
+    n = ep.shape[0]
     k = min(H - t, max(2, _DRAW_BUDGET // max(n, 1)))
-    counter = ep[2].unsqueeze(0) + torch.arange(t, t + k, device=ep.device).unsqueeze(1)  # [k, n]
-    return [rng.uniform_at(key.index_select(0, ep[0]).unsqueeze(0), counter, N * H) for key in streams]
+    counter = ep[:, 3].unsqueeze(1) + torch.arange(t, t + k, device=ep.device)  # [n, k]
+    return [rng.uniform_at(key.index_select(0, ep[:, 2]).unsqueeze(1), counter, N * H) for key in streams]
