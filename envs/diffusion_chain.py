@@ -202,6 +202,7 @@ class DiffusionChainCore:
         self.log_w = params.mode_weight_vector().log().to(dev)  # [M]
         self.mode_var = params.mode_std_vector().square().to(dev)  # [M]
         self.reward_noise = params.reward_noise
+        self._consts: dict[tuple[int, torch.dtype], dict[str, Tensor]] = {}
         self._coef = torch.tensor(check_vector("reward_coef", params.reward_coef, params.dim)
                                   if params.reward == "linear" else (float(params.reward_coef),) * params.dim,
                                   dtype=torch.float64, device=dev)
@@ -249,7 +250,34 @@ class DiffusionChainCore:
 
     def ref_mean(self, x: Tensor, t: int) -> Tensor:
         """The reference denoiser's step mean ``μ_ref(x_t, t) = E_q[x_{t−1} | x_t]`` ``[*B, d]``."""
+        if self.dim == 1:
+            return self._ref_mean_1d(x, t)
         return self.c1[t].to(x.dtype) * self.denoise(x, t) + self.c2[t].to(x.dtype) * x
+
+    def _step_constants(self, t: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The per-component constants of step ``t`` in ``dtype`` (cached), computed by the same operations as
+        :meth:`_marginal` and :meth:`denoise`: ``means``, ``var``, ``log_w``, ``log_norm`` (``½d·log 2πv``),
+        ``gain``, ``modes`` (each ``[M]`` for d = 1) and ``c1``, ``c2`` (0-d)."""
+        key = (t, dtype)
+        if key not in self._consts:
+            ab = self.alpha_bar[t].to(dtype)
+            var = ab * self.mode_var.to(dtype) + (1.0 - ab)
+            self._consts[key] = {
+                "means": (ab.sqrt() * self.modes.to(dtype))[:, 0], "var": var, "log_w": self.log_w.to(dtype),
+                "log_norm": 0.5 * self.dim * torch.log(2 * math.pi * var),
+                "gain": ab.sqrt() * self.mode_var.to(dtype) / var, "modes": self.modes.to(dtype)[:, 0],
+                "c1": self.c1[t].to(dtype), "c2": self.c2[t].to(dtype)}
+        return self._consts[key]
+
+    def _ref_mean_1d(self, x: Tensor, t: int) -> Tensor:
+        """:meth:`ref_mean` for d = 1 (``x [*B, 1]``), the same numbers from ``[*B, M]`` tensors: no component
+        axis of size d to sum (a sum over one non-negative number is that number) and no constants rebuilt."""
+        c = self._step_constants(t, x.dtype)
+        diff = x - c["means"]  # [*B, M]
+        log_comp = c["log_w"] - 0.5 * diff.square() / c["var"] - c["log_norm"]
+        resp = torch.softmax(log_comp, -1)
+        post = c["modes"] + c["gain"] * diff
+        return c["c1"] * (resp * post).sum(-1, keepdim=True) + c["c2"] * x
 
     def log_prob(self, x_prev: Tensor, mean: Tensor, t: int | Tensor) -> Tensor:
         """Log-density ``[*B]`` of ``x_{t−1} = x_prev`` under ``N(mean, σ_t² I)`` (``t`` an int or a tensor of

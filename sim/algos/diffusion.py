@@ -130,6 +130,7 @@ class DiffusionTrainer(BatchTrainer):
         self.baseline = "mean" if cfg.train.baseline == "auto" else cfg.train.baseline
         # σ_t and σ_t² per step index i = T − t, in the training dtype
         self.var = torch.stack([self.core.step_var[self.T - i] for i in range(self.T)]).to(device, self.dtype)
+        self.std = [self.var[i].sqrt() for i in range(self.T)]
         self._init_tilt()
         self._eval_cache: tuple[int, dict[str, Tensor]] | None = None
         self._last_update = 0
@@ -179,19 +180,23 @@ class DiffusionTrainer(BatchTrainer):
         return self._tilt_cache[key]
 
     # -- rollouts -----------------------------------------------------------------------------------------------
-    def _rollout(self, key: Tensor, N: int) -> dict[str, Tensor]:
+    def _rollout(self, key: Tensor, N: int, keep: tuple[str, ...] = ("x", "a", "base", "mu", "mu_ref")
+                 ) -> dict[str, Tensor]:
         """``N`` chains per run from the current policy (no gradient), stacked per step index ``i = T − t``.
 
-        Returns ``x`` (x_t), ``a`` (x_{t−1}), ``base`` (μ_ref of the exact denoiser), ``mu`` (μ_θ), ``mu_ref``
-        (the reference's mean, = base unless the reference schedule moved it), each ``[R, N, T, d]``; ``x0``
-        ``[R, N, d]``.
+        Returns those of ``x`` (x_t), ``a`` (x_{t−1}), ``base`` (μ_ref of the exact denoiser), ``mu`` (μ_θ),
+        ``mu_ref`` (the reference's mean, = base unless the reference schedule moved it; then the same tensor
+        as ``base`` if both are kept) named in ``keep``, each ``[R, N, T, d]``; and ``x0`` ``[R, N, d]``.
         """
         R, d, T = self.R, self.d, self.T
         x = rng.normal(rng.fold(key, 0), (N, d), dtype=self.dtype)
         eps = rng.normal(rng.fold(key, 1), (N, T, d), dtype=self.dtype)
-        out = {k: torch.empty(R, N, T, d, dtype=self.dtype, device=self.device)
-               for k in ("x", "a", "base", "mu", "mu_ref")}
         frozen_ref = self.cfg.reference.schedule == "frozen"
+        alias = frozen_ref and "base" in keep and "mu_ref" in keep
+        out = {k: torch.empty(R, N, T, d, dtype=self.dtype, device=self.device)
+               for k in keep if not (alias and k == "mu_ref")}
+        if alias:
+            out["mu_ref"] = out["base"]
         with torch.no_grad():
             for i in range(T):
                 t = T - i
@@ -199,9 +204,10 @@ class DiffusionTrainer(BatchTrainer):
                 mu = base + self.policy(self.params, x, i)
                 # a frozen reference's correction is exactly 0 (zero output layer), so μ_ref is the base denoiser
                 mu_ref = base if frozen_ref else base + self.policy(self.ref_params, x, i)
-                a = mu + self.var[i].sqrt() * eps[:, :, i]
+                a = mu + self.std[i] * eps[:, :, i]
                 for k, v in (("x", x), ("a", a), ("base", base), ("mu", mu), ("mu_ref", mu_ref)):
-                    out[k][:, :, i] = v
+                    if k in out and not (alias and k == "mu_ref"):
+                        out[k][:, :, i] = v
                 x = a
         out["x0"] = x
         return out
@@ -280,7 +286,7 @@ class DiffusionTrainer(BatchTrainer):
             return self._eval_cache[1]
         n = max(1024, self.cfg.train.batch)
         key = rng.fold(rng.fold(self.rt.keys, EVAL_STREAM), u)
-        roll = self._rollout(key, n)
+        roll = self._rollout(key, n, keep=("mu", "mu_ref"))
         mu, mu_ref = roll["mu"].to(torch.float64), roll["mu_ref"].to(torch.float64)
         x0 = roll["x0"].to(torch.float64)
         t = torch.arange(self.T, 0, -1, device=self.device)
