@@ -48,6 +48,7 @@ from torch import Tensor
 
 import envs
 from envs.diffusion_chain import DiffusionChainCore, density_grid, tilt_weights
+from sim.algos import diffusion_loss
 from sim.algos.gaussian import check_continuous_ppo
 from sim.config import Config, ConfigError
 from sim.engine import rng
@@ -128,6 +129,7 @@ class DiffusionTrainer(BatchTrainer):
             self.params[k].requires_grad_(True)
         self._make_optimizer()
         self.baseline = "mean" if cfg.train.baseline == "auto" else cfg.train.baseline
+        self.fast_loss = diffusion_loss.applies(cfg.train.policy, self.d, cfg.train.minibatches, self.clamp, self.rt)
         # σ_t and σ_t² per step index i = T − t, in the training dtype
         self.var = torch.stack([self.core.step_var[self.T - i] for i in range(self.T)]).to(device, self.dtype)
         self.std = [self.var[i].sqrt() for i in range(self.T)]
@@ -244,7 +246,11 @@ class DiffusionTrainer(BatchTrainer):
         flat.update({k: v.reshape(R, N * T) for k, v in
                      (("logp", logp), ("ref_logp", ref_logp), ("adv", adv.detach()), ("valid", valid),
                       ("step", step))})
-        stats = self._ppo_epochs(flat, update, self._ppo_loss)
+        if self.fast_loss:
+            stats = self._ppo_epochs(flat, update, self._ppo_loss_fast, prepare=lambda mb: diffusion_loss.prepare(
+                mb, self.core.step_var, T, self.dtype, rt))
+        else:
+            stats = self._ppo_epochs(flat, update, self._ppo_loss)
         self.env_steps += N * T
         ks = all_estimates(logp, ref_logp).to(torch.float64).sum(2).mean(1)  # per-episode sums, batch mean
         out = {"reward": reward.to(torch.float64).mean(1),
@@ -277,6 +283,14 @@ class DiffusionTrainer(BatchTrainer):
         kl_term = kl_loss_term(lp, mb["logp"], ref_lp, lambda: self.core.step_kl(mu, mb["mu_ref"], t), rt)
         diag = ppo_diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}
         return masked_mean(pg + kl_term, valid), diag
+
+    def _ppo_loss_fast(self, prep: dict, want_diag: bool = True, want_loss: bool = True
+                       ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`_ppo_loss` and its gradients by :mod:`sim.algos.diffusion_loss` (bitwise autograd's)."""
+        tr = self.cfg.train
+        lo, hi = clip_bounds(tr.clip, tr.clip_low, tr.clip_high)
+        return diffusion_loss.loss_and_grads(prep, self.params["bias"], self.params["gain"], self.alive, tr.clip,
+                                             lo, hi, want_diag)
 
     # -- evaluation metrics ---------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, Tensor]:
