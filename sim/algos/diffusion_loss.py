@@ -24,7 +24,7 @@ from torch import Tensor
 
 from sim.engine.kl import estimator_weights
 from sim.engine.placement import Clamp, RunTensors
-from sim.engine.ppo import clipped_fraction, masked_mean, ppo_diagnostics
+from sim.engine.ppo import clipped_fraction, ppo_diagnostics
 
 
 def applies(policy: str, dim: int, minibatches: int, clamp: Clamp, rt: RunTensors) -> bool:
@@ -47,11 +47,12 @@ def prepare(flat: dict[str, Tensor], step_var: Tensor, T: int, dtype: torch.dtyp
 
     var = step_var[T - flat["step"]].to(dtype)  # [R, N·T]
     weights = estimator_weights(rt.coef("loss"), flat["logp"])
-    masks = [None if w is None or bool((w != 0).all()) else w != 0 for w in weights]
+    off = [None if w is None or bool((w != 0).all()) else torch.nonzero(w.view(-1) == 0).view(-1) for w in weights]
     prep: dict[str, Tensor | list] = {
         k: nrt(flat[k]) for k in ("x", "a", "base", "logp", "ref_logp", "adv")}
-    prep.update(var=nrt(var), log_norm=nrt(0.5 * 1 * torch.log(2 * math.pi * var)), valid=flat["valid"],
-                weights=weights, masks=masks)
+    valid = flat["valid"]
+    prep.update(var=nrt(var), log_norm=nrt(0.5 * 1 * torch.log(2 * math.pi * var)), valid=valid,
+                count=valid.to(var.dtype).sum(1).clamp(min=1.0), weights=weights, off=off)
     if weights[3] is not None:
         prep["mu_ref"] = nrt(flat["mu_ref"])
         prep["var2"] = nrt(2.0 * var)
@@ -61,86 +62,88 @@ def prepare(flat: dict[str, Tensor], step_var: Tensor, T: int, dtype: torch.dtyp
 def loss_and_grads(prep: dict, bias: Tensor, gain: Tensor, alive: Tensor, clip: float, lo: float, hi: float,
                    want_diag: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """Per-run loss ``[R]``, diagnostics (if ``want_diag``) and the gradients of ``Σ_r alive_r·loss_r`` with
-    respect to ``bias`` and ``gain`` ``[R, T, 1]``, bitwise those autograd gives for the trainer's loss."""
+    respect to ``bias`` and ``gain`` ``[R, T, 1]``, bitwise those autograd gives for the trainer's loss.
+
+    Every operation is the trainer's (or autograd's) on the same operands, run in place on a tensor of its
+    own where it can be; a gradient that is the same for every sample of a run (the loss is a per-run mean
+    over samples that are all valid) is computed once per run ``[R, 1]`` and broadcast; a ``where`` that keeps
+    whole runs is an ``index_fill_`` of the others with +0.
+    """
     x, a, base, logp_old, adv = prep["x"], prep["a"], prep["base"], prep["logp"], prep["adv"]
-    var, weights, masks = prep["var"], prep["weights"], prep["masks"]
+    var, weights, off = prep["var"], prep["weights"], prep["off"]
     N, R, T = x.shape
     b, g = bias.detach()[..., 0], gain.detach()[..., 0]  # [R, T]: broadcast over episodes
     # -- forward (the trainer's graph, op for op) ------------------------------------------------------------
-    mu = base + (b + g * x)
+    mu = (g * x).add_(b).add_(base)  # base + (bias + gain·x)
     diff = a - mu
-    lp = -0.5 * diff.square() / var - prep["log_norm"]  # a sum over d = 1 non-negative number is that number
-    ratio = torch.exp(lp - logp_old)
-    clipped_ratio = ratio.clamp(lo, hi)
-    pa, pb = ratio * adv, clipped_ratio * adv
-    pg = -torch.minimum(pa, pb)
-    kl, parts, full = _kl_forward(lp, prep["ref_logp"], mu, prep, weights, masks)
+    # log π: −½·(a − μ)²/σ² − ½·log 2πσ² (a sum over d = 1 non-negative number is that number)
+    lp = diff.square().mul_(-0.5).div_(var).sub_(prep["log_norm"])
+    ratio = (lp - logp_old).exp_()
+    pa, pb = ratio * adv, ratio.clamp(lo, hi).mul_(adv)
+    pg = torch.minimum(pa, pb).neg_()
+    kl, parts, full = _kl_forward(lp, prep["ref_logp"], mu, prep, weights, off)
     total = pg + kl
-    valid = prep["valid"]
-    loss = masked_mean(_rnt(total), valid)
+    loss = _rnt(total).sum(1) / prep["count"]  # masked_mean over all-valid samples (x·1 = x)
     diag = {}
     if want_diag:
         diag = ppo_diagnostics(_rnt(pg), _rnt(kl), _rnt(clipped_fraction(ratio, clip, lo, hi)),
-                               _rnt(logp_old - lp), valid)
+                               _rnt(logp_old - lp), prep["valid"])
     # -- backward ----------------------------------------------------------------------------------------------
-    m = valid.to(total.dtype)
-    g_total = ((alive.to(total.dtype) / m.sum(1).clamp(min=1.0))[:, None] * m)  # [R, N·T]
-    g_total = _nrt(g_total, N, T)
-    g_min = -g_total
+    g_run = (alive.to(total.dtype) / prep["count"])[:, None]  # [R, 1]: ∂loss/∂(pg + kl) of every sample
+    g_min = -g_run
     half = torch.where(pa == pb, g_min / 2, g_min)
-    g_ratio = half.masked_fill(pa > pb, 0) * adv
-    g_ratio = g_ratio + torch.where((ratio >= lo) & (ratio <= hi), half.masked_fill(pa < pb, 0) * adv, 0)
-    g_lp = g_ratio * ratio
-    g_mu = None
-    if parts:
-        g_delta = None
-        for j, dj, e in parts:
-            g_k = g_total * weights[j]
-            if j == 0:
-                g_dj = g_k
-            elif j == 1:
-                g_dj = (g_k * 0.5) * (2 * dj)
-            else:
-                g_dj = g_k + -(g_k * (e + 1))
-            if masks[j] is not None:
-                g_dj = torch.where(masks[j], g_dj, 0)
-            g_delta = g_dj if g_delta is None else g_delta + g_dj
-        g_lp = g_lp + g_delta
+    g_ratio = half.masked_fill(pa > pb, 0).mul_(adv)
+    in_bounds = (ratio >= lo).logical_and_(ratio <= hi)
+    g_ratio.add_(torch.where(in_bounds, half.masked_fill_(pa < pb, 0).mul_(adv), 0))
+    g_lp = g_ratio.mul_(ratio)
+    for j, dj, e in parts:
+        g_k = g_run * weights[j]  # [R, 1]
+        if j == 0:
+            g_dj = g_k.expand(N, R, T).clone()
+        elif j == 1:
+            g_dj = (g_k * 0.5) * (2 * dj)
+        else:
+            g_dj = (g_k * e.add_(1)).neg_().add_(g_k)
+        if off[j] is not None:
+            g_dj.index_fill_(1, off[j], 0.0)
+        g_lp.add_(g_dj)
+    g_mu = g_lp.div_(var).mul_(-0.5).mul_(diff.mul_(2)).neg_()
     if full is not None:
-        g_term = g_total if masks[3] is None else torch.where(masks[3], g_total, 0)
-        g_mu = ((g_term * weights[3]) / prep["var2"]) * (2 * full)
-    g_mu_lp = -(((g_lp / var) * -0.5) * (2 * diff))
-    g_mu = g_mu_lp if g_mu is None else g_mu_lp + g_mu
-    grads = {"bias": _sum_episodes(g_mu), "gain": _sum_episodes(g_mu * x)}
+        g_term = g_run if off[3] is None else g_run.index_fill(0, off[3], 0.0)
+        g_mu.add_(((g_term * weights[3]) / prep["var2"]).mul_(full.mul_(2)))
+    grads = {"bias": _sum_episodes(g_mu), "gain": _sum_episodes(g_mu.mul_(x))}
     return loss, diag, grads
 
 
-def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict, weights: list, masks: list
+def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict, weights: list, off: list
                 ) -> tuple[Tensor, list[tuple[int, Tensor, Tensor | None]], Tensor | None]:
     """:func:`sim.engine.placement.kl_loss_term` without importance weights, op for op: the KL term, each
-    used sampled estimator's ``(j, δ_j, e^{−δ_j} − 1 or None)`` and ``μ − μ_ref`` if ``full`` is used."""
+    used sampled estimator's ``(j, δ_j, e^{−δ_j} − 1 or None)`` and ``μ − μ_ref`` if ``full`` is used.
+    ``where(mask, v, 0)`` of a per-run mask is ``v`` with the runs in ``off[j]`` filled with +0."""
     out: Tensor | None = None
     parts = []
     sampled = [j for j in range(3) if weights[j] is not None]
-    delta = lp - ref_logp if sampled else None
     for j in sampled:
-        dj = delta if masks[j] is None else torch.where(masks[j], delta, 0.0)
+        dj = lp - ref_logp
+        if off[j] is not None:
+            dj.index_fill_(1, off[j], 0.0)
         e = None
         if j == 0:
             k = dj
         elif j == 1:
-            k = 0.5 * dj.square()
+            k = dj.square().mul_(0.5)
         else:
             e = torch.expm1(-dj)
             k = e + dj
         parts.append((j, dj, e))
-        out = weights[j] * k if out is None else out + weights[j] * k
+        out = weights[j] * k if out is None else out.add_(weights[j] * k)
     full = None
     if weights[3] is not None:
         full = mu - prep["mu_ref"]
-        kf = full.square() / prep["var2"]
-        term = weights[3] * kf if masks[3] is None else torch.where(masks[3], weights[3] * kf, 0.0)
-        out = term if out is None else out + term
+        term = full.square().div_(prep["var2"]).mul_(weights[3])
+        if off[3] is not None:
+            term.index_fill_(1, off[3], 0.0)
+        out = term if out is None else out.add_(term)
     return (torch.zeros_like(lp) if out is None else out), parts, full
 
 
