@@ -2,12 +2,15 @@
 
 Autograd over the loss of :meth:`sim.algos.diffusion.DiffusionTrainer._ppo_loss` spends most of an epoch
 gathering each sample's step parameters, scattering their gradients back and recording the graph. Here the
-same loss is evaluated on samples laid out ``[N, R, T]`` (episode, run, step index; d = 1), where a run's step
-parameters ``[R, T]`` broadcast without a gather, and its gradient is the chain of exactly the elementwise
+same loss is evaluated on samples viewed ``[R, N, T]`` (run, episode, step index; d = 1), where a run's step
+parameters ``[R, 1, T]`` broadcast without a gather, and its gradient is the chain of exactly the elementwise
 operations autograd runs for that graph (PyTorch's derivative formulas: ``minimum`` splits a tie's gradient in
 halves, ``clamp`` passes it inside the bounds, ``x²`` gives ``g·(2x)``, ``expm1`` gives ``g·(e + 1)``, ``where``
 gives 0 outside its mask). The per-sample gradients are summed into each run's step parameters episode after
 episode from zero (``index_add_`` along the episode axis), in the order autograd's ``scatter_add`` sums them.
+Each run uses one KL estimator, so a sampled estimator is evaluated on the runs that use it only (contiguous
+ranges of runs; elsewhere its term and its share of the gradient are exactly +0, as ``where`` makes them), and
+terms are added to zeros wherever the trainer's sum adds zeros to them (which turns a −0 into +0).
 So the loss, the diagnostics and the gradients are bitwise those of autograd.
 
 It applies when every run of the batch has a tabular correction in d = 1, full-batch epochs
@@ -26,6 +29,9 @@ from sim.engine.kl import estimator_weights
 from sim.engine.placement import Clamp, RunTensors
 from sim.engine.ppo import clipped_fraction, ppo_diagnostics
 
+Ranges = list[tuple[int, int]]
+"""Runs ``[start, end)`` in contiguous ranges."""
+
 
 def applies(policy: str, dim: int, minibatches: int, clamp: Clamp, rt: RunTensors) -> bool:
     """Whether :func:`loss_and_grads` gives this batch's loss and gradients (see the module docstring)."""
@@ -36,27 +42,38 @@ def applies(policy: str, dim: int, minibatches: int, clamp: Clamp, rt: RunTensor
 def prepare(flat: dict[str, Tensor], step_var: Tensor, T: int, dtype: torch.dtype, rt: RunTensors
             ) -> dict[str, Tensor | list]:
     """What every epoch of an update reuses: the samples of ``flat`` (``[R, N·T(, 1)]``, episode-major as the
-    trainer flattens them) laid out ``[N, R, T]``, the step variances and log-normalisers ``[N, R, T]``
-    computed as :meth:`envs.diffusion_chain.DiffusionChainCore.log_prob` computes them, and the loss
-    placement's estimator weights ``[R, 1]`` with where they are non-zero (``None``: everywhere)."""
+    trainer flattens them) viewed ``[R, N, T]``, the step variances and log-normalisers ``[R, N, T]`` computed
+    as :meth:`envs.diffusion_chain.DiffusionChainCore.log_prob` computes them, and the loss placement's KL
+    terms: ``(j, weight [R, 1, 1], runs using it or None for all)`` for each estimator j some run uses."""
     R, n = flat["logp"].shape
     N = n // T
-
-    def nrt(v: Tensor) -> Tensor:
-        return v.reshape(R, N, T).transpose(0, 1).contiguous()
-
     var = step_var[T - flat["step"]].to(dtype)  # [R, N·T]
-    weights = estimator_weights(rt.coef("loss"), flat["logp"])
-    off = [None if w is None or bool((w != 0).all()) else torch.nonzero(w.view(-1) == 0).view(-1) for w in weights]
     prep: dict[str, Tensor | list] = {
-        k: nrt(flat[k]) for k in ("x", "a", "base", "logp", "ref_logp", "adv")}
+        k: flat[k].reshape(R, N, T) for k in ("x", "a", "base", "logp", "ref_logp", "adv")}
+    terms = []
+    for j, w in enumerate(estimator_weights(rt.coef("loss"), prep["logp"])):
+        if w is not None:
+            on = (w.view(-1) != 0).tolist()
+            terms.append((j, w, None if all(on) else _ranges(on)))
     valid = flat["valid"]
-    prep.update(var=nrt(var), log_norm=nrt(0.5 * 1 * torch.log(2 * math.pi * var)), valid=valid,
-                count=valid.to(var.dtype).sum(1).clamp(min=1.0), weights=weights, off=off)
-    if weights[3] is not None:
-        prep["mu_ref"] = nrt(flat["mu_ref"])
-        prep["var2"] = nrt(2.0 * var)
+    prep.update(var=var.view(R, N, T), log_norm=(0.5 * 1 * torch.log(2 * math.pi * var)).view(R, N, T),
+                valid=valid, count=valid.to(var.dtype).sum(1).clamp(min=1.0), terms=terms)
+    if terms and terms[-1][0] == 3:
+        prep["mu_ref"] = flat["mu_ref"].reshape(R, N, T)
+        prep["var2"] = (2.0 * var).view(R, N, T)
     return prep
+
+
+def _ranges(on: list[bool]) -> Ranges:
+    """The contiguous ranges of runs where ``on`` is true."""
+    out: Ranges = []
+    for r, v in enumerate(on):
+        if v:
+            if out and out[-1][1] == r:
+                out[-1] = (out[-1][0], r + 1)
+            else:
+                out.append((r, r + 1))
+    return out
 
 
 def loss_and_grads(prep: dict, bias: Tensor, gain: Tensor, alive: Tensor, clip: float, lo: float, hi: float,
@@ -66,13 +83,11 @@ def loss_and_grads(prep: dict, bias: Tensor, gain: Tensor, alive: Tensor, clip: 
 
     Every operation is the trainer's (or autograd's) on the same operands, run in place on a tensor of its
     own where it can be; a gradient that is the same for every sample of a run (the loss is a per-run mean
-    over samples that are all valid) is computed once per run ``[R, 1]`` and broadcast; a ``where`` that keeps
-    whole runs is an ``index_fill_`` of the others with +0.
+    over samples that are all valid) is computed once per run ``[R, 1, 1]`` and broadcast.
     """
-    x, a, base, logp_old, adv = prep["x"], prep["a"], prep["base"], prep["logp"], prep["adv"]
-    var, weights, off = prep["var"], prep["weights"], prep["off"]
-    N, R, T = x.shape
-    b, g = bias.detach()[..., 0], gain.detach()[..., 0]  # [R, T]: broadcast over episodes
+    x, a, base, logp_old, adv, var = prep["x"], prep["a"], prep["base"], prep["logp"], prep["adv"], prep["var"]
+    R, N, T = x.shape
+    b, g = bias.detach()[..., 0].unsqueeze(1), gain.detach()[..., 0].unsqueeze(1)  # [R, 1, T]
     # -- forward (the trainer's graph, op for op) ------------------------------------------------------------
     mu = (g * x).add_(b).add_(base)  # base + (bias + gain·x)
     diff = a - mu
@@ -81,86 +96,103 @@ def loss_and_grads(prep: dict, bias: Tensor, gain: Tensor, alive: Tensor, clip: 
     ratio = (lp - logp_old).exp_()
     pa, pb = ratio * adv, ratio.clamp(lo, hi).mul_(adv)
     pg = torch.minimum(pa, pb).neg_()
-    kl, parts, full = _kl_forward(lp, prep["ref_logp"], mu, prep, weights, off)
+    kl, parts, full = _kl_forward(lp, prep["ref_logp"], mu, prep)
     total = pg + kl
-    loss = _rnt(total).sum(1) / prep["count"]  # masked_mean over all-valid samples (x·1 = x)
+    loss = total.view(R, N * T).sum(1) / prep["count"]  # masked_mean over all-valid samples (x·1 = x)
     diag = {}
     if want_diag:
-        diag = ppo_diagnostics(_rnt(pg), _rnt(kl), _rnt(clipped_fraction(ratio, clip, lo, hi)),
-                               _rnt(logp_old - lp), prep["valid"])
+        clipped = clipped_fraction(ratio, clip, lo, hi)
+        diag = ppo_diagnostics(*(v.view(R, N * T) for v in (pg, kl, clipped, logp_old - lp)), prep["valid"])
     # -- backward ----------------------------------------------------------------------------------------------
-    g_run = (alive.to(total.dtype) / prep["count"])[:, None]  # [R, 1]: ∂loss/∂(pg + kl) of every sample
+    g_run = (alive.to(total.dtype) / prep["count"]).view(R, 1, 1)  # ∂loss/∂(pg + kl) of every sample
     g_min = -g_run
     half = torch.where(pa == pb, g_min / 2, g_min)
     g_ratio = half.masked_fill(pa > pb, 0).mul_(adv)
     in_bounds = (ratio >= lo).logical_and_(ratio <= hi)
     g_ratio.add_(torch.where(in_bounds, half.masked_fill_(pa < pb, 0).mul_(adv), 0))
     g_lp = g_ratio.mul_(ratio)
-    for j, dj, e in parts:
-        g_k = g_run * weights[j]  # [R, 1]
-        if j == 0:
-            g_dj = g_k.expand(N, R, T).clone()
-        elif j == 1:
-            g_dj = (g_k * 0.5) * (2 * dj)
-        else:
-            g_dj = (g_k * e.add_(1)).neg_().add_(g_k)
-        if off[j] is not None:
-            g_dj.index_fill_(1, off[j], 0.0)
-        g_lp.add_(g_dj)
+    if parts:  # autograd's Σ_j where(on_j, ∂k_j, 0): each run's own term, added to zeros if there are several
+        g_delta = None if len(parts) == 1 and parts[0][1] is None else torch.zeros_like(g_lp)
+        for j, ranges, w, dj, e in parts:
+            for (s, t), dj_r, e_r in zip(ranges or [(0, R)], dj, e or dj, strict=True):
+                g_k = g_run[s:t] * w[s:t]  # [n, 1, 1]
+                if j == 0:
+                    g_dj = g_k
+                elif j == 1:
+                    g_dj = (g_k * 0.5) * (2 * dj_r)
+                else:
+                    g_dj = (g_k * e_r.add_(1)).neg_().add_(g_k)
+                if g_delta is None:
+                    g_lp.add_(g_dj)
+                elif len(parts) == 1:
+                    g_delta[s:t].copy_(g_dj)
+                else:
+                    g_delta[s:t].add_(g_dj)
+        if g_delta is not None:
+            g_lp.add_(g_delta)
     g_mu = g_lp.div_(var).mul_(-0.5).mul_(diff.mul_(2)).neg_()
-    if full is not None:
-        g_term = g_run if off[3] is None else g_run.index_fill(0, off[3], 0.0)
-        g_mu.add_(((g_term * weights[3]) / prep["var2"]).mul_(full.mul_(2)))
+    if full is not None:  # every run: where(on, g, 0)·w/2σ²·2(μ − μ_ref) is 0·… (NaN where μ − μ_ref is not finite)
+        _, w, ranges = prep["terms"][-1]
+        g_term = g_run if ranges is None else _keep(g_run, ranges)
+        g_mu.add_(((g_term * w) / prep["var2"]).mul_(full.mul_(2)))
     grads = {"bias": _sum_episodes(g_mu), "gain": _sum_episodes(g_mu.mul_(x))}
     return loss, diag, grads
 
 
-def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict, weights: list, off: list
-                ) -> tuple[Tensor, list[tuple[int, Tensor, Tensor | None]], Tensor | None]:
-    """:func:`sim.engine.placement.kl_loss_term` without importance weights, op for op: the KL term, each
-    used sampled estimator's ``(j, δ_j, e^{−δ_j} − 1 or None)`` and ``μ − μ_ref`` if ``full`` is used.
-    ``where(mask, v, 0)`` of a per-run mask is ``v`` with the runs in ``off[j]`` filled with +0."""
-    out: Tensor | None = None
+def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict) -> tuple[Tensor, list, Tensor | None]:
+    """:func:`sim.engine.placement.kl_loss_term` without importance weights: the KL term ``[R, N, T]``; per
+    used sampled estimator ``(j, ranges, weight, [δ_j], [e^{−δ_j} − 1] or None)`` on its runs' ranges; and
+    ``μ − μ_ref`` (every run) if ``full`` is used.
+
+    The trainer evaluates every estimator on every run with ``δ`` replaced by 0 (and ``full``'s term by 0)
+    where the run does not use it, which gives exactly +0 there, and adds the terms in estimator order.
+    """
+    terms = prep["terms"]
+    R = lp.shape[0]
+    kl = None if len(terms) == 1 and terms[0][2] is None else torch.zeros_like(lp)
     parts = []
-    sampled = [j for j in range(3) if weights[j] is not None]
-    for j in sampled:
-        dj = lp - ref_logp
-        if off[j] is not None:
-            dj.index_fill_(1, off[j], 0.0)
-        e = None
-        if j == 0:
-            k = dj
-        elif j == 1:
-            k = dj.square().mul_(0.5)
-        else:
-            e = torch.expm1(-dj)
-            k = e + dj
-        parts.append((j, dj, e))
-        out = weights[j] * k if out is None else out.add_(weights[j] * k)
     full = None
-    if weights[3] is not None:
-        full = mu - prep["mu_ref"]
-        term = full.square().div_(prep["var2"]).mul_(weights[3])
-        if off[3] is not None:
-            term.index_fill_(1, off[3], 0.0)
-        out = term if out is None else out.add_(term)
-    return (torch.zeros_like(lp) if out is None else out), parts, full
+    for j, w, ranges in terms:
+        djs, es = [], []
+        for s, t in ranges or [(0, R)]:
+            if j == 3:
+                if full is None:
+                    full = mu - prep["mu_ref"]
+                term = full[s:t].square().div_(prep["var2"][s:t]).mul_(w[s:t])
+            else:
+                dj = lp[s:t] - ref_logp[s:t]
+                if j == 0:
+                    k = dj
+                elif j == 1:
+                    k = dj.square().mul_(0.5)
+                else:
+                    e = torch.expm1(-dj)
+                    es.append(e)
+                    k = e + dj
+                djs.append(dj)
+                term = w[s:t] * k
+            if kl is None:
+                kl = term
+            elif len(terms) == 1:
+                kl[s:t].copy_(term)
+            else:
+                kl[s:t].add_(term)
+        if j < 3:
+            parts.append((j, ranges, w, djs, es or None))
+    return (torch.zeros_like(lp) if kl is None else kl), parts, full
 
 
-def _rnt(v: Tensor) -> Tensor:
-    """``[N, R, T] → [R, N·T]`` (the trainer's episode-major sample order)."""
-    N, R, T = v.shape
-    return v.transpose(0, 1).reshape(R, N * T)
-
-
-def _nrt(v: Tensor, N: int, T: int) -> Tensor:
-    """``[R, N·T] → [N, R, T]``."""
-    return v.view(v.shape[0], N, T).transpose(0, 1)
+def _keep(v: Tensor, ranges: Ranges) -> Tensor:
+    """``v [R, ...]`` with the runs outside ``ranges`` set to +0 (``where(on, v, 0)``)."""
+    out = torch.zeros_like(v)
+    for s, t in ranges:
+        out[s:t] = v[s:t]
+    return out
 
 
 def _sum_episodes(v: Tensor) -> Tensor:
-    """``[N, R, T] → [R, T, 1]``: each entry's sum over episodes, left to right from zero (as ``scatter_add``)."""
-    N, R, T = v.shape
+    """``[R, N, T] → [R, T, 1]``: each entry's sum over episodes, left to right from zero (as ``scatter_add``)."""
+    R, N, T = v.shape
     out = torch.zeros(1, R, T, dtype=v.dtype, device=v.device)
-    out.index_add_(0, torch.zeros(N, dtype=torch.long, device=v.device), v)
+    out.index_add_(0, torch.zeros(N, dtype=torch.long, device=v.device), v.transpose(0, 1).contiguous())
     return out.view(R, T, 1)
