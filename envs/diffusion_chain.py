@@ -274,20 +274,25 @@ class DiffusionChainCore:
         axis of size d to sum (a sum over one non-negative number is that number) and no constants rebuilt."""
         c = self._step_constants(t, x.dtype)
         diff = x - c["means"]  # [*B, M]
-        log_comp = c["log_w"] - 0.5 * diff.square() / c["var"] - c["log_norm"]
+        # log w − ½(x − m)²/v − ½·log 2πv, in place (a − b is a + (−b) exactly)
+        log_comp = diff.square().mul_(0.5).div_(c["var"]).neg_().add_(c["log_w"]).sub_(c["log_norm"])
         resp = torch.softmax(log_comp, -1)
-        post = c["modes"] + c["gain"] * diff
-        return c["c1"] * (resp * post).sum(-1, keepdim=True) + c["c2"] * x
+        weighted = diff.mul_(c["gain"]).add_(c["modes"]).mul_(resp)  # q_t(m|x)·(m + gain·(x − √ᾱ m))
+        if weighted.shape[-1] == 2:  # the sum of two: a + b, and +0 for −0 + −0 as the reduction gives
+            den = (weighted[..., :1] + weighted[..., 1:]).add_(0.0)
+        else:
+            den = weighted.sum(-1, keepdim=True)
+        return den.mul_(c["c1"]).add_(c["c2"] * x)
 
     def log_prob(self, x_prev: Tensor, mean: Tensor, t: int | Tensor) -> Tensor:
         """Log-density ``[*B]`` of ``x_{t−1} = x_prev`` under ``N(mean, σ_t² I)`` (``t`` an int or a tensor of
         steps broadcasting against ``[*B]``)."""
         var = self.step_var[t].to(x_prev.dtype)
-        return -0.5 * (x_prev - mean).square().sum(-1) / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+        return -0.5 * _sum_last(x_prev - mean) / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
 
     def step_kl(self, mean: Tensor, ref_mean: Tensor, t: int | Tensor) -> Tensor:
         """Closed-form KL(N(mean, σ_t²I) ‖ N(ref_mean, σ_t²I)) = ‖mean − ref_mean‖²/(2σ_t²) ``[*B]`` (seed eq. 39)."""
-        return (mean - ref_mean).square().sum(-1) / (2.0 * self.step_var[t].to(mean.dtype))
+        return _sum_last(mean - ref_mean) / (2.0 * self.step_var[t].to(mean.dtype))
 
     # -- reward -----------------------------------------------------------------------------------------------
     def reward(self, x0: Tensor) -> Tensor:
@@ -322,6 +327,13 @@ class DiffusionChainCore:
         for i, t in enumerate(range(self.T, 0, -1), start=1):
             x = self.ref_mean(x, t) + self.step_std(t) * noise[:, i]
         return x
+
+
+def _sum_last(diff: Tensor) -> Tensor:
+    """``‖diff‖²`` over the last axis ``[*B, d] → [*B]``; for d = 1 the square itself (a sum of one
+    non-negative number is that number), without a reduction kernel."""
+    sq = diff.square()
+    return sq[..., 0] if sq.shape[-1] == 1 else sq.sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------

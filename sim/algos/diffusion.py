@@ -130,6 +130,7 @@ class DiffusionTrainer(BatchTrainer):
         self._make_optimizer()
         self.baseline = "mean" if cfg.train.baseline == "auto" else cfg.train.baseline
         self.fast_loss = diffusion_loss.applies(cfg.train.policy, self.d, cfg.train.minibatches, self.clamp, self.rt)
+        self._loss_consts: dict[str, Tensor] | None = None
         # σ_t and σ_t² per step index i = T − t, in the training dtype
         self.var = torch.stack([self.core.step_var[self.T - i] for i in range(self.T)]).to(device, self.dtype)
         self.std = [self.var[i].sqrt() for i in range(self.T)]
@@ -240,26 +241,35 @@ class DiffusionTrainer(BatchTrainer):
         adv = ret - ret.mean(1, keepdim=True) if self.baseline == "mean" else ret
         if tr.norm_adv:
             adv = normalize_per_run(adv, valid)
-        step = torch.arange(T, device=self.device).expand(R, N, T)
         flat = {"x": roll["x"], "a": roll["a"], "base": roll["base"], "mu_ref": roll["mu_ref"]}
         flat = {k: v.reshape(R, N * T, d) for k, v in flat.items()}
         flat.update({k: v.reshape(R, N * T) for k, v in
-                     (("logp", logp), ("ref_logp", ref_logp), ("adv", adv.detach()), ("valid", valid),
-                      ("step", step))})
+                     (("logp", logp), ("ref_logp", ref_logp), ("adv", adv.detach()), ("valid", valid))})
         if self.fast_loss:
-            stats = self._ppo_epochs(flat, update, self._ppo_loss_fast, prepare=lambda mb: diffusion_loss.prepare(
-                mb, self.core.step_var, T, self.dtype, rt))
+            consts = self._loss_consts
+            if consts is None or consts["count"].shape[0] != R or consts["var"].shape[1] != N:
+                consts = self._loss_consts = diffusion_loss.step_constants(
+                    self._steps(R, N), flat["valid"], self.core.step_var, T, self.dtype)
+            stats = self._ppo_epochs(flat, update, self._ppo_loss_fast,
+                                     prepare=lambda mb: diffusion_loss.prepare(mb, consts, rt))
         else:
+            flat["step"] = self._steps(R, N)
             stats = self._ppo_epochs(flat, update, self._ppo_loss)
         self.env_steps += N * T
-        ks = all_estimates(logp, ref_logp).to(torch.float64).sum(2).mean(1)  # per-episode sums, batch mean
-        out = {"reward": reward.to(torch.float64).mean(1),
-               "kl_k1": ks[:, 0], "kl_k2": ks[:, 1], "kl_k3": ks[:, 2],
-               "kl_full_sampled": k_full.to(torch.float64).sum(2).mean(1),
-               "episode_length": torch.full((R,), float(T), dtype=torch.float64, device=self.device), **stats}
-        self._control_beta(out["kl_k1"], N)
+        logs = self._logs_at(update)
+        out: dict[str, Tensor] = {}
+        if logs or bool(rt.adaptive.any()):  # the β controller needs kl_k1; the rest is only logged
+            ks = all_estimates(logp, ref_logp).to(torch.float64).sum(2).mean(1)  # per-episode sums, batch mean
+            if logs:
+                out["reward"] = reward.to(torch.float64).mean(1)
+            out.update(kl_k1=ks[:, 0], kl_k2=ks[:, 1], kl_k3=ks[:, 2])
+            if logs:
+                out.update(kl_full_sampled=k_full.to(torch.float64).sum(2).mean(1),
+                           episode_length=torch.full((R,), float(T), dtype=torch.float64, device=self.device))
+            self._control_beta(out["kl_k1"], N)
+        out.update(stats)
         n_traj = self.cfg.log.trajectories
-        if n_traj > 0 and self._logs_at(update):
+        if n_traj > 0 and logs:
             traj_reward = torch.zeros_like(step_reward[:, :n_traj])  # the unscaled task reward, at t = 1
             traj_reward[..., -1] = reward[:, :n_traj]
             steps = {"valid": valid[:, :n_traj], "action": roll["a"][:, :n_traj, :, 0], "reward": traj_reward,
@@ -269,6 +279,10 @@ class DiffusionTrainer(BatchTrainer):
                                                             (R, min(n_traj, N), T)).copy())
             self.traj_log.append(rec)
         return out
+
+    def _steps(self, R: int, N: int) -> Tensor:
+        """The step index ``i`` of every sample ``[R, N·T]`` (episode-major)."""
+        return torch.arange(self.T, device=self.device).expand(R, N, self.T).reshape(R, N * self.T)
 
     def _ppo_loss(self, mb: dict[str, Tensor], want_diag: bool = True, want_loss: bool = True
                   ) -> tuple[Tensor, dict[str, Tensor]]:

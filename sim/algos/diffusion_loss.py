@@ -39,15 +39,24 @@ def applies(policy: str, dim: int, minibatches: int, clamp: Clamp, rt: RunTensor
             and not bool((rt.coef("loss_is") != 0).any()))
 
 
-def prepare(flat: dict[str, Tensor], step_var: Tensor, T: int, dtype: torch.dtype, rt: RunTensors
-            ) -> dict[str, Tensor | list]:
+def step_constants(step: Tensor, valid: Tensor, step_var: Tensor, T: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """What is the same in every update: the step variance ``var``, ``2σ²`` (``var2``) and log-normaliser
+    ``½·log 2πσ²`` (``log_norm``) of every sample ``[R, N, T]``, computed from the step indices ``step
+    [R, N·T]`` as :meth:`envs.diffusion_chain.DiffusionChainCore.log_prob` and ``step_kl`` compute them; the
+    samples' ``valid`` mask ``[R, N·T]`` and their count per run ``[R]``."""
+    R, n = step.shape
+    var = step_var[T - step].to(dtype)  # [R, N·T]
+    shape = (R, n // T, T)
+    return {"var": var.view(shape), "var2": (2.0 * var).view(shape),
+            "log_norm": (0.5 * 1 * torch.log(2 * math.pi * var)).view(shape), "valid": valid,
+            "count": valid.to(dtype).sum(1).clamp(min=1.0)}
+
+
+def prepare(flat: dict[str, Tensor], consts: dict[str, Tensor], rt: RunTensors) -> dict[str, Tensor | list]:
     """What every epoch of an update reuses: the samples of ``flat`` (``[R, N·T(, 1)]``, episode-major as the
-    trainer flattens them) viewed ``[R, N, T]``, the step variances and log-normalisers ``[R, N, T]`` computed
-    as :meth:`envs.diffusion_chain.DiffusionChainCore.log_prob` computes them, and the loss placement's KL
+    trainer flattens them) viewed ``[R, N, T]``, the :func:`step_constants`, and the loss placement's KL
     terms: ``(j, weight [R, 1, 1], runs using it or None for all)`` for each estimator j some run uses."""
-    R, n = flat["logp"].shape
-    N = n // T
-    var = step_var[T - flat["step"]].to(dtype)  # [R, N·T]
+    R, N, T = consts["var"].shape
     prep: dict[str, Tensor | list] = {
         k: flat[k].reshape(R, N, T) for k in ("x", "a", "base", "logp", "ref_logp", "adv")}
     terms = []
@@ -55,12 +64,9 @@ def prepare(flat: dict[str, Tensor], step_var: Tensor, T: int, dtype: torch.dtyp
         if w is not None:
             on = (w.view(-1) != 0).tolist()
             terms.append((j, w, None if all(on) else _ranges(on)))
-    valid = flat["valid"]
-    prep.update(var=var.view(R, N, T), log_norm=(0.5 * 1 * torch.log(2 * math.pi * var)).view(R, N, T),
-                valid=valid, count=valid.to(var.dtype).sum(1).clamp(min=1.0), terms=terms)
+    prep.update(consts, terms=terms)
     if terms and terms[-1][0] == 3:
         prep["mu_ref"] = flat["mu_ref"].reshape(R, N, T)
-        prep["var2"] = (2.0 * var).view(R, N, T)
     return prep
 
 
