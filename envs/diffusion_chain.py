@@ -248,11 +248,12 @@ class DiffusionChainCore:
         post = self.modes.to(x.dtype) + gain[:, None] * (x.unsqueeze(-2) - means)  # [*B, M, d]
         return (resp.unsqueeze(-1) * post).sum(-2)
 
-    def ref_mean(self, x: Tensor, t: int) -> Tensor:
-        """The reference denoiser's step mean ``μ_ref(x_t, t) = E_q[x_{t−1} | x_t]`` ``[*B, d]``."""
+    def ref_mean(self, x: Tensor, t: int, out: Tensor | None = None) -> Tensor:
+        """The reference denoiser's step mean ``μ_ref(x_t, t) = E_q[x_{t−1} | x_t]`` ``[*B, d]`` (written into
+        ``out`` if given)."""
         if self.dim == 1:
-            return self._ref_mean_1d(x, t)
-        return self.c1[t].to(x.dtype) * self.denoise(x, t) + self.c2[t].to(x.dtype) * x
+            return self._ref_mean_1d(x, t, out)
+        return torch.add(self.c1[t].to(x.dtype) * self.denoise(x, t), self.c2[t].to(x.dtype) * x, out=out)
 
     def _step_constants(self, t: int, dtype: torch.dtype) -> dict[str, Tensor]:
         """The per-component constants of step ``t`` in ``dtype`` (cached), computed by the same operations as
@@ -269,7 +270,7 @@ class DiffusionChainCore:
                 "c1": self.c1[t].to(dtype), "c2": self.c2[t].to(dtype)}
         return self._consts[key]
 
-    def _ref_mean_1d(self, x: Tensor, t: int) -> Tensor:
+    def _ref_mean_1d(self, x: Tensor, t: int, out: Tensor | None = None) -> Tensor:
         """:meth:`ref_mean` for d = 1 (``x [*B, 1]``), the same numbers from ``[*B, M]`` tensors: no component
         axis of size d to sum (a sum over one non-negative number is that number) and no constants rebuilt."""
         c = self._step_constants(t, x.dtype)
@@ -282,7 +283,7 @@ class DiffusionChainCore:
             den = (weighted[..., :1] + weighted[..., 1:]).add_(0.0)
         else:
             den = weighted.sum(-1, keepdim=True)
-        return den.mul_(c["c1"]).add_(c["c2"] * x)
+        return torch.add(den.mul_(c["c1"]), c["c2"] * x, out=out)
 
     def log_prob(self, x_prev: Tensor, mean: Tensor, t: int | Tensor) -> Tensor:
         """Log-density ``[*B]`` of ``x_{t−1} = x_prev`` under ``N(mean, σ_t² I)`` (``t`` an int or a tensor of

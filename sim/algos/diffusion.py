@@ -133,7 +133,7 @@ class DiffusionTrainer(BatchTrainer):
         self._loss_consts: dict[str, Tensor] | None = None
         # σ_t and σ_t² per step index i = T − t, in the training dtype
         self.var = torch.stack([self.core.step_var[self.T - i] for i in range(self.T)]).to(device, self.dtype)
-        self.std = [self.var[i].sqrt() for i in range(self.T)]
+        self.std_steps = torch.stack([self.var[i].sqrt() for i in range(self.T)]).view(self.T, 1)  # σ_i [T, 1]
         self._init_tilt()
         self._eval_cache: tuple[int, dict[str, Tensor]] | None = None
         self._last_update = 0
@@ -193,25 +193,28 @@ class DiffusionTrainer(BatchTrainer):
         """
         R, d, T = self.R, self.d, self.T
         x = rng.normal(rng.fold(key, 0), (N, d), dtype=self.dtype)
-        eps = rng.normal(rng.fold(key, 1), (N, T, d), dtype=self.dtype)
+        noise = rng.normal(rng.fold(key, 1), (N, T, d), dtype=self.dtype).mul_(self.std_steps)  # σ_i·ε_i
         frozen_ref = self.cfg.reference.schedule == "frozen"
-        alias = frozen_ref and "base" in keep and "mu_ref" in keep
-        out = {k: torch.empty(R, N, T, d, dtype=self.dtype, device=self.device)
-               for k in keep if not (alias and k == "mu_ref")}
-        if alias:
-            out["mu_ref"] = out["base"]
+        # buffers written in place step by step; x_t is filled from a = x_{t−1} at the end; a frozen reference's
+        # correction is exactly 0 (zero output layer), so its μ_ref is the base denoiser (the same buffer)
+        names = set(keep) | ({"a"} if "x" in keep else set())
+        if frozen_ref and "mu_ref" in names:
+            names = (names - {"mu_ref"}) | {"base"}
+        buf = {k: torch.empty(R, N, T, d, dtype=self.dtype, device=self.device) for k in names}
+        x_T = x
         with torch.no_grad():
             for i in range(T):
-                t = T - i
-                base = self.core.ref_mean(x, t)
-                mu = base + self.policy(self.params, x, i)
-                # a frozen reference's correction is exactly 0 (zero output layer), so μ_ref is the base denoiser
-                mu_ref = base if frozen_ref else base + self.policy(self.ref_params, x, i)
-                a = mu + self.std[i] * eps[:, :, i]
-                for k, v in (("x", x), ("a", a), ("base", base), ("mu", mu), ("mu_ref", mu_ref)):
-                    if k in out and not (alias and k == "mu_ref"):
-                        out[k][:, :, i] = v
-                x = a
+                base = self.core.ref_mean(x, T - i, out=buf["base"][:, :, i] if "base" in buf else None)
+                corr = self.policy(self.params, x, i)
+                mu = torch.add(base, corr, out=buf["mu"][:, :, i]) if "mu" in buf else base + corr
+                if not frozen_ref and "mu_ref" in buf:
+                    torch.add(base, self.policy(self.ref_params, x, i), out=buf["mu_ref"][:, :, i])
+                x = torch.add(mu, noise[:, :, i], out=buf["a"][:, :, i]) if "a" in buf else mu + noise[:, :, i]
+        out = {k: buf[k] for k in keep if k in buf}
+        if "mu_ref" in keep and frozen_ref:
+            out["mu_ref"] = buf["base"]
+        if "x" in keep:
+            out["x"] = torch.cat([x_T.unsqueeze(2), buf["a"][:, :, :-1]], dim=2)
         out["x0"] = x
         return out
 
