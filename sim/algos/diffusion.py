@@ -55,7 +55,7 @@ from sim.engine import rng
 from sim.engine.kl import all_estimates
 from sim.engine.loop import BatchTrainer
 from sim.engine.outputs import snapshot
-from sim.engine.placement import kl_loss_term, kl_reward_penalty
+from sim.engine.placement import kl_loss_term
 from sim.engine.ppo import clip_bounds, clipped_surrogate, gae, masked_mean, normalize_per_run, ppo_diagnostics
 
 EVAL_STREAM = 0x7E57
@@ -238,7 +238,7 @@ class DiffusionTrainer(BatchTrainer):
         ref_c = self.clamp(logp, ref_logp, valid)
         step_reward = torch.zeros(R, N, T, dtype=self.dtype, device=self.device)
         step_reward[..., -1] = self.reward_scale * reward
-        shaped = step_reward - kl_reward_penalty(logp, ref_c, k_full, rt)
+        shaped = step_reward - diffusion_loss.reward_penalty(logp, ref_c, k_full, rt)
         zeros = torch.zeros_like(shaped)
         ret = gae(shaped, zeros, zeros, done, valid, tr.gamma, 1.0)
         adv = ret - ret.mean(1, keepdim=True) if self.baseline == "mean" else ret

@@ -21,6 +21,7 @@ trainer keeps autograd.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -59,11 +60,7 @@ def prepare(flat: dict[str, Tensor], consts: dict[str, Tensor], rt: RunTensors) 
     R, N, T = consts["var"].shape
     prep: dict[str, Tensor | list] = {
         k: flat[k].reshape(R, N, T) for k in ("x", "a", "base", "logp", "ref_logp", "adv")}
-    terms = []
-    for j, w in enumerate(estimator_weights(rt.coef("loss"), prep["logp"])):
-        if w is not None:
-            on = (w.view(-1) != 0).tolist()
-            terms.append((j, w, None if all(on) else _ranges(on)))
+    terms = kl_terms(rt.coef("loss"), prep["logp"])
     prep.update(consts, terms=terms)
     if terms and terms[-1][0] == 3:
         prep["mu_ref"] = flat["mu_ref"].reshape(R, N, T)
@@ -161,26 +158,56 @@ def _surrogate_grad(g_min: Tensor, pa: Tensor, pb: Tensor, ratio: Tensor, adv: T
     return g_ratio.add_(g_clip).mul_(ratio)
 
 
-def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict) -> tuple[Tensor, list, Tensor | None]:
-    """:func:`sim.engine.placement.kl_loss_term` without importance weights: the KL term ``[R, N, T]``; per
-    used sampled estimator ``(j, ranges, weight, [δ_j], [e^{−δ_j} − 1] or None)`` on its runs' ranges; and
-    ``μ − μ_ref`` (every run) if ``full`` is used.
+def kl_terms(coef: Tensor, like: Tensor) -> list[tuple[int, Tensor, Ranges | None]]:
+    """The estimators some run weights in ``coef [R, 4]`` (k1, k2, k3, full): ``(j, weight [R, 1, …], runs with
+    a non-zero weight or None for all)``, the weights shaped to broadcast against ``like [R, …]``."""
+    terms = []
+    for j, w in enumerate(estimator_weights(coef, like)):
+        if w is not None:
+            on = (w.view(-1) != 0).tolist()
+            terms.append((j, w, None if all(on) else _ranges(on)))
+    return terms
 
-    The trainer evaluates every estimator on every run with ``δ`` replaced by 0 (and ``full``'s term by 0)
+
+def reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTensors) -> Tensor:
+    """:func:`sim.engine.placement.kl_reward_penalty` of ``[R, N, T]`` samples (the same numbers), each
+    estimator evaluated on the runs that use it only."""
+    with torch.no_grad():
+        return weighted_kl(logp, ref_logp, kl_terms(rt.coef("reward"), logp),
+                           lambda s, t, w: w[s:t] * k_full[s:t])[0]
+
+
+def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict) -> tuple[Tensor, list, Tensor | None]:
+    """The loss's KL term ``[R, N, T]`` (:func:`weighted_kl` with ``full`` from μ), its sampled ``parts`` and
+    ``μ − μ_ref`` (every run) if ``full`` is used."""
+    diff: list[Tensor] = []
+
+    def full_term(s: int, t: int, w: Tensor) -> Tensor:
+        if not diff:
+            diff.append(mu - prep["mu_ref"])
+        return diff[0][s:t].square().div_(prep["var2"][s:t]).mul_(w[s:t])  # w·‖μ − μ_ref‖²/2σ²
+
+    kl, parts = weighted_kl(lp, ref_logp, prep["terms"], full_term)
+    return kl, parts, diff[0] if diff else None
+
+
+def weighted_kl(lp: Tensor, ref_logp: Tensor, terms: list, full_term: Callable[[int, int, Tensor], Tensor]
+                ) -> tuple[Tensor, list]:
+    """:func:`sim.engine.kl.weighted_estimate` without importance weights, the same numbers: the KL term
+    ``[R, N, T]`` and per used sampled estimator ``(j, ranges, weight, [δ_j], [e^{−δ_j} − 1] or None)`` on its
+    runs' ranges. ``full_term(start, end, weight)`` is ``full``'s weighted term on runs ``[start, end)``.
+
+    The engine evaluates every estimator on every run with ``δ`` replaced by 0 (and ``full``'s term by 0)
     where the run does not use it, which gives exactly +0 there, and adds the terms in estimator order.
     """
-    terms = prep["terms"]
     R = lp.shape[0]
     kl = None if len(terms) == 1 and terms[0][2] is None else torch.zeros_like(lp)
     parts = []
-    full = None
     for j, w, ranges in terms:
         djs, es = [], []
         for s, t in ranges or [(0, R)]:
             if j == 3:
-                if full is None:
-                    full = mu - prep["mu_ref"]
-                term = full[s:t].square().div_(prep["var2"][s:t]).mul_(w[s:t])
+                term = full_term(s, t, w)
             else:
                 dj = lp[s:t] - ref_logp[s:t]
                 if j == 0:
@@ -201,7 +228,7 @@ def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict) -> tuple[T
                 kl[s:t].add_(term)
         if j < 3:
             parts.append((j, ranges, w, djs, es or None))
-    return (torch.zeros_like(lp) if kl is None else kl), parts, full
+    return (torch.zeros_like(lp) if kl is None else kl), parts
 
 
 def _keep(v: Tensor, ranges: Ranges) -> Tensor:
