@@ -64,6 +64,7 @@ from envs.params import (
     check_vector,
     set_field,
 )
+from envs.softmax import softmax_last
 
 REWARDS = ("bump", "linear", "quadratic")
 STEP_VARIANCES = ("beta", "posterior")
@@ -236,13 +237,13 @@ class DiffusionChainCore:
     def responsibilities(self, x: Tensor, t: int = 0) -> Tensor:
         """``q_t(m | x)`` ``[*B, M]``: posterior probability of each mixture component (t = 0: under p_data)."""
         log_comp, _, _ = self._marginal(x, t)
-        return torch.softmax(log_comp, -1)
+        return softmax_last(log_comp)
 
     def denoise(self, x: Tensor, t: int) -> Tensor:
         """Exact ``E_q[x_0 | x_t = x]`` ``[*B, d]`` (Tweedie): ``Σ_m q_t(m|x)·(m_m + √ᾱ_t s_m²/v_m (x − √ᾱ_t m_m))``
         with ``v_m = ᾱ_t s_m² + 1 − ᾱ_t``."""
         log_comp, means, var = self._marginal(x, t)
-        resp = torch.softmax(log_comp, -1)  # [*B, M]
+        resp = softmax_last(log_comp)  # [*B, M]
         ab = self.alpha_bar[t].to(x.dtype)
         gain = ab.sqrt() * self.mode_var.to(x.dtype) / var  # [M]
         post = self.modes.to(x.dtype) + gain[:, None] * (x.unsqueeze(-2) - means)  # [*B, M, d]
@@ -277,7 +278,7 @@ class DiffusionChainCore:
         diff = x - c["means"]  # [*B, M]
         # log w − ½(x − m)²/v − ½·log 2πv, in place (a − b is a + (−b) exactly)
         log_comp = diff.square().mul_(0.5).div_(c["var"]).neg_().add_(c["log_w"]).sub_(c["log_norm"])
-        resp = torch.softmax(log_comp, -1)
+        resp = softmax_last(log_comp)
         weighted = diff.mul_(c["gain"]).add_(c["modes"]).mul_(resp)  # q_t(m|x)·(m + gain·(x − √ᾱ m))
         if weighted.shape[-1] == 2:  # the sum of two: a + b, and +0 for −0 + −0 as the reduction gives
             den = (weighted[..., :1] + weighted[..., 1:]).add_(0.0)
