@@ -276,9 +276,10 @@ class DiffusionChainCore:
         axis of size d to sum (a sum over one non-negative number is that number) and no constants rebuilt."""
         c = self._step_constants(t, x.dtype)
         diff = x - c["means"]  # [*B, M]
-        # log w − ½(x − m)²/v − ½·log 2πv, in place (a − b is a + (−b) exactly)
-        log_comp = diff.square().mul_(0.5).div_(c["var"]).neg_().add_(c["log_w"]).sub_(c["log_norm"])
-        resp = softmax_last(log_comp)
+        # log w − ½(x − m)²/v − ½·log 2πv, in place
+        t_sq = diff.square().mul_(0.5).div_(c["var"])
+        log_comp = torch.sub(c["log_w"], t_sq, out=t_sq).sub_(c["log_norm"])
+        resp = softmax_last(log_comp, inplace=True)
         weighted = diff.mul_(c["gain"]).add_(c["modes"]).mul_(resp)  # q_t(m|x)·(m + gain·(x − √ᾱ m))
         if weighted.shape[-1] == 2:  # the sum of two: a + b, and +0 for −0 + −0 as the reduction gives
             den = (weighted[..., :1] + weighted[..., 1:]).add_(0.0)

@@ -25,7 +25,17 @@ from torch import Tensor
 def softmax2(x: Tensor) -> Tensor:
     """Softmax over the last axis of ``x [*B, 2]``, by the softmax kernel's own arithmetic."""
     z = x - torch.maximum(x[..., :1], x[..., 1:])  # ≤ 0 (or NaN)
-    e = torch.ops.aten.log_sigmoid_forward(z)[1]  # its buffer: exp(−|z|) = exp(z)
+    return _normalize(torch.ops.aten.log_sigmoid_forward(z)[1])  # its buffer: exp(−|z|) = exp(z)
+
+
+def softmax2_(x: Tensor) -> Tensor:
+    """:func:`softmax2` computed in place of ``x`` (which it overwrites with ``x − max``)."""
+    z = x.sub_(torch.maximum(x[..., :1], x[..., 1:]))
+    return _normalize(torch.ops.aten.log_sigmoid_forward(z)[1])
+
+
+def _normalize(e: Tensor) -> Tensor:
+    """``e_i·(1/(e_0 + e_1))`` in place of ``e [*B, 2]``."""
     return e.mul_((e[..., :1] + e[..., 1:]).reciprocal_())
 
 
@@ -46,9 +56,10 @@ def softmax2_is_exact() -> bool:
     return True
 
 
-def softmax_last(x: Tensor) -> Tensor:
-    """``torch.softmax(x, -1)`` (bitwise): :func:`softmax2` for two entries on CPU where it is exact."""
+def softmax_last(x: Tensor, inplace: bool = False) -> Tensor:
+    """``torch.softmax(x, -1)`` (bitwise): :func:`softmax2` for two entries on CPU where it is exact (with
+    ``inplace``, :func:`softmax2_`, which overwrites ``x``)."""
     if x.shape[-1] == 2 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
             and softmax2_is_exact():
-        return softmax2(x)
+        return softmax2_(x) if inplace else softmax2(x)
     return torch.softmax(x, -1)
