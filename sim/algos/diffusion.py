@@ -306,8 +306,9 @@ class DiffusionTrainer(BatchTrainer):
         """:meth:`_ppo_loss` and its gradients by :mod:`sim.algos.diffusion_loss` (bitwise autograd's)."""
         tr = self.cfg.train
         lo, hi = clip_bounds(tr.clip, tr.clip_low, tr.clip_high)
+        out = (self.opt.grad_buffer("bias"), self.opt.grad_buffer("gain")) if self.opt.kind == "adam" else None
         return diffusion_loss.loss_and_grads(prep, self.params["bias"], self.params["gain"], self.alive, tr.clip,
-                                             lo, hi, want_diag)
+                                             lo, hi, want_diag, out)
 
     # -- evaluation metrics ---------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, Tensor]:

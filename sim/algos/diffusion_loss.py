@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from sim.engine.kl import estimator_weights
+from sim.engine.loop import FINITE
 from sim.engine.placement import Clamp, RunTensors
 from sim.engine.ppo import clipped_fraction, ppo_diagnostics
 
@@ -80,9 +81,12 @@ def _ranges(on: list[bool]) -> Ranges:
 
 
 def loss_and_grads(prep: dict, bias: Tensor, gain: Tensor, alive: Tensor, clip: float, lo: float, hi: float,
-                   want_diag: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+                   want_diag: bool, out: tuple[Tensor, Tensor] | None = None
+                   ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """Per-run loss ``[R]``, diagnostics (if ``want_diag``) and the gradients of ``Σ_r alive_r·loss_r`` with
-    respect to ``bias`` and ``gain`` ``[R, T, 1]``, bitwise those autograd gives for the trainer's loss.
+    respect to ``bias`` and ``gain`` ``[R, T, 1]``, bitwise those autograd gives for the trainer's loss
+    (written into ``out``, e.g. the optimizer's gradient buffers, if given), with under
+    :data:`sim.engine.loop.FINITE` whether each run's are all finite.
 
     Every operation is the trainer's (or autograd's) on the same operands, run in place on a tensor of its
     own where it can be; a gradient that is the same for every sample of a run (the loss is a per-run mean
@@ -133,8 +137,20 @@ def loss_and_grads(prep: dict, bias: Tensor, gain: Tensor, alive: Tensor, clip: 
         _, w, ranges = prep["terms"][-1]
         g_term = g_run if ranges is None else _keep(g_run, ranges)
         g_mu.add_(((g_term * w) / prep["var2"]).mul_(full.mul_(2)))
-    grads = {"bias": _sum_episodes(g_mu), "gain": _sum_episodes(g_mu.mul_(x))}
+    gb, gg = out if out is not None else (None, None)
+    grads = {"bias": _sum_episodes(g_mu, gb), "gain": _sum_episodes(g_mu.mul_(x), gg)}
+    grads[FINITE] = _all_finite(grads["bias"], grads["gain"])
     return loss, diag, grads
+
+
+def _all_finite(a: Tensor, b: Tensor) -> Tensor:
+    """``[R]``: whether every entry of run r's rows of ``a`` and ``b`` ``[R, …]`` is finite (one sum per row
+    in the common case, as :func:`sim.engine.loop.finite_per_run`; elementwise where a sum is not)."""
+    R = a.shape[0]
+    ok = torch.isfinite(a.reshape(R, -1).sum(-1) + b.reshape(R, -1).sum(-1))
+    if bool(ok.all()):
+        return ok
+    return torch.isfinite(a.reshape(R, -1)).all(-1) & torch.isfinite(b.reshape(R, -1)).all(-1)
 
 
 def _surrogate_grad(g_min: Tensor, pa: Tensor, pb: Tensor, ratio: Tensor, adv: Tensor, lo: float, hi: float
@@ -239,9 +255,10 @@ def _keep(v: Tensor, ranges: Ranges) -> Tensor:
     return out
 
 
-def _sum_episodes(v: Tensor) -> Tensor:
-    """``[R, N, T] → [R, T, 1]``: each entry's sum over episodes, left to right from zero (as ``scatter_add``)."""
+def _sum_episodes(v: Tensor, out: Tensor | None = None) -> Tensor:
+    """``[R, N, T] → [R, T, 1]``: each entry's sum over episodes, left to right from zero (as ``scatter_add``),
+    written into ``out [R, T, 1]`` if given."""
     R, N, T = v.shape
-    out = torch.zeros(1, R, T, dtype=v.dtype, device=v.device)
-    out.index_add_(0, torch.zeros(N, dtype=torch.long, device=v.device), v.transpose(0, 1).contiguous())
-    return out.view(R, T, 1)
+    acc = torch.zeros(1, R, T, dtype=v.dtype, device=v.device) if out is None else out.view(1, R, T).zero_()
+    acc.index_add_(0, torch.zeros(N, dtype=torch.long, device=v.device), v.transpose(0, 1).contiguous())
+    return acc.view(R, T, 1)
