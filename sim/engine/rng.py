@@ -103,10 +103,11 @@ def _hash32_i32_(x: Tensor) -> Tensor:
 
 
 def _unit_i32(h: Tensor) -> Tensor:
-    """:func:`_unit` of the unsigned 32-bit value whose bit pattern the int32 ``h`` holds (exact, like
+    """:func:`_unit` of the unsigned 32-bit value whose bit pattern the int32 ``h`` holds: ``_unit(h)`` of the
+    signed value lies in (−½, ½), and ``u − floor(u)`` adds 1 to the negative ones (exact, like
     ``remainder(_unit(h), 1)``: both are the unique float64 ``(h mod 2^32 + ½)/2^32``)."""
-    u = h.to(torch.int64).bitwise_and_(_MASK32).to(torch.float64)
-    return u.add_(0.5).mul_(1.0 / 4294967296.0)
+    u = h.to(torch.float64).add_(0.5).mul_(1.0 / 4294967296.0)
+    return u.sub_(torch.floor(u))
 
 
 def _i32_is_exact() -> bool:
