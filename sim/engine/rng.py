@@ -184,8 +184,9 @@ def uniform_at(key: Tensor, index: Tensor, n: int, dtype: torch.dtype = torch.fl
 
 def normal(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> Tensor:
     """Standard normals ``[R, *shape]`` by Box–Muller from two independent uniform streams."""
-    u1 = uniform(fold(key, 1), shape)
-    u2 = uniform(fold(key, 2), shape)
+    R = key.shape[0]
+    u = uniform(torch.cat([fold(key, 1), fold(key, 2)]), shape)  # both streams in one pass: [2R, *shape]
+    u1, u2 = u[:R], u[R:]
     # sqrt(−2·log u1)·cos(2π·u2), each operation in place on fresh tensors (the same numbers)
     z = torch.log(u1).mul_(-2.0).sqrt_().mul_(u2.mul_(2.0 * torch.pi).cos_())
     return z.to(dtype)
