@@ -202,10 +202,11 @@ class DiffusionTrainer(BatchTrainer):
             names = (names - {"mu_ref"}) | {"base"}
         buf = {k: torch.empty(R, N, T, d, dtype=self.dtype, device=self.device) for k in names}
         x_T = x
+        params = {k: v.detach() for k, v in self.params.items()}  # views without autograd bookkeeping
         with torch.no_grad():
             for i in range(T):
                 base = self.core.ref_mean(x, T - i, out=buf["base"][:, :, i] if "base" in buf else None)
-                corr = self.policy(self.params, x, i)
+                corr = self.policy(params, x, i)
                 mu = torch.add(base, corr, out=buf["mu"][:, :, i]) if "mu" in buf else base + corr
                 if not frozen_ref and "mu_ref" in buf:
                     torch.add(base, self.policy(self.ref_params, x, i), out=buf["mu_ref"][:, :, i])
