@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sim.config import PLACEMENTS
 from sim.engine.kl import estimator_weights
 from sim.engine.loop import FINITE
 from sim.engine.placement import Clamp, RunTensors
@@ -37,8 +38,8 @@ Ranges = list[tuple[int, int]]
 
 def applies(policy: str, dim: int, minibatches: int, clamp: Clamp, rt: RunTensors) -> bool:
     """Whether :func:`loss_and_grads` gives this batch's loss and gradients (see the module docstring)."""
-    return (policy == "tabular" and dim == 1 and minibatches == 1 and not clamp.active
-            and not bool((rt.coef("loss_is") != 0).any()))
+    is_weighted = rt.is_correction & (rt.placement == PLACEMENTS.index("loss"))
+    return policy == "tabular" and dim == 1 and minibatches == 1 and not clamp.active and not bool(is_weighted.any())
 
 
 def step_constants(step: Tensor, valid: Tensor, step_var: Tensor, T: int, dtype: torch.dtype) -> dict[str, Tensor]:
