@@ -10,8 +10,10 @@ gives 0 outside its mask). The per-sample gradients are summed into each run's s
 episode from zero (``index_add_`` along the episode axis), in the order autograd's ``scatter_add`` sums them.
 Each run uses one KL estimator, so a sampled estimator is evaluated on the runs that use it only (contiguous
 ranges of runs; elsewhere its term and its share of the gradient are exactly +0, as ``where`` makes them), and
-terms are added to zeros wherever the trainer's sum adds zeros to them (which turns a −0 into +0).
-So the loss, the diagnostics and the gradients are bitwise those of autograd.
+terms are added to zeros wherever the trainer's sum adds zeros to them (which turns a −0 into +0). The clipped
+surrogate's branches are picked by 0/1 float masks (:func:`_surrogate_grad`), which can only turn a +0 into a
+−0 (absorbed by the sums from +0) or a masked non-finite value into NaN (in a run whose gradient is non-finite
+either way). So the loss, the diagnostics and the gradients are bitwise those of autograd.
 
 It applies when every run of the batch has a tabular correction in d = 1, full-batch epochs
 (``train.minibatches = 1``), no log-ratio clamp and no importance-weighted KL (:func:`applies`); otherwise the
