@@ -64,6 +64,7 @@ from envs.params import (
     check_vector,
     set_field,
 )
+from envs.softmax import softmax_last
 
 REWARDS = ("bump", "linear", "quadratic")
 STEP_VARIANCES = ("beta", "posterior")
@@ -202,6 +203,7 @@ class DiffusionChainCore:
         self.log_w = params.mode_weight_vector().log().to(dev)  # [M]
         self.mode_var = params.mode_std_vector().square().to(dev)  # [M]
         self.reward_noise = params.reward_noise
+        self._consts: dict[tuple[int, torch.dtype], dict[str, Tensor]] = {}
         self._coef = torch.tensor(check_vector("reward_coef", params.reward_coef, params.dim)
                                   if params.reward == "linear" else (float(params.reward_coef),) * params.dim,
                                   dtype=torch.float64, device=dev)
@@ -235,31 +237,65 @@ class DiffusionChainCore:
     def responsibilities(self, x: Tensor, t: int = 0) -> Tensor:
         """``q_t(m | x)`` ``[*B, M]``: posterior probability of each mixture component (t = 0: under p_data)."""
         log_comp, _, _ = self._marginal(x, t)
-        return torch.softmax(log_comp, -1)
+        return softmax_last(log_comp)
 
     def denoise(self, x: Tensor, t: int) -> Tensor:
         """Exact ``E_q[x_0 | x_t = x]`` ``[*B, d]`` (Tweedie): ``Σ_m q_t(m|x)·(m_m + √ᾱ_t s_m²/v_m (x − √ᾱ_t m_m))``
         with ``v_m = ᾱ_t s_m² + 1 − ᾱ_t``."""
         log_comp, means, var = self._marginal(x, t)
-        resp = torch.softmax(log_comp, -1)  # [*B, M]
+        resp = softmax_last(log_comp)  # [*B, M]
         ab = self.alpha_bar[t].to(x.dtype)
         gain = ab.sqrt() * self.mode_var.to(x.dtype) / var  # [M]
         post = self.modes.to(x.dtype) + gain[:, None] * (x.unsqueeze(-2) - means)  # [*B, M, d]
         return (resp.unsqueeze(-1) * post).sum(-2)
 
-    def ref_mean(self, x: Tensor, t: int) -> Tensor:
-        """The reference denoiser's step mean ``μ_ref(x_t, t) = E_q[x_{t−1} | x_t]`` ``[*B, d]``."""
-        return self.c1[t].to(x.dtype) * self.denoise(x, t) + self.c2[t].to(x.dtype) * x
+    def ref_mean(self, x: Tensor, t: int, out: Tensor | None = None) -> Tensor:
+        """The reference denoiser's step mean ``μ_ref(x_t, t) = E_q[x_{t−1} | x_t]`` ``[*B, d]`` (written into
+        ``out`` if given)."""
+        if self.dim == 1:
+            return self._ref_mean_1d(x, t, out)
+        return torch.add(self.c1[t].to(x.dtype) * self.denoise(x, t), self.c2[t].to(x.dtype) * x, out=out)
+
+    def _step_constants(self, t: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The per-component constants of step ``t`` in ``dtype`` (cached), computed by the same operations as
+        :meth:`_marginal` and :meth:`denoise`: ``means``, ``var``, ``log_w``, ``log_norm`` (``½d·log 2πv``),
+        ``gain``, ``modes`` (each ``[M]`` for d = 1) and ``c1``, ``c2`` (0-d)."""
+        key = (t, dtype)
+        if key not in self._consts:
+            ab = self.alpha_bar[t].to(dtype)
+            var = ab * self.mode_var.to(dtype) + (1.0 - ab)
+            self._consts[key] = {
+                "means": (ab.sqrt() * self.modes.to(dtype))[:, 0], "var": var, "log_w": self.log_w.to(dtype),
+                "log_norm": 0.5 * self.dim * torch.log(2 * math.pi * var),
+                "gain": ab.sqrt() * self.mode_var.to(dtype) / var, "modes": self.modes.to(dtype)[:, 0],
+                "c1": self.c1[t].to(dtype), "c2": self.c2[t].to(dtype)}
+        return self._consts[key]
+
+    def _ref_mean_1d(self, x: Tensor, t: int, out: Tensor | None = None) -> Tensor:
+        """:meth:`ref_mean` for d = 1 (``x [*B, 1]``), the same numbers from ``[*B, M]`` tensors: no component
+        axis of size d to sum (a sum over one non-negative number is that number) and no constants rebuilt."""
+        c = self._step_constants(t, x.dtype)
+        diff = x - c["means"]  # [*B, M]
+        # log w − ½(x − m)²/v − ½·log 2πv, in place
+        t_sq = diff.square().mul_(0.5).div_(c["var"])
+        log_comp = torch.sub(c["log_w"], t_sq, out=t_sq).sub_(c["log_norm"])
+        resp = softmax_last(log_comp, inplace=True)
+        weighted = diff.mul_(c["gain"]).add_(c["modes"]).mul_(resp)  # q_t(m|x)·(m + gain·(x − √ᾱ m))
+        if weighted.shape[-1] == 2:  # the sum of two: a + b, and +0 for −0 + −0 as the reduction gives
+            den = (weighted[..., :1] + weighted[..., 1:]).add_(0.0)
+        else:
+            den = weighted.sum(-1, keepdim=True)
+        return torch.add(den.mul_(c["c1"]), c["c2"] * x, out=out)
 
     def log_prob(self, x_prev: Tensor, mean: Tensor, t: int | Tensor) -> Tensor:
         """Log-density ``[*B]`` of ``x_{t−1} = x_prev`` under ``N(mean, σ_t² I)`` (``t`` an int or a tensor of
         steps broadcasting against ``[*B]``)."""
         var = self.step_var[t].to(x_prev.dtype)
-        return -0.5 * (x_prev - mean).square().sum(-1) / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+        return -0.5 * _sum_last(x_prev - mean) / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
 
     def step_kl(self, mean: Tensor, ref_mean: Tensor, t: int | Tensor) -> Tensor:
         """Closed-form KL(N(mean, σ_t²I) ‖ N(ref_mean, σ_t²I)) = ‖mean − ref_mean‖²/(2σ_t²) ``[*B]`` (seed eq. 39)."""
-        return (mean - ref_mean).square().sum(-1) / (2.0 * self.step_var[t].to(mean.dtype))
+        return _sum_last(mean - ref_mean) / (2.0 * self.step_var[t].to(mean.dtype))
 
     # -- reward -----------------------------------------------------------------------------------------------
     def reward(self, x0: Tensor) -> Tensor:
@@ -294,6 +330,13 @@ class DiffusionChainCore:
         for i, t in enumerate(range(self.T, 0, -1), start=1):
             x = self.ref_mean(x, t) + self.step_std(t) * noise[:, i]
         return x
+
+
+def _sum_last(diff: Tensor) -> Tensor:
+    """``‖diff‖²`` over the last axis ``[*B, d] → [*B]``; for d = 1 the square itself (a sum of one
+    non-negative number is that number), without a reduction kernel."""
+    sq = diff.square()
+    return sq[..., 0] if sq.shape[-1] == 1 else sq.sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------

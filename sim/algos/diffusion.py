@@ -48,13 +48,14 @@ from torch import Tensor
 
 import envs
 from envs.diffusion_chain import DiffusionChainCore, density_grid, tilt_weights
+from sim.algos import diffusion_loss
 from sim.algos.gaussian import check_continuous_ppo
 from sim.config import Config, ConfigError
 from sim.engine import rng
 from sim.engine.kl import all_estimates
 from sim.engine.loop import BatchTrainer
 from sim.engine.outputs import snapshot
-from sim.engine.placement import kl_loss_term, kl_reward_penalty
+from sim.engine.placement import kl_loss_term
 from sim.engine.ppo import clip_bounds, clipped_surrogate, gae, masked_mean, normalize_per_run, ppo_diagnostics
 
 EVAL_STREAM = 0x7E57
@@ -128,8 +129,11 @@ class DiffusionTrainer(BatchTrainer):
             self.params[k].requires_grad_(True)
         self._make_optimizer()
         self.baseline = "mean" if cfg.train.baseline == "auto" else cfg.train.baseline
+        self.fast_loss = diffusion_loss.applies(cfg.train.policy, self.d, cfg.train.minibatches, self.clamp, self.rt)
+        self._loss_consts: dict[str, Tensor] | None = None
         # σ_t and σ_t² per step index i = T − t, in the training dtype
         self.var = torch.stack([self.core.step_var[self.T - i] for i in range(self.T)]).to(device, self.dtype)
+        self.std_steps = torch.stack([self.var[i].sqrt() for i in range(self.T)]).view(self.T, 1)  # σ_i [T, 1]
         self._init_tilt()
         self._eval_cache: tuple[int, dict[str, Tensor]] | None = None
         self._last_update = 0
@@ -179,30 +183,39 @@ class DiffusionTrainer(BatchTrainer):
         return self._tilt_cache[key]
 
     # -- rollouts -----------------------------------------------------------------------------------------------
-    def _rollout(self, key: Tensor, N: int) -> dict[str, Tensor]:
+    def _rollout(self, key: Tensor, N: int, keep: tuple[str, ...] = ("x", "a", "base", "mu", "mu_ref")
+                 ) -> dict[str, Tensor]:
         """``N`` chains per run from the current policy (no gradient), stacked per step index ``i = T − t``.
 
-        Returns ``x`` (x_t), ``a`` (x_{t−1}), ``base`` (μ_ref of the exact denoiser), ``mu`` (μ_θ), ``mu_ref``
-        (the reference's mean, = base unless the reference schedule moved it), each ``[R, N, T, d]``; ``x0``
-        ``[R, N, d]``.
+        Returns those of ``x`` (x_t), ``a`` (x_{t−1}), ``base`` (μ_ref of the exact denoiser), ``mu`` (μ_θ),
+        ``mu_ref`` (the reference's mean, = base unless the reference schedule moved it; then the same tensor
+        as ``base`` if both are kept) named in ``keep``, each ``[R, N, T, d]``; and ``x0`` ``[R, N, d]``.
         """
         R, d, T = self.R, self.d, self.T
         x = rng.normal(rng.fold(key, 0), (N, d), dtype=self.dtype)
-        eps = rng.normal(rng.fold(key, 1), (N, T, d), dtype=self.dtype)
-        out = {k: torch.empty(R, N, T, d, dtype=self.dtype, device=self.device)
-               for k in ("x", "a", "base", "mu", "mu_ref")}
+        noise = rng.normal(rng.fold(key, 1), (N, T, d), dtype=self.dtype).mul_(self.std_steps)  # σ_i·ε_i
         frozen_ref = self.cfg.reference.schedule == "frozen"
+        # buffers written in place step by step; x_t is filled from a = x_{t−1} at the end; a frozen reference's
+        # correction is exactly 0 (zero output layer), so its μ_ref is the base denoiser (the same buffer)
+        names = set(keep) | ({"a"} if "x" in keep else set())
+        if frozen_ref and "mu_ref" in names:
+            names = (names - {"mu_ref"}) | {"base"}
+        buf = {k: torch.empty(R, N, T, d, dtype=self.dtype, device=self.device) for k in names}
+        x_T = x
+        params = {k: v.detach() for k, v in self.params.items()}  # views without autograd bookkeeping
         with torch.no_grad():
             for i in range(T):
-                t = T - i
-                base = self.core.ref_mean(x, t)
-                mu = base + self.policy(self.params, x, i)
-                # a frozen reference's correction is exactly 0 (zero output layer), so μ_ref is the base denoiser
-                mu_ref = base if frozen_ref else base + self.policy(self.ref_params, x, i)
-                a = mu + self.var[i].sqrt() * eps[:, :, i]
-                for k, v in (("x", x), ("a", a), ("base", base), ("mu", mu), ("mu_ref", mu_ref)):
-                    out[k][:, :, i] = v
-                x = a
+                base = self.core.ref_mean(x, T - i, out=buf["base"][:, :, i] if "base" in buf else None)
+                corr = self.policy(params, x, i)
+                mu = torch.add(base, corr, out=buf["mu"][:, :, i]) if "mu" in buf else base + corr
+                if not frozen_ref and "mu_ref" in buf:
+                    torch.add(base, self.policy(self.ref_params, x, i), out=buf["mu_ref"][:, :, i])
+                x = torch.add(mu, noise[:, :, i], out=buf["a"][:, :, i]) if "a" in buf else mu + noise[:, :, i]
+        out = {k: buf[k] for k in keep if k in buf}
+        if "mu_ref" in keep and frozen_ref:
+            out["mu_ref"] = buf["base"]
+        if "x" in keep:
+            out["x"] = torch.cat([x_T.unsqueeze(2), buf["a"][:, :, :-1]], dim=2)
         out["x0"] = x
         return out
 
@@ -226,28 +239,41 @@ class DiffusionTrainer(BatchTrainer):
         ref_c = self.clamp(logp, ref_logp, valid)
         step_reward = torch.zeros(R, N, T, dtype=self.dtype, device=self.device)
         step_reward[..., -1] = self.reward_scale * reward
-        shaped = step_reward - kl_reward_penalty(logp, ref_c, k_full, rt)
+        shaped = step_reward - diffusion_loss.reward_penalty(logp, ref_c, k_full, rt)
         zeros = torch.zeros_like(shaped)
         ret = gae(shaped, zeros, zeros, done, valid, tr.gamma, 1.0)
         adv = ret - ret.mean(1, keepdim=True) if self.baseline == "mean" else ret
         if tr.norm_adv:
             adv = normalize_per_run(adv, valid)
-        step = torch.arange(T, device=self.device).expand(R, N, T)
         flat = {"x": roll["x"], "a": roll["a"], "base": roll["base"], "mu_ref": roll["mu_ref"]}
         flat = {k: v.reshape(R, N * T, d) for k, v in flat.items()}
         flat.update({k: v.reshape(R, N * T) for k, v in
-                     (("logp", logp), ("ref_logp", ref_logp), ("adv", adv.detach()), ("valid", valid),
-                      ("step", step))})
-        stats = self._ppo_epochs(flat, update, self._ppo_loss)
+                     (("logp", logp), ("ref_logp", ref_logp), ("adv", adv.detach()), ("valid", valid))})
+        if self.fast_loss:
+            consts = self._loss_consts
+            if consts is None or consts["count"].shape[0] != R or consts["var"].shape[1] != N:
+                consts = self._loss_consts = diffusion_loss.step_constants(
+                    self._steps(R, N), flat["valid"], self.core.step_var, T, self.dtype)
+            stats = self._ppo_epochs(flat, update, self._ppo_loss_fast,
+                                     prepare=lambda mb: diffusion_loss.prepare(mb, consts, rt))
+        else:
+            flat["step"] = self._steps(R, N)
+            stats = self._ppo_epochs(flat, update, self._ppo_loss)
         self.env_steps += N * T
-        ks = all_estimates(logp, ref_logp).to(torch.float64).sum(2).mean(1)  # per-episode sums, batch mean
-        out = {"reward": reward.to(torch.float64).mean(1),
-               "kl_k1": ks[:, 0], "kl_k2": ks[:, 1], "kl_k3": ks[:, 2],
-               "kl_full_sampled": k_full.to(torch.float64).sum(2).mean(1),
-               "episode_length": torch.full((R,), float(T), dtype=torch.float64, device=self.device), **stats}
-        self._control_beta(out["kl_k1"], N)
+        logs = self._logs_at(update)
+        out: dict[str, Tensor] = {}
+        if logs or bool(rt.adaptive.any()):  # the β controller needs kl_k1; the rest is only logged
+            ks = all_estimates(logp, ref_logp).to(torch.float64).sum(2).mean(1)  # per-episode sums, batch mean
+            if logs:
+                out["reward"] = reward.to(torch.float64).mean(1)
+            out.update(kl_k1=ks[:, 0], kl_k2=ks[:, 1], kl_k3=ks[:, 2])
+            if logs:
+                out.update(kl_full_sampled=k_full.to(torch.float64).sum(2).mean(1),
+                           episode_length=torch.full((R,), float(T), dtype=torch.float64, device=self.device))
+            self._control_beta(out["kl_k1"], N)
+        out.update(stats)
         n_traj = self.cfg.log.trajectories
-        if n_traj > 0 and self._logs_at(update):
+        if n_traj > 0 and logs:
             traj_reward = torch.zeros_like(step_reward[:, :n_traj])  # the unscaled task reward, at t = 1
             traj_reward[..., -1] = reward[:, :n_traj]
             steps = {"valid": valid[:, :n_traj], "action": roll["a"][:, :n_traj, :, 0], "reward": traj_reward,
@@ -257,6 +283,10 @@ class DiffusionTrainer(BatchTrainer):
                                                             (R, min(n_traj, N), T)).copy())
             self.traj_log.append(rec)
         return out
+
+    def _steps(self, R: int, N: int) -> Tensor:
+        """The step index ``i`` of every sample ``[R, N·T]`` (episode-major)."""
+        return torch.arange(self.T, device=self.device).expand(R, N, self.T).reshape(R, N * self.T)
 
     def _ppo_loss(self, mb: dict[str, Tensor], want_diag: bool = True, want_loss: bool = True
                   ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -272,6 +302,15 @@ class DiffusionTrainer(BatchTrainer):
         diag = ppo_diagnostics(pg, kl_term, clipped, mb["logp"] - lp, valid) if want_diag else {}
         return masked_mean(pg + kl_term, valid), diag
 
+    def _ppo_loss_fast(self, prep: dict, want_diag: bool = True, want_loss: bool = True
+                       ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`_ppo_loss` and its gradients by :mod:`sim.algos.diffusion_loss` (bitwise autograd's)."""
+        tr = self.cfg.train
+        lo, hi = clip_bounds(tr.clip, tr.clip_low, tr.clip_high)
+        out = (self.opt.grad_buffer("bias"), self.opt.grad_buffer("gain")) if self.opt.kind == "adam" else None
+        return diffusion_loss.loss_and_grads(prep, self.params["bias"], self.params["gain"], self.alive, tr.clip,
+                                             lo, hi, want_diag, out)
+
     # -- evaluation metrics ---------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, Tensor]:
         """Metrics of the current policy from a fresh evaluation batch (cached per update)."""
@@ -280,7 +319,7 @@ class DiffusionTrainer(BatchTrainer):
             return self._eval_cache[1]
         n = max(1024, self.cfg.train.batch)
         key = rng.fold(rng.fold(self.rt.keys, EVAL_STREAM), u)
-        roll = self._rollout(key, n)
+        roll = self._rollout(key, n, keep=("mu", "mu_ref"))
         mu, mu_ref = roll["mu"].to(torch.float64), roll["mu_ref"].to(torch.float64)
         x0 = roll["x0"].to(torch.float64)
         t = torch.arange(self.T, 0, -1, device=self.device)

@@ -89,6 +89,27 @@ def _hash32_i32(x: Tensor) -> Tensor:
     return x ^ ((x >> c["s14"]) & c["m18"])
 
 
+def _hash32_i32_(x: Tensor) -> Tensor:
+    """:func:`_hash32_i32` in place on ``x`` (the same operations in the same order; one scratch tensor
+    instead of a new tensor per operation)."""
+    c = _i32(x.device)
+    t = torch.empty_like(x)
+    for s, m, mul in (("s17", "m15", "c1"), ("s11", "m21", "c2"), ("s15", "m17", "c3"), ("s14", "m18", None)):
+        torch.bitwise_right_shift(x, c[s], out=t)
+        x.bitwise_xor_(t.bitwise_and_(c[m]))
+        if mul is not None:
+            x.mul_(c[mul])
+    return x
+
+
+def _unit_i32(h: Tensor) -> Tensor:
+    """:func:`_unit` of the unsigned 32-bit value whose bit pattern the int32 ``h`` holds: ``_unit(h)`` of the
+    signed value lies in (−½, ½), and ``u − floor(u)`` adds 1 to the negative ones (exact, like
+    ``remainder(_unit(h), 1)``: both are the unique float64 ``(h mod 2^32 + ½)/2^32``)."""
+    u = h.to(torch.float64).add_(0.5).mul_(1.0 / 4294967296.0)
+    return u.sub_(torch.floor(u))
+
+
 def _i32_is_exact() -> bool:
     x = torch.cat([torch.tensor([0, 1, 2**31 - 1, 2**31, _MASK32 - 1, _MASK32, 0x9E3779B9]),
                    torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0))])
@@ -135,9 +156,9 @@ def uniform(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.floa
         return _unit(h).reshape((key.shape[0],) + tuple(shape)).to(dtype)
     c = _i32(key.device)  # the int32 form of uniform_at: bitwise the same numbers, about twice as fast
     k = key.to(torch.int32)[:, None]
-    h = _hash32_i32(k ^ _hashed_counter(n, key.device, torch.int32)[None, :])
-    h = _hash32_i32(h ^ ((k >> c["s7"]) & c["m25"]))
-    return _unit(h.to(torch.long) & _MASK32).reshape((key.shape[0],) + tuple(shape)).to(dtype)
+    h = _hash32_i32_(k ^ _hashed_counter(n, key.device, torch.int32)[None, :])
+    h = _hash32_i32_(h.bitwise_xor_((k >> c["s7"]) & c["m25"]))
+    return _unit_i32(h).reshape((key.shape[0],) + tuple(shape)).to(dtype)
 
 
 def _unit(h: Tensor) -> Tensor:
@@ -164,7 +185,9 @@ def uniform_at(key: Tensor, index: Tensor, n: int, dtype: torch.dtype = torch.fl
 
 def normal(key: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> Tensor:
     """Standard normals ``[R, *shape]`` by Box–Muller from two independent uniform streams."""
-    u1 = uniform(fold(key, 1), shape)
-    u2 = uniform(fold(key, 2), shape)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+    R = key.shape[0]
+    u = uniform(torch.cat([fold(key, 1), fold(key, 2)]), shape)  # both streams in one pass: [2R, *shape]
+    u1, u2 = u[:R], u[R:]
+    # sqrt(−2·log u1)·cos(2π·u2), each operation in place on fresh tensors (the same numbers)
+    z = torch.log(u1).mul_(-2.0).sqrt_().mul_(u2.mul_(2.0 * torch.pi).cos_())
     return z.to(dtype)
