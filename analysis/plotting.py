@@ -255,11 +255,32 @@ def save(fig: Figure, path: str | Path, formats: Sequence[str] = FORMATS) -> lis
     base.parent.mkdir(parents=True, exist_ok=True)
     out = []
     with mpl.rc_context(PAPER_RC):
+        bbox = freeze_layout(fig) if mpl.rcParams["savefig.bbox"] == "tight" else None
         for fmt in formats:
             target = base.with_name(f"{base.name}.{fmt}")
-            fig.savefig(target, format=fmt)
+            fig.savefig(target, format=fmt, bbox_inches=bbox)
             out.append(target)
     return out
+
+
+def freeze_layout(fig: Figure) -> Any:
+    """Lay ``fig`` out once (its layout engine, at the PNG resolution) and return its tight bounding box
+    (inches, padded by ``savefig.pad_inches``); the layout engine is then switched off, so every format saved
+    with that box draws the figure once instead of laying it out and measuring it again (twice per format
+    with ``bbox_inches="tight"`` and a constrained layout)."""
+    dpi = fig.dpi
+    save_dpi = mpl.rcParams["savefig.dpi"]
+    fig.dpi = dpi if save_dpi == "figure" else float(save_dpi)
+    try:
+        engine = fig.get_layout_engine()
+        if engine is not None:
+            engine.execute(fig)
+        bbox = fig.get_tightbbox()
+    finally:
+        fig.dpi = dpi
+    fig.set_layout_engine(None)
+    pad = mpl.rcParams["savefig.pad_inches"]
+    return bbox.padded(pad)
 
 
 def new_figure(width: float, height: float) -> Figure:
