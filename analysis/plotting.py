@@ -14,7 +14,6 @@ from typing import Any
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -41,7 +40,13 @@ PAPER_RC: dict[str, Any] = {
     "legend.frameon": False, "savefig.dpi": 300, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
     "axes.titlepad": 3.0, "axes.labelpad": 2.0,
 }
-_PALETTE = sns.color_palette("colorblind")
+#: seaborn's "colorblind" palette (RGB, as ``seaborn.color_palette("colorblind")`` gives it; seaborn is not
+#: imported: it brings scipy, over a second of every report's start-up).
+_PALETTE = [mpl.colors.to_rgb(c) for c in ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161",
+                                           "#fbafe4", "#949494", "#ece133", "#56b4e9")]
+#: seaborn's "dark" palette (``seaborn.color_palette("dark")``), cycled for more colours.
+DARK_PALETTE = [mpl.colors.to_rgb(c) for c in ("#001c7f", "#b1400d", "#12711c", "#8c0800", "#591e71", "#592f0d",
+                                               "#a23582", "#3c3c3c", "#b8850a", "#006374")]
 ESTIMATOR_COLOURS = {"k1": _PALETTE[0], "k2": _PALETTE[1], "k3": _PALETTE[2], "full": _PALETTE[4],
                      "DPO": _PALETTE[3], "IPO": _PALETTE[7]}
 #: Variants that are not a KL placement but preference optimization (``train.algo: dpo``).
