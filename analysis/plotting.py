@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from analysis import pdf_fonts
 from analysis.loading import (  # noqa: F401 (re-exported)
     NOT_CONDITION_KEYS,
     VARIANT_ORDER,
@@ -25,6 +26,8 @@ from analysis.loading import (  # noqa: F401 (re-exported)
     variant_order,
 )
 from analysis.stats import bootstrap_curve
+
+pdf_fonts.install()  # TrueType subsets for the PDFs without the layout tables, made once per glyph set
 
 #: Single-column width (inches) of the default figures.
 COLUMN_WIDTH = 3.3
