@@ -235,13 +235,22 @@ class Executor:
 
 
 class LocalExecutor(Executor):
-    """``workers`` spawned processes on this machine (one torch thread each), at most ``workers`` tasks in flight."""
+    """``workers`` spawned processes on this machine (one torch thread each), at most ``workers`` tasks in flight;
+    one worker: the tasks train one after another in this process (no process to start, no torch to import).
+
+    ``auto``: the number of workers was not asked for (one per core), so a sweep too small to gain from worker
+    processes may run here instead (:func:`sim.lab.sweep.run_sweep`)."""
 
     name = "local"
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, auto: bool = False):
         super().__init__(workers)
+        self.auto = auto
         self._pool: ProcessPoolExecutor | None = None
+
+    def train_here(self) -> None:
+        """Train the tasks in this process, one after another (a sweep too small to gain from worker processes)."""
+        self.workers = 1
 
     def _new_pool(self) -> ProcessPoolExecutor:
         import multiprocessing
@@ -250,7 +259,7 @@ class LocalExecutor(Executor):
                                    initializer=_init_local_worker)
 
     def start(self) -> None:
-        self._pool = self._new_pool()
+        self._pool = self._new_pool()  # processes start with the first task given to them
 
     def close(self) -> None:
         if self._pool is not None:
@@ -259,6 +268,14 @@ class LocalExecutor(Executor):
 
     def run(self, tasks: Iterable[Task]) -> Iterator[TaskOutcome]:
         queue = list(tasks)[::-1]
+        if self.workers == 1:  # one at a time: here, without a worker process to start (and torch to import)
+            while queue:
+                task = queue.pop()
+                try:
+                    yield TaskOutcome(task, results=run_task(task))
+                except Exception as e:
+                    yield TaskOutcome(task, error=describe_exception(e))
+            return
         in_flight: dict[Future, Task] = {}
         while queue or in_flight:
             # Submitting only `workers` tasks at a time keeps a pool crash's damage to the tasks running.
@@ -460,7 +477,7 @@ def make_executor(name: str, workers: int | None, sweep_dir: Path, *, address: s
     if workers is not None and workers < 1:
         raise ExecutorError(f"--workers must be >= 1; got {workers}")
     if name == "local":
-        return LocalExecutor(workers or default_workers())
+        return LocalExecutor(workers or default_workers(), auto=workers is None)
     if name == "ray":
         return RayExecutor(workers, address)
     if name == "slurm":
