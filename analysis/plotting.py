@@ -292,7 +292,13 @@ def freeze_layout(fig: Figure) -> Any:
 
 
 def new_figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(width, height), layout="constrained")
+    """A constrained-layout figure on an Agg canvas (which keeps its renderer between layout passes, so text is
+    measured once per size instead of once per pass)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 
