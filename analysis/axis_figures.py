@@ -10,10 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
 from analysis.loading import variant_order
-from analysis.plotting import FORMATS, PAGE_WIDTH, new_figure, panel_label, paper_style, save, variant_style
+from analysis.plotting import (
+    DARK_PALETTE,
+    FORMATS,
+    PAGE_WIDTH,
+    new_figure,
+    panel_label,
+    paper_style,
+    save,
+    variant_style,
+)
 from analysis.stats import bootstrap_curve
 
 
@@ -30,7 +38,7 @@ def plot_length(metrics: pd.DataFrame, path: str | Path, *, by: str = "train.los
     nrow = -(-len(variants) // ncol)
     fig = new_figure(PAGE_WIDTH, 1.25 * nrow + 0.5)
     axes = fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False).ravel()
-    palette = sns.color_palette("dark", len(levels))
+    palette = [DARK_PALETTE[i % len(DARK_PALETTE)] for i in range(len(levels))]
     for ax, variant in zip(axes, variants, strict=False):
         rows = metrics[metrics["variant"] == variant]
         for colour, level in zip(palette, levels, strict=True):

@@ -23,10 +23,10 @@ from typing import Any
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
 from analysis import metrics as M
 from analysis import plotting
+from analysis.heatmap import heatmap
 from analysis.loading import variant_order
 from analysis.plotting import (
     COLUMN_WIDTH,
@@ -256,8 +256,8 @@ def plot_heatmap(metrics: pd.DataFrame, path: str | Path, *, value: str = "kl_fi
     annot: Any = False
     if n_rows * n_cols <= 120:  # annotate readable grids with as many digits as the value needs
         annot = grid.map(_cell_text)
-    sns.heatmap(grid_plot, ax=ax, cmap=cmap, annot=annot, fmt="", annot_kws={"fontsize": 5.5}, norm=norm,
-                linewidths=0.4, linecolor="white", cbar_kws={"shrink": 0.9, "pad": 0.02})
+    heatmap(grid_plot, ax, cmap=cmap, annot=annot if annot is not False else None, annot_kws={"fontsize": 5.5},
+            norm=norm, linewidths=0.4, linecolor="white", cbar_kws={"shrink": 0.9, "pad": 0.02})
     ax.set_xlabel({"kl.beta": "β"}.get(x, x))
     ax.set_ylabel("")
     ax.tick_params(axis="both", length=0)

@@ -102,6 +102,29 @@ def fit_gao(d: np.ndarray, r: np.ndarray, form: str) -> tuple[float, float, floa
     return float(coef[0]), float(coef[1]), rmse
 
 
+class _FitRows:
+    """One run's rows of a fit, prepared once for its bootstrap replicates: its finite points, their regressors
+    (the second negated, as :func:`fit_gao` solves) and its distinct positive d."""
+
+    def __init__(self, d: np.ndarray, r: np.ndarray, form: str):
+        ok = np.isfinite(d) & np.isfinite(r)
+        self.d, self.r = d[ok], r[ok]
+        self.x = gao_design(self.d, form)
+        self.x[:, 1] = -self.x[:, 1]
+        self.positive = np.unique(self.d[self.d > 0])
+
+
+def _refit(runs: list[_FitRows]) -> tuple[float, float]:
+    """``(α, β)`` of :func:`fit_gao` on the runs' points concatenated: the same regressors and the same
+    least-squares problem, so the same numbers, without building them again for every replicate."""
+    if max(run.positive.size for run in runs) < 2 and np.unique(np.concatenate(
+            [run.positive for run in runs])).size < 2:
+        return np.nan, np.nan
+    coef, *_ = np.linalg.lstsq(np.concatenate([run.x for run in runs]), np.concatenate([run.r for run in runs]),
+                               rcond=None)
+    return float(coef[0]), float(coef[1])
+
+
 def gao_fits(points: pd.DataFrame, by: Sequence[str], form: str | None = None, n_boot: int = 1000, seed: int = 0
              ) -> pd.DataFrame:
     """Gao et al.'s form fitted to ``gold_rel`` vs ``d`` per group ``by`` (pooled over its runs and updates):
@@ -122,10 +145,10 @@ def gao_fits(points: pd.DataFrame, by: Sequence[str], form: str | None = None, n
         r = np.concatenate([p[1] for p in per_run])
         alpha, beta, rmse = fit_gao(d, r, f)
         boots = []
+        runs = [_FitRows(*p, f) for p in per_run] if n_boot and len(per_run) > 1 else []
         for _ in range(n_boot if len(per_run) > 1 else 0):
             pick = rng.integers(0, len(per_run), len(per_run))
-            boots.append(fit_gao(np.concatenate([per_run[i][0] for i in pick]),
-                                 np.concatenate([per_run[i][1] for i in pick]), f)[:2])
+            boots.append(_refit([runs[i] for i in pick]))
         b = np.array(boots, dtype=float).reshape(-1, 2)
         lo, hi = (np.nanquantile(b, [0.025, 0.975], axis=0) if len(b) and np.isfinite(b).any()
                   else (np.full(2, np.nan), np.full(2, np.nan)))

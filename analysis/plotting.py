@@ -14,10 +14,10 @@ from typing import Any
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from analysis import pdf_fonts
 from analysis.loading import (  # noqa: F401 (re-exported)
     NOT_CONDITION_KEYS,
     VARIANT_ORDER,
@@ -26,6 +26,8 @@ from analysis.loading import (  # noqa: F401 (re-exported)
     variant_order,
 )
 from analysis.stats import bootstrap_curve
+
+pdf_fonts.install()  # TrueType subsets for the PDFs without the layout tables, made once per glyph set
 
 #: Single-column width (inches) of the default figures.
 COLUMN_WIDTH = 3.3
@@ -41,7 +43,13 @@ PAPER_RC: dict[str, Any] = {
     "legend.frameon": False, "savefig.dpi": 300, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
     "axes.titlepad": 3.0, "axes.labelpad": 2.0,
 }
-_PALETTE = sns.color_palette("colorblind")
+#: seaborn's "colorblind" palette (RGB, as ``seaborn.color_palette("colorblind")`` gives it; seaborn is not
+#: imported: it brings scipy, over a second of every report's start-up).
+_PALETTE = [mpl.colors.to_rgb(c) for c in ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161",
+                                           "#fbafe4", "#949494", "#ece133", "#56b4e9")]
+#: seaborn's "dark" palette (``seaborn.color_palette("dark")``), cycled for more colours.
+DARK_PALETTE = [mpl.colors.to_rgb(c) for c in ("#001c7f", "#b1400d", "#12711c", "#8c0800", "#591e71", "#592f0d",
+                                               "#a23582", "#3c3c3c", "#b8850a", "#006374")]
 ESTIMATOR_COLOURS = {"k1": _PALETTE[0], "k2": _PALETTE[1], "k3": _PALETTE[2], "full": _PALETTE[4],
                      "DPO": _PALETTE[3], "IPO": _PALETTE[7]}
 #: Variants that are not a KL placement but preference optimization (``train.algo: dpo``).
@@ -255,15 +263,42 @@ def save(fig: Figure, path: str | Path, formats: Sequence[str] = FORMATS) -> lis
     base.parent.mkdir(parents=True, exist_ok=True)
     out = []
     with mpl.rc_context(PAPER_RC):
+        bbox = freeze_layout(fig) if mpl.rcParams["savefig.bbox"] == "tight" else None
         for fmt in formats:
             target = base.with_name(f"{base.name}.{fmt}")
-            fig.savefig(target, format=fmt)
+            fig.savefig(target, format=fmt, bbox_inches=bbox)
             out.append(target)
     return out
 
 
+def freeze_layout(fig: Figure) -> Any:
+    """Lay ``fig`` out once (its layout engine, at the PNG resolution) and return its tight bounding box
+    (inches, padded by ``savefig.pad_inches``); the layout engine is then switched off, so every format saved
+    with that box draws the figure once instead of laying it out and measuring it again (twice per format
+    with ``bbox_inches="tight"`` and a constrained layout)."""
+    dpi = fig.dpi
+    save_dpi = mpl.rcParams["savefig.dpi"]
+    fig.dpi = dpi if save_dpi == "figure" else float(save_dpi)
+    try:
+        engine = fig.get_layout_engine()
+        if engine is not None:
+            engine.execute(fig)
+        bbox = fig.get_tightbbox()
+    finally:
+        fig.dpi = dpi
+    fig.set_layout_engine(None)
+    pad = mpl.rcParams["savefig.pad_inches"]
+    return bbox.padded(pad)
+
+
 def new_figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(width, height), layout="constrained")
+    """A constrained-layout figure on an Agg canvas (which keeps its renderer between layout passes, so text is
+    measured once per size instead of once per pass)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
 from analysis import metrics as M
 from analysis.loading import variant_order
@@ -31,6 +30,10 @@ from analysis.plotting import (
     save,
     variant_style,
 )
+
+#: The light end of the gridworld's occupancy colour map (seaborn's ``"light:#3b6fb6"``: that blue's hue at
+#: 95 % lightness and 15 % of its saturation in HUSL).
+LIGHT_GREY_BLUE = (0.9409937142862176, 0.943548350639932, 0.950146500466969)
 
 # ----------------------------------------------------------------------------------------------------------
 # Final policy vs reference and optimum
@@ -126,7 +129,7 @@ def _plot_grid_policy(p: pd.DataFrame, path: str | Path, config: dict, seed: int
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     folded = [fold_to_cells(world, probs) for _, probs in panels]
     vmax = max(float(f.occupancy.max()) for f in folded)
-    cmap = sns.color_palette("light:#3b6fb6", as_cmap=True)
+    cmap = mpl.colors.LinearSegmentedColormap.from_list("blend", [LIGHT_GREY_BLUE, mpl.colors.to_rgb("#3b6fb6")])
     norm = mpl.colors.PowerNorm(0.5, vmin=0.0, vmax=vmax)
     goal_of_cell = world.goal_of_cell.numpy()
     lava = world.lava.numpy()

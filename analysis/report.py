@@ -68,6 +68,22 @@ def _slug(condition: dict[str, Any]) -> str:
     return "_".join(parts)
 
 
+def _ids(frame: pd.DataFrame) -> set[str]:
+    """The run ids of ``frame``'s rows."""
+    return {str(r) for r in frame["run_id"].unique()}
+
+
+def _of_runs(frame: pd.DataFrame, ids: set[str]) -> pd.DataFrame:
+    """The rows of ``frame`` whose ``run_id`` is in ``ids`` (a categorical column is matched by its categories,
+    not by a string per row: the policy and trajectory tables hold many rows per run)."""
+    col = frame["run_id"]
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        codes = col.cat.codes.to_numpy()
+        keep = np.append(col.cat.categories.astype(str).isin(list(ids)), False)  # code -1 (missing): not kept
+        return frame[keep[codes]]
+    return frame[col.astype(str).isin(ids)]
+
+
 def _reward_end_policy(policy: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     """Each run's last policy snapshot at or before the end of its reward phase."""
     return M.at_update(M.reward_phase(policy, M.switch_updates(metrics)))
@@ -163,9 +179,9 @@ class _Report:
     def _per_variant(self, entries: list[tuple[str, list[Path]]], m: pd.DataFrame, tag: str, label: str,
                      seeds_txt: str, switch: pd.Series, diffusion: bool) -> None:
         """The figures with a panel or bar per variant: final policy, estimators, continuous-action figures."""
-        ids = set(m["run_id"].astype(str))
+        ids = _ids(m)
         policy = self.res.policy
-        policy = policy[policy["run_id"].astype(str).isin(ids)]
+        policy = _of_runs(policy, ids)
         if not policy.empty:
             policy = _reward_end_policy(policy, m)
             first_id = str(m["run_id"].iloc[0])
@@ -190,7 +206,7 @@ class _Report:
             self._figure(entries, sentence, P.plot_final_policy, policy, self.out / f"fig5_policy{tag}",
                          config=config, title=label or None)
         traj = self.res.trajectories
-        traj = traj[traj["run_id"].astype(str).isin(ids)] if not traj.empty else traj
+        traj = _of_runs(traj, ids) if not traj.empty else traj
         unit = "single-episode" if not traj.empty else "batch-mean"
         m_est, left_out = m, ""
         if diffusion and "kl_full_sampled" in m:  # runs that blew up would set the axes
@@ -220,12 +236,12 @@ class _Report:
                      "the KL-optimal tilt of the current phase (black dashed; the reference once the reward is off) "
                      f"and the reference chain (grey dotted).{off}", P.plot_mode_mix, m,
                      self.out / f"figD2_modes{tag}", title=label or None, n_boot=self.n_boot, seed=self.seed)
-        ids = set(m["run_id"].astype(str))
+        ids = _ids(m)
         samples, density = self.res.samples, self.res.density
         if samples.empty:
             return
-        samples = samples[samples["run_id"].astype(str).isin(ids)]
-        density = density[density["run_id"].astype(str).isin(ids)] if not density.empty else density
+        samples = _of_runs(samples, ids)
+        density = _of_runs(density, ids) if not density.empty else density
         end = None if switch.empty else int(switch.min())
         after = " and after the reward-off phase (black outline)" if end is not None else ""
         self._figure(entries, f"x_0 distribution (dimension 0, samples pooled over seeds) at the end of the reward "
@@ -250,12 +266,12 @@ class _Report:
         """Fig. 7: DPO/IPO against the PPO variants of this condition across β."""
         slug = _slug(condition)
         label = plotting.condition_label(condition)
-        ids = set(per_run["run_id"].astype(str))
+        ids = _ids(per_run)
         policy = self.res.policy
-        policy = policy[policy["run_id"].astype(str).isin(ids)] if not policy.empty else policy
+        policy = _of_runs(policy, ids) if not policy.empty else policy
         if not policy.empty:
             metrics = self.res.metrics
-            policy = _reward_end_policy(policy, metrics[metrics["run_id"].astype(str).isin(ids)])
+            policy = _reward_end_policy(policy, _of_runs(metrics, ids))
         one_state = not policy.empty and "state" in policy and policy["state"].nunique() == 1
         first = ("Left: final probability of the best arm per variant (line: mean over seeds, dots: seeds) and the "
                  "KL-regularized optimum π* (black). Right: " if one_state else "")

@@ -460,3 +460,14 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int
         raise ConfigError(f"{label}: the grid expands to no runs (everything is excluded)")
     return SweepPlan(label=label, grid=grid, base=base_cfg.to_dict(), axes=axes, variants=variants, seeds=seeds,
                      exclude=exclude, batch_size=batch_size, swept_keys=swept_keys, runs=runs)
+
+
+def sampled_steps(planned: Sequence[PlannedRun]) -> int:
+    """Environment steps the runs sample in all (runs × updates × batch × horizon)."""
+    import envs
+
+    total = 0
+    for run in planned:
+        tr = run.config.train
+        total += tr.total_updates * tr.batch * envs.from_config(run.config.env).size_hint()[2]
+    return total

@@ -62,6 +62,11 @@ AUTO_MAX_RUNS = 512
 MEMORY_FRACTION = 0.5
 #: Seconds between refreshes of index.parquet while runs finish (it is always written at the end).
 INDEX_REFRESH_S = 1.0
+#: A local sweep (default workers) whose runs fit one task and sample fewer steps than this in all (runs ×
+#: updates × batch × horizon; the quickstart: 7.4 M) trains in this process: a worker process costs a second or
+#: two to start (it imports torch), about what such a sweep trains in, and cutting one batch into a task per
+#: worker repeats each update's fixed cost in every task.
+IN_PROCESS_STEPS = 10_000_000
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -323,6 +328,8 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, progress_mode: str
     its unfinished runs ``failed`` and the sweep goes on.
     """
 
+    from sim.lab.grid import sampled_steps
+
     out = out.resolve()  # workers elsewhere (Ray, Slurm) need absolute run folders
     check_devices(plan, executor)
     _check_sweep_dir(out, plan)
@@ -350,6 +357,11 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, progress_mode: str
                 with executor:
                     max_runs = plan.batch_size if batch_size is None else None if batch_size == "auto" else batch_size
                     tasks = pack_tasks(todo, out, executor.workers, max_runs, executor.memory_per_task())
+                    if getattr(executor, "auto", False) and len(tasks) > 1 and sampled_steps(todo) < IN_PROCESS_STEPS:
+                        one = pack_tasks(todo, out, 1, max_runs, executor.memory_per_task())
+                        if len(one) == 1:  # small enough to train here, in one batch
+                            tasks = one
+                            executor.train_here()
                     n_tasks = len(tasks)
                     _drive(executor, tasks, plan, out, statuses, errors, progress, use_bar(progress_mode),
                            progress_mode)
