@@ -236,8 +236,7 @@ class PPOTrainer(DiscreteTrainer):
             if self.baseline == "value" else None
         adv, ret = gae_on_steps(shaped, v, st["done"], self.cfg.train.gamma, buf.counts, buf.goings)
         return {"adv": adv, "ret": ret, "at": st["at"],
-                "n_valid": (buf.run_steps if buf.run_steps is not None
-                            else torch.bincount(st["run"], minlength=self.R)).to(self.dtype)}
+                "n_valid": buf.run_steps.to(self.dtype)}  # counted by _collect
 
     def _aggregation(self, valid: Tensor) -> dict[str, Tensor]:
         """Per-sample weights and per-run divisors ``[R, N·H]`` of the loss aggregation (``train.loss_agg``
@@ -371,8 +370,7 @@ class PPOTrainer(DiscreteTrainer):
         M = rows.numel()
         x_all = self.policy.row_logits(self.params, rows, P)
         v_all = self._value_rows(rows, P) if self.baseline == "value" else None
-        # ∂/∂logits as an action-major view [A, P] of a row-major buffer [P, A]: written block by block, then
-        # copied to the gradient buffer's rows in one pass along its flat axis
+        # ∂/∂logits: an action-major view [A, P] of a row-major block [P, A], copied out along its flat axis
         gx_rows = torch.empty((P, A), dtype=x_all.dtype, device=x_all.device)
         gx = gx_rows.t()
         gv = torch.empty_like(v_all) if v_all is not None else None
@@ -566,7 +564,6 @@ class PPOTrainer(DiscreteTrainer):
         rec: dict = snapshot(steps)
         rec["update"] = update
         self.traj_log.append(rec)
-
 
     # -- exact mode ---------------------------------------------------------------------------------------
     def exact_update(self, update: int) -> dict[str, Tensor]:
