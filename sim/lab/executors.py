@@ -279,7 +279,7 @@ class LocalExecutor(Executor):
                                    initializer=_init_local_worker)
 
     def start(self) -> None:
-        self._pool = self._new_pool()  # processes start with the first task given to them
+        pass  # the pool is made when the first task runs there (training here needs none)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -296,6 +296,8 @@ class LocalExecutor(Executor):
                 except Exception as e:
                     yield TaskOutcome(task, error=describe_exception(e))
             return
+        if self._pool is None:
+            self._pool = self._new_pool()
         in_flight: dict[Future, Task] = {}
         while queue or in_flight:
             # Submitting only `workers` tasks at a time keeps a pool crash's damage to the tasks running.
