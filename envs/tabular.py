@@ -210,12 +210,18 @@ class TabularCore:
         flat = state * self._n_actions + action
         if self._n_outcomes > 1:
             flat = flat * self._n_outcomes + k
+        next_state, reward = self._outcome_of(flat, z)
+        return next_state, reward, next_state == self.mdp.n_states
+
+    def _outcome_of(self, flat: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Next states and rewards ``[*B]`` of flat (state, action, outcome) indices ``flat [*B]``, with the
+        reward noise ``reward_noise·z`` when the rewards are noisy and ``z`` is given."""
         idx = flat.reshape(-1)  # a gather along one axis: the same values as torch.take, several times faster
         next_state = self._next_state_flat.index_select(0, idx).view(flat.shape)
         reward = self._reward_flat.index_select(0, idx).view(flat.shape)
         if self.mdp.reward_noise > 0 and z is not None:
             reward = reward.to(z.dtype) + self.mdp.reward_noise * z
-        return next_state, reward, next_state == self.mdp.n_states
+        return next_state, reward
 
     def step(self, state: Tensor, action: Tensor, u: Tensor | None, z: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor]:
@@ -249,11 +255,7 @@ class TabularCore:
             cdf = self._cdf.index_select(0, pair.reshape(-1)).view(pair.shape + (-1,))
             k = (u.unsqueeze(-1) >= cdf.to(u.dtype)).sum(-1).clamp_(max=self._n_outcomes - 1)
             flat = pair * self._n_outcomes + k
-        idx = flat.reshape(-1)  # a gather along one axis: the same values as torch.take, several times faster
-        next_state = self._next_state_flat.index_select(0, idx).view(flat.shape)
-        reward = self._reward_flat.index_select(0, idx).view(flat.shape)
-        if self.mdp.reward_noise > 0 and z is not None:
-            reward = reward.to(z.dtype) + self.mdp.reward_noise * z
+        next_state, reward = self._outcome_of(flat, z)
         if u is not None and reward.dtype != u.dtype:
             reward = reward.to(u.dtype)
         return next_state, reward
