@@ -107,8 +107,11 @@ def check_bounds(text: str, max_values: int = MAX_VALUES, max_depth: int = MAX_D
             if chars > max_chars:
                 raise YAMLBoundError(f"holds more than {max_chars} characters once YAML aliases are expanded",
                                      raisable=True)
-    except yaml.YAMLError:
-        return
+    except yaml.YAMLError as e:
+        if "increasing flow level" in str(e) or "increasing indent level" in str(e):
+            # newer libyaml refuses deep nesting itself while scanning ahead, before any event reaches us
+            raise YAMLBoundError(f"nests deeper than {max_depth} levels", raisable=False) from None
+        return  # malformed YAML: the parser that follows reports it
 
 
 def load(text: str, max_values: int = MAX_VALUES) -> Any:
