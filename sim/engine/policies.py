@@ -72,6 +72,23 @@ def is_identity(features: Tensor) -> bool:
     return S == F and bool(torch.equal(features, torch.eye(S, dtype=features.dtype, device=features.device)))
 
 
+def first_layer(features: Tensor, one_hot: bool, w1: Tensor, states: Tensor | None = None) -> Tensor:
+    """An MLP's first-layer products ``[R, N, H]``: state features ``features [S, F]`` times each run's
+    ``w1 [R, F, H]``, for every state (``states`` None, ``N = S``) or at ``states [R, N]``. With one-hot features
+    (:func:`is_identity`) they are ``w1``'s rows themselves, taken without a product (the same numbers)."""
+    if one_hot:
+        return w1 if states is None else w1.gather(1, states.unsqueeze(-1).expand(-1, -1, w1.shape[-1]))
+    feats = features.to(w1.dtype)
+    feats = feats.unsqueeze(0).expand(w1.shape[0], -1, -1) if states is None else feats[states]
+    return torch.bmm(feats, w1)
+
+
+def mlp_head(pre: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """``tanh(pre + b1)·w2 + b2`` per run: first-layer products ``pre [R, N, H]``, biases ``b1 [R, H]``,
+    ``b2 [R, O]``, output weights ``w2 [R, H, O]`` → ``[R, N, O]``."""
+    return torch.bmm(torch.tanh(pre + b1.unsqueeze(1)), w2) + b2.unsqueeze(1)
+
+
 class TabularPolicy:
     """Softmax over a free logit table per run. ``frozen_keys`` are not trained."""
 
@@ -122,18 +139,9 @@ class MLPPolicy(TabularPolicy):
             "b2": torch.zeros(R, A, dtype=dt, device=dev),
         }
 
-    def _net(self, params: Params, feats: Tensor) -> Tensor:
-        # feats [R, N, F] → [R, N, A]
-        h = torch.tanh(torch.bmm(feats, params["w1"]) + params["b1"].unsqueeze(1))
-        return torch.bmm(h, params["w2"]) + params["b2"].unsqueeze(1)
-
     def table(self, params: Params) -> Tensor:
-        if self.one_hot:  # one-hot features: the first layer's products are its weights, bit for bit
-            h = torch.tanh(params["w1"] + params["b1"].unsqueeze(1))
-            return log_softmax_actions(params["base"] + (torch.bmm(h, params["w2"]) + params["b2"].unsqueeze(1)))
-        R = params["w1"].shape[0]
-        feats = self.features.to(params["w1"].dtype).unsqueeze(0).expand(R, -1, -1)
-        return log_softmax_actions(params["base"] + self._net(params, feats))
+        pre = first_layer(self.features, self.one_hot, params["w1"])
+        return log_softmax_actions(params["base"] + mlp_head(pre, params["b1"], params["w2"], params["b2"]))
 
     def rows(self, params: Params, rows: Tensor, size: int) -> Tensor:
         """As :meth:`TabularPolicy.rows`, from the whole table (the network is shared by all states);
@@ -177,20 +185,11 @@ class MLPValue(TabularValue):
         }
 
     def value(self, params: Params, states: Tensor) -> Tensor:
-        if self.one_hot:  # a one-hot row times the first layer is that layer's row (as in the table)
-            w1 = params["vw1"]
-            h = torch.tanh(w1.gather(1, states.unsqueeze(-1).expand(-1, -1, w1.shape[-1])) + params["vb1"].unsqueeze(1))
-            return (torch.bmm(h, params["vw2"]) + params["vb2"].unsqueeze(1)).squeeze(-1)
-        return self._net(params, self.features.to(params["vw1"].dtype)[states])
+        return self._net(params, states)
 
     def table(self, params: Params) -> Tensor:
-        if self.one_hot:  # as MLPPolicy.table
-            h = torch.tanh(params["vw1"] + params["vb1"].unsqueeze(1))
-            return (torch.bmm(h, params["vw2"]) + params["vb2"].unsqueeze(1)).squeeze(-1)
-        R = params["vw1"].shape[0]
-        return self._net(params, self.features.to(params["vw1"].dtype).unsqueeze(0).expand(R, -1, -1))
+        return self._net(params, None)
 
-    def _net(self, params: Params, feats: Tensor) -> Tensor:
-        # feats [R, N, F] → [R, N]
-        h = torch.tanh(torch.bmm(feats, params["vw1"]) + params["vb1"].unsqueeze(1))
-        return (torch.bmm(h, params["vw2"]) + params["vb2"].unsqueeze(1)).squeeze(-1)
+    def _net(self, params: Params, states: Tensor | None) -> Tensor:
+        pre = first_layer(self.features, self.one_hot, params["vw1"], states)  # [R, N, H]
+        return mlp_head(pre, params["vb1"], params["vw2"], params["vb2"]).squeeze(-1)
