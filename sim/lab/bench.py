@@ -40,12 +40,11 @@ import torch
 
 from sim.config import Config
 from sim.lab.bench_timing import time_native, time_native_workers, time_sb3_env
+from sim.lab.bench_trainers import VARIANTS, run_command_cases, run_trainer_cases
 from sim.lab.dispatch import make_trainer, resolve
 from sim.lab.executors import default_workers
 from sim.lab.runs import atomic_write_json
 
-VARIANTS = [("none", "k1"), ("reward", "k1"), ("reward", "k2"), ("reward", "k3"),
-            ("loss", "k1"), ("loss", "k2"), ("loss", "k3"), ("loss", "full")]
 BETAS = [0.01, 0.03, 0.1, 0.3, 1.0]
 TRAINER_TARGETS = {"diffusion": "≥ 5 M denoising steps/s"}
 GRPO = ("train.advantage=grpo", "train.group=8")
@@ -169,16 +168,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                   f"for {sb['env_steps']} env-steps, {sb['steps_per_s']:,.0f} env-steps/s "
                   f"(plain SB3 PPO: {rep['sb3']['steps_per_s']:,.0f})", flush=True)
         if dev == "cpu" and not args.no_trainers:
-            from sim.lab.bench_trainers import run_trainer_cases
-
             def show(key: str, name: str, res: dict[str, Any], note: str) -> None:
                 _print("cpu", name, res, TRAINER_TARGETS.get(key, ""), note)
 
             rep.update(run_trainer_cases(args, show))
         if dev == "cpu" and args.commands:
             import tempfile
-
-            from sim.lab.bench_trainers import run_command_cases
 
             with tempfile.TemporaryDirectory(prefix="reflab-bench-") as tmp:
                 rep["commands"] = run_command_cases(args.commands, args.repeats, Path(tmp))
