@@ -23,7 +23,7 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,16 @@ FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators"
 #: Figure file prefixes and their titles in index.md.
 #: Diffusion chain: estimator figures leave out batches whose sampling policy's KL exceeds this (nats).
 DIFFUSION_ESTIMATOR_MAX_KL = 50.0
+
+
+def _conditions_varying(frame: pd.DataFrame, by: str) -> Iterator[tuple[pd.DataFrame, str, str]]:
+    """``(rows, label, slug)`` of each condition of ``frame`` (its other condition columns) in which ``by`` takes
+    at least two values."""
+    rest = [c for c in plotting.condition_columns(frame) if c != by]
+    for key, g in (frame.groupby(rest, observed=True, dropna=False) if rest else [((), frame)]):
+        if g[by].nunique() >= 2:
+            condition = dict(zip(rest, key if isinstance(key, tuple) else (key,), strict=True))
+            yield g, plotting.condition_label(condition), _slug(condition)
 
 
 def _slug(condition: dict[str, Any]) -> str:
@@ -290,15 +300,8 @@ class _Report:
         by = "train.loss_agg"
         if by not in metrics or metrics[by].nunique() < 2 or "length_true" not in metrics:
             return
-        m = metrics[metrics["length_true"].notna()]
-        rest = [c for c in plotting.condition_columns(m) if c != by]
         entries: list[tuple[str, list[Path]]] = []
-        for key, g in (m.groupby(rest, observed=True, dropna=False) if rest else [((), m)]):
-            if g[by].nunique() < 2:
-                continue
-            condition = dict(zip(rest, key if isinstance(key, tuple) else (key,), strict=True))
-            label = plotting.condition_label(condition)
-            slug = _slug(condition)
+        for g, label, slug in _conditions_varying(metrics[metrics["length_true"].notna()], by):
             self._figure(entries, f"Exact expected episode length of the policy vs update for each loss aggregation "
                          f"(train.loss_agg; mean over seeds, 95 % bootstrap band){' — ' + label if label else ''}.",
                          A.plot_length, g, self.out / ("figL_length" + (f"_{slug}" if slug else "")),
@@ -311,14 +314,8 @@ class _Report:
         x = "train.staleness"
         if x not in per_run or per_run[x].nunique() < 2:
             return
-        rest = [c for c in plotting.condition_columns(per_run) if c != x]
         entries: list[tuple[str, list[Path]]] = []
-        for key, g in (per_run.groupby(rest, observed=True, dropna=False) if rest else [((), per_run)]):
-            if g[x].nunique() < 2:
-                continue
-            condition = dict(zip(rest, key if isinstance(key, tuple) else (key,), strict=True))
-            label = plotting.condition_label(condition)
-            slug = _slug(condition)
+        for g, label, slug in _conditions_varying(per_run, x):
             self._figure(entries, "KL to the reference (left) and TV distance to the KL-regularized optimum (right) "
                          "at the end of the reward phase against the sampler's lag in updates (mean over seeds, "
                          f"95 % bootstrap interval){' — ' + label if label else ''}.", A.plot_against, g,
