@@ -64,7 +64,7 @@ from envs.params import (
     check_vector,
     set_field,
 )
-from envs.softmax import softmax_last
+from envs.softmax import softmax2_first_, softmax2_is_exact, softmax_last
 
 REWARDS = ("bump", "linear", "quadratic")
 STEP_VARIANCES = ("beta", "posterior")
@@ -275,6 +275,8 @@ class DiffusionChainCore:
         """:meth:`ref_mean` for d = 1 (``x [*B, 1]``), the same numbers from ``[*B, M]`` tensors: no component
         axis of size d to sum (a sum over one non-negative number is that number) and no constants rebuilt."""
         c = self._step_constants(t, x.dtype)
+        if self.n_modes == 2 and x.device.type == "cpu" and softmax2_is_exact():
+            return self._ref_mean_1d_two(x, c, out)
         diff = x - c["means"]  # [*B, M]
         # log w − ½(x − m)²/v − ½·log 2πv, in place
         t_sq = diff.square().mul_(0.5).div_(c["var"])
@@ -285,6 +287,20 @@ class DiffusionChainCore:
             den = (weighted[..., :1] + weighted[..., 1:]).add_(0.0)
         else:
             den = weighted.sum(-1, keepdim=True)
+        return torch.add(den.mul_(c["c1"]), c["c2"] * x, out=out)
+
+    def _ref_mean_1d_two(self, x: Tensor, c: dict[str, Tensor], out: Tensor | None) -> Tensor:
+        """:meth:`_ref_mean_1d` for two components, the same operations on the same operands per element, laid
+        out component-major (``[2, *B]``: each component's values one contiguous block, its constants
+        broadcast as scalars) instead of ``[*B, 2]``, whose axis of two makes every kernel loop two elements
+        at a time."""
+        col = (2,) + (1,) * (x.dim() - 1)
+        diff = x[..., 0].unsqueeze(0) - c["means"].view(col)  # [2, *B]
+        t_sq = diff.square().mul_(0.5).div_(c["var"].view(col))
+        log_comp = torch.sub(c["log_w"].view(col), t_sq, out=t_sq).sub_(c["log_norm"].view(col))
+        resp = softmax2_first_(log_comp)
+        weighted = diff.mul_(c["gain"].view(col)).add_(c["modes"].view(col)).mul_(resp)
+        den = (weighted[0] + weighted[1]).add_(0.0).unsqueeze(-1)  # [*B, 1]
         return torch.add(den.mul_(c["c1"]), c["c2"] * x, out=out)
 
     def log_prob(self, x_prev: Tensor, mean: Tensor, t: int | Tensor) -> Tensor:

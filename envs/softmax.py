@@ -34,6 +34,16 @@ def softmax2_(x: Tensor) -> Tensor:
     return _normalize(torch.ops.aten.log_sigmoid_forward(z)[1])
 
 
+def softmax2_first_(x: Tensor) -> Tensor:
+    """Softmax over the *first* axis of ``x [2, *B]``, in place of ``x``: per element the arithmetic of
+    :func:`softmax2` on the pairs ``(x[0], x[1])`` (so ``torch.softmax``'s bits where
+    :func:`softmax2_is_exact`), with each component a contiguous block, so every operation runs over whole
+    blocks with no axis of two."""
+    z = x.sub_(torch.maximum(x[0], x[1]))
+    e = torch.ops.aten.log_sigmoid_forward(z)[1]
+    return e.mul_((e[0] + e[1]).reciprocal_())
+
+
 def _normalize(e: Tensor) -> Tensor:
     """``e_i·(1/(e_0 + e_1))`` in place of ``e [*B, 2]``."""
     return e.mul_((e[..., :1] + e[..., 1:]).reciprocal_())

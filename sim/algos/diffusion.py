@@ -309,7 +309,7 @@ class DiffusionTrainer(BatchTrainer):
         lo, hi = clip_bounds(tr.clip, tr.clip_low, tr.clip_high)
         out = (self.opt.grad_buffer("bias"), self.opt.grad_buffer("gain")) if self.opt.kind == "adam" else None
         return diffusion_loss.loss_and_grads(prep, self.params["bias"], self.params["gain"], self.alive, tr.clip,
-                                             lo, hi, want_diag, out)
+                                             lo, hi, want_diag, out, want_loss)
 
     # -- evaluation metrics ---------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, Tensor]:

@@ -84,12 +84,13 @@ def _ranges(on: list[bool]) -> Ranges:
 
 
 def loss_and_grads(prep: dict, bias: Tensor, gain: Tensor, alive: Tensor, clip: float, lo: float, hi: float,
-                   want_diag: bool, out: tuple[Tensor, Tensor] | None = None
-                   ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-    """Per-run loss ``[R]``, diagnostics (if ``want_diag``) and the gradients of ``Σ_r alive_r·loss_r`` with
-    respect to ``bias`` and ``gain`` ``[R, T, 1]``, bitwise those autograd gives for the trainer's loss
-    (written into ``out``, e.g. the optimizer's gradient buffers, if given), with under
-    :data:`sim.engine.loop.FINITE` whether each run's are all finite.
+                   want_diag: bool, out: tuple[Tensor, Tensor] | None = None, want_loss: bool = True
+                   ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+    """Per-run loss ``[R]`` (``None`` unless ``want_loss`` or ``want_diag``: the gradients do not need it),
+    diagnostics (if ``want_diag``) and the gradients of ``Σ_r alive_r·loss_r`` with respect to ``bias`` and
+    ``gain`` ``[R, T, 1]``, bitwise those autograd gives for the trainer's loss (written into ``out``, e.g.
+    the optimizer's gradient buffers, if given), with under :data:`sim.engine.loop.FINITE` whether each run's
+    are all finite.
 
     Every operation is the trainer's (or autograd's) on the same operands, run in place on a tensor of its
     own where it can be; a gradient that is the same for every sample of a run (the loss is a per-run mean
@@ -105,16 +106,18 @@ def loss_and_grads(prep: dict, bias: Tensor, gain: Tensor, alive: Tensor, clip: 
     lp = diff.square().mul_(-0.5).div_(var).sub_(prep["log_norm"])
     ratio = (lp - logp_old).exp_()
     pa, pb = ratio * adv, ratio.clamp(lo, hi).mul_(adv)
-    pg = torch.minimum(pa, pb).neg_()
-    kl, parts, full = _kl_forward(lp, prep["ref_logp"], mu, prep)
-    total = pg + kl
-    loss = total.view(R, N * T).sum(1) / prep["count"]  # masked_mean over all-valid samples (x·1 = x)
-    diag = {}
+    want_loss = want_loss or want_diag
+    kl, parts, full = _kl_forward(lp, prep["ref_logp"], mu, prep, want_loss)
+    loss, diag = None, {}
+    if want_loss:
+        pg = torch.minimum(pa, pb).neg_()
+        total = pg + kl
+        loss = total.view(R, N * T).sum(1) / prep["count"]  # masked_mean over all-valid samples (x·1 = x)
     if want_diag:
         clipped = clipped_fraction(ratio, clip, lo, hi)
         diag = ppo_diagnostics(*(v.view(R, N * T) for v in (pg, kl, clipped, logp_old - lp)), prep["valid"])
     # -- backward ----------------------------------------------------------------------------------------------
-    g_run = (alive.to(total.dtype) / prep["count"]).view(R, 1, 1)  # ∂loss/∂(pg + kl) of every sample
+    g_run = (alive.to(lp.dtype) / prep["count"]).view(R, 1, 1)  # ∂loss/∂(pg + kl) of every sample
     g_lp = _surrogate_grad(-g_run, pa, pb, ratio, adv, lo, hi)
     if parts:  # autograd's Σ_j where(on_j, ∂k_j, 0): each run's own term, added to zeros if there are several
         g_delta = None if len(parts) == 1 and parts[0][1] is None else torch.zeros_like(g_lp)
@@ -196,9 +199,10 @@ def reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTensor
                            lambda s, t, w: w[s:t] * k_full[s:t])[0]
 
 
-def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict) -> tuple[Tensor, list, Tensor | None]:
-    """The loss's KL term ``[R, N, T]`` (:func:`weighted_kl` with ``full`` from μ), its sampled ``parts`` and
-    ``μ − μ_ref`` (every run) if ``full`` is used."""
+def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict, want_value: bool = True
+                ) -> tuple[Tensor | None, list, Tensor | None]:
+    """The loss's KL term ``[R, N, T]`` (:func:`weighted_kl` with ``full`` from μ; ``None`` unless
+    ``want_value``), its sampled ``parts`` and ``μ − μ_ref`` (every run) if ``full`` is used."""
     diff: list[Tensor] = []
 
     def full_term(s: int, t: int, w: Tensor) -> Tensor:
@@ -206,38 +210,45 @@ def _kl_forward(lp: Tensor, ref_logp: Tensor, mu: Tensor, prep: dict) -> tuple[T
             diff.append(mu - prep["mu_ref"])
         return diff[0][s:t].square().div_(prep["var2"][s:t]).mul_(w[s:t])  # w·‖μ − μ_ref‖²/2σ²
 
-    kl, parts = weighted_kl(lp, ref_logp, prep["terms"], full_term)
+    if not want_value and prep["terms"] and prep["terms"][-1][0] == 3:
+        diff.append(mu - prep["mu_ref"])
+    kl, parts = weighted_kl(lp, ref_logp, prep["terms"], full_term, want_value)
     return kl, parts, diff[0] if diff else None
 
 
-def weighted_kl(lp: Tensor, ref_logp: Tensor, terms: list, full_term: Callable[[int, int, Tensor], Tensor]
-                ) -> tuple[Tensor, list]:
+def weighted_kl(lp: Tensor, ref_logp: Tensor, terms: list, full_term: Callable[[int, int, Tensor], Tensor],
+                want_value: bool = True) -> tuple[Tensor | None, list]:
     """:func:`sim.engine.kl.weighted_estimate` without importance weights, the same numbers: the KL term
     ``[R, N, T]`` and per used sampled estimator ``(j, ranges, weight, [δ_j], [e^{−δ_j} − 1] or None)`` on its
     runs' ranges. ``full_term(start, end, weight)`` is ``full``'s weighted term on runs ``[start, end)``.
+    Without ``want_value`` only the parts are computed (what the gradients need) and the term is ``None``.
 
     The engine evaluates every estimator on every run with ``δ`` replaced by 0 (and ``full``'s term by 0)
     where the run does not use it, which gives exactly +0 there, and adds the terms in estimator order.
     """
     R = lp.shape[0]
-    kl = None if len(terms) == 1 and terms[0][2] is None else torch.zeros_like(lp)
+    kl = None if len(terms) == 1 and terms[0][2] is None or not want_value else torch.zeros_like(lp)
     parts = []
     for j, w, ranges in terms:
         djs, es = [], []
         for s, t in ranges or [(0, R)]:
             if j == 3:
+                if not want_value:
+                    continue
                 term = full_term(s, t, w)
             else:
                 dj = lp[s:t] - ref_logp[s:t]
+                djs.append(dj)
+                if j == 2:
+                    es.append(torch.expm1(-dj))
+                if not want_value:
+                    continue
                 if j == 0:
                     k = dj
                 elif j == 1:
                     k = dj.square().mul_(0.5)
                 else:
-                    e = torch.expm1(-dj)
-                    es.append(e)
-                    k = e + dj
-                djs.append(dj)
+                    k = es[-1] + dj
                 term = w[s:t] * k
             if kl is None:
                 kl = term
@@ -247,6 +258,8 @@ def weighted_kl(lp: Tensor, ref_logp: Tensor, terms: list, full_term: Callable[[
                 kl[s:t].add_(term)
         if j < 3:
             parts.append((j, ranges, w, djs, es or None))
+    if not want_value:
+        return None, parts
     return (torch.zeros_like(lp) if kl is None else kl), parts
 
 

@@ -98,11 +98,27 @@ def _draw_i32(k: Tensor, counter: Tensor) -> Tensor:
 
 
 def _unit_i32(h: Tensor) -> Tensor:
-    """:func:`_unit` of the unsigned 32-bit value whose bit pattern the int32 ``h`` holds: ``_unit(h)`` of the
-    signed value lies in (−½, ½), and ``u − floor(u)`` adds 1 to the negative ones (exact, like
-    ``remainder(_unit(h), 1)``: both are the unique float64 ``(h mod 2^32 + ½)/2^32``)."""
+    """:func:`_unit` of the unsigned 32-bit value whose bit pattern the int32 ``h`` holds: the unique float64
+    ``(h mod 2^32 + ½)/2^32``. Read as ``uint32`` where torch converts that dtype exactly (checked once);
+    otherwise ``_unit(h)`` of the signed value, which lies in (−½, ½), and ``u − floor(u)`` adds 1 to the
+    negative ones (exact, like ``remainder(_unit(h), 1)``)."""
+    if _UINT32_VIEW:
+        return h.view(torch.uint32).to(torch.float64).add_(0.5).mul_(1.0 / 4294967296.0)
     u = h.to(torch.float64).add_(0.5).mul_(1.0 / 4294967296.0)
     return u.sub_(torch.floor(u))
+
+
+def _uint32_view_is_exact() -> bool:
+    """Whether this torch has ``uint32`` and converts it to float64 as the unsigned values (checked on bit
+    patterns of both signs, long enough for the vectorized loops and their remainders)."""
+    if not hasattr(torch, "uint32"):
+        return False
+    vals = [0, 1, 2, 2**31 - 1, 2**31, 2**31 + 1, 0x9E3779B9, _MASK32 - 1, _MASK32] * 5
+    try:
+        got = torch.tensor(vals, dtype=torch.long).to(torch.int32).view(torch.uint32).to(torch.float64)
+    except (RuntimeError, TypeError):
+        return False
+    return got.tolist() == [float(v) for v in vals]
 
 
 def _i32_is_exact() -> bool:
@@ -128,6 +144,7 @@ def run_keys(seeds: list[int] | Tensor, device: torch.device | str = "cpu") -> T
 
 _COUNTER_CACHE: dict[tuple[int, str, torch.dtype], Tensor] = {}
 _I32_EXACT = _i32_is_exact()
+_UINT32_VIEW = _uint32_view_is_exact()
 
 
 def _hashed_counter(n: int, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
