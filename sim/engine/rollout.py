@@ -44,15 +44,15 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
     # (the CDF does not decrease, and u ≥ the last column only happens where the others are all below u)
     cdf = logp.exp().cumsum(-1).reshape(R * S, A)
     cdf_cols = cdf[:, : A - 1].t().contiguous() if S > 1 and 1 < A <= 9 else None
+    # one state: the same count per run against its row (a column [R, 1] each), cheaper than a binary search
+    # for a few actions; its columns in float64, as the comparisons promote them (exactly)
+    run_cols = cdf[:, : A - 1].t().to(torch.float64).unsqueeze(-1) if S == 1 and 1 < A <= _COUNT_MAX else None
     taken: dict[str, list[Tensor]] = {k: [] for k in ("at", "row", "run", "state", "action", "idx", "reward", "done")}
     counts: list[int] = []  # running episodes per step
     goings: list[Tensor | None] = []  # per step, which of them run on (None: all)
     streams = [k_act] if k_out is None else [k_act, k_out]
     # per running episode (rows, gathered whole when episodes end): its run·S, (run·N + n)·H, run and n·H
-    run = torch.arange(R, device=dev)
-    n_ep = torch.arange(N, device=dev)
-    ep = torch.stack([(run * S).repeat_interleave(N), torch.arange(R * N, device=dev) * H, run.repeat_interleave(N),
-                      (n_ep * H).repeat(R)], dim=1)
+    ep = _episode_rows(R, S, N, H, dev)
     sink = core.terminal
     ahead: list[Tensor] = []  # the streams' uniforms [running, k] of steps t0 … t0 + k − 1
     t0 = t_end = 0
@@ -63,7 +63,15 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
             ahead, t0 = _draw(streams, ep, t, H, N), t
             t_end = t + ahead[0].shape[1]
         u, *u_outcome = (x[:, t - t0].contiguous() for x in ahead)  # a contiguous u: several times faster compares
-        if S == 1 and every:  # one state, every episode running: binary search in the run's CDF
+        if S == 1 and every and run_cols is not None and u.dtype == torch.float64:
+            # one state, every episode running: count the run's CDF columns at or below u, in uint8
+            ur = u.view(R, N)
+            a = torch.ge(ur, run_cols[0]).view(torch.uint8)
+            for j in range(1, A - 1):
+                a.add_(torch.ge(ur, run_cols[j]).view(torch.uint8))
+            a = a.view(-1)
+            taken["row"].append(ep[:, 0] + s)
+        elif S == 1 and every:  # one state, every episode running: binary search in the run's CDF
             a = torch.searchsorted(cdf.to(u.dtype), u.reshape(R, N), right=True).view(-1).clamp_(max=A - 1)
             taken["row"].append(ep[:, 0] + s)
         else:
@@ -106,6 +114,26 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
         buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
         return buf
     return Episodes.from_steps(taken, counts, goings, (R, N, H))
+
+
+_COUNT_MAX = 17
+"""Up to this many actions a one-state policy's actions are counted column by column, not binary-searched."""
+
+_EP_CACHE: dict[tuple[int, int, int, int, str], Tensor] = {}
+
+
+def _episode_rows(R: int, S: int, N: int, H: int, dev: torch.device) -> Tensor:
+    """The rows ``[R·N, 4]`` of every episode at the start: run·S, (run·N + n)·H, run and n·H (the same every
+    update: cached per shape; only read, never written)."""
+    key = (R, S, N, H, str(dev))
+    if key not in _EP_CACHE:
+        if len(_EP_CACHE) > 8:
+            _EP_CACHE.clear()
+        run = torch.arange(R, device=dev)
+        n_ep = torch.arange(N, device=dev)
+        _EP_CACHE[key] = torch.stack([(run * S).repeat_interleave(N), torch.arange(R * N, device=dev) * H,
+                                      run.repeat_interleave(N), (n_ep * H).repeat(R)], dim=1)
+    return _EP_CACHE[key]
 
 
 class _Joined(dict):
