@@ -60,7 +60,7 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
     for t in range(H):
         s = state  # running episodes only: never the sink
         if t == t_end:  # draw the next steps for the running episodes (see _draw)
-            ahead, t0 = _draw(streams, ep, t, H, N), t
+            ahead, t0 = _draw(streams, ep, t, H, N, every), t
             t_end = t + ahead[0].shape[1]
         u, *u_outcome = (x[:, t - t0].contiguous() for x in ahead)  # a contiguous u: several times faster compares
         if S == 1 and every and run_cols is not None and u.dtype == torch.float64:
@@ -199,11 +199,18 @@ _DRAW_BUDGET = 1 << 15
 passes of the hash), many draw two."""
 
 
-def _draw(streams: list[Tensor], ep: Tensor, t: int, H: int, N: int) -> list[Tensor]:
+def _draw(streams: list[Tensor], ep: Tensor, t: int, H: int, N: int, every: bool = False) -> list[Tensor]:
     """Each stream's uniforms ``[running, k]`` of steps ``t … t + k − 1`` of the running episodes ``ep`` (rows:
     run·S, (run·N + n)·H, run, n·H): element ``n·H + t'`` of the run's ``[N, H]`` stream, as drawn one step at
-    a time; ``k`` (at least 2, at most the steps left) keeps about :data:`_DRAW_BUDGET` numbers per stream."""
+    a time; ``k`` (at least 2, at most the steps left) keeps about :data:`_DRAW_BUDGET` numbers per stream.
+    With ``every`` (``ep`` holds every episode of every run, in order) the runs' keys broadcast against one
+    ``[N, k]`` block of counters instead of being gathered per episode (the same elements)."""
     n = ep.shape[0]
     k = min(H - t, max(2, _DRAW_BUDGET // max(n, 1)))
-    counter = ep[:, 3].unsqueeze(1) + torch.arange(t, t + k, device=ep.device)  # [n, k]
+    steps = torch.arange(t, t + k, device=ep.device)
+    if every:
+        R = n // N
+        counter = (torch.arange(N, device=ep.device) * H).unsqueeze(1) + steps  # [N, k]: the same in every run
+        return [rng.uniform_at(key.view(R, 1, 1), counter.unsqueeze(0), N * H).view(n, k) for key in streams]
+    counter = ep[:, 3].unsqueeze(1) + steps  # [n, k]
     return [rng.uniform_at(key.index_select(0, ep[:, 2]).unsqueeze(1), counter, N * H) for key in streams]
