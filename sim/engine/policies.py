@@ -45,11 +45,22 @@ def gather_rows(table: Tensor, rows: Tensor, size: int) -> Tensor:
     return F.pad(x.t() if x.dim() == 2 else x, (0, size - rows.numel()))
 
 
+_ADD_ROWS_FROM = 8
+"""From this many actions :func:`sum_actions` adds the rows in one ``index_add_`` instead of one op per row."""
+
+
 def sum_actions(x: Tensor) -> Tensor:
-    """``x [A, M] → [M]``: the sum over the action axis of an action-major table, left to right (the same
-    order for every column, wherever it sits)."""
+    """``x [A, M, …] → [M, …]``: the sum over the action axis of an action-major table, left to right (the same
+    order for every column, wherever it sits).
+
+    With many actions (on CPU) the rows after the first are added into a copy of the first by ``index_add_``
+    onto one index, which adds them one after another in index order: the same additions, in one call."""
+    A = x.shape[0]
+    if A >= _ADD_ROWS_FROM and x.dim() >= 2 and x.device.type == "cpu":  # (CUDA's index_add_ adds atomically)
+        into = torch.zeros(A - 1, dtype=torch.long, device=x.device)
+        return x[0].unsqueeze(0).clone().index_add_(0, into, x[1:])[0]
     total = x[0]
-    for a in range(1, x.shape[0]):
+    for a in range(1, A):
         total = total + x[a]
     return total
 
