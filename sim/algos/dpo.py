@@ -149,6 +149,8 @@ class DPOTrainer(DiscreteTrainer):
         self.n_pairs = int(self.data["valid"].shape[1])
         self.env_steps += self.data["valid"].reshape(self.R, -1).sum(-1)
         self._sa = self.data["state"] * self.A + self.data["action"]  # flat (state, action) index [R, N, 2, H]
+        # one step per episode, all valid (a bandit's pairs): an episode's sum is its step alone
+        self._one_step = self._sa.shape[-1] == 1 and bool(self.data["valid"].all())
 
     # -- the loss ---------------------------------------------------------------------------------------
     def log_ratio_margin(self, idx: Tensor | None = None) -> Tensor:
@@ -159,7 +161,10 @@ class DPOTrainer(DiscreteTrainer):
             sa, valid = take_samples(sa, idx), take_samples(valid, idx)
         R, S, A = lr_table.shape
         steps = lr_table.reshape(R, S * A).gather(1, sa.reshape(R, -1)).view(sa.shape)
-        h = torch.where(valid, steps, torch.zeros((), dtype=steps.dtype, device=steps.device)).sum(-1)  # [R, n, 2]
+        if self._one_step:  # the sum over one valid step, from 0: the step + 0 (+0 for −0), the same gradient
+            h = steps[..., 0] + 0.0
+        else:
+            h = torch.where(valid, steps, torch.zeros((), dtype=steps.dtype, device=steps.device)).sum(-1)  # [R, n, 2]
         return h[..., 0] - h[..., 1]
 
     def sampled_update(self, update: int) -> dict[str, Tensor]:
