@@ -130,8 +130,22 @@ def _i32_is_exact() -> bool:
         _hash32_i32_(x[:7].to(torch.int32)), as_i32[:7])
 
 
+def _hash32_int(x: int) -> int:
+    """:func:`hash32` of one Python int in [0, 2**32) (the same integer arithmetic)."""
+    x ^= x >> 17
+    x = (x * 0xED5AD4BB) & _MASK32
+    x ^= x >> 11
+    x = (x * 0xAC4C1B51) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x31848BAB) & _MASK32
+    return x ^ (x >> 14)
+
+
 def fold(key: Tensor, value: int | Tensor) -> Tensor:
-    """A new key derived from ``key`` (int64 ``[R]``) and ``value``: independent streams per value."""
+    """A new key derived from ``key`` (int64 ``[R]``) and ``value``: independent streams per value (a Python
+    int's inner hash is computed in Python, the same number without a tensor)."""
+    if isinstance(value, int) and -(1 << 63) <= value < 1 << 63:
+        return hash32(key ^ _hash32_int((value & _MASK32) ^ 0x9E3779B9))
     v = torch.as_tensor(value, dtype=torch.long, device=key.device) & _MASK32
     return hash32(key ^ hash32(v ^ 0x9E3779B9))
 
