@@ -9,43 +9,47 @@ uses before anything is written. :func:`train_batch` trains a batch of configs a
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import envs
 from sim import config, yamlsafe
-from sim.algos.bon import BoNTrainer
-from sim.algos.diffusion import DiffusionTrainer
-from sim.algos.dpo import DPOTrainer
-from sim.algos.gaussian import GaussianTrainer
-from sim.algos.ppo import PPOTrainer
-from sim.algos.sb3 import SB3Trainer
 from sim.config import Config, ConfigError
-from sim.engine.loop import BatchTrainer, ProgressFn
-from sim.engine.outputs import RunOutput
+
+if TYPE_CHECKING:  # the trainers (torch, and stable-baselines3 for one) are imported when a route is taken
+    import torch
+
+    from sim.engine.loop import BatchTrainer, ProgressFn
+    from sim.engine.outputs import RunOutput
 
 
 @dataclass(frozen=True)
 class Route:
     """Configs with ``train.backend = backend``, ``train.algo = algo`` and ``env.id`` in ``envs`` are trained by
-    ``trainer``."""
+    the trainer class ``target`` (``"module:Class"``), imported when first asked for (:attr:`trainer`)."""
 
     backend: str
     algo: str
     envs: tuple[str, ...]
-    trainer: type[BatchTrainer]
+    target: str
+
+    @property
+    def trainer(self) -> type[BatchTrainer]:
+        """The trainer class (its module imported now: only the routes a sweep takes import theirs)."""
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("native", "ppo", envs.DISCRETE_ENVS, PPOTrainer),
-    Route("native", "ppo", ("gaussian_bandit",), GaussianTrainer),
-    Route("native", "ppo", ("diffusion_chain",), DiffusionTrainer),
-    Route("native", "dpo", envs.DISCRETE_ENVS, DPOTrainer),
-    Route("native", "bon", envs.DISCRETE_ENVS, BoNTrainer),
-    Route("sb3", "ppo", envs.DISCRETE_ENVS, SB3Trainer),
+    Route("native", "ppo", envs.DISCRETE_ENVS, "sim.algos.ppo:PPOTrainer"),
+    Route("native", "ppo", ("gaussian_bandit",), "sim.algos.gaussian:GaussianTrainer"),
+    Route("native", "ppo", ("diffusion_chain",), "sim.algos.diffusion:DiffusionTrainer"),
+    Route("native", "dpo", envs.DISCRETE_ENVS, "sim.algos.dpo:DPOTrainer"),
+    Route("native", "bon", envs.DISCRETE_ENVS, "sim.algos.bon:BoNTrainer"),
+    Route("sb3", "ppo", envs.DISCRETE_ENVS, "sim.algos.sb3:SB3Trainer"),
 )
 
 
@@ -97,6 +101,8 @@ def resolve(config_path: str | Path | None = None, overrides: list[str] | None =
 def resolve_device(name: str) -> torch.device:
     """The device of ``device: NAME``: ``auto`` is CUDA when present, else CPU. ``cuda`` without CUDA is a
     :class:`ConfigError` naming what to install."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
