@@ -9,8 +9,7 @@ uses before anything is written. :func:`train_batch` trains a batch of configs a
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,27 +28,64 @@ if TYPE_CHECKING:  # the trainers (torch, and stable-baselines3 for one) are imp
 @dataclass(frozen=True)
 class Route:
     """Configs with ``train.backend = backend``, ``train.algo = algo`` and ``env.id`` in ``envs`` are trained by
-    the trainer class ``target`` (``"module:Class"``), imported when first asked for (:attr:`trainer`)."""
+    the trainer class that ``load`` imports (when first asked for: :attr:`trainer`)."""
 
     backend: str
     algo: str
     envs: tuple[str, ...]
-    target: str
+    load: Callable[[], type[BatchTrainer]]
 
     @property
     def trainer(self) -> type[BatchTrainer]:
         """The trainer class (its module imported now: only the routes a sweep takes import theirs)."""
-        module, name = self.target.split(":")
-        return getattr(importlib.import_module(module), name)
+        return self.load()
+
+
+# The trainers, each imported by its route when taken: a sweep of native runs never imports stable-baselines3
+# (nor tensorboard through it), nor the trainers it does not use.
+def _ppo() -> type[BatchTrainer]:
+    from sim.algos.ppo import PPOTrainer
+
+    return PPOTrainer
+
+
+def _gaussian() -> type[BatchTrainer]:
+    from sim.algos.gaussian import GaussianTrainer
+
+    return GaussianTrainer
+
+
+def _diffusion() -> type[BatchTrainer]:
+    from sim.algos.diffusion import DiffusionTrainer
+
+    return DiffusionTrainer
+
+
+def _dpo() -> type[BatchTrainer]:
+    from sim.algos.dpo import DPOTrainer
+
+    return DPOTrainer
+
+
+def _bon() -> type[BatchTrainer]:
+    from sim.algos.bon import BoNTrainer
+
+    return BoNTrainer
+
+
+def _sb3() -> type[BatchTrainer]:
+    from sim.algos.sb3 import SB3Trainer
+
+    return SB3Trainer
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("native", "ppo", envs.DISCRETE_ENVS, "sim.algos.ppo:PPOTrainer"),
-    Route("native", "ppo", ("gaussian_bandit",), "sim.algos.gaussian:GaussianTrainer"),
-    Route("native", "ppo", ("diffusion_chain",), "sim.algos.diffusion:DiffusionTrainer"),
-    Route("native", "dpo", envs.DISCRETE_ENVS, "sim.algos.dpo:DPOTrainer"),
-    Route("native", "bon", envs.DISCRETE_ENVS, "sim.algos.bon:BoNTrainer"),
-    Route("sb3", "ppo", envs.DISCRETE_ENVS, "sim.algos.sb3:SB3Trainer"),
+    Route("native", "ppo", envs.DISCRETE_ENVS, _ppo),
+    Route("native", "ppo", ("gaussian_bandit",), _gaussian),
+    Route("native", "ppo", ("diffusion_chain",), _diffusion),
+    Route("native", "dpo", envs.DISCRETE_ENVS, _dpo),
+    Route("native", "bon", envs.DISCRETE_ENVS, _bon),
+    Route("sb3", "ppo", envs.DISCRETE_ENVS, _sb3),
 )
 
 
