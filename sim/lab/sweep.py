@@ -43,7 +43,16 @@ from sim.lab.executors import (
     make_executor,
     record_failure,
 )
-from sim.lab.grid import MAX_RUNS, PlannedRun, SweepPlan, apply_sets, load_grid, parse_batch_size, plan_sweep
+from sim.lab.grid import (
+    MAX_RUNS,
+    PlannedRun,
+    SweepPlan,
+    apply_sets,
+    load_grid,
+    parse_batch_size,
+    plan_sweep,
+    size_hint,
+)
 from sim.lab.lock import LOCK_FILE, lock_holder, sweep_lock
 from sim.lab.progress import progress, use_bar
 
@@ -78,10 +87,8 @@ def estimate_run_bytes(cfg: Config) -> int:
     actions), MLP activations and the logs kept until the run is written; calibrated on the gridworld
     (tabular: ~5 MB per run at batch 256 × horizon 30).
     """
-    import envs
-
     tr, log = cfg.train, cfg.log
-    n_states, n_actions, horizon, n_outcomes = envs.from_config(cfg.env).size_hint()
+    n_states, n_actions, horizon, n_outcomes = size_hint(cfg.env)
     steps = tr.batch * horizon
     table = n_states * n_actions
     floats = 96 * steps + 64 * table
@@ -152,7 +159,6 @@ def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, bat
     by decreasing estimated cost (:func:`_task_cost`), the order workers take them in: a long task started
     last would leave the other workers idle at the end.
     """
-    import envs
     from sim.lab import dispatch
 
     groups: dict[str, list[PlannedRun]] = {}
@@ -166,7 +172,7 @@ def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, bat
         size = batch_size or auto_batch_size(len(planned), workers, estimate_run_bytes(cfg), task_budget)
         if not dispatch.trainer_class(cfg).batches_runs:
             size = 1  # trained one run at a time (e.g. SB3): one task each, so workers run them in parallel
-        run_steps = cfg.train.total_updates * cfg.train.batch * envs.from_config(cfg.env).size_hint()[2]
+        run_steps = cfg.train.total_updates * cfg.train.batch * size_hint(cfg.env)[2]
         chunks += [(_task_cost(len(c), run_steps, cfg.train.total_updates), c) for c in _split_even(group, size)]
     chunks.sort(key=lambda c: -c[0])  # stable: equal costs keep the grid's order
     return [Task(index=i, run_ids=tuple(r.run_id for r in chunk),
