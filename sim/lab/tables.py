@@ -57,7 +57,7 @@ def _layout(df: pd.DataFrame, names: list, front: dict[str, Any]) -> tuple | Non
         cols.append((name, dtype.str))
     if len(set(names)) != len(cols):
         return None
-    return tuple(kinds), tuple(cols)
+    return tuple(kinds), tuple(cols), str(df.columns.dtype)
 
 
 def _through_pandas(df: pd.DataFrame, front: dict[str, Any]) -> pa.Table:
@@ -106,7 +106,7 @@ def _matches(schema: pa.Schema, layout: tuple) -> bool:
     """Whether the table pandas made has the layout's columns, in order, with the types the fast path makes."""
     import pyarrow as pa
 
-    kinds, cols = layout
+    kinds, cols, _ = layout
     expect_names = [k for k, _ in kinds] + [c for c, _ in cols]
     if schema.names != expect_names:
         return False
