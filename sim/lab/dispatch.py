@@ -9,43 +9,83 @@ uses before anything is written. :func:`train_batch` trains a batch of configs a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import envs
 from sim import config, yamlsafe
-from sim.algos.bon import BoNTrainer
-from sim.algos.diffusion import DiffusionTrainer
-from sim.algos.dpo import DPOTrainer
-from sim.algos.gaussian import GaussianTrainer
-from sim.algos.ppo import PPOTrainer
-from sim.algos.sb3 import SB3Trainer
 from sim.config import Config, ConfigError
-from sim.engine.loop import BatchTrainer, ProgressFn
-from sim.engine.outputs import RunOutput
+
+if TYPE_CHECKING:  # the trainers (torch, and stable-baselines3 for one) are imported when a route is taken
+    import torch
+
+    from sim.engine.loop import BatchTrainer, ProgressFn
+    from sim.engine.outputs import RunOutput
 
 
 @dataclass(frozen=True)
 class Route:
     """Configs with ``train.backend = backend``, ``train.algo = algo`` and ``env.id`` in ``envs`` are trained by
-    ``trainer``."""
+    the trainer class that ``load`` imports (when first asked for: :attr:`trainer`)."""
 
     backend: str
     algo: str
     envs: tuple[str, ...]
-    trainer: type[BatchTrainer]
+    load: Callable[[], type[BatchTrainer]]
+
+    @property
+    def trainer(self) -> type[BatchTrainer]:
+        """The trainer class (its module imported now: only the routes a sweep takes import theirs)."""
+        return self.load()
+
+
+# The trainers, each imported by its route when taken: a sweep of native runs never imports stable-baselines3
+# (nor tensorboard through it), nor the trainers it does not use.
+def _ppo() -> type[BatchTrainer]:
+    from sim.algos.ppo import PPOTrainer
+
+    return PPOTrainer
+
+
+def _gaussian() -> type[BatchTrainer]:
+    from sim.algos.gaussian import GaussianTrainer
+
+    return GaussianTrainer
+
+
+def _diffusion() -> type[BatchTrainer]:
+    from sim.algos.diffusion import DiffusionTrainer
+
+    return DiffusionTrainer
+
+
+def _dpo() -> type[BatchTrainer]:
+    from sim.algos.dpo import DPOTrainer
+
+    return DPOTrainer
+
+
+def _bon() -> type[BatchTrainer]:
+    from sim.algos.bon import BoNTrainer
+
+    return BoNTrainer
+
+
+def _sb3() -> type[BatchTrainer]:
+    from sim.algos.sb3 import SB3Trainer
+
+    return SB3Trainer
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("native", "ppo", envs.DISCRETE_ENVS, PPOTrainer),
-    Route("native", "ppo", ("gaussian_bandit",), GaussianTrainer),
-    Route("native", "ppo", ("diffusion_chain",), DiffusionTrainer),
-    Route("native", "dpo", envs.DISCRETE_ENVS, DPOTrainer),
-    Route("native", "bon", envs.DISCRETE_ENVS, BoNTrainer),
-    Route("sb3", "ppo", envs.DISCRETE_ENVS, SB3Trainer),
+    Route("native", "ppo", envs.DISCRETE_ENVS, _ppo),
+    Route("native", "ppo", ("gaussian_bandit",), _gaussian),
+    Route("native", "ppo", ("diffusion_chain",), _diffusion),
+    Route("native", "dpo", envs.DISCRETE_ENVS, _dpo),
+    Route("native", "bon", envs.DISCRETE_ENVS, _bon),
+    Route("sb3", "ppo", envs.DISCRETE_ENVS, _sb3),
 )
 
 
@@ -97,6 +137,8 @@ def resolve(config_path: str | Path | None = None, overrides: list[str] | None =
 def resolve_device(name: str) -> torch.device:
     """The device of ``device: NAME``: ``auto`` is CUDA when present, else CPU. ``cuda`` without CUDA is a
     :class:`ConfigError` naming what to install."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -215,6 +215,29 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def can_fork_workers(tasks: Sequence[Task]) -> bool:
+    """Whether local workers for ``tasks`` may be forked from this process instead of spawned.
+
+    A forked worker starts at once with this process's imports (torch, the trainers), where a spawned one
+    imports them again (a second or two). It is safe on Linux when this process runs no other Python thread
+    (one holding a lock would leave it held in the copy) and every task trains on the CPU with one torch
+    thread: torch's OpenMP pool, if this process started one, is not usable in a fork, and a worker that
+    keeps to one thread never enters it (CUDA cannot be used in a fork at all). Otherwise workers are spawned.
+    """
+    import multiprocessing
+    import threading
+
+    if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    if threading.active_count() != 1:
+        return False
+    from sim.lab.dispatch import resolve_device
+
+    devices = {cfg.device for task in tasks for cfg in task.configs}
+    one_thread = all((cfg.threads or 1) == 1 for task in tasks for cfg in task.configs)
+    return one_thread and all(resolve_device(d).type == "cpu" for d in devices)
+
+
 class Executor:
     """Runs tasks somewhere and yields their outcomes as they complete. Use as a context manager."""
 
@@ -245,6 +268,9 @@ class Executor:
     def close(self) -> None:
         """Release what :meth:`start` acquired; cancels what is still queued."""
 
+    def prepare(self, tasks: Sequence[Task]) -> None:
+        """Make ready to run ``tasks`` (e.g. start worker processes); called before :meth:`run`."""
+
     def memory_per_task(self) -> int | None:
         """Bytes a task may use if the executor knows (e.g. Slurm ``--mem``); ``None`` = this machine's share."""
         return None
@@ -272,14 +298,21 @@ class LocalExecutor(Executor):
         """Train the tasks in this process, one after another (a sweep too small to gain from worker processes)."""
         self.workers = 1
 
-    def _new_pool(self) -> ProcessPoolExecutor:
+    def _new_pool(self, fork: bool = False) -> ProcessPoolExecutor:
         import multiprocessing
 
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_local_worker)
+        context = multiprocessing.get_context("fork" if fork else "spawn")
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_init_local_worker)
 
     def start(self) -> None:
         pass  # the pool is made when the first task runs there (training here needs none)
+
+    def prepare(self, tasks: Sequence[Task]) -> None:
+        """Start the worker processes (forked when :func:`can_fork_workers` allows: no start-up, no imports),
+        before the caller starts a thread of its own (a progress display), which a fork must not copy."""
+        if self.workers > 1 and self._pool is None:
+            self._pool = self._new_pool(can_fork_workers(tasks))
+            self._pool.submit(os.getpid)  # a forked pool starts all its workers at its first task
 
     def close(self) -> None:
         if self._pool is not None:

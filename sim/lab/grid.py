@@ -462,12 +462,25 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int
                      exclude=exclude, batch_size=batch_size, swept_keys=swept_keys, runs=runs)
 
 
+def size_hint(env: dict) -> tuple[int, ...]:
+    """``envs.from_config(env).size_hint()``, kept per distinct ``env`` (building one can take a while: a token
+    tree's reference table), as runs of a grid share a few envs."""
+    key = json.dumps(env, sort_keys=True, default=str)
+    hint = _SIZE_HINTS.get(key)
+    if hint is None:
+        import envs
+
+        hint = _SIZE_HINTS[key] = tuple(envs.from_config(env).size_hint())
+    return hint
+
+
+_SIZE_HINTS: dict[str, tuple[int, ...]] = {}
+
+
 def sampled_steps(planned: Sequence[PlannedRun]) -> int:
     """Environment steps the runs sample in all (runs × updates × batch × horizon)."""
-    import envs
-
     total = 0
     for run in planned:
         tr = run.config.train
-        total += tr.total_updates * tr.batch * envs.from_config(run.config.env).size_hint()[2]
+        total += tr.total_updates * tr.batch * size_hint(run.config.env)[2]
     return total

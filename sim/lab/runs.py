@@ -13,12 +13,13 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sim.config import Config, UsageError
 
 if TYPE_CHECKING:  # imported where used: a sweep's planning and `reflab --help` need neither
     import pandas as pd
+    import pyarrow as pa
     import torch
 
 STATUS_FILE = "status.json"
@@ -66,11 +67,34 @@ def atomic_write_parquet(path: Path, df: pd.DataFrame, metadata: dict[str, Any] 
             df.to_parquet(tmp, index=False)
         else:
             import pyarrow as pa
-            import pyarrow.parquet as pq
 
-            table = pa.Table.from_pandas(df, preserve_index=False)
-            meta = {**(table.schema.metadata or {}), b"reflab": json.dumps(metadata, sort_keys=True).encode()}
-            pq.write_table(table.replace_schema_metadata(meta), tmp)
+            _write_table(tmp, pa.Table.from_pandas(df, preserve_index=False), metadata)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_table(path: str | Path | BinaryIO, table: pa.Table, metadata: dict[str, Any]) -> None:
+    """``table`` to Parquet at ``path`` (or an open file) with ``metadata`` (JSON-serializable) under ``reflab``
+    in its key-value metadata."""
+    import pyarrow.parquet as pq
+
+    meta = {**(table.schema.metadata or {}), b"reflab": json.dumps(metadata, sort_keys=True).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def atomic_write_keyed(path: Path, df: pd.DataFrame, cells: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """:func:`atomic_write_parquet` of ``df`` with a constant column per key of ``cells`` in front (those ``df``
+    lacks), built straight in Arrow (:func:`sim.lab.tables.keyed_table`): the same file as through pandas."""
+    from sim.lab.tables import keyed_table
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_table(f, keyed_table(df, cells), metadata)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -180,23 +204,19 @@ def finish_run(run_dir: Path, tables: dict[str, pd.DataFrame], status: dict[str,
     duckdb, polars or pandas; every file also carries ``{"keys": ..., "config": ...}`` (the run's config
     from ``config.json``) as Parquet metadata under ``reflab``.
     """
-    import pandas as pd
-
     run_dir = Path(run_dir)
     cells = key_cells(keys or {})
-    meta = None
-    if keys is not None:
+    if keys is None:
+        for name, df in tables.items():
+            atomic_write_parquet(run_dir / f"{name}.parquet", df)
+    else:
         try:
             config = json.loads((run_dir / CONFIG_FILE).read_text()).get("config")
         except (OSError, ValueError):
             config = None
         meta = {"keys": cells, "config": config}
-    for name, df in tables.items():
-        if cells:
-            front = pd.DataFrame({k: [v] * len(df) for k, v in cells.items() if k not in df.columns},
-                                 index=df.index)
-            df = pd.concat([front, df], axis=1)
-        atomic_write_parquet(run_dir / f"{name}.parquet", df, meta)
+        for name, df in tables.items():
+            atomic_write_keyed(run_dir / f"{name}.parquet", df, cells, meta)
     atomic_write_json(run_dir / STATUS_FILE, status)
 
 
