@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from analysis import pdf_fonts
+from analysis import draw_caches, pdf_fonts
 from analysis.loading import (  # noqa: F401 (re-exported)
     NOT_CONDITION_KEYS,
     VARIANT_ORDER,
@@ -28,6 +28,7 @@ from analysis.loading import (  # noqa: F401 (re-exported)
 from analysis.stats import bootstrap_curve
 
 pdf_fonts.install()  # TrueType subsets for the PDFs without the layout tables, made once per glyph set
+draw_caches.install()  # $...$ parsed once per process; ticks computed once per layout state (in save)
 
 #: Single-column width (inches) of the default figures.
 COLUMN_WIDTH = 3.3
@@ -262,7 +263,7 @@ def save(fig: Figure, path: str | Path, formats: Sequence[str] = FORMATS) -> lis
     base = path.with_suffix("") if path.suffix.lstrip(".") in ("pdf", "png", "svg", "eps", "ps") else path
     base.parent.mkdir(parents=True, exist_ok=True)
     out = []
-    with mpl.rc_context(PAPER_RC):
+    with mpl.rc_context(PAPER_RC), draw_caches.draw_cache():
         bbox = freeze_layout(fig) if mpl.rcParams["savefig.bbox"] == "tight" else None
         for fmt in formats:
             target = base.with_name(f"{base.name}.{fmt}")
