@@ -331,11 +331,20 @@ def mark_off(ax: Axes, spans: list[tuple[float, float]], label: bool) -> None:
 
 
 def pivot_runs(rows: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(updates [n_x], values [n_seeds, n_x])`` of one variant's runs (NaN where a run has no row)."""
-    wide = rows.pivot_table(index="run_id", columns="update", values=column, observed=True, dropna=False,
-                            aggfunc="first")
-    wide = wide.dropna(how="all")
-    return wide.columns.to_numpy(float), wide.to_numpy(float)
+    """``(updates [n_x], values [n_seeds, n_x])`` of one variant's runs (NaN where a run has no row): runs in
+    ``run_id`` order (category order if categorical), updates sorted, each cell the first non-missing value of
+    its run and update; runs without any value are left out (what ``pivot_table(..., aggfunc="first")``
+    gives, without its group-by machinery)."""
+    run_codes, _ = pd.factorize(rows["run_id"], sort=True)
+    upd_codes, updates = pd.factorize(rows["update"], sort=True)
+    values = rows[column].to_numpy(float)
+    wide = np.full((int(run_codes.max()) + 1 if len(rows) else 0, len(updates)), np.nan)
+    keep = ~np.isnan(values) & (run_codes >= 0) & (upd_codes >= 0)
+    cell = run_codes[keep] * len(updates) + upd_codes[keep]
+    cell, first = np.unique(cell, return_index=True)  # the first row of each (run, update)
+    wide.ravel()[cell] = values[keep][first]
+    wide = wide[~np.isnan(wide).all(axis=1)]
+    return np.asarray(updates, float), wide
 
 
 def draw_variant(ax: Axes, rows: pd.DataFrame, variant: str, column: str, seeds: bool, stat: str, n_boot: int,
