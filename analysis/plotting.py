@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from analysis import pdf_fonts
+from analysis import draw_caches, pdf_fonts
 from analysis.loading import (  # noqa: F401 (re-exported)
     NOT_CONDITION_KEYS,
     VARIANT_ORDER,
@@ -28,6 +28,7 @@ from analysis.loading import (  # noqa: F401 (re-exported)
 from analysis.stats import bootstrap_curve
 
 pdf_fonts.install()  # TrueType subsets for the PDFs without the layout tables, made once per glyph set
+draw_caches.install()  # $...$ parsed once per process; ticks computed once per layout state (in save)
 
 #: Single-column width (inches) of the default figures.
 COLUMN_WIDTH = 3.3
@@ -262,7 +263,7 @@ def save(fig: Figure, path: str | Path, formats: Sequence[str] = FORMATS) -> lis
     base = path.with_suffix("") if path.suffix.lstrip(".") in ("pdf", "png", "svg", "eps", "ps") else path
     base.parent.mkdir(parents=True, exist_ok=True)
     out = []
-    with mpl.rc_context(PAPER_RC):
+    with mpl.rc_context(PAPER_RC), draw_caches.draw_cache():
         bbox = freeze_layout(fig) if mpl.rcParams["savefig.bbox"] == "tight" else None
         for fmt in formats:
             target = base.with_name(f"{base.name}.{fmt}")
@@ -330,11 +331,20 @@ def mark_off(ax: Axes, spans: list[tuple[float, float]], label: bool) -> None:
 
 
 def pivot_runs(rows: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(updates [n_x], values [n_seeds, n_x])`` of one variant's runs (NaN where a run has no row)."""
-    wide = rows.pivot_table(index="run_id", columns="update", values=column, observed=True, dropna=False,
-                            aggfunc="first")
-    wide = wide.dropna(how="all")
-    return wide.columns.to_numpy(float), wide.to_numpy(float)
+    """``(updates [n_x], values [n_seeds, n_x])`` of one variant's runs (NaN where a run has no row): runs in
+    ``run_id`` order (category order if categorical), updates sorted, each cell the first non-missing value of
+    its run and update; runs without any value are left out (what ``pivot_table(..., aggfunc="first")``
+    gives, without its group-by machinery)."""
+    run_codes, _ = pd.factorize(rows["run_id"], sort=True)
+    upd_codes, updates = pd.factorize(rows["update"], sort=True)
+    values = rows[column].to_numpy(float)
+    wide = np.full((int(run_codes.max()) + 1 if len(rows) else 0, len(updates)), np.nan)
+    keep = ~np.isnan(values) & (run_codes >= 0) & (upd_codes >= 0)
+    cell = run_codes[keep] * len(updates) + upd_codes[keep]
+    cell, first = np.unique(cell, return_index=True)  # the first row of each (run, update)
+    wide.ravel()[cell] = values[keep][first]
+    wide = wide[~np.isnan(wide).all(axis=1)]
+    return np.asarray(updates, float), wide
 
 
 def draw_variant(ax: Axes, rows: pd.DataFrame, variant: str, column: str, seeds: bool, stat: str, n_boot: int,

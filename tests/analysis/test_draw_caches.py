@@ -1,0 +1,82 @@
+"""The drawing caches change nothing that is drawn, and the curve pivot is ``pivot_table``'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from PIL import Image
+
+from analysis import draw_caches, plotting
+
+
+def _figure() -> Figure:
+    """Log and linear axes, shared, titled, with mathtext labels and a legend: what the caches touch."""
+    fig = plotting.new_figure(plotting.COLUMN_WIDTH, 2.6)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    x = np.linspace(1, 100, 50)
+    top.plot(x, np.exp(-x / 10), label=r"$\pi_{\mathrm{ref}}$")
+    top.set_yscale("log")
+    top.set_title("KL in the reward", loc="left")
+    top.set_ylabel(plotting.KL_LABEL)
+    top.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    bottom.plot(x, np.sin(x / 7), label="k1")
+    bottom.set_title("KL as a loss", loc="left")
+    bottom.set_xlabel("update")
+    fig.suptitle("β = 0.1")
+    return fig
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_caches_are_installed() -> None:
+    assert draw_caches.install()
+
+
+def test_a_figure_saved_with_the_caches_is_the_same_as_without(tmp_path: Path, monkeypatch) -> None:
+    cached = plotting.save(_figure(), tmp_path / "cached", formats=("png",))
+    with monkeypatch.context() as m:  # the same figure with the caches off: nothing is ever found in them
+        m.setattr(draw_caches, "draw_cache", lambda: _NoCache())
+        plain = plotting.save(_figure(), tmp_path / "plain", formats=("png",))
+    a, b = _pixels(cached[0]), _pixels(plain[0])
+    assert a.shape == b.shape and np.array_equal(a, b)
+
+
+class _NoCache:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_ticks_follow_a_change_of_limits_inside_the_cache() -> None:
+    fig = _figure()
+    ax = fig.axes[1]
+    with draw_caches.draw_cache():
+        fig.draw_without_rendering()
+        before = [t.get_loc() for t in ax.xaxis._update_ticks()]
+        ax.set_xlim(0, 1000)
+        after = [t.get_loc() for t in ax.xaxis._update_ticks()]
+    assert before != after and max(after) > 100
+
+
+def test_pivot_runs_is_pivot_table() -> None:
+    rng = np.random.default_rng(0)
+    runs = pd.Categorical(rng.choice(["c", "a", "b", "d"], 60), categories=["d", "c", "b", "a"])
+    rows = pd.DataFrame({"run_id": runs, "update": rng.integers(0, 8, 60), "v": rng.normal(size=60)})
+    rows.loc[rows.index[::7], "v"] = np.nan
+    rows.loc[rows["run_id"] == "d", "v"] = np.nan  # a run without values is left out
+    wide = rows.pivot_table(index="run_id", columns="update", values="v", observed=True, dropna=False,
+                            aggfunc="first").dropna(how="all")
+    x, values = plotting.pivot_runs(rows, "v")
+    assert np.array_equal(x, wide.columns.to_numpy(float))
+    assert np.array_equal(values, wide.to_numpy(float), equal_nan=True)
+    rows = rows.assign(run_id=rows["run_id"].astype(str))
+    wide = rows.pivot_table(index="run_id", columns="update", values="v", dropna=False,
+                            aggfunc="first").dropna(how="all")
+    assert np.array_equal(plotting.pivot_runs(rows, "v")[1], wide.to_numpy(float), equal_nan=True)
