@@ -25,6 +25,29 @@ def test_gao_forms_are_recovered_from_their_own_curves(form: str, alpha: float, 
     assert O.gao_curve(np.array([0.0]), alpha, beta, form)[0] == 0  # R(0) = 0 for both forms
 
 
+
+@pytest.mark.parametrize("form", ["bon", "rl"])
+@pytest.mark.parametrize("case", range(6))
+def test_bootstrap_interval_is_the_quantiles_of_every_replicates_least_squares(form: str, case: int):
+    """The interval refits only the replicates near its ranks: the same numbers as refitting them all."""
+    rng = np.random.default_rng(case)
+    runs = []
+    for k in range(int(rng.integers(2, 9))):
+        n = int(rng.integers(1, 40)) if case % 3 else int(rng.integers(1, 3))  # some runs with < 2 positive d
+        d = np.sqrt(rng.exponential(1.0, n)) * (k % 4 != 3)  # some runs stay at d = 0
+        r = O.gao_curve(d, 0.8, 0.3, form) + rng.normal(0, 0.05 * (1 + case), n)
+        runs.append(O._FitRows(d, r, form))
+    picks = np.array([rng.integers(0, len(runs), len(runs)) for _ in range(int(rng.integers(20, 400)))])
+    every = np.array([O._refit([runs[j] for j in p]) for p in picks], dtype=float)
+    lo, hi = O._boot_interval(runs, picks)
+    if not np.isfinite(every).any():
+        assert np.isnan(lo).all() and np.isnan(hi).all()
+        return
+    with np.errstate(all="ignore"):
+        expected = np.nanquantile(every, [0.025, 0.975], axis=0)
+    np.testing.assert_array_equal(np.stack([lo, hi]), expected)
+
+
 def _points() -> pd.DataFrame:
     rows = []
     for seed in (0, 1):
