@@ -556,7 +556,8 @@ def load(path: str | Path | Sequence[str | Path], metric_columns: Sequence[str] 
     runs["config_id"] = [config_id({k: row[k] for k in cfg_cols if k in row and not _missing(row[k])}, pooled)
                          for row in runs[cfg_cols].to_dict("records")]
     swept = [c for c in index_swept if c in runs] + [c for c in _varying(runs, cfg_cols) if c not in index_swept]
-    swept = [c for c in swept if c not in set(pooled) - {"seed"} and c not in _env_determined(runs, swept)]
+    determined = _env_determined(runs, swept)
+    swept = [c for c in swept if c not in set(pooled) - {"seed"} and c not in determined]
     front = [k for k in BASE_KEYS if k in runs] + (["sweep"] if many else [])
     keys = front + [k for k in swept if k not in front] + ["config_id"]
     runs = _categorize(runs, keys)
