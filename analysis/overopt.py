@@ -138,8 +138,15 @@ def _boot_coefs(runs: list[_FitRows], picks: np.ndarray) -> np.ndarray:
     det = g00 * g11 - g01 * g01
     with np.errstate(divide="ignore", invalid="ignore"):
         coef = np.stack([(g11 * h0 - g01 * h1) / det, (g00 * h1 - g01 * h0) / det], axis=-1)
+    # fewer than two distinct positive d in a replicate (NaN in _refit) only if each picked run has at most one:
+    # then the replicate is sure if two of its runs have different ones
     few = np.array([run.positive.size < 2 for run in runs])
-    unsure = few[picks].all(axis=1) | ~(det > 1e-8 * g00 * g11) | ~np.isfinite(coef).all(axis=1)
+    values = np.unique(np.concatenate([run.positive for run in runs]))
+    single = np.array([int(np.searchsorted(values, run.positive[0])) if run.positive.size == 1 else -1
+                       for run in runs])[picks]
+    lowest = np.where(single >= 0, single, values.size).min(axis=1)
+    two = single.max(axis=1) > lowest
+    unsure = (few[picks].all(axis=1) & ~two) | ~(det > 1e-8 * g00 * g11) | ~np.isfinite(coef).all(axis=1)
     coef[unsure] = np.nan
     return coef
 
@@ -311,15 +318,17 @@ def frontier_envelope(points: pd.DataFrame, grid: np.ndarray) -> np.ndarray:
     best = np.full(len(grid), -np.inf)
     for _, r in points.sort_values(["run_id", "update"], kind="stable").groupby("run_id", observed=True, sort=False):
         d, g = r["d"].to_numpy(float), r["gold_rel"].to_numpy(float)
-        for j, budget in enumerate(grid):
-            ok = d <= budget
-            if ok.any():
-                best[j] = max(best[j], g[ok].max())
-            a, b = d[:-1], d[1:]
-            cross = (np.minimum(a, b) <= budget) & (np.maximum(a, b) > budget)  # the segment leaves the budget
-            if cross.any():
-                t = (budget - a[cross]) / (b[cross] - a[cross])
-                best[j] = max(best[j], float(np.max(g[:-1][cross] + t * (g[1:][cross] - g[:-1][cross]))))
+        budget = grid[:, None]
+        # per budget (rows): the best logged gold within it (NaN if any of those is NaN: then it is not taken) ...
+        inside = np.max(np.broadcast_to(g, (len(grid), len(g))), axis=1, where=d <= budget, initial=-np.inf)
+        best = np.where(inside > best, inside, best)
+        # ... and the best gold where a segment leaves the budget (linear in between)
+        a, b, g0, g1 = d[:-1], d[1:], g[:-1], g[1:]
+        cross = (np.minimum(a, b) <= budget) & (np.maximum(a, b) > budget)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (budget - a) / (b - a)
+            at_cross = np.max(g0 + t * (g1 - g0), axis=1, where=cross, initial=-np.inf)
+        best = np.where(at_cross > best, at_cross, best)
     return np.where(np.isfinite(best), best, np.nan)
 
 

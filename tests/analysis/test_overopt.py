@@ -125,3 +125,36 @@ def test_a_learned_reward_sweep_gets_the_over_optimization_section(tmp_path: Pat
     assert set(fits.loc[fits["variant"] == "BoN", "form"]) == {"bon"}
     summary = pd.read_csv(rep / "summary.csv")
     assert "BoN" not in set(summary["variant"])  # best-of-n trains nothing: only in its own section
+
+
+def _envelope_one_budget_at_a_time(points: pd.DataFrame, grid: np.ndarray) -> np.ndarray:
+    """frontier_envelope as it was first written: one budget and one run at a time."""
+    best = np.full(len(grid), -np.inf)
+    for _, r in points.sort_values(["run_id", "update"], kind="stable").groupby("run_id", sort=False):
+        d, g = r["d"].to_numpy(float), r["gold_rel"].to_numpy(float)
+        for j, budget in enumerate(grid):
+            ok = d <= budget
+            if ok.any():
+                best[j] = max(best[j], g[ok].max())
+            a, b = d[:-1], d[1:]
+            cross = (np.minimum(a, b) <= budget) & (np.maximum(a, b) > budget)
+            if cross.any():
+                t = (budget - a[cross]) / (b[cross] - a[cross])
+                best[j] = max(best[j], float(np.max(g[:-1][cross] + t * (g[1:][cross] - g[:-1][cross]))))
+    return np.where(np.isfinite(best), best, np.nan)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_frontier_envelope_is_the_one_budget_at_a_time_envelope(case: int):
+    rng = np.random.default_rng(case)
+    rows = []
+    for run in range(int(rng.integers(1, 5))):
+        n = int(rng.integers(1, 30))
+        d = np.abs(np.cumsum(rng.normal(0.1, 0.3, n)))
+        g = rng.normal(0, 1, n)
+        if case % 2:
+            g[rng.random(n) < 0.1] = np.nan  # a NaN gold keeps its budget's best where it was
+        rows += [{"run_id": f"r{run}", "update": u, "d": d[u], "gold_rel": g[u]} for u in range(n)]
+    points = pd.DataFrame(rows)
+    grid = np.sort(rng.uniform(0, 2, int(rng.integers(1, 6))))
+    np.testing.assert_array_equal(O.frontier_envelope(points, grid), _envelope_one_budget_at_a_time(points, grid))
