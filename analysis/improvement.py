@@ -75,17 +75,18 @@ def poi_markdown(table: pd.DataFrame, conditions: Sequence[str]) -> str:
                        f"{'β' if c == 'kl.beta' else c} = {v}" for c, v in zip(conds, k, strict=True)) or "all runs"
              for k in keys]
     lines = ["| variant | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    first: dict[tuple, dict] = {}  # (variant, *condition values) -> the first such row (a missing value matches none)
+    for r in table.to_dict("records"):
+        key = (r["variant"], *(r[c] for c in conds))
+        if not any(pd.isna(x) for x in key):
+            first.setdefault(key, r)
     for v in dict.fromkeys(table["variant"]):
         cells = []
         for k in keys:
-            sel = table["variant"] == v
-            for c, val in zip(conds, k, strict=True):
-                sel &= table[c] == val
-            r = table[sel]
-            if r.empty or not np.isfinite(r["poi"].iloc[0]):
+            r0 = first.get((v, *k))
+            if r0 is None or not np.isfinite(r0["poi"]):
                 cells.append("–")
             else:
-                r0 = r.iloc[0]
                 cells.append(f"{r0['poi']:.2f} [{r0['poi_lo']:.2f}, {r0['poi_hi']:.2f}] "
                              f"({int(r0['n'])}×{int(r0['n_baseline'])})")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")

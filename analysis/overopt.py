@@ -125,11 +125,90 @@ def _refit(runs: list[_FitRows]) -> tuple[float, float]:
     return float(coef[0]), float(coef[1])
 
 
+def _boot_coefs(runs: list[_FitRows], picks: np.ndarray) -> np.ndarray:
+    """``[n_boot, 2]`` (α, β) of each replicate (row of ``picks``: the runs it draws) from the normal equations:
+    the sum of the picked runs' ``XᵀX`` and ``Xᵀr``, solved in closed form. Close to :func:`_refit`'s least squares
+    (round-off apart), NaN where the 2 × 2 system is near singular or a replicate may hold fewer than two distinct
+    positive d (those are left to :func:`_refit`)."""
+    n_runs = len(runs)
+    gram = np.array([[*(run.x.T @ run.x).ravel()[[0, 1, 3]], *(run.x.T @ run.r)] for run in runs])  # [R, 5]
+    counts = np.bincount((picks + n_runs * np.arange(len(picks))[:, None]).ravel(),
+                         minlength=len(picks) * n_runs).reshape(len(picks), n_runs).astype(float)
+    g00, g01, g11, h0, h1 = (counts @ gram).T
+    det = g00 * g11 - g01 * g01
+    with np.errstate(divide="ignore", invalid="ignore"):
+        coef = np.stack([(g11 * h0 - g01 * h1) / det, (g00 * h1 - g01 * h0) / det], axis=-1)
+    # fewer than two distinct positive d in a replicate (NaN in _refit) only if each picked run has at most one:
+    # then the replicate is sure if two of its runs have different ones
+    few = np.array([run.positive.size < 2 for run in runs])
+    values = np.unique(np.concatenate([run.positive for run in runs]))
+    single = np.array([int(np.searchsorted(values, run.positive[0])) if run.positive.size == 1 else -1
+                       for run in runs])[picks]
+    lowest = np.where(single >= 0, single, values.size).min(axis=1)
+    two = single.max(axis=1) > lowest
+    unsure = (few[picks].all(axis=1) & ~two) | ~(det > 1e-8 * g00 * g11) | ~np.isfinite(coef).all(axis=1)
+    coef[unsure] = np.nan
+    return coef
+
+
+def _boot_interval(runs: list[_FitRows], picks: np.ndarray, window: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo [2], hi [2])``: the 2.5 and 97.5 % quantiles (``np.nanquantile``) of the replicates' (α, β) of
+    :func:`_refit`, the same numbers, from :func:`_refit` run on a few replicates only.
+
+    Only the replicates at the two ranks each quantile interpolates between enter it. Every replicate is
+    solved from the normal equations (:func:`_boot_coefs`, round-off apart from least squares), then the ones
+    whose value lies within ``window`` (relative to the largest value) of those ranks' values are refitted by
+    :func:`_refit` until no unrefitted replicate is that close; the replicates that could change rank are then
+    exact, the others are far enough not to. Should a refit move by more than a thousandth of the window, every
+    replicate is refitted."""
+    n = len(picks)
+    b = _boot_coefs(runs, picks)
+    exact = np.zeros(n, dtype=bool)
+
+    def refit(rows: np.ndarray) -> bool:
+        moved = False
+        for i in rows:
+            old = b[i].copy()
+            b[i] = _refit([runs[j] for j in picks[i]])
+            exact[i] = True
+            moved |= bool(np.isfinite(old).all() and (np.abs(b[i] - old) > tol).any())
+        return moved
+
+    tol = np.inf
+    refit(np.flatnonzero(~np.isfinite(b).all(axis=1)))  # the ones the normal equations leave to least squares
+    while True:
+        near = np.zeros(n, dtype=bool)
+        for c in range(2):
+            col = b[:, c]
+            ok = np.flatnonzero(~np.isnan(col))
+            if ok.size == 0:
+                continue
+            values = np.sort(col[ok])
+            width = window * float(np.max(np.abs(values)))
+            tol = min(tol, width / 1000) if width > 0 else 0.0
+            for q in (0.025, 0.975):
+                pos = q * (values.size - 1)
+                lo = values[max(int(np.floor(pos)) - 1, 0)] - width  # a rank either side, to be safe
+                hi = values[min(int(np.ceil(pos)) + 1, values.size - 1)] + width
+                near |= (col >= lo) & (col <= hi)
+        todo = np.flatnonzero(near & ~exact)
+        if todo.size == 0:
+            break
+        if refit(todo):  # round-off larger than assumed: refit them all
+            refit(np.flatnonzero(~exact))
+            break
+    if not np.isfinite(b).any():
+        return np.full(2, np.nan), np.full(2, np.nan)
+    lo, hi = np.nanquantile(b, [0.025, 0.975], axis=0)
+    return lo, hi
+
+
 def gao_fits(points: pd.DataFrame, by: Sequence[str], form: str | None = None, n_boot: int = 1000, seed: int = 0
              ) -> pd.DataFrame:
     """Gao et al.'s form fitted to ``gold_rel`` vs ``d`` per group ``by`` (pooled over its runs and updates):
     ``bon`` for best-of-n, ``rl`` for the others (or ``form`` for all). 95 % intervals by resampling the group's
-    runs with replacement ``n_boot`` times.
+    runs with replacement ``n_boot`` times (:func:`_boot_interval`: the quantiles of the replicates' least-squares
+    fits).
 
     Returns one row per group: ``by``, ``form``, ``runs``, ``points``, ``alpha``, ``alpha_lo``, ``alpha_hi``,
     ``beta``, ``beta_lo``, ``beta_hi``, ``rmse`` and ``d_max`` (the largest d fitted).
@@ -144,14 +223,11 @@ def gao_fits(points: pd.DataFrame, by: Sequence[str], form: str | None = None, n
         d = np.concatenate([p[0] for p in per_run])
         r = np.concatenate([p[1] for p in per_run])
         alpha, beta, rmse = fit_gao(d, r, f)
-        boots = []
-        runs = [_FitRows(*p, f) for p in per_run] if n_boot and len(per_run) > 1 else []
-        for _ in range(n_boot if len(per_run) > 1 else 0):
-            pick = rng.integers(0, len(per_run), len(per_run))
-            boots.append(_refit([runs[i] for i in pick]))
-        b = np.array(boots, dtype=float).reshape(-1, 2)
-        lo, hi = (np.nanquantile(b, [0.025, 0.975], axis=0) if len(b) and np.isfinite(b).any()
-                  else (np.full(2, np.nan), np.full(2, np.nan)))
+        lo, hi = np.full(2, np.nan), np.full(2, np.nan)
+        if n_boot and len(per_run) > 1:
+            # one draw per replicate, as the replicates were drawn one after another (the same stream)
+            picks = np.array([rng.integers(0, len(per_run), len(per_run)) for _ in range(n_boot)])
+            lo, hi = _boot_interval([_FitRows(*p, f) for p in per_run], picks)
         rows.append({**values, "form": f, "runs": len(per_run), "points": int(d.size), "alpha": alpha,
                      "alpha_lo": lo[0], "alpha_hi": hi[0], "beta": beta, "beta_lo": lo[1], "beta_hi": hi[1],
                      "rmse": rmse, "d_max": float(np.nanmax(d)) if d.size else np.nan})
@@ -242,15 +318,17 @@ def frontier_envelope(points: pd.DataFrame, grid: np.ndarray) -> np.ndarray:
     best = np.full(len(grid), -np.inf)
     for _, r in points.sort_values(["run_id", "update"], kind="stable").groupby("run_id", observed=True, sort=False):
         d, g = r["d"].to_numpy(float), r["gold_rel"].to_numpy(float)
-        for j, budget in enumerate(grid):
-            ok = d <= budget
-            if ok.any():
-                best[j] = max(best[j], g[ok].max())
-            a, b = d[:-1], d[1:]
-            cross = (np.minimum(a, b) <= budget) & (np.maximum(a, b) > budget)  # the segment leaves the budget
-            if cross.any():
-                t = (budget - a[cross]) / (b[cross] - a[cross])
-                best[j] = max(best[j], float(np.max(g[:-1][cross] + t * (g[1:][cross] - g[:-1][cross]))))
+        budget = grid[:, None]
+        # per budget (rows): the best logged gold within it (NaN if any of those is NaN: then it is not taken) ...
+        inside = np.max(np.broadcast_to(g, (len(grid), len(g))), axis=1, where=d <= budget, initial=-np.inf)
+        best = np.where(inside > best, inside, best)
+        # ... and the best gold where a segment leaves the budget (linear in between)
+        a, b, g0, g1 = d[:-1], d[1:], g[:-1], g[1:]
+        cross = (np.minimum(a, b) <= budget) & (np.maximum(a, b) > budget)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (budget - a) / (b - a)
+            at_cross = np.max(g0 + t * (g1 - g0), axis=1, where=cross, initial=-np.inf)
+        best = np.where(at_cross > best, at_cross, best)
     return np.where(np.isfinite(best), best, np.nan)
 
 

@@ -34,6 +34,8 @@ from analysis.plotting import (
 #: The light end of the gridworld's occupancy colour map (seaborn's ``"light:#3b6fb6"``: that blue's hue at
 #: 95 % lightness and 15 % of its saturation in HUSL).
 LIGHT_GREY_BLUE = (0.9409937142862176, 0.943548350639932, 0.950146500466969)
+#: A bandit policy figure labels every arm up to this many arms.
+MAX_ARM_TICKS = 30
 
 # ----------------------------------------------------------------------------------------------------------
 # Final policy vs reference and optimum
@@ -81,7 +83,7 @@ def _plot_bandit_policy(p: pd.DataFrame, path: str | Path, ncols: int | None, ti
         rows = state0[state0["variant"] == v]
         wide = rows.pivot_table(index="run_id", columns="action", values="prob", observed=True)
         colour = variant_style(v)["color"]
-        ax.bar(arms, wide.mean(axis=0).reindex(arms).to_numpy(), width=0.7, color=colour, alpha=0.85, lw=0)
+        _bars(ax, arms, wide.mean(axis=0).reindex(arms).to_numpy(), colour)
         jitter = np.linspace(-0.18, 0.18, max(len(wide), 1))
         for k, (_, seed_row) in enumerate(wide.iterrows()):
             ax.plot(arms + jitter[k], seed_row.reindex(arms).to_numpy(), ls="none", marker=".", ms=1.8,
@@ -94,8 +96,24 @@ def _plot_bandit_policy(p: pd.DataFrame, path: str | Path, ncols: int | None, ti
                     label=r"optimum $\pi^*$")
         ax.set_title(v, loc="left", pad=1.5)
         ax.set_ylim(0, 1.02)
-        ax.set_xticks(arms)
+        if len(arms) <= MAX_ARM_TICKS:  # one tick per arm; more would overlap (matplotlib's ticks instead)
+            ax.set_xticks(arms)
     return finish_panels(fig, axes, len(variants), "arm", "probability", 2, title, path, formats)
+
+
+def _bars(ax: mpl.axes.Axes, x: np.ndarray, heights: np.ndarray, colour: str) -> None:
+    """Bars of width 0.7 at ``x``; past :data:`MAX_ARM_TICKS` arms one collection of the same rectangles (a patch
+    per bar costs seconds with hundreds of arms)."""
+    if len(x) <= MAX_ARM_TICKS:
+        ax.bar(x, heights, width=0.7, color=colour, alpha=0.85, lw=0)
+        return
+    h = np.nan_to_num(np.asarray(heights, dtype=float))
+    left, right = x - 0.35, x + 0.35
+    verts = np.stack([np.stack([left, np.zeros_like(h)], -1), np.stack([left, h], -1),
+                      np.stack([right, h], -1), np.stack([right, np.zeros_like(h)], -1)], axis=1)
+    bars = mpl.collections.PolyCollection(verts, facecolors=colour, alpha=0.85, linewidths=0, edgecolors="none")
+    ax.add_collection(bars, autolim=True)
+    ax.sticky_edges.y.append(0)
 
 
 def _plot_grid_policy(p: pd.DataFrame, path: str | Path, config: dict, seed: int | None, ncols: int | None,

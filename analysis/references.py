@@ -4,7 +4,9 @@ oracles: on a one-state env (a bandit) with a fixed β, the KL to the reference 
 (the stationary point of E_π[r] − β·KL(π_ref‖π), where k3 as a loss stops; docs/theory.md).
 
 A bandit given by its arm means (``env.rewards``) is computed in numpy, so a report does not import torch (over
-a second of its start-up); other bandits (arm means drawn from ``reward_seed``) build the env with torch."""
+a second of its start-up); so is one whose arm means are drawn from ``reward_seed`` (at least 16 arms, a uniform
+reference or ``ref_probs``: :func:`torch_randn64` draws torch's numbers); other bandits build the env with
+torch."""
 
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def _bandit_arrays(env: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """``(arm means [A], reference probabilities [A])`` (float64) of a bandit's ``env`` config; ``None`` if it
     is not a valid bandit."""
     if env.get("rewards") is None:
-        return _bandit_arrays_torch(env)
+        drawn = _drawn_bandit_arrays(env)
+        return drawn if drawn is not None else _bandit_arrays_torch(env)
     rewards = np.asarray(env["rewards"], dtype=np.float64)
     n = rewards.size
     if rewards.shape != (n,) or n < 1 or env.get("n_arms") not in (None, n):
@@ -63,6 +66,61 @@ def _bandit_arrays(env: dict) -> tuple[np.ndarray, np.ndarray] | None:
     else:
         ref = np.full(n, 1.0 / n)
     return rewards, ref
+
+
+def _drawn_bandit_arrays(env: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_bandit_arrays` of a bandit whose arm means are drawn from ``reward_seed``, computed as ``envs``
+    computes them (``torch.randn`` of the seed, π_ref as ``exp`` of its log-probabilities), in numpy; ``None``
+    where that is not done here (fewer than 16 arms, a seed outside ``[0, 2**32)``, ``ref_preference``, keys
+    the bandit does not know)."""
+    n, seed = env.get("n_arms"), env.get("reward_seed", 0)
+    if (set(env) - _BANDIT_KEYS or env.get("ref_preference") is not None or type(n) is not int or n < 16
+            or type(seed) is not int or not 0 <= seed < 2**32):
+        return None
+    means = torch_randn64(n, seed)
+    if env.get("ref_probs") is None:
+        ref = np.exp(np.full(n, -math.log(n)))
+    else:
+        probs = [float(p) for p in env["ref_probs"]]
+        total = math.fsum(probs)
+        if len(probs) != n or not all(0 <= p < math.inf for p in probs) or abs(total - 1.0) > 1e-6:
+            return None
+        with np.errstate(divide="ignore"):
+            ref = np.exp(np.log(np.array([p / total for p in probs])))  # renormalized as envs does
+    return means, ref
+
+
+_BANDIT_KEYS = {"id", "n_arms", "rewards", "reward_seed", "reward_noise", "ref_probs", "ref_preference",
+                "ref_temperature"}
+
+
+def torch_randn64(n: int, seed: int) -> np.ndarray:
+    """``torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)`` in numpy, the
+    same numbers (``n >= 16``, ``0 <= seed < 2**32``): torch's CPU normal kernel draws ``n`` uniforms from the
+    seed's MT19937 (53 bits of two 32-bit words each, the first the high word), turns each block of 16 into
+    normals by Box–Muller (``u1 = 1 − u[j]``, ``u2 = u[j + 8]``: ``√(−2 log u1)·cos(2π u2)`` into ``j`` and the
+    ``sin`` into ``j + 8``), and when 16 does not divide ``n`` draws 16 more uniforms for the last 16 values."""
+    if n < 16 or not 0 <= seed < 2**32:
+        raise ValueError(f"torch_randn64 needs n >= 16 and 0 <= seed < 2**32; got n={n}, seed={seed}")
+    tail = 16 if n % 16 else 0
+    words = np.random.RandomState(seed)._bit_generator.random_raw(2 * (n + tail))  # MT19937 seeded as torch
+    uniform = (((words[0::2] & 0x1FFFFF) << 32) | words[1::2]).astype(np.float64) * 2.0**-53
+    out = uniform[:n].copy()
+    for i in range(0, n - 15, 16):
+        out[i:i + 16] = _box_muller16(out[i:i + 16])
+    if tail:
+        out[n - 16:] = _box_muller16(uniform[n:])
+    return out
+
+
+def _box_muller16(u: np.ndarray) -> list[float]:
+    """torch's ``normal_fill_16`` of 16 uniforms, with the C library's ``log``, ``cos`` and ``sin`` (``math``)."""
+    out = [0.0] * 16
+    for j in range(8):
+        radius = math.sqrt(-2.0 * math.log(1.0 - float(u[j])))
+        theta = 2.0 * math.pi * float(u[j + 8])
+        out[j], out[j + 8] = radius * math.cos(theta), radius * math.sin(theta)
+    return out
 
 
 def _bandit_arrays_torch(env: dict) -> tuple[np.ndarray, np.ndarray] | None:

@@ -202,7 +202,8 @@ def performance_profile(scores: Scores, taus: Sequence[float] | np.ndarray, high
 
 
 def aggregate(per_run: pd.DataFrame, values: Sequence[str], by: Sequence[str], stat: str | Statistic = "iqm",
-              strata: Sequence[str] = (), n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+              strata: Sequence[str] = (), n_boot: int = 2000, ci: float = 0.95, seed: int = 0,
+              min_boot_n: int = 0) -> pd.DataFrame:
     """``stat`` of each value column with a stratified-bootstrap CI, per group of ``by``.
 
     Args:
@@ -212,6 +213,8 @@ def aggregate(per_run: pd.DataFrame, values: Sequence[str], by: Sequence[str], s
         strata: columns whose values define tasks inside a group (e.g. ``["env.id"]``): resampling stays
             within a task. Empty: one task per group.
         n_boot, ci, seed: see :func:`interval_estimate`.
+        min_boot_n: groups of fewer runs get no bootstrap (their interval is the point, for a caller that gives
+            them another one); the other groups' intervals are the same whatever it is.
     Returns:
         One row per group: ``by``, ``n`` (runs), and ``<value>``, ``<value>_lo``, ``<value>_hi`` per value.
     """
@@ -227,7 +230,7 @@ def aggregate(per_run: pd.DataFrame, values: Sequence[str], by: Sequence[str], s
                 tasks = [v.to_numpy() for _, v in vals.groupby([frame[s] for s in strata], observed=True)]
             else:
                 tasks = [vals.to_numpy()]
-            est = interval_estimate(tasks, stat, n_boot, ci, seed + 7919 * i + j)
+            est = interval_estimate(tasks, stat, n_boot if len(frame) >= min_boot_n else 0, ci, seed + 7919 * i + j)
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = est
         rows.append(row)
     return pd.DataFrame(rows)

@@ -54,7 +54,9 @@ def summary_table(per_run: pd.DataFrame, by: Sequence[str], n_boot: int = 2000, 
     for stat in ("iqm", "mean"):
         values = [c for c, s in cols if s == stat]
         if values:
-            parts.append(aggregate(frame, values, by, stat=stat, n_boot=n_boot, seed=seed).set_index(list(by)))
+            # groups too small for a bootstrap get the range of their seeds below
+            parts.append(aggregate(frame, values, by, stat=stat, n_boot=n_boot, seed=seed,
+                                   min_boot_n=MIN_BOOTSTRAP_N).set_index(list(by)))
     if not parts:
         return frame.groupby(list(by), observed=True).size().rename("n").reset_index()
     out = parts[0]

@@ -25,6 +25,29 @@ def test_gao_forms_are_recovered_from_their_own_curves(form: str, alpha: float, 
     assert O.gao_curve(np.array([0.0]), alpha, beta, form)[0] == 0  # R(0) = 0 for both forms
 
 
+
+@pytest.mark.parametrize("form", ["bon", "rl"])
+@pytest.mark.parametrize("case", range(6))
+def test_bootstrap_interval_is_the_quantiles_of_every_replicates_least_squares(form: str, case: int):
+    """The interval refits only the replicates near its ranks: the same numbers as refitting them all."""
+    rng = np.random.default_rng(case)
+    runs = []
+    for k in range(int(rng.integers(2, 9))):
+        n = int(rng.integers(1, 40)) if case % 3 else int(rng.integers(1, 3))  # some runs with < 2 positive d
+        d = np.sqrt(rng.exponential(1.0, n)) * (k % 4 != 3)  # some runs stay at d = 0
+        r = O.gao_curve(d, 0.8, 0.3, form) + rng.normal(0, 0.05 * (1 + case), n)
+        runs.append(O._FitRows(d, r, form))
+    picks = np.array([rng.integers(0, len(runs), len(runs)) for _ in range(int(rng.integers(20, 400)))])
+    every = np.array([O._refit([runs[j] for j in p]) for p in picks], dtype=float)
+    lo, hi = O._boot_interval(runs, picks)
+    if not np.isfinite(every).any():
+        assert np.isnan(lo).all() and np.isnan(hi).all()
+        return
+    with np.errstate(all="ignore"):
+        expected = np.nanquantile(every, [0.025, 0.975], axis=0)
+    np.testing.assert_array_equal(np.stack([lo, hi]), expected)
+
+
 def _points() -> pd.DataFrame:
     rows = []
     for seed in (0, 1):
@@ -102,3 +125,36 @@ def test_a_learned_reward_sweep_gets_the_over_optimization_section(tmp_path: Pat
     assert set(fits.loc[fits["variant"] == "BoN", "form"]) == {"bon"}
     summary = pd.read_csv(rep / "summary.csv")
     assert "BoN" not in set(summary["variant"])  # best-of-n trains nothing: only in its own section
+
+
+def _envelope_one_budget_at_a_time(points: pd.DataFrame, grid: np.ndarray) -> np.ndarray:
+    """frontier_envelope as it was first written: one budget and one run at a time."""
+    best = np.full(len(grid), -np.inf)
+    for _, r in points.sort_values(["run_id", "update"], kind="stable").groupby("run_id", sort=False):
+        d, g = r["d"].to_numpy(float), r["gold_rel"].to_numpy(float)
+        for j, budget in enumerate(grid):
+            ok = d <= budget
+            if ok.any():
+                best[j] = max(best[j], g[ok].max())
+            a, b = d[:-1], d[1:]
+            cross = (np.minimum(a, b) <= budget) & (np.maximum(a, b) > budget)
+            if cross.any():
+                t = (budget - a[cross]) / (b[cross] - a[cross])
+                best[j] = max(best[j], float(np.max(g[:-1][cross] + t * (g[1:][cross] - g[:-1][cross]))))
+    return np.where(np.isfinite(best), best, np.nan)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_frontier_envelope_is_the_one_budget_at_a_time_envelope(case: int):
+    rng = np.random.default_rng(case)
+    rows = []
+    for run in range(int(rng.integers(1, 5))):
+        n = int(rng.integers(1, 30))
+        d = np.abs(np.cumsum(rng.normal(0.1, 0.3, n)))
+        g = rng.normal(0, 1, n)
+        if case % 2:
+            g[rng.random(n) < 0.1] = np.nan  # a NaN gold keeps its budget's best where it was
+        rows += [{"run_id": f"r{run}", "update": u, "d": d[u], "gold_rel": g[u]} for u in range(n)]
+    points = pd.DataFrame(rows)
+    grid = np.sort(rng.uniform(0, 2, int(rng.integers(1, 6))))
+    np.testing.assert_array_equal(O.frontier_envelope(points, grid), _envelope_one_budget_at_a_time(points, grid))

@@ -1,0 +1,38 @@
+"""The KL references of a bandit are computed without torch in the report, with the numbers ``envs`` gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.references import _bandit_arrays, _bandit_arrays_torch, kl_references, torch_randn64
+
+
+@pytest.mark.parametrize("n", [16, 17, 31, 32, 100, 300])
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345, 2**32 - 1])
+def test_torch_randn64_draws_torchs_numbers(n: int, seed: int) -> None:
+    expected = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+    assert np.array_equal(torch_randn64(n, seed), expected)
+
+
+@pytest.mark.parametrize("env", [
+    {"id": "bandit", "n_arms": 300, "reward_seed": 1},
+    {"id": "bandit", "n_arms": 40, "reward_seed": 3, "ref_probs": list(np.full(40, 1 / 40))},
+    {"id": "bandit", "n_arms": 20, "reward_seed": 5,
+     "ref_probs": list(np.random.default_rng(0).dirichlet(np.ones(20)))},
+])
+def test_drawn_bandit_arrays_are_the_envs(env: dict) -> None:
+    means, ref = _bandit_arrays(env)
+    means_t, ref_t = _bandit_arrays_torch(env)
+    assert np.array_equal(means, means_t) and np.array_equal(ref, ref_t)
+    config = {"env": env, "kl": {"beta": 0.1}}
+    assert len(kl_references(config)) == 2
+
+
+def test_few_arms_and_reference_logits_still_use_the_env() -> None:
+    for env in ({"id": "bandit", "n_arms": 5, "reward_seed": 2},
+                {"id": "bandit", "n_arms": 20, "reward_seed": 2, "ref_preference": list(np.linspace(0, 1, 20))}):
+        means, ref = _bandit_arrays(env)
+        means_t, ref_t = _bandit_arrays_torch(env)
+        assert np.array_equal(means, means_t) and np.array_equal(ref, ref_t)
