@@ -345,6 +345,30 @@ class _Report:
             self.sections.append((f"final measures over {xname}" + (f" ({label})" if label else ""), entries))
 
 
+def heatmap_frames(per_run: pd.DataFrame, conds: Sequence[str],
+                   x: str = "kl.beta") -> list[tuple[dict[str, Any], pd.DataFrame, str]]:
+    """The heatmaps' ``(condition, per-run rows, column key)``: one heatmap per value of the conditions other
+    than ``x`` (β), with ``x`` on the columns. When ``x`` does not vary but other conditions do (a sweep at one
+    β over, say, advantage estimator × loss aggregation), a heatmap per env instead whose columns are those other
+    conditions' combinations (one column ``"a, b"`` per combination, under a key naming them, ``"k1, k2"``):
+    every variant beside every setting in one figure rather than one single-column figure per setting."""
+    rest = [c for c in conds if c != x]
+    inner = [c for c in rest if not c.startswith("env.")]
+    if x in conds or not inner:
+        if not rest:
+            return [({}, per_run, x)]
+        return [(dict(zip(rest, k if isinstance(k, tuple) else (k,), strict=True)), g, x)
+                for k, g in per_run.groupby(rest, observed=True, dropna=False)]
+    key = ", ".join(inner)
+    combined = per_run[inner].astype(str).agg(", ".join, axis=1)
+    frame = per_run.drop(columns=inner).assign(**{key: combined})
+    outer = [c for c in rest if c not in inner]
+    if not outer:
+        return [({}, frame, key)]
+    return [(dict(zip(outer, k if isinstance(k, tuple) else (k,), strict=True)), g, key)
+            for k, g in frame.groupby(outer, observed=True, dropna=False)]
+
+
 @dataclass
 class ReportOutput:
     """What :func:`write_report` wrote."""
@@ -423,12 +447,7 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
         skipped = len(groups) - min(len(groups), max_conditions)
         rep.lengths(metrics)
         rep.staleness(per_run)
-        x = "kl.beta"
-        rest = [c for c in conds if c != x]
-        frames = [({}, per_run)] if not rest else [
-            (dict(zip(rest, k if isinstance(k, tuple) else (k,), strict=True)), g)
-            for k, g in per_run.groupby(rest, observed=True, dropna=False)]
-        for condition, g in frames:
+        for condition, g, x in heatmap_frames(per_run, conds):
             if g["variant"].nunique() * (g[x].nunique() if x in g else 1) >= 2:
                 rep.heatmaps(condition, g, x)
             if g["variant"].astype(str).isin(plotting.PREFERENCE_VARIANTS).any() and x in g and g[x].nunique() >= 2:
