@@ -15,6 +15,7 @@ from sim.config.schema import (
     DPOConfig,
     default_dict,
     get_dotted,
+    plain_dict,
     set_dotted,
 )
 
@@ -26,6 +27,9 @@ def _defaults() -> dict:
 
 def _default(key: str) -> Any:
     return get_dotted(_defaults(), key)
+
+
+_DPO_KEYS = tuple(f"dpo.{f.name}" for f in fields(DPOConfig))
 
 
 def _no_effect_reasons(cfg: Config) -> list[tuple[str, str, bool]]:
@@ -61,7 +65,7 @@ def _no_effect_reasons(cfg: Config) -> list[tuple[str, str, bool]]:
         if cfg.dpo.beta is not None:
             out.append(("kl.beta", "with train.algo=dpo and dpo.beta set", True))
     else:
-        out += [(f"dpo.{f.name}", "with train.algo=ppo", True) for f in fields(DPOConfig)]
+        out += [(key, "with train.algo=ppo", True) for key in _DPO_KEYS]
     return out
 
 
@@ -80,10 +84,12 @@ def check_effects(cfg: Config, shared_base: bool = False) -> None:
     one under another id, and a report would pool the two. With ``shared_base`` (a grid's run) the keys a
     shared base may set for runs they do not affect are let through (:func:`_no_effect_reasons`); the grid
     planner (:func:`sim.lab.grid.plan_sweep`) then refuses two runs that differ only in such keys."""
-    d = cfg.to_dict()
     for key, why, shared in _no_effect_reasons(cfg):
-        value, default = get_dotted(d, key), _default(key)
-        if value == default or (shared and shared_base):
+        if shared and shared_base:
+            continue
+        section, name = key.split(".")  # every such key is a section's: its value alone, as cfg.to_dict() has it
+        value, default = plain_dict(getattr(getattr(cfg, section), name)), _default(key)
+        if value == default:
             continue
         raise ConfigError(f"{key}={json.dumps(value)} has no effect {why}; leave it at its default "
                           f"({json.dumps(default)}), or exclude these runs in a grid")

@@ -7,6 +7,7 @@ one line naming the key and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -151,21 +152,26 @@ def _check_type(key: str, value: Any, annotation: Any, default: Any) -> Any:
     return value
 
 
+@functools.cache
+def _section_fields(cls: type) -> dict[str, tuple[Any, Any]]:
+    """``{name: (annotation, default or None)}`` of the section class ``cls``'s fields (looked up once)."""
+    return {f.name: (f.type, f.default if f.default is not dataclasses.MISSING else None) for f in fields(cls)}
+
+
 def _build_section(name: str, cls: type, data: Any) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{name} must be a mapping of keys, got {data!r}")
-    valid = {f.name: f for f in fields(cls)}
+    valid = _section_fields(cls)
     kwargs = {}
     for k, v in data.items():
         key = f"{name}.{k}"
         if k not in valid:
             raise ConfigError(f"unknown key {key!r}; valid keys of {name}: {', '.join(sorted(valid))}")
-        f = valid[k]
-        default = f.default if f.default is not dataclasses.MISSING else None
+        annotation, default = valid[k]
         if key == "train.phases":
             kwargs[k] = _parse_phases(v)
             continue
-        v = _check_type(key, v, f.type, default)
+        v = _check_type(key, v, annotation, default)
         if key == "kl.estimator" and v in ESTIMATOR_ALIASES:
             v, value_clamp = ESTIMATOR_ALIASES[v]
             if value_clamp is not None and "value_clamp" not in data:
@@ -209,12 +215,45 @@ def _validate_env(env: Any) -> dict:
     env_id = env.pop("id", "bandit")
     if env_id not in envs.REGISTRY:
         raise ConfigError(f"env.id must be one of {', '.join(envs.REGISTRY)}; got {env_id!r}")
+    spec = envs.REGISTRY[env_id]
+    key = (env_id, repr(env)) if _is_plain(env) else None  # a plain mapping's repr is faithful: a cache key
+    hit = _VALID_ENVS.get(key) if key is not None else None
+    if hit is not None and hit[0] is spec:
+        return plain_dict(hit[1])  # a fresh copy: a config's env mapping is its own
     try:
         params = envs.make_params(env_id, **env)
     except (ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(msg if msg.startswith("env.") else f"env: {msg}") from e
-    return {"id": env_id, **plain_dict(params)}
+    out = {"id": env_id, **plain_dict(params)}
+    if key is not None:
+        if len(_VALID_ENVS) >= _VALID_ENVS_MAX:
+            _VALID_ENVS.clear()
+        _VALID_ENVS[key] = (spec, plain_dict(out))
+    return out
+
+
+_VALID_ENVS: dict[tuple[str, str], tuple[Any, dict]] = {}
+"""The checked env mappings of :func:`_validate_env` by ``(env.id, repr of its other keys)``, with the registry
+entry that checked them: the params classes are pure functions of their keys, and a sweep checks the same few
+env mappings for each of its hundreds of runs (each check builds the env's tables)."""
+_VALID_ENVS_MAX = 256
+
+
+def _is_plain(x: Any) -> bool:
+    """Whether ``x`` is built of exactly ``dict`` (of ``str`` keys), ``list``, ``tuple`` and scalars (``str``,
+    ``int``, ``float``, ``bool``, ``None``): values whose ``repr`` tells every two of them apart."""
+    t = type(x)
+    if t in _SCALARS:
+        return True
+    if t is dict:
+        return all(type(k) is str and _is_plain(v) for k, v in x.items())
+    if t is list or t is tuple:
+        return _SCALARS.issuperset(map(type, x)) or all(_is_plain(v) for v in x)
+    return False
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 def check_positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
@@ -237,7 +276,7 @@ def from_dict(data: dict, effects: str = "strict", check_env: bool = True) -> Co
     importing anything heavy."""
     if not isinstance(data, dict):
         raise ConfigError("config must be a mapping of keys")
-    top = {f.name for f in fields(Config)}
+    top = _section_fields(Config)
     for k in data:
         if k not in top:
             raise ConfigError(f"unknown key {k!r}; valid top-level keys: {', '.join(sorted(top))}")

@@ -326,24 +326,36 @@ def to_plain(x: Any) -> Any:
 
 
 _ATOMIC = (str, int, float, bool, type(None))
+_ATOMIC_TYPES = frozenset(_ATOMIC)
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def plain_dict(x: Any) -> Any:
     """``to_plain(dataclasses.asdict(x))`` of a dataclass tree (the same dict), in one pass: dataclasses become
     dicts of their fields, lists and tuples lists, dicts dicts; immutable scalars are kept, anything else is
-    deep-copied (as ``asdict`` does). Several times faster than ``asdict``, which deep-copies every leaf."""
-    if isinstance(x, _ATOMIC):
+    deep-copied (as ``asdict`` does). Several times faster than ``asdict``, which deep-copies every leaf: field
+    names are looked up once per class, and the leaves of exactly a scalar type are kept without a call."""
+    t = type(x)
+    atomic = _ATOMIC_TYPES
+    if t in atomic:
         return x
-    names = _FIELD_NAMES.get(type(x))
-    if names is None and dataclasses.is_dataclass(x) and not isinstance(x, type):
-        names = _FIELD_NAMES[type(x)] = tuple(f.name for f in dataclasses.fields(x))
+    if t is list or t is tuple:
+        if atomic.issuperset(map(type, x)):  # a list of scalars (an env's table): one C-level copy
+            return list(x)
+        return [v if type(v) in atomic else plain_dict(v) for v in x]
+    names = _FIELD_NAMES.get(t)
+    if names is None:
+        if isinstance(x, _ATOMIC):
+            return x
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            names = _FIELD_NAMES[t] = tuple(f.name for f in dataclasses.fields(x))
     if names is not None:
-        return {k: plain_dict(getattr(x, k)) for k in names}
+        return {k: v if type(v := getattr(x, k)) in atomic else plain_dict(v) for k in names}
     if isinstance(x, dict):
-        return {plain_dict(k): plain_dict(v) for k, v in x.items()}
+        return {k if type(k) in atomic else plain_dict(k): v if type(v) in atomic else plain_dict(v)
+                for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [plain_dict(v) for v in x]
+        return [v if type(v) in atomic else plain_dict(v) for v in x]
     return copy.deepcopy(x)
 
 

@@ -116,3 +116,35 @@ def test_a_grid_base_may_share_keys_but_runs_differing_only_in_them_are_refused(
     refused = {"base": {}, "variants": [{"kl.placement": "reward", "kl.is_correction": True}], "seeds": 1}
     with pytest.raises(ConfigError, match="kl.is_correction=true has no effect"):
         plan_sweep(refused, "g")
+
+
+def test_plain_dict_is_asdict_made_plain() -> None:
+    """The one-pass :func:`plain_dict` gives what ``dataclasses.asdict`` then :func:`to_plain` give, with fresh
+    containers and scalar subclasses kept."""
+    import dataclasses
+
+    from sim.config import Config, Phase, TrainConfig, plain_dict, to_plain
+
+    class Name(str):
+        pass
+
+    cfg = Config(env={"id": "bandit", "means": [0.5, 1, (2, [3.0])], "tag": Name("a")},
+                 train=TrainConfig(phases=(Phase(3, 0.0),), init=(0.25, 0.75)))
+    d = plain_dict(cfg)
+    assert d == to_plain(dataclasses.asdict(cfg))
+    assert json.dumps(d, sort_keys=True) == json.dumps(to_plain(dataclasses.asdict(cfg)), sort_keys=True)
+    assert type(d["env"]["tag"]) is Name and d["train"]["init"] == [0.25, 0.75]
+    assert d["env"]["means"] is not cfg.env["means"]
+
+
+def test_a_checked_env_is_each_configs_own() -> None:
+    """Env mappings checked once are reused, as fresh copies, and a tuple is told from a list and 1 from 1.0."""
+    data = {"env": {"id": "bandit", "n_arms": 2, "rewards": [0.1, 0.9]}}
+    a, b = resolve(base=data), resolve(base=data)
+    assert a.env == b.env and a.env is not b.env and a.env["rewards"] is not b.env["rewards"]
+    a.env["rewards"].append(5.0)
+    assert resolve(base=data).env == b.env
+    assert resolve(base={"env": {"id": "bandit", "n_arms": 2, "rewards": (0.1, 0.9)}}).env == b.env
+    assert resolve(base={"env": {"id": "bandit", "n_arms": 2, "rewards": [0, 1]}}).env["rewards"] == [0.0, 1.0]
+    with pytest.raises(ConfigError, match="env.rewards"):
+        resolve(base={"env": {"id": "bandit", "n_arms": 3, "rewards": [0.1, 0.9]}})
