@@ -24,6 +24,7 @@ Where the patched methods are not found (another matplotlib), nothing is replace
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +32,8 @@ from typing import Any
 #: Distinct mathtext parses kept (matplotlib keeps 50 per parser).
 MAX_PARSES = 1024
 _uncached_parse: Any = None
+_original_parse_cached: Any = None
+"""matplotlib's own ``MathTextParser._parse_cached`` (an ``lru_cache``) once replaced."""
 _parsers: dict[str, Any] = {}
 
 
@@ -46,7 +49,7 @@ def _parse_shared(self: Any, s: str, dpi: float, prop: Any, antialiased: bool, l
 
 
 def _install_mathtext() -> bool:
-    global _uncached_parse
+    global _uncached_parse, _original_parse_cached
     try:
         from matplotlib.mathtext import MathTextParser
     except ImportError:
@@ -57,7 +60,7 @@ def _install_mathtext() -> bool:
     wrapped = getattr(current, "__wrapped__", None)
     if wrapped is None or not hasattr(current, "cache_clear"):
         return False
-    _uncached_parse = wrapped
+    _uncached_parse, _original_parse_cached = wrapped, current
     MathTextParser._parse_cached = _parse_shared
     return True
 
@@ -151,7 +154,29 @@ def draw_cache() -> Iterator[None]:
         _tick_memo, _layout_memo = None, None
 
 
+def forget_fonts() -> None:
+    """Drop every cached mathtext parse: a vector parse holds FreeType fonts (``FT2Font``), which read their
+    font file lazily through a file object. After ``fork`` a child shares each inherited file's offset with its
+    parent and its siblings, so two drawing processes reading glyphs of the same inherited font interleave their
+    seeks and reads and FreeType fails at random (``FT_Load_Glyph … too many hints``). matplotlib drops its own
+    font cache in a forked child for this reason; this drops the parses that still hold the parent's fonts
+    (the shared cache here and matplotlib's per-parser one), so a child opens its fonts itself."""
+    _parse.cache_clear()
+    _parsers.clear()
+    try:
+        from matplotlib.mathtext import MathTextParser
+    except ImportError:
+        return
+    for fn in (MathTextParser.__dict__.get("_parse_cached"), _original_parse_cached):
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+
+
 def install() -> bool:
     """Share mathtext parses between all renderers of this process and make :func:`draw_cache` effective;
     whether both are in use."""
     return _install_mathtext() & _install_text()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=forget_fonts)

@@ -80,3 +80,27 @@ def test_pivot_runs_is_pivot_table() -> None:
     wide = rows.pivot_table(index="run_id", columns="update", values="v", dropna=False,
                             aggfunc="first").dropna(how="all")
     assert np.array_equal(plotting.pivot_runs(rows, "v")[1], wide.to_numpy(float), equal_nan=True)
+
+
+def _parse_cache_sizes(_: int) -> tuple[int, int]:
+    from matplotlib.mathtext import MathTextParser
+
+    own = getattr(draw_caches._original_parse_cached, "cache_info", None)
+    shared = draw_caches._parse.cache_info().currsize
+    cached = MathTextParser.__dict__.get("_parse_cached")
+    return shared, (own().currsize if own else 0) + (cached.cache_info().currsize
+                                                     if hasattr(cached, "cache_info") else 0)
+
+
+def test_a_forked_process_drops_the_parses_holding_the_parents_fonts(tmp_path: Path) -> None:
+    """Vector mathtext parses hold FreeType fonts reading their file through an inherited offset: a forked
+    drawing process must not use them (two siblings would interleave their reads)."""
+    import multiprocessing
+
+    assert plotting is not None and draw_caches.install()
+    fig = Figure()
+    fig.subplots().set_xlabel(r"$\pi_\theta / \pi_{ref}$")
+    fig.savefig(tmp_path / "f.pdf")
+    assert sum(_parse_cache_sizes(0)) > 0
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(_parse_cache_sizes, [0]) == [(0, 0)]
