@@ -12,8 +12,10 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from sim.config import Config, UsageError
 
@@ -36,20 +38,28 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[str]:
+    """The path of a new empty temporary file in ``path``'s folder, which replaces ``path`` (``os.replace``) when
+    the block ends without an error and is removed when it raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder (fsynced) and ``os.replace``."""
+    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -59,25 +69,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_write_parquet(path: Path, df: pd.DataFrame, metadata: dict[str, Any] | None = None) -> None:
     """``df`` to Parquet at ``path`` atomically; ``metadata`` (JSON-serializable) goes into the file's key-value
     metadata under ``reflab``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _atomic_file(path) as tmp:
         if metadata is None:
             df.to_parquet(tmp, index=False)
         else:
             import pyarrow as pa
 
             _write_table(tmp, pa.Table.from_pandas(df, preserve_index=False), metadata)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def _write_table(path: str | Path | BinaryIO, table: pa.Table, metadata: dict[str, Any]) -> None:
-    """``table`` to Parquet at ``path`` (or an open file) with ``metadata`` (JSON-serializable) under ``reflab``
+def _write_table(path: str, table: pa.Table, metadata: dict[str, Any]) -> None:
+    """``table`` to Parquet at ``path`` with ``metadata`` (JSON-serializable) under ``reflab``
     in its key-value metadata."""
     import pyarrow.parquet as pq
 
@@ -90,16 +92,8 @@ def atomic_write_keyed(path: Path, df: pd.DataFrame, cells: dict[str, Any], meta
     lacks), built straight in Arrow (:func:`sim.lab.tables.keyed_table`): the same file as through pandas."""
     from sim.lab.tables import keyed_table
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_table(f, keyed_table(df, cells), metadata)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_file(path) as tmp:
+        _write_table(tmp, keyed_table(df, cells), metadata)
 
 
 def check_writable_dir(path: Path, flag: str = "--out") -> None:
