@@ -477,10 +477,11 @@ def size_hint(env: dict) -> tuple[int, ...]:
 _SIZE_HINTS: dict[str, tuple[int, ...]] = {}
 
 
+def run_sampled_steps(cfg: Config) -> int:
+    """Environment steps one run of ``cfg`` samples at most (updates × batch × horizon)."""
+    return cfg.train.total_updates * cfg.train.batch * size_hint(cfg.env)[2]
+
+
 def sampled_steps(planned: Sequence[PlannedRun]) -> int:
-    """Environment steps the runs sample in all (runs × updates × batch × horizon)."""
-    total = 0
-    for run in planned:
-        tr = run.config.train
-        total += tr.total_updates * tr.batch * size_hint(run.config.env)[2]
-    return total
+    """Environment steps the runs sample in all (:func:`run_sampled_steps` summed)."""
+    return sum(run_sampled_steps(run.config) for run in planned)

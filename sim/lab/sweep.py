@@ -51,6 +51,8 @@ from sim.lab.grid import (
     load_grid,
     parse_batch_size,
     plan_sweep,
+    run_sampled_steps,
+    sampled_steps,
     size_hint,
 )
 from sim.lab.lock import LOCK_FILE, lock_holder, sweep_lock
@@ -172,7 +174,7 @@ def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, bat
         size = batch_size or auto_batch_size(len(planned), workers, estimate_run_bytes(cfg), task_budget)
         if not dispatch.trainer_class(cfg).batches_runs:
             size = 1  # trained one run at a time (e.g. SB3): one task each, so workers run them in parallel
-        run_steps = cfg.train.total_updates * cfg.train.batch * size_hint(cfg.env)[2]
+        run_steps = run_sampled_steps(cfg)
         chunks += [(_task_cost(len(c), run_steps, cfg.train.total_updates), c) for c in _split_even(group, size)]
     chunks.sort(key=lambda c: -c[0])  # stable: equal costs keep the grid's order
     return [Task(index=i, run_ids=tuple(r.run_id for r in chunk),
@@ -307,8 +309,6 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, progress_mode: str
     ``"auto"`` (memory-aware), or ``None`` for the grid's ``batch_size``. A task that fails as a whole marks
     its unfinished runs ``failed`` and the sweep goes on.
     """
-
-    from sim.lab.grid import sampled_steps
 
     out = out.resolve()  # workers elsewhere (Ray, Slurm) need absolute run folders
     check_devices(plan, executor)
