@@ -21,6 +21,7 @@ from sim.config.schema import (
     ESTIMATOR_ALIASES,
     ESTIMATORS,
     GROUP_ADVANTAGES,
+    SCALAR_TYPES,
     SECTIONS,
     Config,
     ConfigError,
@@ -244,16 +245,14 @@ def _is_plain(x: Any) -> bool:
     """Whether ``x`` is built of exactly ``dict`` (of ``str`` keys), ``list``, ``tuple`` and scalars (``str``,
     ``int``, ``float``, ``bool``, ``None``): values whose ``repr`` tells every two of them apart."""
     t = type(x)
-    if t in _SCALARS:
+    if t in SCALAR_TYPES:
         return True
     if t is dict:
         return all(type(k) is str and _is_plain(v) for k, v in x.items())
     if t is list or t is tuple:
-        return _SCALARS.issuperset(map(type, x)) or all(_is_plain(v) for v in x)
+        return SCALAR_TYPES.issuperset(map(type, x)) or all(_is_plain(v) for v in x)
     return False
 
-
-_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 def check_positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:

@@ -326,7 +326,8 @@ def to_plain(x: Any) -> Any:
 
 
 _ATOMIC = (str, int, float, bool, type(None))
-_ATOMIC_TYPES = frozenset(_ATOMIC)
+SCALAR_TYPES = frozenset(_ATOMIC)
+"""The immutable scalar types of a plain config value (kept as they are, never copied)."""
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
@@ -336,7 +337,7 @@ def plain_dict(x: Any) -> Any:
     deep-copied (as ``asdict`` does). Several times faster than ``asdict``, which deep-copies every leaf: field
     names are looked up once per class, and the leaves of exactly a scalar type are kept without a call."""
     t = type(x)
-    atomic = _ATOMIC_TYPES
+    atomic = SCALAR_TYPES
     if t in atomic:
         return x
     if t is list or t is tuple:
