@@ -30,8 +30,8 @@ def _mul32_split(x: Tensor, c: int) -> Tensor:
     return (lo + hi) & _MASK32
 
 
-def _mul32_wrap(x: Tensor, c: int) -> Tensor:
-    """``(x * c) mod 2**32`` relying on the int64 product wrapping modulo 2**64."""
+def _mul32_wrap(x: Tensor | int, c: int) -> Tensor | int:
+    """``(x * c) mod 2**32`` relying on the int64 product wrapping modulo 2**64 (a Python int: exact)."""
     return (x * c) & _MASK32
 
 
@@ -44,14 +44,16 @@ _CONSTANTS = (0xED5AD4BB, 0xAC4C1B51, 0x31848BAB)
 _mul32 = _mul32_wrap if _wrap_is_exact() else _mul32_split
 
 
-def hash32(x: Tensor) -> Tensor:
-    """The ``triple32`` integer hash, elementwise on int64 tensors holding values in [0, 2**32)."""
+def hash32(x: Tensor | int) -> Tensor | int:
+    """The ``triple32`` integer hash, elementwise on int64 tensors holding values in [0, 2**32), or of one Python
+    int in that range (the same integer arithmetic, exact)."""
+    mul = _mul32 if isinstance(x, Tensor) else _mul32_wrap
     x = x ^ (x >> 17)
-    x = _mul32(x, 0xED5AD4BB)
+    x = mul(x, 0xED5AD4BB)
     x = x ^ (x >> 11)
-    x = _mul32(x, 0xAC4C1B51)
+    x = mul(x, 0xAC4C1B51)
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x31848BAB)
+    x = mul(x, 0x31848BAB)
     x = x ^ (x >> 14)
     return x
 
@@ -130,22 +132,11 @@ def _i32_is_exact() -> bool:
         _hash32_i32_(x[:7].to(torch.int32)), as_i32[:7])
 
 
-def _hash32_int(x: int) -> int:
-    """:func:`hash32` of one Python int in [0, 2**32) (the same integer arithmetic)."""
-    x ^= x >> 17
-    x = (x * 0xED5AD4BB) & _MASK32
-    x ^= x >> 11
-    x = (x * 0xAC4C1B51) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x31848BAB) & _MASK32
-    return x ^ (x >> 14)
-
-
 def fold(key: Tensor, value: int | Tensor) -> Tensor:
     """A new key derived from ``key`` (int64 ``[R]``) and ``value``: independent streams per value (a Python
     int's inner hash is computed in Python, the same number without a tensor)."""
     if isinstance(value, int) and -(1 << 63) <= value < 1 << 63:
-        return hash32(key ^ _hash32_int((value & _MASK32) ^ 0x9E3779B9))
+        return hash32(key ^ hash32((value & _MASK32) ^ 0x9E3779B9))
     v = torch.as_tensor(value, dtype=torch.long, device=key.device) & _MASK32
     return hash32(key ^ hash32(v ^ 0x9E3779B9))
 
