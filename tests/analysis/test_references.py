@@ -36,3 +36,18 @@ def test_few_arms_and_reference_logits_still_use_the_env() -> None:
         means, ref = _bandit_arrays(env)
         means_t, ref_t = _bandit_arrays_torch(env)
         assert np.array_equal(means, means_t) and np.array_equal(ref, ref_t)
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.3, 2.0])
+def test_forward_kl_point_is_the_envs_oracle(beta: float) -> None:
+    """The report's numpy copy of the k3-as-loss point agrees with the oracle in ``envs`` (the same bisection
+    to 1e-13 in c; float64 sums in another order: 1e-12 allows for that)."""
+    from analysis.references import forward_kl_point
+    from envs.tabular import forward_kl_stationary_point
+
+    rng = np.random.default_rng(int(beta * 100))
+    r, ref = rng.normal(size=12), rng.dirichlet(np.ones(12))
+    ref[3] = 0.0
+    ref /= ref.sum()
+    expected = forward_kl_stationary_point(torch.tensor(r), torch.tensor(ref), beta).numpy()
+    np.testing.assert_allclose(forward_kl_point(r, ref, beta), expected, rtol=0, atol=1e-12)
