@@ -28,12 +28,14 @@ as ``preferences.parquet``. Metrics add ``pref_loss`` (the loss on all pairs aft
 (fraction of pairs whose margin ranks the preferred episode first; identical episodes count ½) and
 ``pref_margin`` (mean β·Δ); ``reward`` is NaN (no episodes are sampled while training) and
 ``trajectories.parquet`` is empty. Every random number comes from the run's counter-based stream
-(:mod:`sim.engine.rng`), so a run gives the same result alone or in a batch.
+(:mod:`sim.engine.rng`), so a run gives the same result alone or in a batch. With a tabular policy the loss's
+gradient is written out by hand (:mod:`sim.algos.dpo_grad`, bitwise autograd's); an MLP policy uses autograd.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -43,12 +45,14 @@ from torch import Tensor
 
 import envs
 from envs import tabular
+from sim.algos import dpo_grad
 from sim.algos.discrete import DiscreteTrainer
 from sim.config import PPO_VARIANT_KEYS, Config, ConfigError, DPOConfig, check_positive, set_keys
 from sim.engine import rng
 from sim.engine.elementwise import softplus
 from sim.engine.loop import take_samples
 from sim.engine.outputs import snapshot
+from sim.engine.policies import TabularPolicy
 from sim.engine.preferences import check_sampler, sample_preferences, sampler_logp
 
 #: Columns of ``preferences.parquet`` (one row per pair × side × step of the episode).
@@ -151,11 +155,19 @@ class DPOTrainer(DiscreteTrainer):
         self._sa = self.data["state"] * self.A + self.data["action"]  # flat (state, action) index [R, N, 2, H]
         # one step per episode, all valid (a bandit's pairs): an episode's sum is its step alone
         self._one_step = self._sa.shape[-1] == 1 and bool(self.data["valid"].all())
+        # ... and then a margin is a cell of a small table (elementwise work done per cell, not per pair)
+        n_sa = self.S * self.A
+        self._cells = dpo_grad.PairCells(self._sa, n_sa) if self._one_step and n_sa * n_sa <= self.n_pairs else None
+        # a logit table: the gradient by hand (dpo_grad), bitwise autograd's
+        self._explicit = type(self.policy) is TabularPolicy
 
     # -- the loss ---------------------------------------------------------------------------------------
     def log_ratio_margin(self, idx: Tensor | None = None) -> Tensor:
         """``Δ = h(y_w) − h(y_l)`` ``[R, n]`` of the pairs ``idx [R, n]`` (all pairs if ``None``), with gradient."""
-        lr_table = self.policy.table(self.params) - self._ref_table()  # [R, S, A]
+        return self._margin_of(self.policy.table(self.params) - self._ref_table(), idx)
+
+    def _margin_of(self, lr_table: Tensor, idx: Tensor | None) -> Tensor:
+        """The margins ``[R, n]`` of pairs ``idx`` from the log-ratio table ``lr_table [R, S, A]``."""
         sa, valid = self._sa, self.data["valid"]
         if idx is not None:
             sa, valid = take_samples(sa, idx), take_samples(valid, idx)
@@ -166,6 +178,41 @@ class DPOTrainer(DiscreteTrainer):
         else:
             h = torch.where(valid, steps, torch.zeros((), dtype=steps.dtype, device=steps.device)).sum(-1)  # [R, n, 2]
         return h[..., 0] - h[..., 1]
+
+    def _pair_values(self, fn: Callable[[Tensor], Tensor], lr_table: Tensor, idx: Tensor | None = None
+                     ) -> Tensor:
+        """``fn`` (elementwise) of the margins ``[R, n]`` of pairs ``idx`` (all if ``None``), without gradient:
+        evaluated on the margin table and picked per pair when :attr:`_cells` has one, else per pair."""
+        if self._cells is not None:
+            return self._cells.pick(fn(self._cells.margins(lr_table)), idx)
+        return fn(self._margin_of(lr_table, idx))
+
+    def loss_and_grads(self, idx: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The per-run loss ``[R]`` on pairs ``idx [R, n]`` (all if ``None``) and the gradient of
+        ``Σ_r alive_r·loss_r`` with respect to the logit table, bitwise what autograd gives
+        (:mod:`sim.algos.dpo_grad`; a tabular policy only)."""
+        lp, backward = dpo_grad.log_softmax_with_backward(self.params["logits"].detach())
+        lr_table = lp - self._ref_table()
+        R, n = self.R, self.n_pairs if idx is None else idx.shape[1]
+        beta, is_ipo = self.rt.beta, self.is_ipo
+        g_run = (self.alive.to(lp.dtype) / n).view(R, 1)  # the mean's and the alive mask's backward
+        sa = self._sa if idx is None else take_samples(self._sa, idx)
+        if self._cells is not None:
+            table = self._cells.margins(lr_table)
+            loss = self._cells.pick(preference_loss(table, beta, is_ipo), idx).mean(-1)
+            g_steps = self._cells.pick_steps(dpo_grad.preference_loss_grad(table, beta, is_ipo, g_run), idx)
+        else:
+            margin = self._margin_of(lr_table, idx)
+            loss = preference_loss(margin, beta, is_ipo).mean(-1)
+            g_margin = dpo_grad.preference_loss_grad(margin, beta, is_ipo, g_run)
+            g_sides = torch.stack([g_margin, -g_margin], dim=-1).unsqueeze(-1)  # [R, n, 2, 1]: Δ = h_w − h_l
+            if not self._one_step:  # the sum over the valid steps
+                valid = self.data["valid"] if idx is None else take_samples(self.data["valid"], idx)
+                g_sides = torch.where(valid, g_sides, torch.zeros((), dtype=lp.dtype, device=lp.device))
+            g_steps = g_sides.expand(sa.shape).reshape(R, -1)
+        g_table = torch.zeros(R, self.S * self.A, dtype=lp.dtype, device=lp.device)
+        g_table.scatter_add_(1, sa.reshape(R, -1), g_steps)  # gather's backward: a sum in step order from 0
+        return loss, {"logits": backward(g_table.view(lp.shape))}
 
     def sampled_update(self, update: int) -> dict[str, Tensor]:
         d = self.cfg.dpo
@@ -180,19 +227,26 @@ class DPOTrainer(DiscreteTrainer):
             else:
                 chunks = [None]
             for i, chunk in enumerate(chunks):
+                last = epoch == d.epochs - 1 and i == len(chunks) - 1
+                if self._explicit:
+                    loss, grads = self.loss_and_grads(chunk)
+                    norm = self._apply_grads(loss, update, want_norm=last, grads=grads)
+                    continue
                 margin = self.log_ratio_margin(chunk)
                 loss = preference_loss(margin, self.rt.beta, self.is_ipo).mean(-1)
-                last = epoch == d.epochs - 1 and i == len(chunks) - 1
                 norm = self._apply_grads(loss, update, want_norm=last)
         if not self._logs_at(update):
             return {}
         with torch.no_grad():  # diagnostics on the whole dataset after the update
-            margin = self.log_ratio_margin()
-            loss = preference_loss(margin, self.rt.beta, self.is_ipo).mean(-1)
+            lr_table = self.policy.table(self.params) - self._ref_table()
+            beta = self.rt.beta.view(-1, 1)
+            loss = self._pair_values(lambda m: preference_loss(m, self.rt.beta, self.is_ipo), lr_table).mean(-1)
+            # identical episodes: a tie
+            acc = self._pair_values(lambda m: (m > 0).double() + 0.5 * (m == 0).double(), lr_table).mean(-1)
+            margin = self._pair_values(lambda m: beta * m.to(torch.float64), lr_table).mean(-1)
         nan = torch.full((self.R,), float("nan"), dtype=torch.float64, device=self.device)
-        acc = ((margin > 0).double() + 0.5 * (margin == 0).double()).mean(-1)  # identical episodes: a tie
-        return {"reward": nan, "pref_loss": loss.to(torch.float64), "pref_acc": acc,
-                "pref_margin": (self.rt.beta.view(-1, 1) * margin.to(torch.float64)).mean(-1), "grad_norm": norm}
+        return {"reward": nan, "pref_loss": loss.to(torch.float64), "pref_acc": acc, "pref_margin": margin,
+                "grad_norm": norm}
 
     # -- the optimum it targets -------------------------------------------------------------------------
     def _on_phase(self) -> None:
