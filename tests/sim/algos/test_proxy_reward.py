@@ -122,6 +122,33 @@ def test_best_of_n_runs_are_exact_and_batch_invariant():
         assert abs(float(law @ tree.returns(proxy)) - m.loc[1, "proxy_return"]) < 1e-12
 
 
+def test_runs_of_one_data_seed_share_one_fit(monkeypatch):
+    """Each distinct data seed's pairs are sampled and fitted once in a batch; its runs get them bit for bit as
+    when fitted alone."""
+    base = ["env.id=token_tree", "env.vocab=3", "env.length=3", "env.reward=random", "train.updates=2",
+            "train.batch=16", "reward.model=learned", "reward.pairs=40", "reward.family=linear",
+            "reward.features=time_action"]
+    runs = (["seed=0"], ["seed=1", "kl.beta=0.3"], ["seed=2", "reward.data_seed=0"],
+            ["seed=3", "reward.data_seed=1", "kl.placement=none"])
+    configs = [resolve(None, base + sets) for sets in runs]
+    fitted = []
+    fit = reward_model.fit
+
+    def counting_fit(design, data, cfg, keys):
+        fitted.append(keys.shape[0])
+        return fit(design, data, cfg, keys)
+
+    monkeypatch.setattr(reward_model, "fit", counting_fit)
+    batched = train_batch(configs)
+    assert fitted == [2]
+    for cfg, out in zip(configs, batched, strict=True):
+        (alone,) = train_batch([cfg])
+        for name, table in alone.tables().items():
+            pd.testing.assert_frame_equal(out.tables()[name], table, check_exact=True, obj=name)
+        assert out.status["reward_model"] == alone.status["reward_model"]
+    pd.testing.assert_frame_equal(batched[0].extra["reward_model"], batched[2].extra["reward_model"], check_exact=True)
+
+
 def test_a_non_finite_fit_is_recorded_not_raised():
     """Features of ±1e308 overflow the fit (their differences are infinite): the run is marked diverged at update
     0 with the reason, its status says the fit is not finite, and its tables are still written."""
