@@ -98,6 +98,23 @@ def test_dpo_trains_on_the_pairs_the_proxy_was_fitted_to():
     assert out.metrics["env_steps"].iloc[-1] == 200
 
 
+def test_checking_dpo_runs_of_one_env_builds_it_once(monkeypatch):
+    """A grid checks hundreds of DPO runs of one env: its MDP is built once (reward_model.config_mdp), not per run."""
+    built = []
+    from_config = envs.from_config
+
+    def counting(env):
+        built.append(env["id"])
+        return from_config(env)
+
+    monkeypatch.setattr(envs, "from_config", counting)
+    reward_model._mdp_of.cache_clear()
+    base = ["env.id=token_tree", "env.vocab=3", "env.length=2", "train.algo=dpo", "reward.model=learned"]
+    for seed in range(20):
+        resolve(None, base + [f"seed={seed}", f"kl.beta={0.1 * (1 + seed % 4)}"])
+    assert len(built) <= 2  # the config's env check may build it once, the DPO check at most once more
+
+
 def test_best_of_n_runs_are_exact_and_batch_invariant():
     base = ["env.id=token_tree", "env.vocab=3", "env.length=3", "env.reward=random", "train.algo=bon",
             "reward.model=learned", "reward.pairs=50", "reward.family=linear", "reward.features=time_action"]
