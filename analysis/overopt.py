@@ -203,6 +203,23 @@ def _boot_interval(runs: list[_FitRows], picks: np.ndarray, window: float = 1e-6
     return lo, hi
 
 
+def _per_run(g: pd.DataFrame, columns: Sequence[str], by_update: bool = False) -> list[tuple[np.ndarray, ...]]:
+    """``columns`` of each run of ``g`` as float arrays, runs and rows in ``g.groupby("run_id", observed=True)``'s
+    order (``run_id``'s categories' order, else sorted; rows as in ``g``, or stably sorted by ``update`` with
+    ``by_update``), without building a frame per run."""
+    run = g["run_id"]
+    codes = run.cat.codes.to_numpy() if isinstance(run.dtype, pd.CategoricalDtype) \
+        else pd.factorize(run, sort=True)[0]
+    keep = np.flatnonzero(codes >= 0)
+    if by_update:
+        order = keep[np.lexsort((g["update"].to_numpy()[keep], codes[keep]))]
+    else:
+        order = keep[np.argsort(codes[keep], kind="stable")]
+    cuts = np.flatnonzero(np.diff(codes[order])) + 1
+    cols = [np.split(g[c].to_numpy(float)[order], cuts) for c in columns]
+    return list(zip(*cols, strict=True)) if len(order) else []
+
+
 def gao_fits(points: pd.DataFrame, by: Sequence[str], form: str | None = None, n_boot: int = 1000, seed: int = 0
              ) -> pd.DataFrame:
     """Gao et al.'s form fitted to ``gold_rel`` vs ``d`` per group ``by`` (pooled over its runs and updates):
@@ -218,15 +235,14 @@ def gao_fits(points: pd.DataFrame, by: Sequence[str], form: str | None = None, n
     for group, g in points.groupby(list(by), observed=True, sort=True):
         values = dict(zip(by, group if isinstance(group, tuple) else (group,), strict=True))
         f = form or ("bon" if str(values.get("variant", "")) == BON else "rl")
-        per_run = [(r["d"].to_numpy(float), r["gold_rel"].to_numpy(float))
-                   for _, r in g.groupby("run_id", observed=True)]
+        per_run = _per_run(g, ("d", "gold_rel"))
         d = np.concatenate([p[0] for p in per_run])
         r = np.concatenate([p[1] for p in per_run])
         alpha, beta, rmse = fit_gao(d, r, f)
         lo, hi = np.full(2, np.nan), np.full(2, np.nan)
         if n_boot and len(per_run) > 1:
-            # one draw per replicate, as the replicates were drawn one after another (the same stream)
-            picks = np.array([rng.integers(0, len(per_run), len(per_run)) for _ in range(n_boot)])
+            # all replicates in one draw: the same numbers as one draw per replicate, one after another
+            picks = rng.integers(0, len(per_run), (n_boot, len(per_run)))
             lo, hi = _boot_interval([_FitRows(*p, f) for p in per_run], picks)
         rows.append({**values, "form": f, "runs": len(per_run), "points": int(d.size), "alpha": alpha,
                      "alpha_lo": lo[0], "alpha_hi": hi[0], "beta": beta, "beta_lo": lo[1], "beta_hi": hi[1],
@@ -316,8 +332,7 @@ def frontier_envelope(points: pd.DataFrame, grid: np.ndarray) -> np.ndarray:
     seed over every β, it is the frontier that variant reaches by early stopping at a KL budget."""
     grid = np.asarray(grid, dtype=float)
     best = np.full(len(grid), -np.inf)
-    for _, r in points.sort_values(["run_id", "update"], kind="stable").groupby("run_id", observed=True, sort=False):
-        d, g = r["d"].to_numpy(float), r["gold_rel"].to_numpy(float)
+    for d, g in _per_run(points, ("d", "gold_rel"), by_update=True):
         budget = grid[:, None]
         # per budget (rows): the best logged gold within it (NaN if any of those is NaN: then it is not taken) ...
         inside = np.max(np.broadcast_to(g, (len(grid), len(g))), axis=1, where=d <= budget, initial=-np.inf)

@@ -44,16 +44,37 @@ def variant_style(variant: str) -> dict[str, Any]:
     return dict(BON_STYLE) if variant == O.BON else _variant_style(variant)
 
 
+def wide_table(rows: pd.DataFrame, x_key: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(values [runs, xs], xs)``: ``column`` with one row per run (in ``run_id``'s group order: its categories'
+    order, else sorted) and one column per distinct ``x_key`` value (sorted), NaN where a run has none.
+
+    The numbers and order of ``rows.pivot_table(index="run_id", columns=x_key, values=column, observed=True,
+    aggfunc="first")``: rows whose ``x_key`` or ``column`` is NaN are left out (so are runs and xs left with no
+    value), and the first of duplicate (run, x) rows is kept; in numpy, as a figure needs dozens of them."""
+    run = rows["run_id"]
+    codes = run.cat.codes.to_numpy() if isinstance(run.dtype, pd.CategoricalDtype) \
+        else pd.factorize(run, sort=True)[0]
+    x = rows[x_key].to_numpy(float)
+    v = rows[column].to_numpy(float)
+    keep = (codes >= 0) & ~np.isnan(x) & ~np.isnan(v)
+    runs, r_idx = np.unique(codes[keep], return_inverse=True)
+    xs, x_idx = np.unique(x[keep], return_inverse=True)
+    cells, first = np.unique(r_idx * len(xs) + x_idx, return_index=True)
+    out = np.full((len(runs), len(xs)), np.nan)
+    out.ravel()[cells] = v[keep][first]
+    return out, xs
+
+
 def _mean_curve(rows: pd.DataFrame, column: str, n_boot: int, seed: int) -> tuple[np.ndarray, ...]:
     """``(mean d, mean value, lo, hi)`` per logged update (best-of-n: per n) over the runs of ``rows``."""
     x_key = "bon_n" if str(rows["variant"].iloc[0]) == O.BON else "update"
     rows = rows[rows["update"] == rows.groupby("run_id", observed=True)["update"].transform("max")] \
         if x_key == "bon_n" else rows
-    wide_d = rows.pivot_table(index="run_id", columns=x_key, values="d", observed=True, aggfunc="first")
-    wide_v = rows.pivot_table(index="run_id", columns=x_key, values=column, observed=True, aggfunc="first")
-    d = np.nanmean(wide_d.to_numpy(float), axis=0)
-    point, lo, hi = bootstrap_curve(wide_v.to_numpy(float), "mean", n_boot, seed=seed)
-    order = np.argsort(wide_d.columns.to_numpy(float))
+    wide_d, xs = wide_table(rows, x_key, "d")
+    wide_v, _ = wide_table(rows, x_key, column)
+    d = np.nanmean(wide_d, axis=0)
+    point, lo, hi = bootstrap_curve(wide_v, "mean", n_boot, seed=seed)
+    order = np.argsort(xs)
     return d[order], point[order], lo[order], hi[order]
 
 

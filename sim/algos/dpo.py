@@ -43,7 +43,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-import envs
 from envs import tabular
 from sim.algos import dpo_grad
 from sim.algos.discrete import DiscreteTrainer
@@ -54,6 +53,7 @@ from sim.engine.loop import take_samples
 from sim.engine.outputs import snapshot
 from sim.engine.policies import TabularPolicy
 from sim.engine.preferences import check_sampler, sample_preferences, sampler_logp
+from sim.engine.reward_model import config_mdp
 
 #: Columns of ``preferences.parquet`` (one row per pair × side × step of the episode).
 PREFERENCE_COLUMNS = ("pair", "chosen", "t", "state", "action", "reward", "return", "bt_prob")
@@ -66,7 +66,7 @@ def _check_dpo(cfg: Config) -> None:
         check_positive(f"dpo.{key}", getattr(d, key))
     if (d.beta if d.beta is not None else cfg.kl.beta) <= 0:
         raise ConfigError(f"train.algo=dpo needs a positive β (dpo.beta or kl.beta); got {cfg.kl.beta!r}")
-    mdp = envs.from_config(cfg.env).build()
+    mdp = config_mdp(cfg.env)  # built once per distinct env (a grid checks hundreds of runs of one)
     check_sampler("dpo.sampler", d.sampler, mdp, cfg.env["id"])
     if mdp.n_outcomes > 1:
         raise ConfigError(f"train.algo=dpo needs deterministic dynamics (its optimum is the soft-VI policy only "

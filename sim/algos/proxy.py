@@ -59,10 +59,19 @@ class ProxyReward:
         self.tau = float(rc.bt_temperature)
         self.gold = mdp
         seeds = [c.reward.data_seed if c.reward.data_seed is not None else c.seed for c in configs]
-        keys = rng.run_keys(seeds, device)
-        self.data = sample_preferences(core, sampler_logp(rc.sampler, mdp), keys, rc.pairs, self.tau)
+        # runs of one data seed have the same pairs and proxy (each run's are its own, whatever its batch): each
+        # distinct data seed's are sampled and fitted once and shared by its runs
+        distinct = list(dict.fromkeys(seeds))
+        keys = rng.run_keys(distinct, device)
+        data = sample_preferences(core, sampler_logp(rc.sampler, mdp), keys, rc.pairs, self.tau)
         self.design = reward_model.build_design(mdp.to("cpu"), cfg)
-        table, self.diag = reward_model.fit(self.design, self.data, cfg, keys)
+        table, diag = reward_model.fit(self.design, data, cfg, keys)
+        if len(distinct) < len(seeds):
+            of = {s: i for i, s in enumerate(distinct)}
+            run = torch.tensor([of[s] for s in seeds], device=device)
+            data, diag = ({k: v.index_select(0, run) for k, v in x.items()} for x in (data, diag))
+            table = table.index_select(0, run)
+        self.data, self.diag = data, diag
         self.finite = torch.isfinite(table).reshape(len(configs), -1).all(-1) & torch.isfinite(self.diag["grad_norm"])
         self.table = torch.where(self.finite[:, None, None], table, torch.zeros_like(table))
         R, (S, A, K) = len(configs), mdp.next_state.shape

@@ -158,3 +158,48 @@ def test_frontier_envelope_is_the_one_budget_at_a_time_envelope(case: int):
     points = pd.DataFrame(rows)
     grid = np.sort(rng.uniform(0, 2, int(rng.integers(1, 6))))
     np.testing.assert_array_equal(O.frontier_envelope(points, grid), _envelope_one_budget_at_a_time(points, grid))
+
+
+@pytest.mark.parametrize("categorical", [True, False])
+@pytest.mark.parametrize("case", range(4))
+def test_wide_table_is_pivot_table_first(categorical: bool, case: int):
+    """The figures' wide run × x tables are ``pivot_table(aggfunc="first")``'s: order, NaN and duplicates."""
+    from analysis.overopt_report import wide_table
+
+    rng = np.random.default_rng(case)
+    n = 200
+    names = [f"r{i:02d}" for i in rng.permutation(12)]
+    run = rng.choice(names[:9], n)  # categories 9..11 never occur
+    frame = pd.DataFrame({"run_id": pd.Categorical(run, categories=names) if categorical else run,
+                          "update": rng.integers(0, 6, n).astype(float),  # duplicate (run, update) rows
+                          "d": rng.normal(size=n)})
+    frame.loc[rng.random(n) < 0.1, "d"] = np.nan
+    frame.loc[rng.random(n) < 0.05, "update"] = np.nan
+    values, xs = wide_table(frame, "update", "d")
+    pivot = frame.pivot_table(index="run_id", columns="update", values="d", observed=True, aggfunc="first")
+    np.testing.assert_array_equal(values, pivot.to_numpy(float))
+    np.testing.assert_array_equal(xs, pivot.columns.to_numpy(float))
+
+
+def test_gao_fits_are_every_replicates_least_squares_over_each_runs_rows():
+    """gao_fits' numbers from a plain reference: per group, the runs' rows by pandas, one draw per replicate, a
+    least-squares fit of every replicate and the 2.5/97.5 % quantiles."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for k in range(14):
+        n = int(rng.integers(2, 9))
+        d = np.sqrt(rng.exponential(1.0, n))
+        rows.append(pd.DataFrame({"run_id": f"r{k:02d}", "variant": ["none", "k1"][k % 2], "update": np.arange(n),
+                                  "d": d, "gold_rel": O.gao_curve(d, 0.8, 0.3, "rl") + rng.normal(0, 0.1, n)}))
+    points = pd.concat(rows[::-1], ignore_index=True)
+    points["run_id"] = pd.Categorical(points["run_id"], categories=sorted(points["run_id"].unique())[::-1])
+    fits = O.gao_fits(points, ["variant"], n_boot=200, seed=5)
+    draw = np.random.default_rng(5)
+    for (variant, g), (_, fit) in zip(points.groupby("variant", observed=True), fits.iterrows(), strict=True):
+        runs = [O._FitRows(r["d"].to_numpy(float), r["gold_rel"].to_numpy(float), "rl")
+                for _, r in g.groupby("run_id", observed=True)]
+        picks = [draw.integers(0, len(runs), len(runs)) for _ in range(200)]
+        reps = np.array([O._refit([runs[j] for j in p]) for p in picks])
+        lo, hi = np.nanquantile(reps, [0.025, 0.975], axis=0)
+        assert fit["variant"] == variant
+        assert (fit["alpha_lo"], fit["beta_lo"], fit["alpha_hi"], fit["beta_hi"]) == (lo[0], lo[1], hi[0], hi[1])

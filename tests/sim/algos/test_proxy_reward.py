@@ -98,6 +98,23 @@ def test_dpo_trains_on_the_pairs_the_proxy_was_fitted_to():
     assert out.metrics["env_steps"].iloc[-1] == 200
 
 
+def test_checking_dpo_runs_of_one_env_builds_it_once(monkeypatch):
+    """A grid checks hundreds of DPO runs of one env: its MDP is built once (reward_model.config_mdp), not per run."""
+    built = []
+    from_config = envs.from_config
+
+    def counting(env):
+        built.append(env["id"])
+        return from_config(env)
+
+    monkeypatch.setattr(envs, "from_config", counting)
+    reward_model._mdp_of.cache_clear()
+    base = ["env.id=token_tree", "env.vocab=3", "env.length=2", "train.algo=dpo", "reward.model=learned"]
+    for seed in range(20):
+        resolve(None, base + [f"seed={seed}", f"kl.beta={0.1 * (1 + seed % 4)}"])
+    assert len(built) <= 2  # the config's env check may build it once, the DPO check at most once more
+
+
 def test_best_of_n_runs_are_exact_and_batch_invariant():
     base = ["env.id=token_tree", "env.vocab=3", "env.length=3", "env.reward=random", "train.algo=bon",
             "reward.model=learned", "reward.pairs=50", "reward.family=linear", "reward.features=time_action"]
@@ -120,6 +137,33 @@ def test_best_of_n_runs_are_exact_and_batch_invariant():
         assert abs(float(kl) - m.loc[1, "kl_bon"]) < 1e-12
         assert abs(float(law @ tree.returns(mdp.expected_reward)) - m.loc[1, "gold_return"]) < 1e-12
         assert abs(float(law @ tree.returns(proxy)) - m.loc[1, "proxy_return"]) < 1e-12
+
+
+def test_runs_of_one_data_seed_share_one_fit(monkeypatch):
+    """Each distinct data seed's pairs are sampled and fitted once in a batch; its runs get them bit for bit as
+    when fitted alone."""
+    base = ["env.id=token_tree", "env.vocab=3", "env.length=3", "env.reward=random", "train.updates=2",
+            "train.batch=16", "reward.model=learned", "reward.pairs=40", "reward.family=linear",
+            "reward.features=time_action"]
+    runs = (["seed=0"], ["seed=1", "kl.beta=0.3"], ["seed=2", "reward.data_seed=0"],
+            ["seed=3", "reward.data_seed=1", "kl.placement=none"])
+    configs = [resolve(None, base + sets) for sets in runs]
+    fitted = []
+    fit = reward_model.fit
+
+    def counting_fit(design, data, cfg, keys):
+        fitted.append(keys.shape[0])
+        return fit(design, data, cfg, keys)
+
+    monkeypatch.setattr(reward_model, "fit", counting_fit)
+    batched = train_batch(configs)
+    assert fitted == [2]
+    for cfg, out in zip(configs, batched, strict=True):
+        (alone,) = train_batch([cfg])
+        for name, table in alone.tables().items():
+            pd.testing.assert_frame_equal(out.tables()[name], table, check_exact=True, obj=name)
+        assert out.status["reward_model"] == alone.status["reward_model"]
+    pd.testing.assert_frame_equal(batched[0].extra["reward_model"], batched[2].extra["reward_model"], check_exact=True)
 
 
 def test_a_non_finite_fit_is_recorded_not_raised():
