@@ -39,6 +39,9 @@ def _subset(fontfile: Any, glyphs: Any) -> Any:
         options.drop_tables += [*_MPL_DROPPED, *LAYOUT_TABLES]
         options.font_number = face
         font = subset.load_font(fontfile, options)
+        for tag in LAYOUT_TABLES:  # dropped anyway; fontTools would decompile GSUB/GPOS/GDEF before dropping
+            if tag in font:
+                del font[tag]
         subsetter = subset.Subsetter(options=options)
         subsetter.populate(gids=key[2])
         subsetter.subset(font)
