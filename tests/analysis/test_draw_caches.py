@@ -146,3 +146,19 @@ def test_a_tick_with_a_callback_is_not_copied(monkeypatch) -> None:
     with draw_caches.draw_cache():
         axis.get_major_ticks(3)
     assert built == [True, True]
+
+
+def _zlib_level(png: Path) -> int:
+    """The FLEVEL bits of the zlib header of a PNG's image data (0: fastest … 3: maximum compression)."""
+    data = png.read_bytes()
+    idat = data.index(b"IDAT") + 4
+    assert data[idat] & 0x0F == 8  # deflate
+    return data[idat + 1] >> 6
+
+
+def test_pngs_are_written_with_fast_compression_and_the_same_pixels(tmp_path: Path, monkeypatch) -> None:
+    fast = plotting.save(_figure(), tmp_path / "fast", formats=("png",))[0]
+    monkeypatch.setattr(plotting, "SAVE_KWARGS", {})
+    default = plotting.save(_figure(), tmp_path / "default", formats=("png",))[0]
+    assert _zlib_level(fast) == 0 and _zlib_level(default) > 0
+    assert np.array_equal(_pixels(fast), _pixels(default))
