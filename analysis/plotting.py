@@ -250,11 +250,13 @@ def check_one_condition(frame: pd.DataFrame, overlay: bool = False) -> None:
 
 
 def paper_style(fn: Callable[..., list[Path]]) -> Callable[..., list[Path]]:
-    """Run a figure function inside :data:`PAPER_RC` (fonts, line widths, TrueType fonts in PDFs)."""
+    """Run a figure function inside :data:`PAPER_RC` (fonts, line widths, TrueType fonts in PDFs) and the
+    drawing caches (:func:`analysis.draw_caches.draw_cache`: ticks made while the figure is built are copies
+    too)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> list[Path]:
-        with mpl.rc_context(PAPER_RC):
+        with mpl.rc_context(PAPER_RC), draw_caches.draw_cache():
             return fn(*args, **kwargs)
 
     return wrapper

@@ -162,3 +162,23 @@ def test_pngs_are_written_with_fast_compression_and_the_same_pixels(tmp_path: Pa
     default = plotting.save(_figure(), tmp_path / "default", formats=("png",))[0]
     assert _zlib_level(fast) == 0 and _zlib_level(default) > 0
     assert np.array_equal(_pixels(fast), _pixels(default))
+
+
+def test_figure_functions_build_their_ticks_as_copies(monkeypatch) -> None:
+    """A :func:`plotting.paper_style` figure function runs inside the drawing caches: ticks it makes while
+    building the figure (here 12 per axis) are copies of the first one."""
+    from matplotlib.axis import Axis
+
+    built = []
+    make = Axis._get_tick
+    monkeypatch.setattr(Axis, "_get_tick", lambda self, major: built.append(major) or make(self, major))
+
+    @plotting.paper_style
+    def build() -> list[Path]:
+        ax = plotting.new_figure(2.0, 2.0).subplots()
+        ax.set_xticks(range(12))
+        ax.set_yticks(range(12))
+        return []
+
+    build()
+    assert len(built) <= 4  # the first major and minor tick of each axis
