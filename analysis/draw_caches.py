@@ -17,6 +17,14 @@
   or which tick parts are on), and a text is laid out again only when a string, font, dpi, renderer,
   rotation, alignment or line spacing not seen before is asked for. What is drawn is the same; outside the
   context matplotlib is untouched.
+- **Tick objects** (:func:`draw_cache`): an axis makes a ``Tick`` (two tick lines, a grid line and two
+  labels) for every location its locator gives — on a log axis eight minor ticks a decade, a decade beyond
+  each end — and matplotlib builds each one from the rcParams and then copies the first tick's properties
+  onto it (a deep copy of its markers among them): ≈ 1 ms a tick, ≈ 1 900 ticks in the quickstart report,
+  an eighth of its drawing time. Inside :func:`draw_cache` a new tick is a copy of the axis's first tick
+  instead (what matplotlib's copying makes of it: every property the same; its own artists, callback
+  registries and font properties), ≈ 0.1 ms; a tick holding anything else than plain values, shared
+  transforms and markers and its five artists is made the matplotlib way.
 
 Where the patched methods are not found (another matplotlib), nothing is replaced.
 """
@@ -24,6 +32,7 @@ Where the patched methods are not found (another matplotlib), nothing is replace
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -138,6 +147,118 @@ def _install_text() -> bool:
     return True
 
 
+_uncached_get_ticks: dict[bool, Any] = {}
+"""matplotlib's own ``Axis.get_major_ticks`` (``True``) and ``Axis.get_minor_ticks`` (``False``) once replaced."""
+_TICK_PARTS = ("tick1line", "tick2line", "gridline", "label1", "label2")
+_SHARED_TYPES: tuple[type, ...] = ()
+"""Values a copied tick shares with the tick it copies (immutable, or replaced rather than changed by
+matplotlib: transforms, bounding boxes, markers, paths, the figure and axes); set by :func:`_install_ticks`."""
+
+
+_kinds: dict[type, str] = {}
+"""How a copied tick takes each type of value it holds: ``share``, ``list``, ``array``, ``registry``, ``font``
+or ``other`` (cannot be copied this way)."""
+
+
+def _kind(tp: type) -> str:
+    from matplotlib import cbook
+    from matplotlib.font_manager import FontProperties
+
+    kind = _kinds.get(tp)
+    if kind is None:
+        kind = _kinds[tp] = ("share" if tp is type(None) or issubclass(tp, _SHARED_TYPES) else
+                             "list" if issubclass(tp, list) else "array" if tp.__name__ == "ndarray" else
+                             "registry" if issubclass(tp, cbook.CallbackRegistry) else
+                             "font" if issubclass(tp, FontProperties) else "other")
+    return kind
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any] | None:
+    """An artist's ``__dict__`` for a copy: lists and arrays copied, a new (empty) callback registry, copied
+    font properties; ``None`` if it holds anything else not shared (the copy is then made the matplotlib way)."""
+    out = dict(state)
+    for key, value in state.items():
+        kind = _kinds.get(type(value)) or _kind(type(value))
+        if kind == "share" or key == "stale_callback":
+            continue
+        if kind == "list":
+            out[key] = list(value)
+        elif kind == "array":
+            out[key] = value.copy()
+        elif kind == "registry" and not value.callbacks:
+            out[key] = type(value)(signals=value._signals)
+        elif kind == "font":
+            out[key] = value.copy()
+        else:
+            return None
+    return out
+
+
+def _copy_tick(src: Any) -> Any:
+    """A copy of the tick ``src`` (see the module docstring), or ``None`` if it cannot be copied this way."""
+    parts = {}
+    for name in _TICK_PARTS:
+        part = src.__dict__.get(name)
+        state = _copy_state(part.__dict__) if part is not None else None
+        if state is None:
+            return None
+        parts[name] = object.__new__(type(part))
+        parts[name].__dict__.update(state)
+    tick_state = _copy_state({k: v for k, v in src.__dict__.items() if k not in _TICK_PARTS})
+    if tick_state is None:
+        return None
+    tick = object.__new__(type(src))
+    tick.__dict__.update(tick_state)
+    tick.__dict__.update(parts)
+    return tick
+
+
+def _get_ticks_copied(self: Any, numticks: int | None, major: bool) -> list:
+    """``Axis.get_major_ticks`` / ``get_minor_ticks`` making new ticks as copies of the first one."""
+    ticks = self.majorTicks if major else self.minorTicks
+    if _tick_memo is None or not ticks:
+        return _uncached_get_ticks[major](self, numticks)
+    if numticks is None:
+        numticks = len(self.get_majorticklocs() if major else self.get_minorticklocs())
+    while len(ticks) < numticks:
+        tick = _copy_tick(ticks[0])
+        if tick is None:
+            return _uncached_get_ticks[major](self, numticks)
+        ticks.append(tick)
+    return ticks[:numticks]
+
+
+def _get_major_ticks_copied(self: Any, numticks: int | None = None) -> list:
+    return _get_ticks_copied(self, numticks, True)
+
+
+def _get_minor_ticks_copied(self: Any, numticks: int | None = None) -> list:
+    return _get_ticks_copied(self, numticks, False)
+
+
+def _install_ticks() -> bool:
+    global _SHARED_TYPES
+    try:
+        from matplotlib.axes import Axes
+        from matplotlib.axis import Axis, Tick
+        from matplotlib.figure import FigureBase
+        from matplotlib.markers import MarkerStyle
+        from matplotlib.path import Path
+        from matplotlib.transforms import TransformNode
+    except ImportError:
+        return False
+    major, minor = Axis.__dict__.get("get_major_ticks"), Axis.__dict__.get("get_minor_ticks")
+    if major is _get_major_ticks_copied and minor is _get_minor_ticks_copied:
+        return True
+    if major is None or minor is None or not all(hasattr(Tick, a) for a in ("update_position", "get_loc")):
+        return False
+    _SHARED_TYPES = (str, numbers.Number, tuple, frozenset, TransformNode, MarkerStyle, Path, FigureBase, Axes)
+    _uncached_get_ticks.update({True: major, False: minor})
+    Axis.get_major_ticks = _get_major_ticks_copied
+    Axis.get_minor_ticks = _get_minor_ticks_copied
+    return True
+
+
 @contextmanager
 def draw_cache() -> Iterator[None]:
     """Within this context each axis computes its ticks again only when its tick state changed, and each
@@ -175,7 +296,7 @@ def forget_fonts() -> None:
 def install() -> bool:
     """Share mathtext parses between all renderers of this process and make :func:`draw_cache` effective;
     whether both are in use."""
-    return _install_mathtext() & _install_text()
+    return _install_mathtext() & _install_text() & _install_ticks()
 
 
 if hasattr(os, "register_at_fork"):

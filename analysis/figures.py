@@ -75,7 +75,7 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
             the floor, which is the bottom of the axis and is labelled as such.
         hline: draw a horizontal reference line at this value (e.g. the collapse threshold).
         references: ``(label, value, until_update)`` horizontal reference lines (e.g. KL(π*‖π_ref)), drawn up to
-            ``until_update`` (``None``: across) and labelled at their right end.
+            ``until_update`` (``None``: across) and named in each panel's legend.
         xlim: restrict the x axis.
     """
     check_one_condition(metrics, overlay=True)
@@ -94,14 +94,13 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
             draw_variant(ax, ln.rows, ln.variant, column, seeds, stat, n_boot, seed + j, label,
                          log_floor if log else None, style={**ln.style, **({"zorder": 3.5} if ln.placement == "none"
                                                                            else {})})
-        for ref_label, value, until in references:
+        for k, (ref_label, value, until) in enumerate(references):
             if not np.isfinite(value) or (log and value <= log_floor):
                 continue
             x1 = until if until is not None else None
-            ax.plot([0, x1 if x1 is not None else m["update"].max()], [value, value], color="0.25", lw=0.6,
-                    ls=(0, (5, 2)), zorder=4)
-            ax.annotate(ref_label, (0.0, value), xycoords=("axes fraction", "data"), xytext=(2, 1),
-                        textcoords="offset points", fontsize=5, color="0.25", ha="left", va="bottom")
+            # named in the legend: a label on the line would cross the curves that reach it, and the title
+            ax.plot([0, x1 if x1 is not None else m["update"].max()], [value, value], label=ref_label, zorder=4,
+                    **REFERENCE_STYLES[k % len(REFERENCE_STYLES)])
         if hline is not None:
             ax.axhline(hline, color="0.5", lw=0.6, ls=(0, (1, 1)), zorder=1)
             if hline_label and i == 0:  # right of the axes: no curve crosses it there
@@ -129,6 +128,14 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
         fig.suptitle(title, fontsize=7)
     out = save(fig, path, formats)
     return out
+
+
+#: Styles of the reference lines of :func:`plot_curves`, in the order of its ``references`` (thin, grey, and
+#: unlike the variants' dashes).
+REFERENCE_STYLES: tuple[dict[str, Any], ...] = (
+    {"color": "0.25", "lw": 0.7, "dashes": (5.0, 2.0)},
+    {"color": "0.45", "lw": 0.7, "dashes": (6.0, 1.5, 1.0, 1.5, 1.0, 1.5)},
+)
 
 
 def _mark_floor(ax: Any, floor: float) -> None:

@@ -35,6 +35,9 @@ COLUMN_WIDTH = 3.3
 #: Two-column width (inches) for wide figures.
 PAGE_WIDTH = 6.9
 FORMATS = ("pdf", "png")
+#: Extra ``savefig`` keywords per format. PNG: zlib level 1 instead of PIL's 6, the same pixels in a file ≈ 6 %
+#: larger written in half the time (compressing was a twelfth of a report's drawing time).
+SAVE_KWARGS: dict[str, dict[str, Any]] = {"png": {"pil_kwargs": {"compress_level": 1}}}
 PAPER_RC: dict[str, Any] = {
     "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",
     "font.family": "sans-serif", "font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7,
@@ -247,11 +250,13 @@ def check_one_condition(frame: pd.DataFrame, overlay: bool = False) -> None:
 
 
 def paper_style(fn: Callable[..., list[Path]]) -> Callable[..., list[Path]]:
-    """Run a figure function inside :data:`PAPER_RC` (fonts, line widths, TrueType fonts in PDFs)."""
+    """Run a figure function inside :data:`PAPER_RC` (fonts, line widths, TrueType fonts in PDFs) and the
+    drawing caches (:func:`analysis.draw_caches.draw_cache`: ticks made while the figure is built are copies
+    too)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> list[Path]:
-        with mpl.rc_context(PAPER_RC):
+        with mpl.rc_context(PAPER_RC), draw_caches.draw_cache():
             return fn(*args, **kwargs)
 
     return wrapper
@@ -267,7 +272,7 @@ def save(fig: Figure, path: str | Path, formats: Sequence[str] = FORMATS) -> lis
         bbox = freeze_layout(fig) if mpl.rcParams["savefig.bbox"] == "tight" else None
         for fmt in formats:
             target = base.with_name(f"{base.name}.{fmt}")
-            fig.savefig(target, format=fmt, bbox_inches=bbox)
+            fig.savefig(target, format=fmt, bbox_inches=bbox, **SAVE_KWARGS.get(fmt, {}))
             out.append(target)
     return out
 

@@ -104,3 +104,81 @@ def test_a_forked_process_drops_the_parses_holding_the_parents_fonts(tmp_path: P
     assert sum(_parse_cache_sizes(0)) > 0
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.map(_parse_cache_sizes, [0]) == [(0, 0)]
+
+
+def test_new_ticks_inside_the_cache_are_copies_of_the_first(monkeypatch) -> None:
+    """Inside :func:`draw_caches.draw_cache` an axis's new ticks are copies of its first tick, not built from
+    the rcParams: each with its own artists, font properties and callbacks, drawn as matplotlib's would be."""
+    from matplotlib.axis import Axis
+
+    fig = _figure()
+    axis = fig.axes[0].yaxis  # a log axis: many minor ticks
+    axis.get_minor_ticks(1)
+    built = []
+    make = Axis._get_tick
+    monkeypatch.setattr(Axis, "_get_tick", lambda self, major: built.append(major) or make(self, major))
+    with draw_caches.draw_cache():
+        ticks = axis.get_minor_ticks(12)
+    assert built == [] and len(ticks) == 12 and len({id(t) for t in ticks}) == 12
+    first, copy = ticks[0], ticks[5]
+    for name in ("tick1line", "tick2line", "gridline", "label1", "label2"):
+        a, b = getattr(first, name), getattr(copy, name)
+        assert a is not b and type(a) is type(b) and a.get_visible() == b.get_visible()
+        assert a._callbacks is not b._callbacks
+    assert copy.label1.get_fontproperties() is not first.label1.get_fontproperties()
+    assert copy.label1.get_fontproperties() == first.label1.get_fontproperties()
+    assert copy.tick1line.get_marker() == first.tick1line.get_marker()
+    assert copy.tick1line.get_markersize() == first.tick1line.get_markersize()
+    copy.label1.set_color("red")
+    copy.update_position(3.0)
+    assert first.label1.get_color() != "red" and first.get_loc() != 3.0
+
+
+def test_a_tick_with_a_callback_is_not_copied(monkeypatch) -> None:
+    from matplotlib.axis import Axis
+
+    fig = _figure()
+    axis = fig.axes[1].xaxis
+    axis.get_major_ticks(1)[0].label1.add_callback(lambda artist: None)
+    built = []
+    make = Axis._get_tick
+    monkeypatch.setattr(Axis, "_get_tick", lambda self, major: built.append(major) or make(self, major))
+    with draw_caches.draw_cache():
+        axis.get_major_ticks(3)
+    assert built == [True, True]
+
+
+def _zlib_level(png: Path) -> int:
+    """The FLEVEL bits of the zlib header of a PNG's image data (0: fastest … 3: maximum compression)."""
+    data = png.read_bytes()
+    idat = data.index(b"IDAT") + 4
+    assert data[idat] & 0x0F == 8  # deflate
+    return data[idat + 1] >> 6
+
+
+def test_pngs_are_written_with_fast_compression_and_the_same_pixels(tmp_path: Path, monkeypatch) -> None:
+    fast = plotting.save(_figure(), tmp_path / "fast", formats=("png",))[0]
+    monkeypatch.setattr(plotting, "SAVE_KWARGS", {})
+    default = plotting.save(_figure(), tmp_path / "default", formats=("png",))[0]
+    assert _zlib_level(fast) == 0 and _zlib_level(default) > 0
+    assert np.array_equal(_pixels(fast), _pixels(default))
+
+
+def test_figure_functions_build_their_ticks_as_copies(monkeypatch) -> None:
+    """A :func:`plotting.paper_style` figure function runs inside the drawing caches: ticks it makes while
+    building the figure (here 12 per axis) are copies of the first one."""
+    from matplotlib.axis import Axis
+
+    built = []
+    make = Axis._get_tick
+    monkeypatch.setattr(Axis, "_get_tick", lambda self, major: built.append(major) or make(self, major))
+
+    @plotting.paper_style
+    def build() -> list[Path]:
+        ax = plotting.new_figure(2.0, 2.0).subplots()
+        ax.set_xticks(range(12))
+        ax.set_yticks(range(12))
+        return []
+
+    build()
+    assert len(built) <= 4  # the first major and minor tick of each axis

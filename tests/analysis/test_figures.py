@@ -114,3 +114,36 @@ def test_single_run_figures(single_run: Path, tmp_path: Path) -> None:
     res = load(single_run)
     written(F.plot_kl(res.metrics, tmp_path / "one_kl", formats=("png",)))
     written(P.plot_final_policy(res.policy, tmp_path / "one_policy", formats=("png",)))
+
+
+def _placed_texts(fig) -> list:
+    """``(text, window extent)`` of the figure's titles, legend entries and texts placed in its axes (not the
+    tick labels), after drawing it."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    texts = [*fig.texts]
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        texts += [ax.title, ax._left_title, ax._right_title, *ax.texts,
+                  *(legend.get_texts() if legend is not None else [])]
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text()]
+
+
+def test_kl_reference_lines_are_named_without_overlapping_text(bandit_beta, tmp_path: Path, monkeypatch) -> None:
+    """Two reference KLs close together near the top of a log axis: each is named once per panel (in the
+    legend) and no two texts of the figure overlap (labels drawn on the lines lay on top of each other and of
+    the panel title)."""
+    figs = []
+    save = F.save
+    monkeypatch.setattr(F, "save", lambda fig, *a, **kw: figs.append(fig) or save(fig, *a, **kw))
+    top = float(bandit_beta["kl_true"].max())
+    refs = [(r"KL($\pi^*\|\pi_{\mathrm{ref}}$)", 0.8 * top, 10.0), ("k3-as-loss point", 0.9 * top, 10.0)]
+    F.plot_kl(bandit_beta, tmp_path / "kl", log=True, references=refs, title="β = 0.25", formats=("png",))
+    fig = figs[0]
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()][-2:] == [label for label, _, _ in refs]
+    texts = _placed_texts(fig)
+    assert len(texts) > 8
+    overlaps = [(a, b) for i, (a, box_a) in enumerate(texts) for b, box_b in texts[i + 1:]
+                if box_a.overlaps(box_b) and box_a.intersection(box_a, box_b).width > 0.5]
+    assert not overlaps
