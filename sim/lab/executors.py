@@ -121,8 +121,8 @@ def _train_and_write(run_dirs: list[Path], configs: list[Config], run_ids: list[
     return _each(finish, len(run_dirs))
 
 
-#: Threads writing a task's run folders: the writes wait on the disk (every JSON file is fsynced before it is
-#: renamed into place, ~5-50 ms each), not on the CPU, so the runs' folders are written side by side.
+#: Threads writing a task's run folders: Parquet encoding and file writes release the GIL, so the runs' folders
+#: are written side by side.
 WRITE_THREADS = 8
 
 

@@ -55,11 +55,14 @@ def _atomic_file(path: Path) -> Iterator[str]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder (fsynced) and ``os.replace``."""
-    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    Not fsynced: the rename makes the write atomic for a killed process (the old file or the new one, never
+    part of it), which is what resuming relies on. After an operating-system crash a file whose data had not
+    reached the disk reads as missing or unreadable, and a run with such a status, config or table is trained
+    again (:func:`run_state`). An fsync per file cost ~4-50 ms of disk wait, several seconds per sweep."""
+    with _atomic_file(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -142,10 +145,22 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     return status if isinstance(status, dict) else {"status": "pending"}
 
 
+def _json_object_error(path: Path) -> str | None:
+    """Why ``path`` is not a JSON object file (``"missing"``, ``"not readable JSON"``, …), or None."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError):
+        return "not readable JSON"
+    return None if isinstance(obj, dict) else "not a JSON object"
+
+
 def unreadable_tables(run_dir: Path) -> dict[str, str]:
     """``{file: reason}`` for the run's Parquet tables that are missing (:data:`TABLES`) or not whole
-    (:func:`analysis.loading.parquet_error`, which ``reflab report`` uses too); a run with none of these is what
-    :func:`finish_run` wrote. Cheap: 12 bytes a table."""
+    (:func:`analysis.loading.parquet_error`, which ``reflab report`` uses too), and for a ``config.json`` that is
+    missing or not a JSON object; a run with none of these is what :func:`start_run` and :func:`finish_run`
+    wrote. Cheap: 12 bytes a table and the config."""
     from analysis.loading import parquet_error  # pandas: only where tables are checked
 
     run_dir = Path(run_dir)
@@ -158,12 +173,15 @@ def unreadable_tables(run_dir: Path) -> dict[str, str]:
         reason = "missing" if name not in present else parquet_error(run_dir / name)
         if reason:
             bad[name] = reason
+    config_error = _json_object_error(run_dir / CONFIG_FILE)  # read with the tables by reports
+    if config_error:
+        bad[CONFIG_FILE] = config_error
     return bad
 
 
 def run_state(run_dir: Path) -> str:
     """done | diverged | failed | running | pending from ``status.json``, or :data:`UNREADABLE` for a run whose
-    status says done/diverged but whose tables are missing or unreadable (:func:`unreadable_tables`)."""
+    status says done/diverged but whose tables or config are missing or unreadable (:func:`unreadable_tables`)."""
     status = read_status(run_dir).get("status", "pending")
     if status in FINISHED:
         return UNREADABLE if unreadable_tables(run_dir) else status

@@ -474,7 +474,24 @@ def _dry_run_table(plan: SweepPlan, out: Path | None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``reflab sweep``: expand, validate, then (unless ``--dry-run``) train into ``--out``."""
+    """``reflab sweep``: expand, validate, then (unless ``--dry-run``) train into ``--out``; with ``--report``,
+    then write its report (:mod:`sim.lab.follow_report`)."""
+    if not args.report:
+        return _sweep(args)
+    if args.dry_run or not args.out:
+        raise UsageError("--report writes the sweep's report after training: it needs --out DIR and no --dry-run")
+    from sim.lab.follow_report import FollowingReport
+
+    following = FollowingReport(Path(args.out))  # forked now: before torch is imported or a thread started
+    try:
+        code = _sweep(args)
+    except BaseException:
+        following.cancel()
+        raise
+    return following.finish(code)
+
+
+def _sweep(args: argparse.Namespace) -> int:
     if args.max_runs < 1 or args.max_yaml_values < 1:
         raise UsageError("--max-runs and --max-yaml-values must be positive integers")
     grid, path = load_grid(args.grid, args.max_yaml_values, "--max-yaml-values")
@@ -546,6 +563,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="set a dotted config key for every run (YAML value); KEY=a,b,... makes it an axis over "
                         "those values; repeatable (see `reflab config` for the keys)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded runs and their count; write nothing")
+    p.add_argument("--report", action="store_true",
+                   help="then write the sweep's report (as `reflab report DIR` would), its modules imported on a "
+                        "spare core while the sweep trains")
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="local worker processes (default), Ray tasks, or Slurm job arrays via submitit")
     p.add_argument("--workers", type=int, default=None,

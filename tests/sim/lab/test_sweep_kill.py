@@ -2,7 +2,7 @@
 
 A forked child runs a small sweep in-process (an executor that trains the tasks in the sweep's own process, so a
 kill stops the sweep and its "workers" together, as the local executor's workers die with the sweep) and
-SIGKILLs itself at its k-th file-system step: taking the lock, creating a temporary file, writing it (a Parquet
+SIGKILLs itself at its k-th file-system step: taking the lock, creating a temporary file, writing it (the
 temp file is cut in half first, as a kill mid-write leaves it), renaming it into place, creating a folder.
 The kill points are real kills, not simulations, and the test hooks live here, not in the code under test.
 Every step up to the end of the first index write is a kill point, then every few steps to the end. The
@@ -66,7 +66,7 @@ class Steps:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def install(self, setattr_: Callable[[object, str, object], None]) -> None:
-        real_mkstemp, real_fsync, real_replace = tempfile.mkstemp, os.fsync, os.replace
+        real_mkstemp, real_write_bytes, real_replace = tempfile.mkstemp, Path.write_bytes, os.replace
         real_mkdir, real_pwrite, real_to_parquet = Path.mkdir, os.pwrite, pd.DataFrame.to_parquet
         steps = self
 
@@ -75,9 +75,10 @@ class Steps:
             steps.step(f"create {Path(name).name}")
             return fd, name
 
-        def fsync(fd):
-            real_fsync(fd)
-            steps.step("write a temporary file")
+        def write_bytes(self, data):
+            n = real_write_bytes(self, data)
+            steps.step("write a temporary file", lambda: os.truncate(self, len(data) // 2))
+            return n
 
         def replace(src, dst):
             steps.step(f"before renaming to {Path(dst).name}")
@@ -100,7 +101,7 @@ class Steps:
             steps.step(f"write {Path(path).name}", lambda: os.truncate(path, os.path.getsize(path) // 2))
 
         setattr_(tempfile, "mkstemp", mkstemp)
-        setattr_(os, "fsync", fsync)
+        setattr_(Path, "write_bytes", write_bytes)
         setattr_(os, "replace", replace)
         setattr_(Path, "mkdir", mkdir)
         setattr_(os, "pwrite", pwrite)

@@ -63,6 +63,20 @@ def test_unreadable_tables_are_found_from_the_footers_alone(damaged, monkeypatch
     assert runs.unreadable_tables(out / "runs" / ids[2]) == {"trajectories.parquet": "missing"}
 
 
+def test_a_finished_run_with_an_empty_or_missing_config_is_unreadable(damaged):
+    """Run files are not fsynced: after an operating-system crash a config.json can be empty; such a run is
+    trained again like one with a broken table."""
+    out, ids, _ = damaged
+    config = out / "runs" / ids[2] / runs.CONFIG_FILE
+    config.write_bytes(b"")
+    assert runs.unreadable_tables(out / "runs" / ids[2]) == {"config.json": "not readable JSON"}
+    assert runs.run_state(out / "runs" / ids[2]) == "unreadable"
+    config.write_text("[1, 2]\n")
+    assert runs.unreadable_tables(out / "runs" / ids[2]) == {"config.json": "not a JSON object"}
+    config.unlink()
+    assert runs.unreadable_tables(out / "runs" / ids[2]) == {"config.json": "missing"}
+
+
 def test_status_names_unreadable_runs(damaged, capsys):
     out, ids, _ = damaged
     lines = status_report(out).splitlines()
