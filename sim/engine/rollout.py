@@ -5,6 +5,8 @@ steps actually taken.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -13,7 +15,7 @@ from sim.engine import rng
 
 
 def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: int, reward_dtype: torch.dtype,
-                    group: int = 1) -> dict[str, Tensor]:
+                    group: int = 1, streams: Callable[[int], Tensor] | None = None) -> dict[str, Tensor]:
     """Sample ``n_episodes`` episodes per run from the policies ``logp [R, S, A]`` (log-probabilities) in the
     batched tabular env ``core``.
 
@@ -26,16 +28,19 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
     state (G completions of one prompt): group g's start uses element g of the start stream. Step ``t`` of
     episode ``n`` uses element ``n·H + t`` of the ``[N, H]`` streams. Each
     step computes only the episodes still running (uniforms: drawn a few steps ahead for the episodes running
-    when drawn, :func:`_draw`), so the cost follows the steps taken rather than ``N·H``.
+    when drawn, :func:`_draw`), so the cost follows the steps taken rather than ``N·H``. ``streams(i)``
+    (optional) gives the stream keys ``rng.fold(key, i)`` where the caller has them already
+    (:class:`sim.engine.rng.UpdateKeys`).
     """
     mdp = core.mdp
     (R, S, A), N, H = logp.shape, n_episodes, mdp.horizon
     dev = logp.device
-    k_act = rng.fold(key, 0)
-    k_out = rng.fold(key, 1) if mdp.n_outcomes > 1 else None
-    z = rng.normal(rng.fold(key, 3), (N, H)).view(-1) if mdp.reward_noise > 0 else None  # [R·N·H]
+    stream = streams or (lambda i: rng.fold(key, i))
+    k_act = stream(0)
+    k_out = stream(1) if mdp.n_outcomes > 1 else None
+    z = rng.normal(stream(3), (N, H)).view(-1) if mdp.reward_noise > 0 else None  # [R·N·H]
     if core.needs_reset_uniform:
-        u0 = rng.uniform(rng.fold(key, 2), (N // group,))
+        u0 = rng.uniform(stream(2), (N // group,))
         state = core.reset(u0 if group == 1 else u0.repeat_interleave(group, dim=1)).reshape(-1)
     else:  # a fixed start state: no draw
         state = core.reset(torch.zeros(R * N, dtype=torch.float64, device=dev))

@@ -9,6 +9,10 @@ runs of its batch.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -114,41 +118,105 @@ def row_blocks(n_columns: int) -> list[slice]:
     return [slice(c0, min(n_columns, c0 + size)) for c0 in range(0, n_columns, size)]
 
 
-def block_plans(g: dict[str, Tensor]) -> list[dict]:
+class RunsMemo:
+    """Values derived from the runs' settings (their β) and the runs of a row table's columns, kept while
+    both stay the same: every update of a batch whose runs visit the same rows (a bandit's one state, say)
+    reuses its KL weights and their spans instead of deriving them again (the same tensors, so the same
+    numbers)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._values: dict = {}
+
+    def get(self, name: str, run: Tensor, beta: Tensor, make: Callable[[], Any]) -> Any:
+        """``make()``, cached under ``name`` until ``run [P]`` (the columns' runs) or ``beta`` (the runs' β,
+        also changed in place) differ from the cached values' (compared by value)."""
+        key = self._key
+        if key is None or key[1] is not beta or key[2] != beta._version or not (
+                key[0] is run or (key[0].shape == run.shape and torch.equal(key[0], run))):
+            self._values, self._key = {}, (run, beta, beta._version)
+        elif key[0] is not run:
+            self._key = (run, beta, beta._version)  # the same values: compared by identity from now on
+        if name not in self._values:
+            self._values[name] = make()
+        return self._values[name]
+
+
+def block_plans(g: dict[str, Tensor], memo: RunsMemo | None = None, beta: Tensor | None = None,
+                vf_coef: float = 0.0) -> list[dict]:
     """What every epoch's tabular PPO loss on the per-(state, action) statistics ``g`` (``PPOTrainer._group``)
     reuses, per block of columns (:func:`row_blocks`), computed once and kept in ``g``: the block's ``cols``,
-    ``run`` and per-run divisors ``n_run``, its KL-in-loss ``weights`` as
-    :class:`~sim.engine.kl.PreparedWeights` (plain and importance-weighted), and under ``full`` the exact
-    KL's gradient weights (per-row sample count × β) on the window of columns that holds them ``(window,
-    weights, mask, target, cut)`` as in :class:`~sim.engine.kl.PreparedWeights`."""
+    ``run`` and per-run divisors ``n_run``; its KL-in-loss ``weights`` as
+    :class:`~sim.engine.kl.PreparedWeights` (plain and importance-weighted); the statistics' columns ``at``
+    (:func:`block_columns`); the clipped loss's advantage sums negated (``neg_adv``) and a buffer for its
+    clip masks ``[2, A, c]`` (``passes``); the value loss's ``vf_coef·n_s`` (``vf_n_s``); and under ``full``
+    the exact KL's gradient weights (per-row sample count × β) on the window of columns that holds them
+    ``(window, weights, where they are zero, target, cut)`` as in :class:`~sim.engine.kl.PreparedWeights`.
+    The first block holds the loss gradient's row-major buffer ``[P, A]`` of all blocks (``gx``).
+
+    With ``memo`` (and the runs' ``beta``, from which ``g["kl_weights"]`` was made), what depends on the
+    columns' runs and β alone is taken from it while they stay the same."""
     if "_blocks" in g:
         return g["_blocks"]  # type: ignore[return-value]
+    if memo is not None and beta is not None:
+        shared = memo.get("block_plans", g["run"], beta, lambda: _block_weights(g))
+    else:
+        shared = _block_weights(g)
     plans = []
-    for cols in row_blocks(g["count"].shape[1]):
-        run = g["run"][cols]
-        kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
-        used = (kl_w != 0).any(-1).tolist()
-        weights = tuple(prepare_weights([kl_w[f, j] if used[f][j] else None for j in range(4)], ROW_PAD)
-                        for f in range(2))
-        plan = {"cols": cols, "run": run, "n_run": g["n"].index_select(0, run), "weights": weights}
-        full = [w.weights[3] for w in weights if w.weights[3] is not None]
-        if len(full) == 1:  # the exact KL's weights of the gradient, on their span
-            fw = prepare_weights([g["n_s_kl"][cols] * full[0]], ROW_PAD)
-            plan["full"] = (fw.spans[0], fw.span_weights[0], fw.span_masks[0], fw.targets[0], fw.cuts[0])
+    for cols, weights, full in shared:
+        at = block_columns(g, cols)
+        run = at["run"]
+        plan = {"cols": cols, "run": run, "n_run": g["n"].index_select(0, run), "weights": weights, "at": at,
+                "neg_adv": (-at["adv_pos"], -at["adv_neg"]), "passes": at["old"].new_empty((2,) + at["old"].shape),
+                "vf_n_s": vf_coef * at["n_s"]}
+        if full is not None:  # the exact KL's weights of the gradient, on their span
+            fw = g["n_s_kl"][cols] * full[0].weights[0]
+            if torch.equal(fw != 0, full[1]):  # non-zero where the weights are: their window
+                prep = full[0]
+                lo, hi = prep.spans[0].start, prep.spans[0].stop
+                plan["full"] = (prep.spans[0], fw[..., lo:hi], prep.span_offs[0], prep.targets[0], prep.cuts[0])
+            else:
+                fwp = prepare_weights([fw], ROW_PAD)
+                plan["full"] = (fwp.spans[0], fwp.span_weights[0], fwp.span_offs[0], fwp.targets[0], fwp.cuts[0])
         plans.append(plan)
+    plans[0]["gx"] = g["count"].new_empty(g["count"].shape[::-1])  # the gradient's row-major buffer [P, A]
     g["_blocks"] = plans  # type: ignore[assignment]
     return plans
 
 
-def finite_rows(gx: Tensor, gv: Tensor | None, run: Tensor, n_runs: int) -> Tensor:
+BLOCK_KEYS = ("count", "old", "ref", "run", "kl_count", "n_s", "n_s_kl", "adv_pos", "adv_neg", "kl_old", "ret_mean")
+"""The per-column statistics of ``PPOTrainer._group`` that a block of columns takes its part of."""
+
+
+def block_columns(g: dict[str, Tensor], cols: slice) -> dict[str, Tensor]:
+    """Columns ``cols`` (the last axis) of each of :data:`BLOCK_KEYS` present in ``g``."""
+    return {k: g[k][..., cols] for k in BLOCK_KEYS if k in g}
+
+
+def _block_weights(g: dict[str, Tensor]) -> list[tuple]:
+    """Per block of :func:`block_plans`: its columns, its KL-in-loss weights prepared (plain and importance-
+    weighted), and, if one form uses ``full``, that form's ``full`` weights prepared with where they are
+    non-zero (else ``None``)."""
+    out = []
+    for cols in row_blocks(g["count"].shape[1]):
+        kl_w = g["kl_weights"][:, :, cols]  # [2, 4, c]: plain and importance-weighted forms
+        used = (kl_w != 0).any(-1).tolist()
+        weights = tuple(prepare_weights([kl_w[f, j] if used[f][j] else None for j in range(4)], ROW_PAD)
+                        for f in range(2))
+        full = [w.weights[3] for w in weights if w.weights[3] is not None]
+        out.append((cols, weights, (prepare_weights([full[0]], ROW_PAD), full[0] != 0) if len(full) == 1 else None))
+    return out
+
+
+def finite_rows(gx: Tensor, gv: Tensor | None, run: Tensor, n_runs: int) -> Tensor | bool:
     """Per run ``[n_runs]``: whether the gradients of its visited rows (``gx [A, M]``, ``gv [M]``; ``run``: each
-    column's run) are all finite. The gradient buffers are zero at every other row, so this is whether all
-    of a run's gradients are finite. One sum first: finite unless some gradient is not (or the sum
-    overflows, which the elementwise check then tells apart)."""
-    finite = torch.ones(n_runs, dtype=torch.bool, device=gx.device)
+    column's run) are all finite; ``True`` when every run's are. The gradient buffers are zero at every
+    other row, so this is whether all of a run's gradients are finite. One sum first: finite unless some
+    gradient is not (or the sum overflows, which the elementwise check then tells apart)."""
     total = gx.sum() if gv is None else gx.sum() + gv.sum()
-    if bool(torch.isfinite(total)):
-        return finite
+    if math.isfinite(total.item()):
+        return True
+    finite = torch.ones(n_runs, dtype=torch.bool, device=gx.device)
     ok = torch.isfinite(gx).all(0)
     if gv is not None:
         ok &= torch.isfinite(gv)
