@@ -95,6 +95,7 @@ class PPOTrainer(DiscreteTrainer):
         self._make_optimizer()
         self._grad_rows: Tensor | None = None  # the rows the gradient buffers were last written at
         self._memo = RunsMemo()  # KL weights of the visited rows' runs, while those and β stay the same
+        self._rows_memo: dict = {}  # the visited rows' tables, while the samples' rows stay the same
         self.stale = BehaviourPolicies(configs, device)  # the lagging sampler's policies (train.staleness)
         self._reward_learner = torch.tensor([c.kl.reward_logp == "learner" for c in configs], device=device)
         self._lag = torch.zeros(self.R, dtype=torch.long, device=device)
@@ -120,7 +121,7 @@ class PPOTrainer(DiscreteTrainer):
             whole = True
         else:
             flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}
-            vis = visited_rows(flat, tabs, self.H == 1, self.dtype)
+            vis = visited_rows(flat, tabs, self.H == 1, self.dtype, self._rows_memo)
             buf.update(self._shape_and_advantage(buf, tabs, vis))
             flat.update({k: buf[k].reshape(R, N * H) for k in ("adv", "ret")})
             flat.update(self._aggregation(buf["valid"]))

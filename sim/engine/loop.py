@@ -249,9 +249,13 @@ class BatchTrainer:
         values["beta"] = self.rt.beta.clone()
         values["kl_clamps"] = self.clamp.count.clone()
         values["_alive"] = self.alive.clone()
-        # copy=True: a value may be a view of a live parameter (e.g. the Gaussian mean in float64)
-        self.metric_log.append({k: v.detach().to("cpu", torch.float64 if v.is_floating_point() else torch.long,
-                                                 copy=True) for k, v in values.items()})
+        # copied (a value may be a view of a live parameter, e.g. the Gaussian mean in float64): the floating
+        # values stacked into one float64 tensor (one copy), the others copied as int64
+        floats = [k for k, v in values.items() if v.is_floating_point() and v.shape == (self.R,)]
+        rec = dict(zip(floats, torch.stack([values[k].detach().to(torch.float64) for k in floats]).cpu(),
+                       strict=True)) if floats else {}
+        self.metric_log.append({k: rec[k] if k in rec else v.detach().to("cpu", torch.float64
+                                if v.is_floating_point() else torch.long, copy=True) for k, v in values.items()})
 
     def run(self, progress: ProgressFn | None = None) -> RunOutputs:
         """Train every run through all phases and return their outputs (built one run at a time on access)."""

@@ -96,6 +96,8 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
                      ("done", nxt)):
             taken[k].append(v)
         counts.append(s.numel())
+        if H == 1:  # (the buffers are this step's tensors: no episode goes on)
+            break
         going = nxt.ne(sink).nonzero().squeeze(1)
         if going.numel() == 0:
             break
@@ -108,16 +110,18 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
         ep, state = ep.index_select(0, going), nxt.index_select(0, going)
         if t + 1 < t_end:
             ahead = [x.index_select(0, going) for x in ahead]
+    if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
+        one = {"state": taken["state"][0], "action": taken["action"][0].long(), "idx": taken["idx"][0],
+               "reward": taken["reward"][0].to(reward_dtype), "done": taken["done"][0] == sink}
+        buf = Episodes({k: v.view(R, N, 1) for k, v in one.items()})
+        buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
+        return buf
     taken["reward"] = [torch.cat(taken["reward"]).to(reward_dtype)]  # cast once, not per step
     taken["action"] = [torch.cat(taken["action"]).long()]
     taken["done"] = [torch.cat(taken["done"]) == sink]
     steps_t = torch.repeat_interleave(torch.arange(len(counts), device=dev),
                                       torch.tensor(counts, device=dev), output_size=sum(counts))
     taken["at"] = [torch.cat(taken["at"]) + steps_t]  # (run·N + n)·H + t
-    if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
-        buf = Episodes({k: v[0].view(R, N, 1) for k, v in taken.items() if k in DENSE_KEYS})
-        buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
-        return buf
     return Episodes.from_steps(taken, counts, goings, (R, N, H))
 
 
@@ -199,6 +203,9 @@ class Episodes(dict):
         self[key] = x.view(R, N, H)
         return self[key]
 
+_COUNTER_CACHE: dict[tuple[int, int, int, int, str], Tensor] = {}
+""":func:`_draw`'s counters of every episode's steps ``t … t + k − 1`` per shape (only read, never written)."""
+
 _DRAW_BUDGET = 1 << 15
 """About this many uniforms per stream are drawn at once: few running episodes draw many steps ahead (fewer
 passes of the hash), many draw two."""
@@ -212,10 +219,15 @@ def _draw(streams: list[Tensor], ep: Tensor, t: int, H: int, N: int, every: bool
     ``[N, k]`` block of counters instead of being gathered per episode (the same elements)."""
     n = ep.shape[0]
     k = min(H - t, max(2, _DRAW_BUDGET // max(n, 1)))
-    steps = torch.arange(t, t + k, device=ep.device)
     if every:
         R = n // N
-        counter = (torch.arange(N, device=ep.device) * H).unsqueeze(1) + steps  # [N, k]: the same in every run
-        return [rng.uniform_at(key.view(R, 1, 1), counter.unsqueeze(0), N * H).view(n, k) for key in streams]
-    counter = ep[:, 3].unsqueeze(1) + steps  # [n, k]
+        ckey = (N, H, t, k, str(ep.device))
+        if ckey not in _COUNTER_CACHE:  # [1, N, k]: the same in every run and every update
+            if len(_COUNTER_CACHE) > 16:
+                _COUNTER_CACHE.clear()
+            steps = torch.arange(t, t + k, device=ep.device)
+            _COUNTER_CACHE[ckey] = ((torch.arange(N, device=ep.device) * H).unsqueeze(1) + steps).unsqueeze(0)
+        counter = _COUNTER_CACHE[ckey]
+        return [rng.uniform_at(key.view(R, 1, 1), counter, N * H).view(n, k) for key in streams]
+    counter = ep[:, 3].unsqueeze(1) + torch.arange(t, t + k, device=ep.device)  # [n, k]
     return [rng.uniform_at(key.index_select(0, ep[:, 2]).unsqueeze(1), counter, N * H) for key in streams]

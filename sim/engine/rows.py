@@ -32,8 +32,8 @@ at most this many (multiples of :data:`ROW_PAD`). Sized for the autograd backwar
 spaced buffers alias in the CPU caches."""
 
 
-def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool, count_dtype: torch.dtype
-                 ) -> dict[str, Tensor]:
+def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool, count_dtype: torch.dtype,
+                 memo: dict | None = None) -> dict[str, Tensor]:
     """Where a (mini)batch's valid samples fall: the (run, state) rows they visited, as columns of
     action-major tables ``[A, P]``.
 
@@ -48,6 +48,9 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
         one_step: the env's episodes have one step (then the samples are checked for validity only if
             some are not valid).
         count_dtype: dtype of ``count``.
+        memo: a dict kept by the caller from call to call: the rows' tables (all but those of the sampled
+            actions) are reused while the samples visit the same rows in the same order and the reference
+            table is the same (e.g. every update of a bandit's runs).
     Returns:
         ``rows [M]`` (flat ``run·S + state``), ``run [P]`` (each column's run; padding: 0), ``sel`` (the
         valid samples' flat indices into ``[R·n]``, run-major; absent for a one-step env whose samples are
@@ -64,7 +67,7 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
     else:
         row_of = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)
     action = take_valid(mb["action"].reshape(-1), v) if "action" in mb else take_valid(mb["idx"].reshape(-1), v) % A
-    v.update(_rows_of(row_of, action, tabs, count_dtype))
+    v.update(_rows_of(row_of, action, tabs, count_dtype, memo))
     return v
 
 
@@ -75,25 +78,38 @@ def step_visits(steps: dict[str, Tensor], tabs: dict[str, Tensor], count_dtype: 
     return _rows_of(steps["row"], steps["action"], tabs, count_dtype)
 
 
-def _rows_of(row_of: Tensor, action: Tensor, tabs: dict[str, Tensor], count_dtype: torch.dtype
-             ) -> dict[str, Tensor]:
+def _rows_of(row_of: Tensor, action: Tensor, tabs: dict[str, Tensor], count_dtype: torch.dtype,
+             memo: dict | None = None) -> dict[str, Tensor]:
     """The row tables of samples at rows ``row_of`` (flat run·S + state) taking ``action`` (see
-    :func:`visited_rows`)."""
+    :func:`visited_rows`; ``memo`` as there)."""
     R, S, A = tabs["logp"].shape
-    dev = row_of.device
-    seen = torch.zeros(R * S, dtype=torch.bool, device=dev)
-    seen.index_fill_(0, row_of, True)
-    rows = seen.nonzero().squeeze(1)
-    M = rows.numel()
-    P = -(-max(M, 1) // ROW_PAD) * ROW_PAD
-    pos = torch.zeros(R * S, dtype=torch.long, device=dev)
-    pos.index_copy_(0, rows, torch.arange(M, device=dev))
-    col = pos.index_select(0, row_of)
+    ref_table = tabs["ref_logp"]
+    last = memo.get("rows") if memo is not None else None
+    if last is not None and last[0].shape == row_of.shape and last[1] == (R, S, A) and torch.equal(last[0], row_of):
+        rows, run, col, P = last[2]
+    else:
+        dev = row_of.device
+        seen = torch.zeros(R * S, dtype=torch.bool, device=dev)
+        seen.index_fill_(0, row_of, True)
+        rows = seen.nonzero().squeeze(1)
+        M = rows.numel()
+        P = -(-max(M, 1) // ROW_PAD) * ROW_PAD
+        pos = torch.zeros(R * S, dtype=torch.long, device=dev)
+        pos.index_copy_(0, rows, torch.arange(M, device=dev))
+        col = pos.index_select(0, row_of)
+        run = F.pad(rows // S, (0, P - M))
+        if memo is not None:
+            memo["rows"] = last = (row_of, (R, S, A), (rows, run, col, P), None)
+    if last is not None and last[3] is not None and last[3][0] is ref_table and last[3][1] == ref_table._version:
+        ref = last[3][2]
+    else:
+        ref = gather_rows(ref_table.reshape(R * S, A), rows, P)
+        if last is not None:
+            memo["rows"] = last[:3] + ((ref_table, ref_table._version, ref),)  # type: ignore[index]
     entry = action * P + col
-    return {"rows": rows, "run": F.pad(rows // S, (0, P - M)), "col": col, "entry": entry,
+    return {"rows": rows, "run": run, "col": col, "entry": entry,
             "count": torch.bincount(entry, minlength=A * P).to(count_dtype).view(A, P),
-            "old": gather_rows(tabs["logp"].reshape(R * S, A), rows, P),
-            "ref": gather_rows(tabs["ref_logp"].reshape(R * S, A), rows, P)}
+            "old": gather_rows(tabs["logp"].reshape(R * S, A), rows, P), "ref": ref}
 
 
 def take_valid(x: Tensor, vis: dict[str, Tensor]) -> Tensor:
