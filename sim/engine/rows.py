@@ -64,9 +64,17 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
     if not one_step or not bool(mb["valid"].all()):
         v["sel"] = mb["valid"].reshape(-1).nonzero().squeeze(1)  # run-major sample order
         row_of = take_valid(mb["state"].reshape(-1), v) + v["sel"] // n * S  # flat run·S + state
+    elif S == 1 and memo is not None:  # one state: each sample's row is its run's, the same every call
+        key = ("one state", R, n, str(dev))
+        if key not in memo:
+            memo[key] = torch.arange(R, device=dev).repeat_interleave(n)
+        row_of = memo[key]
     else:
         row_of = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)
-    action = take_valid(mb["action"].reshape(-1), v) if "action" in mb else take_valid(mb["idx"].reshape(-1), v) % A
+    if "action" in mb:
+        action = take_valid(mb["action"].reshape(-1), v)
+    else:  # idx = state·A + action (with one state, the action itself)
+        action = take_valid(mb["idx"].reshape(-1), v) if S == 1 else take_valid(mb["idx"].reshape(-1), v) % A
     v.update(_rows_of(row_of, action, tabs, count_dtype, memo))
     return v
 
@@ -85,7 +93,8 @@ def _rows_of(row_of: Tensor, action: Tensor, tabs: dict[str, Tensor], count_dtyp
     R, S, A = tabs["logp"].shape
     ref_table = tabs["ref_logp"]
     last = memo.get("rows") if memo is not None else None
-    if last is not None and last[0].shape == row_of.shape and last[1] == (R, S, A) and torch.equal(last[0], row_of):
+    if last is not None and last[0].shape == row_of.shape and last[1] == (R, S, A) and (
+            last[0] is row_of or torch.equal(last[0], row_of)):
         rows, run, col, P = last[2]
     else:
         dev = row_of.device
