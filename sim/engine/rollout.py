@@ -75,10 +75,12 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
             for j in range(1, A - 1):
                 a.add_(torch.ge(ur, run_cols[j]).view(torch.uint8))
             a = a.view(-1)
-            taken["row"].append(ep[:, 0] + s)
+            if H > 1:  # (one step: the buffers need no rows)
+                taken["row"].append(ep[:, 0] + s)
         elif S == 1 and every:  # one state, every episode running: binary search in the run's CDF
             a = torch.searchsorted(cdf.to(u.dtype), u.reshape(R, N), right=True).view(-1).clamp_(max=A - 1)
-            taken["row"].append(ep[:, 0] + s)
+            if H > 1:
+                taken["row"].append(ep[:, 0] + s)
         else:
             rows = ep[:, 0] + s
             if cdf_cols is None:  # one state, or many actions: compare with whole CDF rows
