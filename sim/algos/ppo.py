@@ -19,12 +19,11 @@ import envs
 from envs import tabular
 from sim.algos.discrete import DiscreteTrainer
 from sim.config import GROUP_ADVANTAGES, Config, ConfigError
-from sim.engine import rng
 from sim.engine.exact import exact_loss
-from sim.engine.kl import all_estimates, full_kl, full_kl_slope, masked_product
+from sim.engine.kl import all_estimates, columns, full_kl, full_kl_slope, masked_product
 from sim.engine.loop import FINITE
 from sim.engine.outputs import snapshot
-from sim.engine.placement import kl_loss_term, kl_loss_term_and_slope, kl_reward_penalty
+from sim.engine.placement import kl_loss_term, kl_loss_term_and_slope, kl_reward_penalty, reward_weights
 from sim.engine.policies import MLPValue, TabularValue, gather_rows, log_softmax_action_major, sum_actions
 from sim.engine.ppo import (
     aggregation_weights,
@@ -39,6 +38,8 @@ from sim.engine.ppo import (
 from sim.engine.rollout import Episodes, sample_episodes
 from sim.engine.rows import (
     ROW_PAD,
+    RunsMemo,
+    block_columns,
     block_plans,
     finite_rows,
     per_run_sum,
@@ -93,6 +94,8 @@ class PPOTrainer(DiscreteTrainer):
                 self.params[k].requires_grad_(True)
         self._make_optimizer()
         self._grad_rows: Tensor | None = None  # the rows the gradient buffers were last written at
+        self._memo = RunsMemo()  # KL weights of the visited rows' runs, while those and β stay the same
+        self._rows_memo: dict = {}  # the visited rows' tables, while the samples' rows stay the same
         self.stale = BehaviourPolicies(configs, device)  # the lagging sampler's policies (train.staleness)
         self._reward_learner = torch.tensor([c.kl.reward_logp == "learner" for c in configs], device=device)
         self._lag = torch.zeros(self.R, dtype=torch.long, device=device)
@@ -118,7 +121,7 @@ class PPOTrainer(DiscreteTrainer):
             whole = True
         else:
             flat = {k: buf[k].reshape(R, N * H) for k in ("idx", "state", "valid")}
-            vis = visited_rows(flat, tabs, self.H == 1, self.dtype)
+            vis = visited_rows(flat, tabs, self.H == 1, self.dtype, self._rows_memo)
             buf.update(self._shape_and_advantage(buf, tabs, vis))
             flat.update({k: buf[k].reshape(R, N * H) for k in ("adv", "ret")})
             flat.update(self._aggregation(buf["valid"]))
@@ -154,8 +157,8 @@ class PPOTrainer(DiscreteTrainer):
         if self.stale.active:  # the sampler lags: its policy is the behaviour policy, the ratio's denominator
             tabs["logp"], self._lag = self.stale.behaviour(pi_t, self.rt.keys, update)
             tabs["learner"] = pi_t
-        buf = sample_episodes(self.core, tabs["logp"], rng.fold(self.rt.keys, update), self.cfg.train.batch,
-                              self.dtype, group=self.cfg.train.group)
+        buf = sample_episodes(self.core, tabs["logp"], self.update_keys(update), self.cfg.train.batch, self.dtype,
+                              group=self.cfg.train.group, streams=lambda i: self.update_keys(update, i))
         if self.proxy is not None:  # a learned reward: the runs train on their proxy (sim.algos.proxy)
             buf["reward"] = self.proxy.rewards(buf)
         if buf.steps is not None:  # every step taken is a valid sample
@@ -219,7 +222,8 @@ class PPOTrainer(DiscreteTrainer):
             old = torch.where(self._reward_learner.index_select(0, run), learner, old)
         vis["kfull"] = full_kl(old, ref, dim=0)
         ref_c = self.clamp(old, ref, vis["count"], row_run=run)
-        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), self.rt, row_run=run, pad=ROW_PAD).reshape(-1)
+        weights = self._memo.get("reward", run, self.rt.beta, lambda: reward_weights(self.rt, old, run, ROW_PAD))
+        pen = kl_reward_penalty(old, ref_c, vis["kfull"].unsqueeze(0), self.rt, weights=weights).reshape(-1)
         return pen.index_select(0, vis["entry"])
 
     def _steps_update_inputs(self, buf: Episodes, tabs: dict[str, Tensor], vis: dict[str, Tensor]
@@ -301,8 +305,8 @@ class PPOTrainer(DiscreteTrainer):
              "n": mb["d"][:, 0].to(dt) if "d" in mb else n_valid, "n_tokens": n_valid,
              "weight": weight, "n_s": sum_actions(weight),
              # the KL-in-loss weights of each column's run (β on its estimator), plain and IS forms
-             "kl_weights": torch.cat([self.rt.coef("loss"), self.rt.coef("loss_is")], 1).to(dt).t().contiguous()
-             .index_select(1, vis["run"]).view(2, 4, P)}
+             "kl_weights": self._memo.get("kl_weights", vis["run"], self.rt.beta,
+                                          lambda: self.rt.loss_weights(vis["run"], dt))}
         if self.cfg.train.decoupled and "learner" in tabs:
             self._decouple(g, vis, tabs)
         g["kl_count"] = self._kl_count(mb, vis, g, zeros, n_valid)
@@ -371,12 +375,13 @@ class PPOTrainer(DiscreteTrainer):
         x_all = self.policy.row_logits(self.params, rows, P)
         v_all = self._value_rows(rows, P) if self.baseline == "value" else None
         # ∂/∂logits: an action-major view [A, P] of a row-major block [P, A], copied out along its flat axis
-        gx_rows = torch.empty((P, A), dtype=x_all.dtype, device=x_all.device)
+        plans = block_plans(g, self._memo, self.rt.beta, self.cfg.train.vf_coef)
+        gx_rows = plans[0]["gx"]  # (one buffer for every epoch of the update: each writes all its columns)
         gx = gx_rows.t()
         gv = torch.empty_like(v_all) if v_all is not None else None
-        loss = torch.zeros(self.R, dtype=self.dtype, device=self.device)
+        loss = torch.zeros(self.R, dtype=self.dtype, device=self.device) if want_loss else None
         parts: list[dict[str, Tensor]] = []
-        for plan in self._loss_plans(g):
+        for plan in plans:
             cols, run = plan["cols"], plan["run"]
             v = v_all[cols] if v_all is not None else None
             per_row, block_parts, (g_lp, g_v, prob) = self._rows_loss(
@@ -401,23 +406,14 @@ class PPOTrainer(DiscreteTrainer):
             self._grad_rows = rows
         if "_grad_index" not in g:  # the flat positions of the rows' entries, row-major (once per update)
             g["_grad_index"] = (rows.unsqueeze(1) * A + torch.arange(A, device=rows.device)).view(-1)
-        out["logits"].view(-1).index_copy_(0, g["_grad_index"], gx_rows[:M].view(-1))
+            g["_gx_flat"] = gx_rows[:M].view(-1)
+        self.opt.flat_grad_buffer("logits").index_copy_(0, g["_grad_index"], g["_gx_flat"])
         if gv is not None:
             out["v"].view(-1).index_copy_(0, rows, gv[:M])
         out[FINITE] = finite_rows(gx[:, :M], None if gv is None else gv[:M], g["run"], self.R)
         diag = self._loss_diagnostics(g, {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}) \
             if want_diag else {}
         return loss, diag, out
-
-    def _loss_plans(self, g: dict[str, Tensor]) -> list[dict]:
-        """:func:`~sim.engine.rows.block_plans` with, per block, the clipped loss's advantage sums negated
-        (``neg_adv``) and ``vf·n_s``."""
-        plans = block_plans(g)
-        if "neg_adv" not in plans[0]:
-            for plan in plans:
-                plan["neg_adv"] = (-g["adv_pos"][:, plan["cols"]], -g["adv_neg"][:, plan["cols"]])
-                plan["vf_n_s"] = self.cfg.train.vf_coef * g["n_s"][plan["cols"]]
-        return plans
 
     def _rows_loss(self, g: dict[str, Tensor], cols: slice, lp: Tensor, v: Tensor | None, keep: bool,
                    grad: bool = False, want_loss: bool = True, plan: dict | None = None
@@ -434,11 +430,10 @@ class PPOTrainer(DiscreteTrainer):
         """
         tr, rt = self.cfg.train, self.rt
         want_loss = want_loss or keep or not grad
-        n, old, ref, run = g["count"][:, cols], g["old"][:, cols], g["ref"][:, cols], g["run"][cols]
-        n_kl = g["kl_count"][:, cols]
-        n_s = g["n_s"][cols]
+        at = plan["at"] if plan is not None else block_columns(g, cols)  # the statistics' columns ``cols``
+        n, old, ref, run, n_kl, n_s = at["count"], at["old"], at["ref"], at["run"], at["kl_count"], at["n_s"]
         lo, hi = clip_bounds(tr.clip, tr.clip_low, tr.clip_high)
-        adv_pos, adv_neg = g["adv_pos"][:, cols], g["adv_neg"][:, cols]
+        adv_pos, adv_neg = at["adv_pos"], at["adv_neg"]
         ratio = torch.exp(lp - old)
         prob = lp.exp() if grad or tr.ent_coef > 0 else None
         ref_lp = self.clamp(lp, ref, n, row_run=run)
@@ -450,11 +445,11 @@ class PPOTrainer(DiscreteTrainer):
             used = (kl_w != 0).any(-1).tolist()
             weights = tuple([kl_w[f, j] if used[f][j] else None for j in range(4)] for f in range(2))
         if grad:
-            kl_old = g["kl_old"][:, cols] if "kl_old" in g else old  # the IS corrections' denominator
+            kl_old = at.get("kl_old", old)  # the IS corrections' denominator
             kl, kl_slope, full_w = kl_loss_term_and_slope(lp, kl_old, ref_lp, k_full, rt, weights=weights,
                                                           delta_slope=self.clamp.slope(lp, ref, run), value=want_loss)
         else:
-            kl = kl_loss_term(lp, g["kl_old"][:, cols] if "kl_old" in g else old, ref_lp, k_full, rt, weights=weights)
+            kl = kl_loss_term(lp, at.get("kl_old", old), ref_lp, k_full, rt, weights=weights)
         per_row = pg = None
         if want_loss:
             # min(ρ, clip(ρ)) = min(ρ, 1 + ε) and max(ρ, clip(ρ)) = max(ρ, 1 − ε), with the same gradient
@@ -465,7 +460,7 @@ class PPOTrainer(DiscreteTrainer):
                 entropy = -sum_actions(torch.where(prob > 0, prob * lp, torch.zeros_like(prob)))
                 per_row = per_row - tr.ent_coef * n_s * entropy
         if v is not None:
-            v_err = v - g["ret_mean"][cols]
+            v_err = v - at["ret_mean"]
             if want_loss:
                 v_sq = n_s * v_err.square()
                 per_row = per_row + tr.vf_coef * 0.5 * v_sq
@@ -474,7 +469,7 @@ class PPOTrainer(DiscreteTrainer):
             # ∂pg/∂lp = −adv·ρ where the clip passes ρ (bounds included, as autograd's clamp), else 0
             if plan is not None:  # −x·m + −y·m' is −(x·m + y·m') exactly; the masks made as floats directly
                 neg_pos, neg_neg = plan["neg_adv"]
-                passes = torch.empty((2,) + ratio.shape, dtype=ratio.dtype, device=ratio.device)
+                passes = plan["passes"]  # every epoch's masks in one buffer
                 torch.le(ratio, hi, out=passes[0])
                 torch.ge(ratio, lo, out=passes[1])
                 g_lp = (neg_pos * passes[0] + neg_neg * passes[1]) * ratio
@@ -483,11 +478,11 @@ class PPOTrainer(DiscreteTrainer):
             if kl_slope is not None:
                 g_lp = g_lp + n_kl * kl_slope
             if full_w is not None and plan is not None and "full" in plan:  # on the weights' span only
-                sp, fw, on, to, cut = plan["full"]
-                term = fw * full_kl_slope(lp[:, sp], ref[:, sp], prob[:, sp])
-                g_lp[:, to].add_((term if on is None else torch.where(on, term, 0.0))[:, cut])
+                sp, fw, off, to, cut = plan["full"]
+                term = fw * full_kl_slope(columns(lp, sp), columns(ref, sp), columns(prob, sp))
+                columns(g_lp, to).add_(columns(term if off is None else term.masked_fill_(off, 0.0), cut))
             elif full_w is not None:  # the row's exact KL counts once per sample of the row
-                g_lp = g_lp + masked_product(g["n_s_kl"][cols] * full_w, full_kl_slope(lp, ref, prob))
+                g_lp = g_lp + masked_product(at["n_s_kl"] * full_w, full_kl_slope(lp, ref, prob))
             if tr.ent_coef > 0:  # ∂(−c·n_s·H)/∂lp = c·n_s·π·(lp + 1) where π > 0
                 g_lp = g_lp + (tr.ent_coef * n_s) * torch.where(prob > 0, prob * (lp + 1.0), 0.0)
             vf_n_s = plan["vf_n_s"] if plan is not None else tr.vf_coef * n_s

@@ -98,7 +98,8 @@ class PreparedWeights:
     its non-zero weights (``spans``, multiples of the padding; the weights and masks cut to it). An estimator
     is evaluated on its window and its terms added at ``targets``, taken at ``cuts`` of the window: the
     columns from its first to its last non-zero weight when all of those are non-zero (no mask needed), else
-    the whole window with a mask."""
+    the whole window with a mask (``span_offs``: its complement, where the weight is zero; ``cut_weights``:
+    the window's weights at ``cuts``)."""
 
     weights: Weights
     masks: list[Tensor | None]
@@ -107,6 +108,8 @@ class PreparedWeights:
     span_masks: list[Tensor | None]
     targets: list[slice | None]
     cuts: list[slice | None]
+    span_offs: list[Tensor | None]
+    cut_weights: list[Tensor | None]
 
 
 def prepare_weights(weights: Weights, pad: int) -> PreparedWeights:
@@ -133,7 +136,9 @@ def prepare_weights(weights: Weights, pad: int) -> PreparedWeights:
             prep["span_masks"].append(_where_used(w[..., lo:hi]))
             prep["targets"].append(slice(lo, hi))
             prep["cuts"].append(slice(0, hi - lo))
-    return PreparedWeights(weights, masks, **prep)
+    offs = [None if m is None else ~m for m in prep["span_masks"]]
+    cut_weights = [None if w is None else w[..., c] for w, c in zip(prep["span_weights"], prep["cuts"], strict=True)]
+    return PreparedWeights(weights, masks, **prep, span_offs=offs, cut_weights=cut_weights)
 
 
 def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights | PreparedWeights,
@@ -273,24 +278,32 @@ def _weighted_spans(logp: Tensor, ref_logp: Tensor, prep: PreparedWeights,
     for j in range(3):
         if weights[j] is None:
             continue
-        sp, w, on = prep.spans[j], prep.span_weights[j], prep.span_masks[j]
+        sp, w, off = prep.spans[j], prep.span_weights[j], prep.span_offs[j]
         to, cut = prep.targets[j], prep.cuts[j]
-        delta = logp[:, sp] - ref_logp[:, sp]
-        delta_j = delta if on is None else torch.where(on, delta, 0.0)
+        if j == 0 and not value:  # k1's slope is its weight: no δ needed
+            columns(d_delta, to).add_(prep.cut_weights[j])
+            continue
+        delta = columns(logp, sp) - columns(ref_logp, sp)
+        delta_j = delta if off is None else delta.masked_fill_(off, 0.0)  # (a fresh tensor)
         k, dk = _with_slope(delta_j, SAMPLED_ESTIMATORS[j], slope, value)
         if value:
-            out[:, to].add_((w * k)[..., cut])
+            columns(out, to).add_(columns(w * k, cut))
         if slope:
-            d_delta[:, to].add_((w if dk is None else w * dk)[..., cut])
+            columns(d_delta, to).add_(prep.cut_weights[j] if dk is None else columns(w * dk, cut))
     if weights[3] is not None and value:
         kf = k_full() if callable(k_full) else k_full
-        sp, w, on = prep.spans[3], prep.span_weights[3], prep.span_masks[3]
-        term = w * kf[..., sp]
-        out[:, prep.targets[3]].add_((term if on is None else torch.where(on, term, 0.0))[..., prep.cuts[3]])
+        sp, w, off = prep.spans[3], prep.span_weights[3], prep.span_offs[3]
+        term = w * columns(kf, sp)
+        columns(out, prep.targets[3]).add_(columns(term if off is None else term.masked_fill_(off, 0.0), prep.cuts[3]))
     grad = None
     if d_delta is not None:
         grad = d_delta if delta_slope is None else d_delta * delta_slope
     return out, grad, weights[3]
+
+
+def columns(x: Tensor, cols: slice) -> Tensor:
+    """``x[..., cols]``: ``x`` itself when ``cols`` (a slice with a start and a stop) covers its last axis."""
+    return x if cols.start == 0 and cols.stop >= x.shape[-1] and cols.step is None else x[..., cols]
 
 
 def masked_product(weight: Tensor, x: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ exact metrics and the policy tables.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -39,7 +40,8 @@ ProgressFn = Callable[[int, int], None]
 
 FINITE = "_finite"
 """Key of a loss function's gradients (:meth:`BatchTrainer._ppo_epochs`) under which it may give, per run,
-whether all its gradients are finite (``[R]`` bool), checked instead of the gradients themselves."""
+whether all its gradients are finite (``[R]`` bool, or ``True`` when all runs' are), checked instead of the
+gradients themselves."""
 
 
 class BatchTrainer:
@@ -64,6 +66,7 @@ class BatchTrainer:
         self.dtype = torch.float64 if self.cfg.train.dtype == "float64" else torch.float32
         self.R = len(configs)
         self.rt = RunTensors.from_configs(configs, device)
+        self.update_keys = rng.UpdateKeys(self.rt.keys)  # each update's random streams of every run
         self.clamp = Clamp.from_configs(configs, device)
         self.opt: BatchedOptimizer | None = None
         self.diverged_at = torch.full((self.R,), -1, dtype=torch.long, device=device)
@@ -99,7 +102,19 @@ class BatchTrainer:
     # -- shared machinery -----------------------------------------------------------------------------
     @property
     def alive(self) -> Tensor:
-        return self.diverged_at < 0
+        """Whether each run is still training ``[R]`` (bool; kept until a run diverges)."""
+        alive = getattr(self, "_alive", None)
+        if alive is None or self._alive_of is not self.diverged_at:
+            alive = self._alive = self.diverged_at < 0
+            self._alive_of = self.diverged_at
+            self._all_alive = bool(alive.all())
+        return alive
+
+    @property
+    def all_alive(self) -> bool:
+        """Whether no run has diverged (a Python bool, kept with :attr:`alive`)."""
+        self.alive  # noqa: B018 (refreshes the cached flag if the runs changed)
+        return self._all_alive
 
     def _make_optimizer(self) -> None:
         self.opt = BatchedOptimizer({k: self.params[k] for k in self.trainable}, self.rt.lr.clone(),
@@ -120,15 +135,18 @@ class BatchTrainer:
             grads_list = torch.autograd.grad(total, leaves, allow_unused=True)
             grads = {k: (g if g is not None else torch.zeros_like(self.params[k]))
                      for k, g in zip(self.trainable, grads_list, strict=True)}
-        finite = (torch.isfinite(loss_per_run) if loss_per_run is not None
-                  else torch.ones(self.R, dtype=torch.bool, device=self.device))
-        if grads_finite is not None:
-            finite &= grads_finite
-        else:
-            for g in grads.values():
-                finite &= finite_per_run(g.reshape(self.R, -1))
-        self._mark_diverged(~finite, update, "non-finite loss or gradient")
-        if not bool(self.alive.all()):
+        if loss_per_run is not None or grads_finite is not True:  # (True: every run's gradients are finite)
+            finite = (torch.isfinite(loss_per_run) if loss_per_run is not None
+                      else torch.ones(self.R, dtype=torch.bool, device=self.device))
+            if grads_finite is True:
+                pass
+            elif grads_finite is not None:
+                finite &= grads_finite
+            else:
+                for g in grads.values():
+                    finite &= finite_per_run(g.reshape(self.R, -1))
+            self._mark_diverged(~finite, update, "non-finite loss or gradient")
+        if not self.all_alive:
             for k in grads:
                 grads[k] = torch.where(_bcast_runs(self.alive, grads[k]).bool(), grads[k], torch.zeros_like(grads[k]))
         norm = None
@@ -149,7 +167,7 @@ class BatchTrainer:
         batch it is trained in. ``prepare(minibatch)`` (optional) turns a minibatch into what the loss needs
         (computed once for full-batch epochs); ``loss_fn(prepared, want_diagnostics, want_loss)`` returns the
         per-run loss, diagnostics (when asked) and optionally the gradients it computed itself (with, under
-        :data:`FINITE`, whether each run's are finite), in which case
+        :data:`FINITE`, whether each run's are finite, or ``True`` if all are), in which case
         the loss may be ``None`` unless ``want_loss``. The loss is asked for on the last epoch: a loss that
         is not finite there marks the run diverged at this update, as a non-finite gradient does at any step.
         Diagnostics are averaged over the last epoch's gradient steps of an update whose metrics are logged
@@ -157,13 +175,13 @@ class BatchTrainer:
         """
         tr = self.cfg.train
         n = next(iter(flat.values())).shape[-1]
-        mb_key = rng.fold(self.rt.keys, update ^ 0x5A5A5A)
         stats: dict[str, Tensor] = {}
         n_steps = 0
         logs = self._logs_at(update)
         n_mb = min(tr.minibatches, n)
         prepare = prepare or (lambda mb: mb)
         if n_mb > 1:
+            mb_key = rng.fold(self.rt.keys, update ^ 0x5A5A5A)
             perms = torch.argsort(rng.uniform(mb_key, (tr.epochs, n)), dim=-1)  # [R, epochs, n]
         else:
             whole = prepare(flat)
@@ -194,9 +212,13 @@ class BatchTrainer:
                 self.diverge_reason[i] = reason
 
     def _check_params(self, update: int) -> None:
+        """Mark the runs whose parameters are no longer all finite diverged at ``update``."""
+        params = [self.params[k].detach() for k in self.trainable]
+        if all(math.isfinite(p.sum().item()) for p in params):  # (a sum is finite unless some element is not)
+            return
         finite = torch.ones(self.R, dtype=torch.bool, device=self.device)
-        for k in self.trainable:
-            finite &= finite_per_run(self.params[k].detach().reshape(self.R, -1))
+        for p in params:
+            finite &= finite_per_run(p.reshape(self.R, -1))
         self._mark_diverged(~finite, update, "non-finite policy parameters")
 
     def _refresh_reference(self, update: int) -> None:
@@ -227,9 +249,13 @@ class BatchTrainer:
         values["beta"] = self.rt.beta.clone()
         values["kl_clamps"] = self.clamp.count.clone()
         values["_alive"] = self.alive.clone()
-        # copy=True: a value may be a view of a live parameter (e.g. the Gaussian mean in float64)
-        self.metric_log.append({k: v.detach().to("cpu", torch.float64 if v.is_floating_point() else torch.long,
-                                                 copy=True) for k, v in values.items()})
+        # copied (a value may be a view of a live parameter, e.g. the Gaussian mean in float64): the floating
+        # values stacked into one float64 tensor (one copy), the others copied as int64
+        floats = [k for k, v in values.items() if v.is_floating_point() and v.shape == (self.R,)]
+        rec = dict(zip(floats, torch.stack([values[k].detach().to(torch.float64) for k in floats]).cpu(),
+                       strict=True)) if floats else {}
+        self.metric_log.append({k: rec[k] if k in rec else v.detach().to("cpu", torch.float64
+                                if v.is_floating_point() else torch.long, copy=True) for k, v in values.items()})
 
     def run(self, progress: ProgressFn | None = None) -> RunOutputs:
         """Train every run through all phases and return their outputs (built one run at a time on access)."""

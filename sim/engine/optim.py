@@ -11,6 +11,9 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+_FUSED_ADAM = getattr(torch, "_fused_adam_", None)
+"""The fused Adam kernel that ``torch.optim.adam.adam(..., fused=True)`` runs (called directly when present)."""
+
 _PAD = 64
 """Optimizer buffers are flat and padded to a multiple of this many elements, so the fused kernel's
 vectorized loop covers every real element (its scalar remainder may round differently): a run's update
@@ -35,12 +38,17 @@ class BatchedOptimizer:
         self._buf = {k: [torch.zeros(-(-p.numel() // _PAD) * _PAD, dtype=p.dtype, device=p.device)
                          for _ in range(4)] for k, p in params.items()}
         self._count = {k: torch.zeros((), dtype=torch.float32, device=p.device) for k, p in params.items()}
+        self._views: dict[str, tuple[Tensor, Tensor, int]] = {}
 
     def grad_buffer(self, key: str) -> Tensor:
         """The optimizer's gradient buffer for parameter ``key`` (a parameter-shaped view): a caller may write
         gradients into it and pass it to :meth:`step`, which then skips copying them."""
         p = self.params[key]
         return self._buf[key][0][: p.numel()].view(p.shape)
+
+    def flat_grad_buffer(self, key: str) -> Tensor:
+        """:meth:`grad_buffer` flattened (a view of the parameter's elements)."""
+        return self._buf[key][0][: self.params[key].numel()]
 
     def moments(self, key: str) -> tuple[Tensor, Tensor]:
         """Adam's first and second moment estimates of parameter ``key`` (views, parameter-shaped)."""
@@ -63,14 +71,28 @@ class BatchedOptimizer:
             if grads[k].data_ptr() != g_buf.data_ptr():
                 g_buf[: grads[k].numel()].copy_(grads[k].reshape(-1))
             d_buf.zero_()
-        adam([self._buf[k][3] for k in keys], [self._buf[k][0] for k in keys], [self._buf[k][1] for k in keys],
-             [self._buf[k][2] for k in keys], [], [self._count[k] for k in keys], foreach=False, fused=True,
-             capturable=False, differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
-             amsgrad=False, beta1=self.b1, beta2=self.b2, lr=1.0, weight_decay=0.0, eps=self.eps, maximize=False)
+        bufs = [self._buf[k] for k in keys]
+        steps = [self._count[k] for k in keys]
+        if _FUSED_ADAM is not None and len({(b[0].device, b[0].dtype) for b in bufs}) == 1:
+            # what torch.optim.adam's fused path runs for tensors of one device and dtype, without its
+            # per-call grouping: the step counts, then the fused kernel (the same numbers)
+            torch._foreach_add_(steps, 1)
+            _FUSED_ADAM([b[3] for b in bufs], [b[0] for b in bufs], [b[1] for b in bufs], [b[2] for b in bufs], [],
+                        steps, amsgrad=False, lr=1.0, beta1=self.b1, beta2=self.b2, weight_decay=0.0, eps=self.eps,
+                        maximize=False, grad_scale=None, found_inf=None)
+        else:
+            adam([b[3] for b in bufs], [b[0] for b in bufs], [b[1] for b in bufs], [b[2] for b in bufs], [], steps,
+                 foreach=False, fused=True, capturable=False, differentiable=False, grad_scale=None, found_inf=None,
+                 has_complex=False, amsgrad=False, beta1=self.b1, beta2=self.b2, lr=1.0, weight_decay=0.0,
+                 eps=self.eps, maximize=False)
         for k in keys:
             p = self.params[k]
-            d = self._buf[k][3][: p.numel()].view(p.shape)
-            p.addcmul_(self._lr(p), d)
+            if k not in self._views or self._views[k][2] != self.lr._version:
+                # the step buffer's parameter-shaped view and the per-run rates in the parameter's dtype, made
+                # again when ``lr`` changes (runs are frozen in place)
+                self._views[k] = (self._buf[k][3][: p.numel()].view(p.shape), self._lr(p), self.lr._version)
+            d, lr, _ = self._views[k]
+            p.addcmul_(lr, d)
 
 
 def grad_norm_per_run(grads: dict[str, Tensor]) -> Tensor:

@@ -76,22 +76,36 @@ class RunTensors:
         estimator if its KL sits there, else 0."""
         return self._masks[role] * self.beta[:, None]
 
+    def loss_weights(self, run: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[2, 4, P]``: the KL-in-loss weights of (k1, k2, k3, full) of columns whose runs are ``run [P]``,
+        plain and importance-weighted (:meth:`coef` of ``loss`` and ``loss_is``), in ``dtype``."""
+        both = torch.cat([self.coef("loss"), self.coef("loss_is")], 1).to(dtype).t().contiguous()
+        return both.index_select(1, run).view(2, 4, run.shape[0])
+
 
 def kl_reward_penalty(logp: Tensor, ref_logp: Tensor, k_full: Tensor, rt: RunTensors,
-                      row_run: Tensor | None = None, pad: int | None = None) -> Tensor:
+                      row_run: Tensor | None = None, pad: int | None = None,
+                      weights: PreparedWeights | None = None) -> Tensor:
     """``β·k`` for runs whose KL sits in the reward (0 for the others), ``[R, ...]``, no gradient.
 
     ``logp``/``ref_logp`` are the sampling policy's and the reference's log-probabilities of the sampled
     actions; ``k_full`` the exact per-state KL (used by ``full``). With ``row_run [M]`` the inputs are
     action-major row tables ``[A, M]`` whose row ``m`` belongs to run ``row_run[m]``; with ``pad`` too (``M`` a
     multiple of it), each estimator is evaluated on the span of rows its runs occupy
-    (:func:`sim.engine.kl.prepare_weights`; the same numbers).
+    (:func:`sim.engine.kl.prepare_weights`; the same numbers). ``weights``: those rows' :func:`reward_weights`,
+    if already computed (``rt``, ``row_run`` and ``pad`` are then not used).
     """
     with torch.no_grad():
-        coef: Tensor | PreparedWeights = rt.coef("reward")
-        if row_run is not None and pad is not None:
-            coef = prepare_weights(estimator_weights(coef, logp, row_run), pad)
+        coef: Tensor | PreparedWeights = rt.coef("reward") if weights is None else weights
+        if weights is None and row_run is not None and pad is not None:
+            coef = reward_weights(rt, logp, row_run, pad)
         return weighted_estimate(logp, ref_logp, coef, k_full, run_index=row_run)
+
+
+def reward_weights(rt: RunTensors, like: Tensor, row_run: Tensor, pad: int) -> PreparedWeights:
+    """The reward-placed KL's weights of action-major row tables ``like [A, M]`` whose row ``m`` belongs to run
+    ``row_run[m]`` (``M`` a multiple of ``pad``), prepared for :func:`kl_reward_penalty`."""
+    return prepare_weights(estimator_weights(rt.coef("reward"), like, row_run), pad)
 
 
 def kl_loss_term(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | Callable[[], Tensor],
@@ -128,6 +142,12 @@ def _kl_loss(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | 
              weights: tuple[Weights | PreparedWeights, Weights | PreparedWeights] | None,
              delta_slope: Tensor | None, slope: bool, value: bool = True
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    if (slope and weights is not None and isinstance(weights[0], PreparedWeights)
+            and isinstance(weights[1], PreparedWeights) and all(w is None for w in weights[1].weights)):
+        # no run uses the importance-weighted forms: the plain ones alone (their sum with nothing added)
+        return weighted_estimate_and_slope(logp, ref_logp, weights[0], k_full, None, delta_slope=delta_slope,
+                                           value=value)
+
     def estimate(w: Weights | PreparedWeights, old: Tensor | None
                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if slope:

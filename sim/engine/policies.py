@@ -59,9 +59,10 @@ def sum_actions(x: Tensor) -> Tensor:
     if A >= _ADD_ROWS_FROM and x.dim() >= 2 and x.device.type == "cpu":  # (CUDA's index_add_ adds atomically)
         into = torch.zeros(A - 1, dtype=torch.long, device=x.device)
         return x[0].unsqueeze(0).clone().index_add_(0, into, x[1:])[0]
-    total = x[0]
-    for a in range(1, A):
-        total = total + x[a]
+    first, *rest = x.unbind(0)  # the rows as views, in one call
+    total = first
+    for row in rest:
+        total = total + row
     return total
 
 
@@ -72,7 +73,7 @@ def log_softmax_action_major(logits: Tensor) -> Tensor:
     so a row's numbers do not depend on where it sits in the table or on the other rows. The maximum is
     detached: the result does not depend on it, and its gradient would only add rounding noise.
     """
-    z = logits - logits.detach().amax(0)
+    z = logits - (logits.detach() if logits.requires_grad else logits).amax(0)
     return z - sum_actions(z.exp()).log()
 
 

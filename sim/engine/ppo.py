@@ -32,8 +32,9 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor, done: Tensor, vali
     not_done = (~done).to(rewards.dtype)
     delta = (rewards + gamma * next_values * not_done - values) * valid.to(rewards.dtype)
     if gamma * lam == 1.0:
-        # A_t = Σ_{t' ≥ t} δ_t' within the episode, and δ is 0 after its end: a reverse cumulative sum
-        return delta.flip(-1).cumsum(-1).flip(-1)
+        # A_t = Σ_{t' ≥ t} δ_t' within the episode, and δ is 0 after its end: a reverse cumulative sum (with
+        # one step, whose flips are copies, the cumulative sum alone)
+        return delta.cumsum(-1) if delta.shape[-1] == 1 else delta.flip(-1).cumsum(-1).flip(-1)
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[..., 0])
     for t in range(rewards.shape[-1] - 1, -1, -1):

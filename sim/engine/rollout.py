@@ -5,6 +5,8 @@ steps actually taken.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -13,7 +15,7 @@ from sim.engine import rng
 
 
 def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: int, reward_dtype: torch.dtype,
-                    group: int = 1) -> dict[str, Tensor]:
+                    group: int = 1, streams: Callable[[int], Tensor] | None = None) -> dict[str, Tensor]:
     """Sample ``n_episodes`` episodes per run from the policies ``logp [R, S, A]`` (log-probabilities) in the
     batched tabular env ``core``.
 
@@ -26,16 +28,19 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
     state (G completions of one prompt): group g's start uses element g of the start stream. Step ``t`` of
     episode ``n`` uses element ``n·H + t`` of the ``[N, H]`` streams. Each
     step computes only the episodes still running (uniforms: drawn a few steps ahead for the episodes running
-    when drawn, :func:`_draw`), so the cost follows the steps taken rather than ``N·H``.
+    when drawn, :func:`_draw`), so the cost follows the steps taken rather than ``N·H``. ``streams(i)``
+    (optional) gives the stream keys ``rng.fold(key, i)`` where the caller has them already
+    (:class:`sim.engine.rng.UpdateKeys`).
     """
     mdp = core.mdp
     (R, S, A), N, H = logp.shape, n_episodes, mdp.horizon
     dev = logp.device
-    k_act = rng.fold(key, 0)
-    k_out = rng.fold(key, 1) if mdp.n_outcomes > 1 else None
-    z = rng.normal(rng.fold(key, 3), (N, H)).view(-1) if mdp.reward_noise > 0 else None  # [R·N·H]
+    stream = streams or (lambda i: rng.fold(key, i))
+    k_act = stream(0)
+    k_out = stream(1) if mdp.n_outcomes > 1 else None
+    z = rng.normal(stream(3), (N, H)).view(-1) if mdp.reward_noise > 0 else None  # [R·N·H]
     if core.needs_reset_uniform:
-        u0 = rng.uniform(rng.fold(key, 2), (N // group,))
+        u0 = rng.uniform(stream(2), (N // group,))
         state = core.reset(u0 if group == 1 else u0.repeat_interleave(group, dim=1)).reshape(-1)
     else:  # a fixed start state: no draw
         state = core.reset(torch.zeros(R * N, dtype=torch.float64, device=dev))
@@ -70,10 +75,12 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
             for j in range(1, A - 1):
                 a.add_(torch.ge(ur, run_cols[j]).view(torch.uint8))
             a = a.view(-1)
-            taken["row"].append(ep[:, 0] + s)
+            if H > 1:  # (one step: the buffers need no rows)
+                taken["row"].append(ep[:, 0] + s)
         elif S == 1 and every:  # one state, every episode running: binary search in the run's CDF
             a = torch.searchsorted(cdf.to(u.dtype), u.reshape(R, N), right=True).view(-1).clamp_(max=A - 1)
-            taken["row"].append(ep[:, 0] + s)
+            if H > 1:
+                taken["row"].append(ep[:, 0] + s)
         else:
             rows = ep[:, 0] + s
             if cdf_cols is None:  # one state, or many actions: compare with whole CDF rows
@@ -91,6 +98,8 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
                      ("done", nxt)):
             taken[k].append(v)
         counts.append(s.numel())
+        if H == 1:  # (the buffers are this step's tensors: no episode goes on)
+            break
         going = nxt.ne(sink).nonzero().squeeze(1)
         if going.numel() == 0:
             break
@@ -103,16 +112,18 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
         ep, state = ep.index_select(0, going), nxt.index_select(0, going)
         if t + 1 < t_end:
             ahead = [x.index_select(0, going) for x in ahead]
+    if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
+        one = {"state": taken["state"][0], "action": taken["action"][0].long(), "idx": taken["idx"][0],
+               "reward": taken["reward"][0].to(reward_dtype), "done": taken["done"][0] == sink}
+        buf = Episodes({k: v.view(R, N, 1) for k, v in one.items()})
+        buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
+        return buf
     taken["reward"] = [torch.cat(taken["reward"]).to(reward_dtype)]  # cast once, not per step
     taken["action"] = [torch.cat(taken["action"]).long()]
     taken["done"] = [torch.cat(taken["done"]) == sink]
     steps_t = torch.repeat_interleave(torch.arange(len(counts), device=dev),
                                       torch.tensor(counts, device=dev), output_size=sum(counts))
     taken["at"] = [torch.cat(taken["at"]) + steps_t]  # (run·N + n)·H + t
-    if H == 1:  # one step, taken by every episode: the step's tensors are the buffers
-        buf = Episodes({k: v[0].view(R, N, 1) for k, v in taken.items() if k in DENSE_KEYS})
-        buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
-        return buf
     return Episodes.from_steps(taken, counts, goings, (R, N, H))
 
 
@@ -194,6 +205,9 @@ class Episodes(dict):
         self[key] = x.view(R, N, H)
         return self[key]
 
+_COUNTER_CACHE: dict[tuple[int, int, int, int, str], Tensor] = {}
+""":func:`_draw`'s counters of every episode's steps ``t … t + k − 1`` per shape (only read, never written)."""
+
 _DRAW_BUDGET = 1 << 15
 """About this many uniforms per stream are drawn at once: few running episodes draw many steps ahead (fewer
 passes of the hash), many draw two."""
@@ -207,10 +221,15 @@ def _draw(streams: list[Tensor], ep: Tensor, t: int, H: int, N: int, every: bool
     ``[N, k]`` block of counters instead of being gathered per episode (the same elements)."""
     n = ep.shape[0]
     k = min(H - t, max(2, _DRAW_BUDGET // max(n, 1)))
-    steps = torch.arange(t, t + k, device=ep.device)
     if every:
         R = n // N
-        counter = (torch.arange(N, device=ep.device) * H).unsqueeze(1) + steps  # [N, k]: the same in every run
-        return [rng.uniform_at(key.view(R, 1, 1), counter.unsqueeze(0), N * H).view(n, k) for key in streams]
-    counter = ep[:, 3].unsqueeze(1) + steps  # [n, k]
+        ckey = (N, H, t, k, str(ep.device))
+        if ckey not in _COUNTER_CACHE:  # [1, N, k]: the same in every run and every update
+            if len(_COUNTER_CACHE) > 16:
+                _COUNTER_CACHE.clear()
+            steps = torch.arange(t, t + k, device=ep.device)
+            _COUNTER_CACHE[ckey] = ((torch.arange(N, device=ep.device) * H).unsqueeze(1) + steps).unsqueeze(0)
+        counter = _COUNTER_CACHE[ckey]
+        return [rng.uniform_at(key.view(R, 1, 1), counter, N * H).view(n, k) for key in streams]
+    counter = ep[:, 3].unsqueeze(1) + torch.arange(t, t + k, device=ep.device)  # [n, k]
     return [rng.uniform_at(key.index_select(0, ep[:, 2]).unsqueeze(1), counter, N * H) for key in streams]
