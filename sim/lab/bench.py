@@ -247,7 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the token tree, Gaussian, diffusion, DPO and report cases")
     p.add_argument("--commands", nargs="*", default=None, metavar="PRESET",
                    help="also time whole commands in fresh processes: --help, a config error, and "
-                        "`reflab sweep PRESET` + `reflab report` for each named preset (all: every preset)")
+                        "`reflab sweep PRESET --report` for each named preset (all: every preset)")
     p.add_argument("--no-sb3", action="store_true", help="skip the SB3 comparison")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.add_argument("--quick", action="store_true", help="a short version of every case (~1 min)")

@@ -263,7 +263,8 @@ def test_small_sweep_writes_run_folders_index_and_manifest_then_resumes_as_a_no_
 
 def _fake_sweep(tmp_path: Path, statuses: list[str | None]) -> tuple[Path, list[str]]:
     """A sweep folder with run folders in the given states (``None`` = never started); finished runs get
-    (tiny) readable tables, as :func:`sim.lab.runs.finish_run` writes them."""
+    a config and (tiny) readable tables, as :func:`sim.lab.runs.start_run` and :func:`~sim.lab.runs.finish_run`
+    write them."""
     out = tmp_path / "fake"
     ids = [f"{i:012x}" for i in range(len(statuses))]
     results.atomic_write_json(out / SWEEP_FILE, {"run_ids": ids})
@@ -271,6 +272,7 @@ def _fake_sweep(tmp_path: Path, statuses: list[str | None]) -> tuple[Path, list[
         if st == "failed":
             results.fail_run(out / "runs" / rid, "ValueError: boom")
         elif st in results.FINISHED:
+            results.atomic_write_json(out / "runs" / rid / results.CONFIG_FILE, {"config": {}})
             results.finish_run(out / "runs" / rid, {t: pd.DataFrame({"update": [0]}) for t in results.TABLES},
                                {"status": st})
         elif st is not None:
@@ -352,6 +354,7 @@ def test_a_failing_run_does_not_lose_its_batch(tmp_path, monkeypatch):
 def test_a_task_lost_by_the_executor_marks_its_unfinished_runs_failed(tmp_path):
     plan = plan_sweep({"base": BASE, "seeds": 2}, "grid")
     (task,) = pack_tasks(plan.runs, tmp_path, workers=1, batch_size=2)
+    results.atomic_write_json(Path(task.run_dirs[0]) / results.CONFIG_FILE, {"config": {}})
     results.finish_run(Path(task.run_dirs[0]), {t: pd.DataFrame({"update": [0]}) for t in results.TABLES},
                        {"status": "done"})
     res = _outcome_results(TaskOutcome(task, error="worker process died"))
