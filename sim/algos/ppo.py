@@ -18,7 +18,7 @@ from torch import Tensor
 import envs
 from envs import tabular
 from sim.algos.discrete import DiscreteTrainer
-from sim.config import GROUP_ADVANTAGES, Config, ConfigError
+from sim.config import Config, ConfigError
 from sim.engine.exact import exact_loss
 from sim.engine.kl import all_estimates, columns, full_kl, full_kl_slope, masked_product
 from sim.engine.loop import FINITE
@@ -26,14 +26,15 @@ from sim.engine.outputs import snapshot
 from sim.engine.placement import kl_loss_term, kl_loss_term_and_slope, kl_reward_penalty, reward_weights
 from sim.engine.policies import MLPValue, TabularValue, gather_rows, log_softmax_action_major, sum_actions
 from sim.engine.ppo import (
-    aggregation_weights,
+    advantages,
+    batch_aggregation,
     clip_bounds,
     clipped_fraction,
-    gae,
-    group_advantages,
+    counted,
+    merge_runs,
     normalize_per_run,
     resolve_baseline,
-    sum_steps,
+    run_masks,
 )
 from sim.engine.rollout import Episodes, sample_episodes
 from sim.engine.rows import (
@@ -100,10 +101,14 @@ class PPOTrainer(DiscreteTrainer):
         self._reward_learner = torch.tensor([c.kl.reward_logp == "learner" for c in configs], device=device)
         self._lag = torch.zeros(self.R, dtype=torch.long, device=device)
         tr = cfg.train
+        # per run in sampled mode: the advantage estimator's runs, and the policy loss's and KL term's aggregation
+        self._adv_runs = run_masks([c.train.advantage for c in configs], device)
+        self._aggs = {"": [c.train.loss_agg for c in configs],
+                      "_kl": [c.kl.loss_agg or c.train.loss_agg for c in configs]}
         self._by_steps = (  # work on the sampled steps, not on [R, N, H] buffers (see _steps_update_inputs)
-            self.H > 1 and self.proxy is None and tr.policy == "tabular" and tr.advantage == "gae"
+            self.H > 1 and self.proxy is None and tr.policy == "tabular" and set(self._adv_runs) == {"gae"}
             and not tr.norm_adv and min(tr.minibatches, tr.batch * self.H) == 1
-            and tr.loss_agg == "token-mean" and (cfg.kl.loss_agg or tr.loss_agg) == "token-mean"
+            and set(self._aggs[""] + self._aggs["_kl"]) == {"token-mean"}
             and ((self.baseline == "value" and tr.gamma * tr.gae_lambda == 1.0)
                  or (self.baseline == "none" and tr.gamma == 1.0))
             and layered_from_start(self.mdp))
@@ -186,32 +191,15 @@ class PPOTrainer(DiscreteTrainer):
         else:
             shaped = shaped - penalty
         shaped = shaped.view(R, N, H) * valid
-        extra: dict[str, Tensor] = {}
-        if tr.advantage in GROUP_ADVANTAGES:  # the episode's score against its group, on every step
-            adv, extra["zero_adv_frac"] = group_advantages(sum_steps(shaped), tr.group, tr.advantage)
-            adv = adv.unsqueeze(-1) * valid
-            ret = torch.zeros_like(adv)  # no value function
-        elif tr.advantage == "reinforce_pp":  # reward-to-go, normalised over the run's batch (REINFORCE++)
-            ret = gae(shaped, torch.zeros_like(shaped), torch.zeros_like(shaped), buf["done"], valid, tr.gamma, 1.0)
-            adv = normalize_per_run(ret, valid)
-        elif self.baseline == "value":
-            with torch.no_grad():
-                v = self.value_fn.value(self.params, buf["state"].reshape(R, N * H)).view(R, N, H)
-            v = v * valid
-            next_v = torch.cat([v[..., 1:], torch.zeros_like(v[..., :1])], dim=-1)
-            adv = gae(shaped, v, next_v, buf["done"], valid, tr.gamma, tr.gae_lambda)
-            ret = adv + v
-        else:
-            ret = gae(shaped, torch.zeros_like(shaped), torch.zeros_like(shaped), buf["done"], valid,
-                      tr.gamma, 1.0)
-            adv = ret
-            if self.baseline == "mean":
-                # Batch-mean baseline per run and step (one-step envs: the mean shaped reward).
-                mean = (ret * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-                adv = (ret - mean) * valid
+        # each estimator of the batch on every run; a run keeps its own estimator's numbers (merge_runs)
+        values = (lambda: self.value_fn.value(self.params, buf["state"].reshape(R, N * H)).view(R, N, H)) \
+            if self.baseline == "value" else None
+        parts = {kind: (runs, advantages(kind, shaped, valid, buf["done"], tr.group, tr.gamma, tr.gae_lambda,
+                                         self.baseline, values)) for kind, runs in self._adv_runs.items()}
+        out = merge_runs(parts) if len(parts) > 1 else next(iter(parts.values()))[1]
         if tr.norm_adv:
-            adv = normalize_per_run(adv, valid)
-        return {"adv": adv.detach(), "ret": ret.detach(), **extra}
+            out["adv"] = normalize_per_run(out["adv"], valid)
+        return {k: v.detach() for k, v in out.items()}
 
     def _reward_penalty(self, tabs: dict[str, Tensor], vis: dict[str, Tensor]) -> Tensor:
         """β·k of the KL in the reward at each valid sample (in ``vis``' sample order), computed on the visited
@@ -247,10 +235,9 @@ class PPOTrainer(DiscreteTrainer):
         and, for a loss-placed KL, ``kl.loss_agg``): the loss is Σ weight·loss / divisor over a (mini)batch's
         samples. ``token-mean`` needs none (weights 1, divisor the valid samples of the minibatch, as ever);
         keys ``w``/``d`` (policy loss) and ``w_kl``/``d_kl`` (KL term) are present only where they differ."""
-        tr = self.cfg.train
         out: dict[str, Tensor] = {}
-        for suffix, mode in (("", tr.loss_agg), ("_kl", self.cfg.kl.loss_agg or tr.loss_agg)):
-            w, d = aggregation_weights(valid, mode, self.H, min(tr.minibatches, valid[0].numel()))
+        for suffix, modes in self._aggs.items():  # a mode per run (batch_aggregation)
+            w, d = batch_aggregation(valid, modes, self.H, min(self.cfg.train.minibatches, valid[0].numel()))
             if w is not None:
                 out["w" + suffix] = w.reshape(valid.shape[0], -1)
             if d is not None:
@@ -302,7 +289,7 @@ class PPOTrainer(DiscreteTrainer):
              "adv_neg": zeros.index_add(0, vis["entry"], adv.clamp(max=0)).view(A, P),
              # entries without samples carry no loss; log π_old := 0 there keeps their ratio finite
              "old": torch.where(count > 0, vis["old"], torch.zeros_like(vis["old"])),
-             "n": mb["d"][:, 0].to(dt) if "d" in mb else n_valid, "n_tokens": n_valid,
+             "n": counted(mb["d"][:, 0].to(dt), n_valid) if "d" in mb else n_valid, "n_tokens": n_valid,
              "weight": weight, "n_s": sum_actions(weight),
              # the KL-in-loss weights of each column's run (β on its estimator), plain and IS forms
              "kl_weights": self._memo.get("kl_weights", vis["run"], self.rt.beta,
@@ -346,7 +333,7 @@ class PPOTrainer(DiscreteTrainer):
         A, P = g["count"].shape
         w_kl = take_valid(mb["w_kl"].reshape(-1), vis).to(zeros.dtype) if "w_kl" in mb else None
         kl = g["count"] if w_kl is None else zeros.index_add(0, vis["entry"], w_kl).view(A, P)
-        d_kl = mb["d_kl"][:, 0].to(g["n"].dtype) if "d_kl" in mb else n_valid
+        d_kl = counted(mb["d_kl"][:, 0].to(g["n"].dtype), n_valid) if "d_kl" in mb else n_valid
         if torch.equal(d_kl, g["n"]):
             return kl
         return kl * (g["n"] / d_kl).index_select(0, vis["run"])
@@ -533,7 +520,7 @@ class PPOTrainer(DiscreteTrainer):
             diag["v_loss"] = 0.5 * (v_sq + g["ret_ss"]) / g["n"]
         return diag
 
-    optional_metrics = ("staleness", "kl_learner_behaviour", "kl_behaviour_ref")
+    optional_metrics = ("staleness", "kl_learner_behaviour", "kl_behaviour_ref", "zero_adv_frac")
 
     def _staleness_metrics(self, tabs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The lag of this update's samples, the exact sequence KL of the learner (at sampling time) to the

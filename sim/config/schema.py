@@ -43,7 +43,8 @@ class KLConfig:
     """If set, clamp each sampled estimate's value to [−value_clamp, value_clamp] (verl clamps k3 to ±10 as
     ``low_var_kl``; set by that alias); counted and logged like ``clamp``."""
     loss_agg: str | None = None
-    """How a loss-placed KL term is aggregated over the batch (see ``train.loss_agg``); none = as the policy loss."""
+    """How a loss-placed KL term is aggregated over the batch (see ``train.loss_agg``); none = as the policy loss.
+    Per-run in sampled mode."""
     reward_logp: str = "behaviour"
     """With stale rollouts, the policy a reward-placed KL is computed from: ``behaviour`` (the sampler's, as the
     systems do) | ``learner`` (the learner's at sampling time). Per-run."""
@@ -93,7 +94,7 @@ class TrainConfig:
     """``gae`` (returns minus the baseline of ``train.baseline``, GAE(γ, λ)) | ``grpo`` (episode return minus the
     mean of its group, divided by the group's std + 1e-6) | ``drgrpo`` (minus the group mean, no std) | ``rloo``
     (minus the mean of the other G − 1 members) | ``reinforce_pp`` (reward-to-go normalised over the run's batch,
-    REINFORCE++). The group estimators broadcast an episode's advantage to all its steps."""
+    REINFORCE++). The group estimators broadcast an episode's advantage to all its steps. Per-run in sampled mode."""
     group: int = 1
     """Episodes per group (G completions of one start state, sharing it); ``train.batch`` must be a multiple."""
     staleness: int = 0
@@ -109,7 +110,7 @@ class TrainConfig:
     """How per-step losses become the batch's loss: ``token-mean`` (mean over every valid step) |
     ``seq-mean-token-sum`` (sum per episode, mean over episodes) | ``seq-mean-token-mean`` (mean per episode, then
     over episodes: GRPO's 1/|o|) | ``seq-mean-token-sum-norm`` (sum per episode divided by the horizon, mean over
-    episodes: Dr. GRPO). Also the value loss."""
+    episodes: Dr. GRPO). Also the value loss. Per-run in sampled mode."""
     gamma: float = 1.0
     """Discount of GAE (1 = the undiscounted sequence objective of docs/theory.md "Sequences")."""
     gae_lambda: float = 1.0
@@ -312,6 +313,9 @@ CHOICES: dict[str, tuple] = {
 PER_RUN_KEYS = ("seed", "kl.placement", "kl.estimator", "kl.beta", "kl.is_correction", "kl.controller",
                 "kl.target", "kl.horizon", "kl.value_clamp", "kl.reward_logp", "train.lr", "train.staleness",
                 "train.staleness_dist", "dpo.beta", "dpo.loss", "reward.data_seed", "bon.n")
+#: Keys that may also differ between the runs of one batch in ``train.mode: sampled`` (PPO's advantage estimator
+#: and loss aggregations, chosen per run there; exact mode's expected losses take one of each per batch).
+SAMPLED_PER_RUN_KEYS = ("train.advantage", "train.loss_agg", "kl.loss_agg")
 
 SECTIONS: dict[str, type] = {"kl": KLConfig, "reference": ReferenceConfig, "train": TrainConfig, "log": LogConfig,
                              "dpo": DPOConfig, "reward": RewardConfig, "bon": BoNConfig}
@@ -399,9 +403,10 @@ PPO_VARIANT_KEYS = ("train.advantage", "train.group", "train.loss_agg", "kl.loss
 
 
 def batch_signature(cfg: Config) -> str:
-    """JSON of everything that must be equal for runs to share one batch (all but :data:`PER_RUN_KEYS`)."""
+    """JSON of everything that must be equal for runs to share one batch (all but :data:`PER_RUN_KEYS`, and in
+    sampled mode :data:`SAMPLED_PER_RUN_KEYS`)."""
     d = cfg.to_dict()
-    for key in PER_RUN_KEYS:
+    for key in PER_RUN_KEYS + (SAMPLED_PER_RUN_KEYS if cfg.train.mode == "sampled" else ()):
         parts = key.split(".")
         cur = d
         for p in parts[:-1]:
@@ -425,6 +430,7 @@ __all__ = [
     "PER_RUN_KEYS",
     "PLACEMENTS",
     "PPO_VARIANT_KEYS",
+    "SAMPLED_PER_RUN_KEYS",
     "Phase",
     "ReferenceConfig",
     "RewardConfig",

@@ -6,8 +6,12 @@ gradient is exactly what it would be if the run were trained alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
+
+from sim.config import GROUP_ADVANTAGES
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -104,6 +108,49 @@ def aggregation_weights(valid: Tensor, mode: str, horizon: int, n_minibatches: i
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
+def run_masks(values: Sequence[str], device: torch.device | None = None) -> dict[str, Tensor]:
+    """Each distinct value of a per-run setting (``values``: one per run) → the mask ``[R]`` of its runs, in the
+    order the values first appear."""
+    return {v: torch.tensor([x == v for x in values], device=device) for v in dict.fromkeys(values)}
+
+
+def merge_runs(parts: dict[str, tuple[Tensor, dict[str, Tensor]]]) -> dict[str, Tensor]:
+    """One dict of ``[R, ...]`` tensors from the results of several settings of a batch, ``{setting: (runs [R],
+    {key: tensor})}``: each run's values are those of the setting its mask holds it in, bitwise; a key some
+    settings lack is NaN at their runs (a metric those runs do not have)."""
+    out: dict[str, Tensor] = {}
+    for key in dict.fromkeys(k for _, part in parts.values() for k in part):
+        for runs, part in parts.values():
+            if key in part:
+                x = part[key]
+                mask = runs.view((-1,) + (1,) * (x.dim() - 1))
+                out[key] = torch.where(mask, x, out[key] if key in out else torch.full_like(x, float("nan")))
+    return out
+
+
+def batch_aggregation(valid: Tensor, modes: Sequence[str], horizon: int, n_minibatches: int = 1
+                      ) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`aggregation_weights` with a mode per run (``modes``, one per run of ``valid [R, N, H]``). With
+    several modes, runs whose mode has no weights get weight 1 and runs whose divisor is the counted valid
+    steps (``token-mean``) get NaN, which the loss reads as that count: either way each run's loss is its own."""
+    masks = run_masks(modes, valid.device)
+    if len(masks) == 1:
+        return aggregation_weights(valid, modes[0], horizon, n_minibatches)
+    parts = {m: aggregation_weights(valid, m, horizon, n_minibatches) for m in masks}
+    fill = {"w": torch.ones_like(valid, dtype=torch.float64), "d": torch.full(
+        (valid.shape[0],), float("nan"), dtype=torch.float64, device=valid.device)}
+    merged = merge_runs({m: (masks[m], {k: fill[k] if x is None else x for k, x in zip("wd", wd, strict=True)})
+                         for m, wd in parts.items()})
+    w = merged["w"] if any(w is not None for w, _ in parts.values()) else None
+    d = merged["d"] if any(d is not None for _, d in parts.values()) else None
+    return w, d
+
+
+def counted(divisor: Tensor, n_valid: Tensor) -> Tensor:
+    """A per-run loss divisor from :func:`batch_aggregation` with NaN (count the valid steps) read as ``n_valid``."""
+    return torch.where(torch.isnan(divisor), n_valid, divisor)
+
+
 def group_advantages(scores: Tensor, group: int, kind: str, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Advantages of the group estimators from episode scores ``[R, N]`` (consecutive groups of ``group``
     episodes: G completions of one start state).
@@ -135,6 +182,38 @@ def group_advantages(scores: Tensor, group: int, kind: str, eps: float = 1e-6) -
         raise ValueError(f"unknown group advantage {kind!r}")
     adv = torch.where(same.unsqueeze(-1), torch.zeros_like(adv), adv)
     return adv.reshape(R, N), same.to(torch.float64).mean(-1)
+
+
+def advantages(kind: str, shaped: Tensor, valid: Tensor, done: Tensor, group: int, gamma: float, lam: float,
+               baseline: str, values: Callable[[], Tensor] | None = None) -> dict[str, Tensor]:
+    """``adv`` and ``ret`` ``[R, N, H]`` of the estimator ``kind`` (``train.advantage``) from the shaped rewards
+    ``shaped`` (zero at invalid steps; ``valid`` as a float mask), and for the group estimators ``zero_adv_frac
+    [R]``. ``gae`` subtracts ``baseline``: ``value`` (``values()``: the state values ``[R, N, H]``), ``mean`` (the
+    batch mean per run and step) or ``none``."""
+    extra: dict[str, Tensor] = {}
+    if kind in GROUP_ADVANTAGES:  # the episode's score against its group, on every step
+        adv, extra["zero_adv_frac"] = group_advantages(sum_steps(shaped), group, kind)
+        adv = adv.unsqueeze(-1) * valid
+        ret = torch.zeros_like(adv)  # no value function
+    elif kind == "reinforce_pp":  # reward-to-go, normalised over the run's batch (REINFORCE++)
+        ret = gae(shaped, torch.zeros_like(shaped), torch.zeros_like(shaped), done, valid, gamma, 1.0)
+        adv = normalize_per_run(ret, valid)
+    elif baseline == "value":
+        assert values is not None
+        with torch.no_grad():
+            v = values()
+        v = v * valid
+        next_v = torch.cat([v[..., 1:], torch.zeros_like(v[..., :1])], dim=-1)
+        adv = gae(shaped, v, next_v, done, valid, gamma, lam)
+        ret = adv + v
+    else:
+        ret = gae(shaped, torch.zeros_like(shaped), torch.zeros_like(shaped), done, valid, gamma, 1.0)
+        adv = ret
+        if baseline == "mean":
+            # Batch-mean baseline per run and step (one-step envs: the mean shaped reward).
+            mean = (ret * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+            adv = (ret - mean) * valid
+    return {"adv": adv, "ret": ret, **extra}
 
 
 def ppo_diagnostics(pg: Tensor, kl_term: Tensor, clipped: Tensor, log_ratio_old: Tensor, valid: Tensor
