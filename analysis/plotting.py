@@ -269,12 +269,28 @@ def save(fig: Figure, path: str | Path, formats: Sequence[str] = FORMATS) -> lis
     base.parent.mkdir(parents=True, exist_ok=True)
     out = []
     with mpl.rc_context(PAPER_RC), draw_caches.draw_cache():
+        drop_crowded_minor_ticks(fig)
         bbox = freeze_layout(fig) if mpl.rcParams["savefig.bbox"] == "tight" else None
         for fmt in formats:
             target = base.with_name(f"{base.name}.{fmt}")
             fig.savefig(target, format=fmt, bbox_inches=bbox, **SAVE_KWARGS.get(fmt, {}))
             out.append(target)
     return out
+
+
+MINOR_TICK_MAX_DECADES = 4
+"""A log axis spanning more decades than this shows no minor ticks: eight a decade make a comb, not a scale."""
+
+
+def drop_crowded_minor_ticks(fig: Figure) -> None:
+    """Remove the minor ticks of ``fig``'s log axes (with matplotlib's default minor locator) whose view spans
+    more than :data:`MINOR_TICK_MAX_DECADES` decades; the major ticks and their labels stay."""
+    for ax in fig.axes:
+        for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            lo, hi = sorted(limits)
+            if (axis.get_scale() == "log" and type(axis.get_minor_locator()) is mpl.ticker.LogLocator and lo > 0
+                    and np.log10(hi / lo) > MINOR_TICK_MAX_DECADES):
+                axis.set_minor_locator(mpl.ticker.NullLocator())
 
 
 def freeze_layout(fig: Figure) -> Any:

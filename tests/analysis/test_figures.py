@@ -147,3 +147,24 @@ def test_kl_reference_lines_are_named_without_overlapping_text(bandit_beta, tmp_
     overlaps = [(a, b) for i, (a, box_a) in enumerate(texts) for b, box_b in texts[i + 1:]
                 if box_a.overlaps(box_b) and box_a.intersection(box_a, box_b).width > 0.5]
     assert not overlaps
+
+
+def test_log_axes_spanning_many_decades_lose_only_their_minor_ticks(tmp_path):
+    import math
+
+    import matplotlib as mpl
+
+    from analysis.plotting import MINOR_TICK_MAX_DECADES, new_figure, save
+
+    fig = new_figure(3.0, 2.0)
+    wide, narrow = fig.subplots(1, 2)
+    wide.plot([1, 2], [1e-6, 10.0])
+    narrow.plot([1, 2], [0.1, 10.0])
+    for ax in (wide, narrow):
+        ax.set_yscale("log")
+    assert math.log10(wide.get_ylim()[1] / wide.get_ylim()[0]) > MINOR_TICK_MAX_DECADES
+    majors = list(wide.yaxis.get_majorticklocs())
+    save(fig, tmp_path / "ticks", ["png"])
+    assert isinstance(wide.yaxis.get_minor_locator(), mpl.ticker.NullLocator)
+    assert type(narrow.yaxis.get_minor_locator()) is mpl.ticker.LogLocator
+    assert list(wide.yaxis.get_majorticklocs()) == majors and len(wide.yaxis.get_minorticklocs()) == 0
