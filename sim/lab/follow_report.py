@@ -117,6 +117,8 @@ class FollowingReport:
         """Write the report if the sweep succeeded (``sweep_code`` 0); the command's exit code."""
         if self._pid is None:
             return _write_report(self.out) if sweep_code == 0 else sweep_code
+        sys.stdout.flush()  # the sweep's lines before the report's
+        sys.stderr.flush()
         if sweep_code != 0:
             self._tell(b"")
             self._wait()
