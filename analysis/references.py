@@ -18,11 +18,12 @@ import numpy as np
 def kl_references(config: dict) -> list[tuple[str, float]]:
     """``[(label, KL(π‖π_ref) in nats)]`` for the Gibbs optimum and the forward-KL point of the reward phase
     of ``config`` (a run's nested config); empty where they are not defined (sequences, continuous actions,
-    an adaptive β, DPO, β = 0)."""
+    an adaptive β, DPO, β = 0) or not known from the config (a learned proxy reward: the runs settle at the
+    proxy's optimum, fitted per run, not at the env reward's)."""
     env, kl, train = config.get("env", {}), config.get("kl", {}), config.get("train", {})
     beta = kl.get("beta") or 0.0
     if (env.get("id") != "bandit" or kl.get("controller", "fixed") != "fixed" or beta <= 0
-            or train.get("algo", "ppo") != "ppo"):
+            or train.get("algo", "ppo") != "ppo" or (config.get("reward") or {}).get("model", "gold") != "gold"):
         return []
     try:
         arms = _bandit_arrays(env)

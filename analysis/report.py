@@ -156,8 +156,9 @@ class _Report:
                 "own chains)" if diffusion else "Exact KL(π‖π_ref) to the reference")
         scale = (" Log scale (the lines end decades apart); values at or below 1e-6 nats are drawn on the marked "
                  "floor." if log else "")
-        ref_txt = (" Dashed black: KL(π*‖π_ref) of the Gibbs optimum (where k1 in the reward, k2 and the exact KL "
-                   "as a loss settle) and of the forward-KL point where k3 as a loss stops." if refs else "")
+        ref_txt = (" Grey reference lines (named in the legend): KL(π*‖π_ref) of the Gibbs optimum (where k1 in the "
+                   "reward, k2 and the exact KL as a loss settle) and of the forward-KL point where k3 as a loss "
+                   "stops." if refs else "")
         self._figure(entries, f"{what} vs update for each placement × estimator ({seeds_txt}).{off}{scale}{ref_txt}",
                      F.plot_kl, m, self.out / f"fig1_kl{tag}", seeds=self.seeds, log=log, title=label or None,
                      n_boot=self.n_boot, seed=self.seed, references=refs)

@@ -51,3 +51,10 @@ def test_forward_kl_point_is_the_envs_oracle(beta: float) -> None:
     ref /= ref.sum()
     expected = forward_kl_stationary_point(torch.tensor(r), torch.tensor(ref), beta).numpy()
     np.testing.assert_allclose(forward_kl_point(r, ref, beta), expected, rtol=0, atol=1e-12)
+
+
+def test_runs_on_a_learned_proxy_get_no_reference_lines() -> None:
+    """The references are the env reward's optimum; a proxy fitted per run has its own, unknown to the config."""
+    env = {"id": "bandit", "rewards": [1.0, 0.0, 0.0], "ref_probs": [0.2, 0.5, 0.3]}
+    assert len(kl_references({"env": env, "kl": {"beta": 0.1}, "reward": {"model": "gold"}})) == 2
+    assert kl_references({"env": env, "kl": {"beta": 0.1}, "reward": {"model": "learned", "pairs": 64}}) == []
