@@ -21,7 +21,6 @@ from sim.config import Config, UsageError
 
 if TYPE_CHECKING:  # imported where used: a sweep's planning and `reflab --help` need neither
     import pandas as pd
-    import pyarrow as pa
     import torch
 
 STATUS_FILE = "status.json"
@@ -69,34 +68,24 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def atomic_write_parquet(path: Path, df: pd.DataFrame, metadata: dict[str, Any] | None = None) -> None:
-    """``df`` to Parquet at ``path`` atomically; ``metadata`` (JSON-serializable) goes into the file's key-value
-    metadata under ``reflab``."""
+def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
+    """``df`` to Parquet at ``path`` atomically."""
     with _atomic_file(path) as tmp:
-        if metadata is None:
-            df.to_parquet(tmp, index=False)
-        else:
-            import pyarrow as pa
-
-            _write_table(tmp, pa.Table.from_pandas(df, preserve_index=False), metadata)
-
-
-def _write_table(path: str, table: pa.Table, metadata: dict[str, Any]) -> None:
-    """``table`` to Parquet at ``path`` with ``metadata`` (JSON-serializable) under ``reflab``
-    in its key-value metadata."""
-    import pyarrow.parquet as pq
-
-    meta = {**(table.schema.metadata or {}), b"reflab": json.dumps(metadata, sort_keys=True).encode()}
-    pq.write_table(table.replace_schema_metadata(meta), path)
+        df.to_parquet(tmp, index=False)
 
 
 def atomic_write_keyed(path: Path, df: pd.DataFrame, cells: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """:func:`atomic_write_parquet` of ``df`` with a constant column per key of ``cells`` in front (those ``df``
-    lacks), built straight in Arrow (:func:`sim.lab.tables.keyed_table`): the same file as through pandas."""
+    """``df`` to Parquet at ``path`` atomically, with a constant column per key of ``cells`` in front (those ``df``
+    lacks), built straight in Arrow (:func:`sim.lab.tables.keyed_table`: the same file as through pandas), and
+    ``metadata`` (JSON-serializable) in the file's key-value metadata under ``reflab``."""
+    import pyarrow.parquet as pq
+
     from sim.lab.tables import keyed_table
 
+    table = keyed_table(df, cells)
+    meta = {**(table.schema.metadata or {}), b"reflab": json.dumps(metadata, sort_keys=True).encode()}
     with _atomic_file(path) as tmp:
-        _write_table(tmp, keyed_table(df, cells), metadata)
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
 
 
 def check_writable_dir(path: Path, flag: str = "--out") -> None:
