@@ -215,6 +215,13 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def fork_available() -> bool:
+    """Whether this platform forks processes (Linux; macOS's fork is unsafe with system libraries)."""
+    import multiprocessing
+
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
 def can_fork_workers(tasks: Sequence[Task]) -> bool:
     """Whether local workers for ``tasks`` may be forked from this process instead of spawned.
 
@@ -224,12 +231,9 @@ def can_fork_workers(tasks: Sequence[Task]) -> bool:
     thread: torch's OpenMP pool, if this process started one, is not usable in a fork, and a worker that
     keeps to one thread never enters it (CUDA cannot be used in a fork at all). Otherwise workers are spawned.
     """
-    import multiprocessing
     import threading
 
-    if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
-        return False
-    if threading.active_count() != 1:
+    if not fork_available() or threading.active_count() != 1:
         return False
     from sim.lab.dispatch import resolve_device
 

@@ -12,12 +12,13 @@ in this process after the sweep.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import signal
 import sys
 import traceback
 from pathlib import Path
+
+from sim.lab.executors import fork_available
 
 _GO = b"g"
 """What the sweep writes to the child's pipe when the report should be written (anything else: exit)."""
@@ -64,7 +65,7 @@ class FollowingReport:
         self.out = Path(out)
         self._pid: int | None = None
         self._write_fd: int | None = None
-        if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
+        if fork_available():
             self._fork()
 
     def _fork(self) -> None:
@@ -115,18 +116,16 @@ class FollowingReport:
 
     def finish(self, sweep_code: int) -> int:
         """Write the report if the sweep succeeded (``sweep_code`` 0); the command's exit code."""
-        if self._pid is None:
-            return _write_report(self.out) if sweep_code == 0 else sweep_code
-        sys.stdout.flush()  # the sweep's lines before the report's
-        sys.stderr.flush()
         if sweep_code != 0:
-            self._tell(b"")
-            self._wait()
+            self.cancel()
             return sweep_code
-        if self._tell(_GO):
-            return self._wait()
-        self._wait()
-        return _write_report(self.out)  # the child was gone: write the report here
+        if self._pid is not None:
+            sys.stdout.flush()  # the sweep's lines before the report's
+            sys.stderr.flush()
+            if self._tell(_GO):
+                return self._wait()
+            self._wait()  # the child was gone: the report is written here
+        return _write_report(self.out)
 
     def cancel(self) -> None:
         """The sweep did not run (bad input, an error): the child exits without writing anything."""
