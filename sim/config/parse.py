@@ -254,7 +254,6 @@ def _is_plain(x: Any) -> bool:
     return False
 
 
-
 def check_positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
     """Raise :class:`ConfigError` unless ``value`` (if not ``None``) is > 0 (``allow_zero``: >= 0)."""
     if value is None:
