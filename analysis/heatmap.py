@@ -14,8 +14,6 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.text import Text
 
-from analysis import draw_caches
-
 
 def relative_luminance(colours: np.ndarray) -> np.ndarray:
     """The relative luminance (W3C) of RGB(A) ``colours`` ``[n, 3|4]``."""
@@ -73,11 +71,10 @@ def heatmap(data: pd.DataFrame, ax: Axes, *, cmap: str, norm: mpl.colors.Normali
         t.set_va("center")
     # vertical row labels and horizontal column labels unless they overlap, measured once the figure is laid out
     fig = ax.figure
-    with draw_caches.draw_cache():
-        engine = fig.get_layout_engine()
-        if engine is not None:
-            engine.execute(fig)
-        ax.get_tightbbox()  # places the tick labels
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+    ax.get_tightbbox()  # places the tick labels
     if _overlap(xtl):
         for t in xtl:
             t.set_rotation("vertical")

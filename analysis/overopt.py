@@ -203,13 +203,18 @@ def _boot_interval(runs: list[_FitRows], picks: np.ndarray, window: float = 1e-6
     return lo, hi
 
 
+def run_codes(frame: pd.DataFrame) -> np.ndarray:
+    """``frame``'s ``run_id`` as integer codes in ``groupby("run_id")``'s order (a categorical's categories'
+    order, else sorted); -1 where it is missing."""
+    run = frame["run_id"]
+    return run.cat.codes.to_numpy() if isinstance(run.dtype, pd.CategoricalDtype) else pd.factorize(run, sort=True)[0]
+
+
 def _per_run(g: pd.DataFrame, columns: Sequence[str], by_update: bool = False) -> list[tuple[np.ndarray, ...]]:
     """``columns`` of each run of ``g`` as float arrays, runs and rows in ``g.groupby("run_id", observed=True)``'s
     order (``run_id``'s categories' order, else sorted; rows as in ``g``, or stably sorted by ``update`` with
     ``by_update``), without building a frame per run."""
-    run = g["run_id"]
-    codes = run.cat.codes.to_numpy() if isinstance(run.dtype, pd.CategoricalDtype) \
-        else pd.factorize(run, sort=True)[0]
+    codes = run_codes(g)
     keep = np.flatnonzero(codes >= 0)
     if by_update:
         order = keep[np.lexsort((g["update"].to_numpy()[keep], codes[keep]))]

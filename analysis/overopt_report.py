@@ -51,9 +51,7 @@ def wide_table(rows: pd.DataFrame, x_key: str, column: str) -> tuple[np.ndarray,
     The numbers and order of ``rows.pivot_table(index="run_id", columns=x_key, values=column, observed=True,
     aggfunc="first")``: rows whose ``x_key`` or ``column`` is NaN are left out (so are runs and xs left with no
     value), and the first of duplicate (run, x) rows is kept; in numpy, as a figure needs dozens of them."""
-    run = rows["run_id"]
-    codes = run.cat.codes.to_numpy() if isinstance(run.dtype, pd.CategoricalDtype) \
-        else pd.factorize(run, sort=True)[0]
+    codes = O.run_codes(rows)
     x = rows[x_key].to_numpy(float)
     v = rows[column].to_numpy(float)
     keep = (codes >= 0) & ~np.isnan(x) & ~np.isnan(v)
