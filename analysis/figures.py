@@ -97,9 +97,8 @@ def plot_curves(metrics: pd.DataFrame, path: str | Path, column: str, ylabel: st
         for k, (ref_label, value, until) in enumerate(references):
             if not np.isfinite(value) or (log and value <= log_floor):
                 continue
-            x1 = until if until is not None else None
             # named in the legend: a label on the line would cross the curves that reach it, and the title
-            ax.plot([0, x1 if x1 is not None else m["update"].max()], [value, value], label=ref_label, zorder=4,
+            ax.plot([0, until if until is not None else m["update"].max()], [value, value], label=ref_label, zorder=4,
                     **REFERENCE_STYLES[k % len(REFERENCE_STYLES)])
         if hline is not None:
             ax.axhline(hline, color="0.5", lw=0.6, ls=(0, (1, 1)), zorder=1)
