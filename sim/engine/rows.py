@@ -71,10 +71,9 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
         row_of = memo[key]
     else:
         row_of = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)
-    if "action" in mb:
-        action = take_valid(mb["action"].reshape(-1), v)
-    else:  # idx = state·A + action (with one state, the action itself)
-        action = take_valid(mb["idx"].reshape(-1), v) if S == 1 else take_valid(mb["idx"].reshape(-1), v) % A
+    action = take_valid(mb["action" if "action" in mb else "idx"].reshape(-1), v)
+    if "action" not in mb and S > 1:  # idx = state·A + action (with one state, the action itself)
+        action = action % A
     v.update(_rows_of(row_of, action, tabs, count_dtype, memo))
     return v
 
