@@ -179,13 +179,16 @@ class DPOTrainer(DiscreteTrainer):
             h = torch.where(valid, steps, torch.zeros((), dtype=steps.dtype, device=steps.device)).sum(-1)  # [R, n, 2]
         return h[..., 0] - h[..., 1]
 
-    def _pair_values(self, fn: Callable[[Tensor], Tensor], lr_table: Tensor, idx: Tensor | None = None
-                     ) -> Tensor:
-        """``fn`` (elementwise) of the margins ``[R, n]`` of pairs ``idx`` (all if ``None``), without gradient:
-        evaluated on the margin table and picked per pair when :attr:`_cells` has one, else per pair."""
-        if self._cells is not None:
-            return self._cells.pick(fn(self._cells.margins(lr_table)), idx)
-        return fn(self._margin_of(lr_table, idx))
+    def _pair_values(self, lr_table: Tensor) -> Callable[[Callable[[Tensor], Tensor]], Tensor]:
+        """A function of ``fn`` (elementwise) giving ``fn`` of every pair's margin ``[R, N]`` from the log-ratio
+        table ``lr_table``, without gradient: the margins are made once, as a table evaluated and picked per pair
+        when :attr:`_cells` has one, else per pair."""
+        cells = self._cells
+        if cells is not None:
+            table = cells.margins(lr_table)
+            return lambda fn: cells.pick(fn(table))
+        margin = self._margin_of(lr_table, None)
+        return lambda fn: fn(margin)
 
     def loss_and_grads(self, idx: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The per-run loss ``[R]`` on pairs ``idx [R, n]`` (all if ``None``) and the gradient of
@@ -240,10 +243,10 @@ class DPOTrainer(DiscreteTrainer):
         with torch.no_grad():  # diagnostics on the whole dataset after the update
             lr_table = self.policy.table(self.params) - self._ref_table()
             beta = self.rt.beta.view(-1, 1)
-            loss = self._pair_values(lambda m: preference_loss(m, self.rt.beta, self.is_ipo), lr_table).mean(-1)
-            # identical episodes: a tie
-            acc = self._pair_values(lambda m: (m > 0).double() + 0.5 * (m == 0).double(), lr_table).mean(-1)
-            margin = self._pair_values(lambda m: beta * m.to(torch.float64), lr_table).mean(-1)
+            of_pairs = self._pair_values(lr_table)
+            loss = of_pairs(lambda m: preference_loss(m, self.rt.beta, self.is_ipo)).mean(-1)
+            acc = of_pairs(lambda m: (m > 0).double() + 0.5 * (m == 0).double()).mean(-1)  # identical episodes: a tie
+            margin = of_pairs(lambda m: beta * m.to(torch.float64)).mean(-1)
         nan = torch.full((self.R,), float("nan"), dtype=torch.float64, device=self.device)
         return {"reward": nan, "pref_loss": loss.to(torch.float64), "pref_acc": acc, "pref_margin": margin,
                 "grad_norm": norm}

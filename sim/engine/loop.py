@@ -121,11 +121,13 @@ class BatchTrainer:
                                     self.cfg.train.optimizer)
 
     def _apply_grads(self, loss_per_run: Tensor | None, update: int, want_norm: bool = True,
-                     grads: dict[str, Tensor] | None = None, grads_finite: Tensor | None = None) -> Tensor | None:
+                     grads: dict[str, Tensor] | None = None, grads_finite: Tensor | bool | None = None
+                     ) -> Tensor | None:
         """Backpropagate ``Σ_r loss_r`` (unless the gradients ``grads`` are given), freeze runs whose loss or
         gradient is non-finite, step. With ``grads`` given the loss may be ``None`` (not computed on this
         step): only the gradients are checked; ``grads_finite [R]`` (optional) says per run whether its
-        gradients are all finite, when the caller knows it more cheaply than a pass over them.
+        gradients are all finite (``True``: every run's are), when the caller knows it more cheaply than a pass
+        over them.
 
         Returns the per-run gradient norms ``[R]`` (before clipping) when clipping or ``want_norm`` needs them.
         """
@@ -138,13 +140,11 @@ class BatchTrainer:
         if loss_per_run is not None or grads_finite is not True:  # (True: every run's gradients are finite)
             finite = (torch.isfinite(loss_per_run) if loss_per_run is not None
                       else torch.ones(self.R, dtype=torch.bool, device=self.device))
-            if grads_finite is True:
-                pass
-            elif grads_finite is not None:
-                finite &= grads_finite
-            else:
+            if grads_finite is None:
                 for g in grads.values():
                     finite &= finite_per_run(g.reshape(self.R, -1))
+            elif grads_finite is not True:
+                finite &= grads_finite
             self._mark_diverged(~finite, update, "non-finite loss or gradient")
         if not self.all_alive:
             for k in grads:

@@ -43,8 +43,7 @@ class BatchedOptimizer:
     def grad_buffer(self, key: str) -> Tensor:
         """The optimizer's gradient buffer for parameter ``key`` (a parameter-shaped view): a caller may write
         gradients into it and pass it to :meth:`step`, which then skips copying them."""
-        p = self.params[key]
-        return self._buf[key][0][: p.numel()].view(p.shape)
+        return self.flat_grad_buffer(key).view(self.params[key].shape)
 
     def flat_grad_buffer(self, key: str) -> Tensor:
         """:meth:`grad_buffer` flattened (a view of the parameter's elements)."""

@@ -142,12 +142,6 @@ def _kl_loss(logp: Tensor, logp_old: Tensor, ref_logp: Tensor, k_full: Tensor | 
              weights: tuple[Weights | PreparedWeights, Weights | PreparedWeights] | None,
              delta_slope: Tensor | None, slope: bool, value: bool = True
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    if (slope and weights is not None and isinstance(weights[0], PreparedWeights)
-            and isinstance(weights[1], PreparedWeights) and all(w is None for w in weights[1].weights)):
-        # no run uses the importance-weighted forms: the plain ones alone (their sum with nothing added)
-        return weighted_estimate_and_slope(logp, ref_logp, weights[0], k_full, None, delta_slope=delta_slope,
-                                           value=value)
-
     def estimate(w: Weights | PreparedWeights, old: Tensor | None
                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if slope:

@@ -71,10 +71,9 @@ def visited_rows(mb: dict[str, Tensor], tabs: dict[str, Tensor], one_step: bool,
         row_of = memo[key]
     else:
         row_of = (mb["state"] + (torch.arange(R, device=dev) * S).unsqueeze(1)).reshape(-1)
-    if "action" in mb:
-        action = take_valid(mb["action"].reshape(-1), v)
-    else:  # idx = state·A + action (with one state, the action itself)
-        action = take_valid(mb["idx"].reshape(-1), v) if S == 1 else take_valid(mb["idx"].reshape(-1), v) % A
+    action = take_valid(mb["action" if "action" in mb else "idx"].reshape(-1), v)
+    if "action" not in mb and S > 1:  # idx = state·A + action (with one state, the action itself)
+        action = action % A
     v.update(_rows_of(row_of, action, tabs, count_dtype, memo))
     return v
 
@@ -91,8 +90,8 @@ def _rows_of(row_of: Tensor, action: Tensor, tabs: dict[str, Tensor], count_dtyp
     """The row tables of samples at rows ``row_of`` (flat run·S + state) taking ``action`` (see
     :func:`visited_rows`; ``memo`` as there)."""
     R, S, A = tabs["logp"].shape
-    ref_table = tabs["ref_logp"]
-    last = memo.get("rows") if memo is not None else None
+    memo = memo if memo is not None else {}  # (without one, a fresh dict: nothing reused)
+    last = memo.get("rows")  # (row_of, (R, S, A), (rows, run, col, P))
     if last is not None and last[0].shape == row_of.shape and last[1] == (R, S, A) and (
             last[0] is row_of or torch.equal(last[0], row_of)):
         rows, run, col, P = last[2]
@@ -107,14 +106,15 @@ def _rows_of(row_of: Tensor, action: Tensor, tabs: dict[str, Tensor], count_dtyp
         pos.index_copy_(0, rows, torch.arange(M, device=dev))
         col = pos.index_select(0, row_of)
         run = F.pad(rows // S, (0, P - M))
-        if memo is not None:
-            memo["rows"] = last = (row_of, (R, S, A), (rows, run, col, P), None)
-    if last is not None and last[3] is not None and last[3][0] is ref_table and last[3][1] == ref_table._version:
-        ref = last[3][2]
+        memo["rows"] = (row_of, (R, S, A), (rows, run, col, P))
+        memo.pop("ref", None)  # gathered at other rows
+    ref_table = tabs["ref_logp"]
+    kept = memo.get("ref")  # (reference table, its version, its rows' table)
+    if kept is not None and kept[0] is ref_table and kept[1] == ref_table._version:
+        ref = kept[2]
     else:
         ref = gather_rows(ref_table.reshape(R * S, A), rows, P)
-        if last is not None:
-            memo["rows"] = last[:3] + ((ref_table, ref_table._version, ref),)  # type: ignore[index]
+        memo["ref"] = (ref_table, ref_table._version, ref)
     entry = action * P + col
     return {"rows": rows, "run": run, "col": col, "entry": entry,
             "count": torch.bincount(entry, minlength=A * P).to(count_dtype).view(A, P),
