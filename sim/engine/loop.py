@@ -70,6 +70,7 @@ class BatchTrainer:
         self.clamp = Clamp.from_configs(configs, device)
         self.opt: BatchedOptimizer | None = None
         self.diverged_at = torch.full((self.R,), -1, dtype=torch.long, device=device)
+        self._alive_of: tuple[Tensor, int] | None = None  # the diverged_at (and its version) :attr:`alive` is of
         self.diverge_reason: list[str] = [""] * self.R
         self.env_steps = torch.zeros(self.R, dtype=torch.long, device=device)
         self.reward_scale = 1.0
@@ -103,12 +104,12 @@ class BatchTrainer:
     @property
     def alive(self) -> Tensor:
         """Whether each run is still training ``[R]`` (bool; kept until a run diverges)."""
-        alive = getattr(self, "_alive", None)
-        if alive is None or self._alive_of is not self.diverged_at:
-            alive = self._alive = self.diverged_at < 0
-            self._alive_of = self.diverged_at
-            self._all_alive = bool(alive.all())
-        return alive
+        d = self.diverged_at
+        if self._alive_of is None or self._alive_of[0] is not d or self._alive_of[1] != d._version:
+            self._alive = d < 0  # made again when diverged_at is replaced or written in place
+            self._alive_of = (d, d._version)
+            self._all_alive = bool(self._alive.all())
+        return self._alive
 
     @property
     def all_alive(self) -> bool:

@@ -108,3 +108,15 @@ def test_prepared_weights_complements_and_cut_weights() -> None:
     assert torch.equal(prep.cut_weights[0], prep.span_weights[0][..., prep.cuts[0]])
     x = torch.arange(6.0).view(2, 3)
     assert columns(x, slice(0, 3)) is x and torch.equal(columns(x, slice(1, 3)), x[:, 1:3])
+
+
+def test_alive_follows_diverged_at_replaced_or_written_in_place() -> None:
+    from sim.lab.dispatch import resolve, trainer_class
+
+    cfgs = [resolve(None, ["env.id=bandit", "train.updates=2", f"seed={s}"]) for s in range(3)]
+    trainer = trainer_class(cfgs[0])(cfgs, torch.device("cpu"))
+    assert trainer.alive.tolist() == [True, True, True] and trainer.all_alive
+    trainer.diverged_at[1] = 0  # in place
+    assert trainer.alive.tolist() == [True, False, True] and not trainer.all_alive
+    trainer.diverged_at = torch.full_like(trainer.diverged_at, -1)  # replaced
+    assert trainer.alive.tolist() == [True, True, True] and trainer.all_alive
