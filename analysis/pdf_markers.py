@@ -3,7 +3,7 @@
 matplotlib's PDF renderer places a line's markers one at a time: for each point it formats a ``cm``
 (translate) and a ``Do`` (draw the marker) operator through its generic object writer and hands the few
 bytes to the page's compressor, ≈ 30 µs a marker. A bandit policy figure of 300 arms draws ≈ 13 000 markers
-(each seed's probabilities, the optimum's diamonds), so a third of its drawing time went there.
+(each seed's probabilities, the optimum's diamonds), so a quarter of its drawing time went there.
 :func:`install` replaces ``RendererPdf.draw_markers`` by one that finds the same points (the path cleaned,
 clipped and filtered to the page exactly as matplotlib's loop does), formats them with the same number format
 (``%.10f`` without trailing zeros) and writes the operators in one piece: the page content is byte for byte
