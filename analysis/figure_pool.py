@@ -34,6 +34,8 @@ class FigureJob:
     kwargs: dict[str, Any]
     name: str
     """The figure's file name, named in its error if it cannot be drawn."""
+    cost: float = 1.0
+    """Its drawing time relative to the other jobs' (a guess): the pool starts the costliest first."""
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,15 @@ def can_fork() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
+def draw_order(jobs: list[FigureJob]) -> list[int]:
+    """The order the pool hands ``jobs`` to its processes: costliest first (ties in queue order), so the last
+    jobs to start are short ones and no process waits long for the other to finish its last."""
+    return sorted(range(len(jobs)), key=lambda i: -jobs[i].cost)
+
+
 def draw_all(jobs: list[FigureJob], workers: int | None = None) -> list[FigureResult]:
-    """Draw ``jobs`` in ``workers`` forked processes (default: one per core; 1 = in this process), results in
-    job order."""
+    """Draw ``jobs`` in ``workers`` forked processes (default: one per core; 1 = in this process; started in
+    :func:`draw_order`), results in job order."""
     global _JOBS
     workers = min(available_cores() if workers is None else workers, len(jobs))
     if workers <= 1 or not can_fork():
@@ -99,7 +107,7 @@ def draw_all(jobs: list[FigureJob], workers: int | None = None) -> list[FigureRe
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_init_worker) as pool:
-            futures = {pool.submit(_draw_index, i): i for i in range(len(jobs))}
+            futures = {pool.submit(_draw_index, i): i for i in draw_order(jobs)}
             try:
                 for fut in as_completed(futures):
                     results[futures[fut]] = fut.result()
@@ -121,11 +129,13 @@ class FigureQueue:
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def add(self, entries: list, sentence: str, name: str, fn: FigureFn, *args: Any, **kwargs: Any) -> None:
+    def add(self, entries: list, sentence: str, name: str, fn: FigureFn, *args: Any, cost: float = 1.0,
+            **kwargs: Any) -> None:
         """Queue ``fn(*args, **kwargs)``; once drawn, its ``(sentence, paths)`` takes this place in ``entries``
-        (nothing if it fails: its error is returned by :meth:`draw`, naming ``name``)."""
+        (nothing if it fails: its error is returned by :meth:`draw`, naming ``name``). ``cost``: its relative
+        drawing time (:attr:`FigureJob.cost`), not passed to ``fn``."""
         entries.append(_Pending(len(self.jobs), sentence))
-        self.jobs.append(FigureJob(fn, args, kwargs, name))
+        self.jobs.append(FigureJob(fn, args, kwargs, name, cost))
         if not any(e is entries for e in self._lists):
             self._lists.append(entries)
 

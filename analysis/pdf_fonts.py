@@ -8,7 +8,9 @@ subset it made, so a process drawing many figures subsets a font once per set of
 is cut from a small subset of the font kept by the process (printable ASCII and every glyph asked for so far),
 not from the whole font: DejaVu Sans has ~6000 glyphs, whose tables fontTools read again for every subset. The
 glyph outlines, metrics and glyph map are what matplotlib's own subsetting gives (the subset's bytes are those of
-one cut from the whole font). Where that function is not found (another matplotlib), nothing is replaced.
+one cut from the whole font). matplotlib then saves the subset font into the PDF (``font_as_file``), compiling
+its tables again: a subset made here is written as the bytes it was read from instead (:func:`_font_as_file`).
+Where those functions are not found (another matplotlib), nothing is replaced.
 """
 
 from __future__ import annotations
@@ -78,7 +80,21 @@ def _subset(fontfile: Any, glyphs: Any) -> Any:
         if len(_CACHE) >= _MAX_CACHED:
             _CACHE.clear()
         _CACHE[key] = hit
-    return pdf_ps.SubsetResults(TTFont(BytesIO(hit[0])), dict(hit[1]))._as_cm()
+    font = TTFont(BytesIO(hit[0]))
+    font.subset_bytes = hit[0]  # what saving it gives (read by _font_as_file)
+    return pdf_ps.SubsetResults(font, dict(hit[1]))._as_cm()
+
+
+_original_font_as_file: Any = None
+
+
+def _font_as_file(font: Any) -> BytesIO:
+    """matplotlib's ``font_as_file`` (the font saved into a file object): for a subset made by :func:`_subset`,
+    the bytes it was read from, without compiling its tables again. They are what saving it again gives but
+    for the ``head`` table's modification time (and checksum): the font file's own instead of the time of the
+    save, so the embedded font no longer changes from one save to the next."""
+    data = getattr(font, "subset_bytes", None)
+    return BytesIO(data) if data is not None else _original_font_as_file(font)
 
 
 def install() -> bool:
@@ -87,10 +103,15 @@ def install() -> bool:
         from matplotlib.backends import _backend_pdf_ps as pdf_ps
     except ImportError:
         return False
+    global _original_font_as_file
     current = getattr(pdf_ps, "get_glyphs_subset", None)
     if current is _subset:
         return True
     if current is None or not hasattr(pdf_ps, "SubsetResults") or not hasattr(pdf_ps.SubsetResults, "_as_cm"):
         return False
     pdf_ps.get_glyphs_subset = _subset
+    saver = getattr(pdf_ps, "font_as_file", None)
+    if saver is not None and saver is not _font_as_file:
+        _original_font_as_file = saver
+        pdf_ps.font_as_file = _font_as_file
     return True

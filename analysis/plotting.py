@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from analysis import draw_caches, pdf_fonts
+from analysis import draw_caches, pdf_fonts, pdf_markers
 from analysis.loading import (  # noqa: F401 (re-exported)
     NOT_CONDITION_KEYS,
     VARIANT_ORDER,
@@ -29,6 +29,7 @@ from analysis.stats import bootstrap_curve
 
 pdf_fonts.install()  # TrueType subsets for the PDFs without the layout tables, made once per glyph set
 draw_caches.install()  # $...$ parsed once per process; ticks computed once per layout state (in save)
+pdf_markers.install()  # a line's markers written to the PDF in one piece
 
 #: Single-column width (inches) of the default figures.
 COLUMN_WIDTH = 3.3
@@ -315,11 +316,11 @@ def freeze_layout(fig: Figure) -> Any:
 
 def new_figure(width: float, height: float) -> Figure:
     """A constrained-layout figure on an Agg canvas (which keeps its renderer between layout passes, so text is
-    measured once per size instead of once per pass)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    measured once per size instead of once per pass; its PNGs are written by :mod:`analysis.png`)."""
+    from analysis.png import Canvas
 
     fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
+    Canvas(fig)
     return fig
 
 

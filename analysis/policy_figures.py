@@ -84,13 +84,14 @@ def _plot_bandit_policy(p: pd.DataFrame, path: str | Path, ncols: int | None, ti
         wide = rows.pivot_table(index="run_id", columns="action", values="prob", observed=True)
         colour = variant_style(v)["color"]
         _bars(ax, arms, wide.mean(axis=0).reindex(arms).to_numpy(), colour)
+        # every seed's dots as one line (the same markers in the same order as a line per seed)
         jitter = np.linspace(-0.18, 0.18, max(len(wide), 1))
-        for k, (_, seed_row) in enumerate(wide.iterrows()):
-            ax.plot(arms + jitter[k], seed_row.reindex(arms).to_numpy(), ls="none", marker=".", ms=1.8,
-                    color="0.2", zorder=3)
+        per_seed = wide.reindex(columns=arms).to_numpy(float)
+        ax.plot((arms[None, :] + jitter[:len(per_seed), None]).ravel(), per_seed.ravel(), ls="none", marker=".",
+                ms=1.8, color="0.2", zorder=3)
         ref = rows.groupby("action")["ref_prob"].first().reindex(arms).to_numpy()
         opt = rows.groupby("action")["opt_prob"].first().reindex(arms).to_numpy()
-        ax.hlines(ref, arms - 0.42, arms + 0.42, color="0.55", lw=1.2, zorder=4, label=r"$\pi_{\mathrm{ref}}$")
+        _ticks(ax, arms, ref)
         if np.isfinite(opt).any():
             ax.plot(arms, opt, ls="none", marker="D", ms=2.6, mfc="none", mec="black", mew=0.7, zorder=5,
                     label=r"optimum $\pi^*$")
@@ -114,6 +115,19 @@ def _bars(ax: mpl.axes.Axes, x: np.ndarray, heights: np.ndarray, colour: str) ->
     bars = mpl.collections.PolyCollection(verts, facecolors=colour, alpha=0.85, linewidths=0, edgecolors="none")
     ax.add_collection(bars, autolim=True)
     ax.sticky_edges.y.append(0)
+
+
+def _ticks(ax: mpl.axes.Axes, x: np.ndarray, ref: np.ndarray) -> None:
+    """π_ref's probability of each arm as a grey horizontal tick of width 0.84 at ``x``; past
+    :data:`MAX_ARM_TICKS` arms one line broken between the ticks (one stroke instead of one per arm)."""
+    style = {"color": "0.55", "lw": 1.2, "zorder": 4, "label": r"$\pi_{\mathrm{ref}}$"}
+    if len(x) <= MAX_ARM_TICKS:
+        ax.hlines(ref, x - 0.42, x + 0.42, **style)
+        return
+    gap = np.full_like(ref, np.nan, dtype=float)
+    xs = np.stack([x - 0.42, x + 0.42, gap], -1).ravel()
+    ys = np.stack([ref, ref, gap], -1).ravel()
+    ax.plot(xs, ys, solid_capstyle="butt", **style)
 
 
 def _plot_grid_policy(p: pd.DataFrame, path: str | Path, config: dict, seed: int | None, ncols: int | None,

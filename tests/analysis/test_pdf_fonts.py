@@ -50,3 +50,25 @@ def test_subsets_cut_from_the_process_base_are_those_cut_from_the_whole_font(mon
             assert result.font.getGlyphOrder() == TTFont(BytesIO(want_bytes)).getGlyphOrder()
         assert pdf_fonts._CACHE[(path, 0, frozenset(glyphs))][0] == want_bytes
     assert len(pdf_fonts._BASES) == 1
+
+
+def test_a_subset_is_embedded_as_the_bytes_it_was_read_from(monkeypatch) -> None:
+    """matplotlib saves the subset font into the PDF: a subset made here is not compiled again; saving it
+    again would give the same tables but the ``head`` table's modification time."""
+    from fontTools.ttLib import TTFont
+
+    assert pdf_fonts.install() and pdf_ps.font_as_file is pdf_fonts._font_as_file
+    path = font_manager.findfont("DejaVu Sans")
+    monkeypatch.setattr(pdf_fonts, "_CACHE", {})
+    with pdf_fonts._subset(path, {36, 37, 38, 68}):
+        pass  # the subset is cut (and saved) once
+    monkeypatch.setattr(TTFont, "save", lambda *a, **k: (_ for _ in ()).throw(AssertionError("compiled again")))
+    with pdf_fonts._subset(path, {36, 37, 38, 68}) as result:
+        data = pdf_ps.font_as_file(result.font).getvalue()
+    monkeypatch.undo()
+    saved = BytesIO()
+    TTFont(BytesIO(data)).save(saved, reorderTables=False)
+    mine, again = TTFont(BytesIO(data)), TTFont(saved)
+    assert {t: mine.reader[t] for t in mine.reader.keys() if t != "head"} == \
+        {t: again.reader[t] for t in again.reader.keys() if t != "head"}
+    assert pdf_fonts._font_as_file(again).getvalue() == saved.getvalue()  # another font: saved as matplotlib does

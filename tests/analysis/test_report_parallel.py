@@ -89,3 +89,29 @@ def test_figures_of_a_dead_worker_are_drawn_here(tmp_path: Path, monkeypatch: py
     results = draw_all(jobs, workers=2)
     assert [r.paths for r in results] == [[tmp_path / f"d{i}.txt"] for i in range(3)]
     assert all(r.error is None for r in results)
+
+
+
+@pytest.mark.skipif(not can_fork(), reason="workers are forked (Linux)")
+def test_the_pool_starts_the_costliest_figures_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs are handed to the processes longest first (ties in queue order); the entries keep the queue's order
+    and ``cost`` is not passed to the figure function."""
+    from analysis import figure_pool
+
+    submitted: list[int] = []
+
+    class Recording(figure_pool.ProcessPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+            submitted.append(args[0])
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(figure_pool, "ProcessPoolExecutor", Recording)
+    queue = FigureQueue()
+    entries: list = []
+    for i, cost in enumerate([0.2, 1.0, 0.5, 1.0, 0.1]):
+        queue.add(entries, f"figure {i}", f"f{i}", _write, tmp_path / f"f{i}", str(i), cost=cost)
+    assert figure_pool.draw_order(queue.jobs) == [1, 3, 2, 0, 4]
+    assert queue.draw(2) == []
+    assert submitted == [1, 3, 2, 0, 4]
+    assert entries == [(f"figure {i}", [tmp_path / f"f{i}.txt"]) for i in range(5)]
+    assert [(tmp_path / f"f{i}.txt").read_text() for i in range(5)] == [str(i) for i in range(5)]
