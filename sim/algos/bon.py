@@ -35,6 +35,10 @@ from sim.engine.reward_model import config_tree
 class BoNTrainer(DiscreteTrainer):
     """Exact best-of-n policies for a batch of runs (each with its ``bon.n`` and its proxy)."""
 
+    sampled_updates = False
+    """No sampled updates: a sweep's task of best-of-n runs costs their folders' writes (:func:`sim.lab.sweep.
+    pack_tasks`)."""
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """``bon.n ≥ 1``; an env whose episodes form a tree; no phases, reference schedule or MLP policy."""

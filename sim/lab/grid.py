@@ -225,10 +225,25 @@ def _flatten(mapping: dict, where: str) -> dict[str, Any]:
 def apply_assignments(base: dict, assignments: dict[str, Any]) -> dict:
     """A copy of the config dict ``base`` with dotted ``assignments`` set (:func:`sim.config.set_key`, so a
     new ``env.id`` starts from that env's defaults), ``env.id`` first."""
-    data = copy.deepcopy(base)
+    data = plain_copy(base)
     for key, value in sorted(assignments.items(), key=lambda kv: kv[0] != "env.id"):
-        set_key(data, key, copy.deepcopy(value))
+        set_key(data, key, plain_copy(value))
     return data
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def plain_copy(value: Any) -> Any:
+    """A deep copy of parsed YAML/JSON ``value``: dicts and lists copied, scalars shared, anything else
+    through ``copy.deepcopy`` (several times faster than ``copy.deepcopy`` of the whole: a grid copies its base
+    config, e.g. a reward table, for each of its runs). A dict or list met twice is copied twice."""
+    kind = type(value)
+    if kind is dict:
+        return {k: plain_copy(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _SCALARS else plain_copy(v) for v in value]
+    return value if kind in _SCALARS else copy.deepcopy(value)
 
 
 def _lookup(d: dict, key: str) -> tuple[bool, Any]:
@@ -327,6 +342,11 @@ def _excluded(data: dict, exclude: list[dict]) -> int | None:
     return next((i for i, entry in enumerate(exclude) if _matches(merged, entry)), None)
 
 
+def _first_match(resolved: dict, exclude: list[dict]) -> int | None:
+    """The index of the first ``exclude`` entry the resolved run config ``resolved`` matches; ``None`` if none."""
+    return next((i for i, entry in enumerate(exclude) if _matches(resolved, entry)), None)
+
+
 def _run_error(label: str, assign: dict[str, Any], e: Exception) -> ConfigError:
     """The one-line error of the grid's run ``assign`` whose config raised ``e``."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -407,12 +427,22 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int
                  for combo in itertools.product(*axes.values()) for variant in variants or [{}] for seed in seeds)]
     # First every check that needs no env and no trainer (sim.config alone), so that a bad key or value
     # anywhere in the grid is reported before the envs' and trainers' modules (torch) are imported.
-    for assign, data in expanded:
+    # A valid run whose every excluded key is known without its env (env.id and keys outside env) is matched
+    # against exclude here, from this check's config: the env's and trainer's checks below are skipped for it.
+    early = all(k == "env.id" or not k.startswith("env") for entry in exclude for k in entry)
+    excluded_early: dict[int, int] = {}  # position in expanded → exclude entry
+    for pos, (assign, data) in enumerate(expanded):
         try:
-            from_dict(data, effects="grid", check_env=False)
+            cfg = from_dict(data, effects="grid", check_env=False)
         except (ValueError, TypeError) as e:
             if _excluded(data, exclude) is None:
                 raise _run_error(label, assign, e) from e
+            continue
+        env = data.get("env", {"id": "bandit"})
+        if early and exclude and isinstance(env, dict):
+            hit = _first_match({**cfg.to_dict(), "env": {"id": env.get("id", "bandit")}}, exclude)
+            if hit is not None:
+                excluded_early[pos] = hit
     from sim.lab import dispatch
 
     try:
@@ -423,7 +453,10 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int
     seen: dict[str, dict] = {}
     effective: dict[str, tuple[dict, Config]] = {}  # effective config (no-effect keys at defaults) → its run
     excluded_by = [0] * len(exclude)
-    for assign, data in expanded:
+    for pos, (assign, data) in enumerate(expanded):
+        if pos in excluded_early:
+            excluded_by[excluded_early[pos]] += 1
+            continue
         try:
             cfg = dispatch.from_dict(data, effects="grid")
         except (ValueError, TypeError) as e:
@@ -434,9 +467,9 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int
                 continue
             raise _run_error(label, assign, e) from e
         resolved = cfg.to_dict()
-        hit = [i for i, entry in enumerate(exclude) if _matches(resolved, entry)]
-        if hit:
-            excluded_by[hit[0]] += 1
+        first = _first_match(resolved, exclude)
+        if first is not None:
+            excluded_by[first] += 1
             continue
         rid = run_id(cfg)
         if rid in seen:

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,37 +30,76 @@ FINISHED = ("done", "diverged")
 UNREADABLE = "unreadable"
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+#: Per process: its id and a random token, which name its temporary files (with a counter).
+_TEMP_NAMES: tuple[int, str, Iterator[int]] | None = None
+
+
+def _temp_name(path: Path) -> str:
+    """A temporary file's name in ``path``'s folder: ``.NAME.<pid><token>-<n>.tmp`` (unique to this process)."""
+    global _TEMP_NAMES
+    if _TEMP_NAMES is None or _TEMP_NAMES[0] != os.getpid():  # a forked child gets names of its own
+        import itertools
+        import secrets
+
+        _TEMP_NAMES = (os.getpid(), secrets.token_hex(3), itertools.count())
+    pid, token, counter = _TEMP_NAMES
+    return os.path.join(path.parent, f".{path.name}.{pid}{token}-{next(counter)}.tmp")
+
+
+def _new_temp(path: Path) -> tuple[int, str]:
+    """A new empty temporary file in ``path``'s folder (created with it if missing), opened for writing: its
+    descriptor and name. Its mode is 0666 less the umask, as for any new file (results are meant to be shared).
+    One ``open``: no second open to write it and no ``chmod`` after."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = _temp_name(path)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # a leftover of another process (on another machine) of this name
+            continue
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    raise FileExistsError(f"no free temporary file name next to {path}")
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to the file ``fd``."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
 
 
 @contextmanager
 def _atomic_file(path: Path) -> Iterator[str]:
     """The path of a new empty temporary file in ``path``'s folder, which replaces ``path`` (``os.replace``) when
     the block ends without an error and is removed when it raises."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temp(path)
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` (bytes or any buffer) to ``path`` via a temporary file in the same folder and ``os.replace``.
 
     Not fsynced: the rename makes the write atomic for a killed process (the old file or the new one, never
     part of it), which is what resuming relies on. After an operating-system crash a file whose data had not
     reached the disk reads as missing or unreadable, and a run with such a status, config or table is trained
     again (:func:`run_state`). An fsync per file cost ~4-50 ms of disk wait, several seconds per sweep."""
-    with _atomic_file(path) as tmp:
-        Path(tmp).write_bytes(data)
+    fd, tmp = _new_temp(path)
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -78,14 +116,16 @@ def atomic_write_keyed(path: Path, df: pd.DataFrame, cells: dict[str, Any], meta
     """``df`` to Parquet at ``path`` atomically, with a constant column per key of ``cells`` in front (those ``df``
     lacks), built straight in Arrow (:func:`sim.lab.tables.keyed_table`: the same file as through pandas), and
     ``metadata`` (JSON-serializable) in the file's key-value metadata under ``reflab``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from sim.lab.tables import keyed_table
 
     table = keyed_table(df, cells)
     meta = {**(table.schema.metadata or {}), b"reflab": json.dumps(metadata, sort_keys=True).encode()}
-    with _atomic_file(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
+    sink = pa.BufferOutputStream()  # encoded in memory, written with one open (see atomic_write_bytes)
+    pq.write_table(table.replace_schema_metadata(meta), sink)
+    atomic_write_bytes(path, sink.getvalue())
 
 
 def check_writable_dir(path: Path, flag: str = "--out") -> None:

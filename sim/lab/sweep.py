@@ -142,14 +142,14 @@ def _split_even(items: list, max_size: int) -> list[list]:
     return out
 
 
-#: The fixed cost of an update in a task's estimated cost (:func:`_task_cost`), in sampled steps: measured on the
-#: async preset's bandit runs (160 runs train in 2.1x the CPU time of 53, not 3x).
-UPDATE_COST_STEPS = 12_000
+#: The fixed costs of an update (the async preset's 160 bandit runs train in 2.1x the CPU time of 53, not 3x) and
+#: of a run's folder (~7 ms of writes) in a task's estimated cost (:func:`_task_cost`), in sampled steps.
+UPDATE_COST_STEPS, RUN_COST_STEPS = 12_000, 30_000
 
 
 def _task_cost(n_runs: int, run_steps: int, updates: int) -> float:
-    """A task's estimated cost: the steps its runs sample (``run_steps`` each) plus a fixed cost per update."""
-    return n_runs * run_steps + UPDATE_COST_STEPS * updates
+    """A task's estimated cost: the steps its runs sample (``run_steps`` each), a fixed cost per update and run."""
+    return n_runs * (run_steps + RUN_COST_STEPS) + UPDATE_COST_STEPS * updates
 
 
 def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, batch_size: int | None = None,
@@ -172,10 +172,11 @@ def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, bat
     for group in groups.values():
         cfg = group[0].config
         size = batch_size or auto_batch_size(len(planned), workers, estimate_run_bytes(cfg), task_budget)
-        if not dispatch.trainer_class(cfg).batches_runs:
+        if not (cls := dispatch.trainer_class(cfg)).batches_runs:
             size = 1  # trained one run at a time (e.g. SB3): one task each, so workers run them in parallel
-        run_steps = run_sampled_steps(cfg)
-        chunks += [(_task_cost(len(c), run_steps, cfg.train.total_updates), c) for c in _split_even(group, size)]
+        updates = cfg.train.total_updates if getattr(cls, "sampled_updates", True) else 0  # best-of-n: none
+        chunks += [(_task_cost(len(c), updates and run_sampled_steps(cfg), updates), c)
+                   for c in _split_even(group, size)]
     chunks.sort(key=lambda c: -c[0])  # stable: equal costs keep the grid's order
     return [Task(index=i, run_ids=tuple(r.run_id for r in chunk),
                  run_dirs=tuple(str(sweep_dir / RUNS_DIR / r.run_id) for r in chunk),

@@ -5,8 +5,10 @@
 column to Arrow — most of the cost of writing a run folder. :func:`keyed_table` builds the same Arrow table
 straight from the frame's NumPy columns: the first table of a layout (column names and dtypes, and the keys'
 Python types) goes through pandas, and its schema (Arrow types and the ``pandas`` metadata that
-``pandas.read_parquet`` restores the dtypes from) is kept for every later table of that layout. Tables with
-columns or keys of other kinds (strings in the table, ``None`` or lists as keys, …) always go through pandas.
+``pandas.read_parquet`` restores the dtypes from) is kept for every later table of that layout. An empty table
+(e.g. ``trajectories`` when none are logged) depends on its column names and dtypes alone, not on the keys'
+values: the first one of a layout is kept whole and reused. Tables with columns or keys of other kinds (strings
+in the table, ``None`` or lists as keys, …) always go through pandas.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ _INT64 = (-(2**63), 2**63)
 
 #: The schema of each layout seen (see :func:`_layout`); filled by the first table of the layout.
 _SCHEMAS: dict[tuple, pa.Schema] = {}
+#: The empty table of each layout seen (key names, columns and dtypes; see :func:`_empty_layout`).
+_EMPTY: dict[tuple, pa.Table] = {}
+#: Constant string key columns already made, by (Arrow type, value, rows): most keys repeat across a task's runs.
+_STRING_COLUMNS: dict[tuple, pa.Array] = {}
+_STRING_COLUMNS_MAX = 256
 
 
 def _cell_kind(value: Any) -> str | None:
@@ -47,6 +54,20 @@ def _layout(df: pd.DataFrame, names: list, front: dict[str, Any]) -> tuple | Non
         if kind is None:
             return None
         kinds.append((name, kind))
+    cols = _columns_layout(df, names)
+    return None if cols is None else (tuple(kinds), cols, str(df.columns.dtype))
+
+
+def _empty_layout(df: pd.DataFrame, names: list, front: dict[str, Any]) -> tuple | None:
+    """The key of an empty ``df`` with the key columns ``front``: their names, the columns and dtypes (the keys'
+    values make no cell), or ``None`` when a column is of a kind that goes through pandas."""
+    cols = _columns_layout(df, names)
+    return None if cols is None else (tuple(front), cols, str(df.columns.dtype))
+
+
+def _columns_layout(df: pd.DataFrame, names: list) -> tuple | None:
+    """``((name, dtype), …)`` of ``df``'s columns, or ``None`` unless every column is a uniquely named NumPy
+    column of a kind in :data:`_FAST_KINDS`."""
     import numpy as np
 
     cols = []
@@ -57,7 +78,7 @@ def _layout(df: pd.DataFrame, names: list, front: dict[str, Any]) -> tuple | Non
         cols.append((name, dtype.str))
     if len(set(names)) != len(cols):
         return None
-    return tuple(kinds), tuple(cols), str(df.columns.dtype)
+    return tuple(cols)
 
 
 def _through_pandas(df: pd.DataFrame, front: dict[str, Any]) -> pa.Table:
@@ -80,12 +101,20 @@ def keyed_table(df: pd.DataFrame, cells: dict[str, Any]) -> pa.Table:
     names = df.columns.tolist()
     present = set(names)
     front = {k: v for k, v in cells.items() if k not in present}
-    layout = _layout(df, names, front)
     n = len(df)
-    schema = _SCHEMAS.get(layout) if layout is not None and n else None
+    if not n:
+        empty = _empty_layout(df, names, front)
+        table = _EMPTY.get(empty) if empty is not None else None
+        if table is None:
+            table = _through_pandas(df, front)
+            if empty is not None:
+                _EMPTY[empty] = table
+        return table
+    layout = _layout(df, names, front)
+    schema = _SCHEMAS.get(layout) if layout is not None else None
     if schema is None:
         table = _through_pandas(df, front)
-        if layout is not None and n and _matches(table.schema, layout):
+        if layout is not None and _matches(table.schema, layout):
             _SCHEMAS[layout] = table.schema
         return table
     arrays = []
@@ -93,13 +122,36 @@ def keyed_table(df: pd.DataFrame, cells: dict[str, Any]) -> pa.Table:
         kind = layout[0][i][1]
         typ = schema.field(i).type
         if kind == "str":
-            arrays.append(pa.array([value] * n, type=typ))
+            arrays.append(_string_column(value, n, typ))
         else:
             arrays.append(pa.array(np.full(n, value, dtype={"bool": bool, "int": np.int64, "float": np.float64}[kind]),
                                    type=typ))
-    for j, (_, column) in enumerate(df.items()):
-        arrays.append(pa.array(column.to_numpy(), type=schema.field(len(front) + j).type, from_pandas=True))
+    for j, column in enumerate(_numpy_columns(df)):
+        arrays.append(pa.array(column, type=schema.field(len(front) + j).type, from_pandas=True))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _string_column(value: str, n: int, typ: pa.DataType) -> pa.Array:
+    """``value`` ``n`` times as an Arrow array of ``typ`` (immutable: kept and shared while few are kept)."""
+    import pyarrow as pa
+
+    key = (str(typ), value, n)
+    column = _STRING_COLUMNS.get(key)
+    if column is None:
+        column = pa.array([value] * n, type=typ)
+        if len(_STRING_COLUMNS) >= _STRING_COLUMNS_MAX:
+            _STRING_COLUMNS.clear()
+        _STRING_COLUMNS[key] = column
+    return column
+
+
+def _numpy_columns(df: pd.DataFrame) -> list:
+    """The NumPy arrays of ``df``'s columns, in order: read off its blocks where pandas allows (a column's
+    ``Series`` costs more than its conversion to Arrow), else column by column."""
+    get = getattr(df, "_get_column_array", None)
+    if get is None:
+        return [column.to_numpy() for _, column in df.items()]
+    return [get(j) for j in range(df.shape[1])]
 
 
 def _matches(schema: pa.Schema, layout: tuple) -> bool:

@@ -112,3 +112,15 @@ def test_tasks_are_listed_most_costly_first(tmp_path):
     assert [t.index for t in tasks] == list(range(len(tasks)))
     assert sorted(r for t in tasks for r in t.run_ids) == sorted(r.run_id for r in plan.runs)
     assert _task_cost(10, 100, 5) > _task_cost(5, 100, 5) > _task_cost(5, 100, 1)
+
+
+def test_best_of_n_tasks_cost_their_runs_folders_not_updates(tmp_path):
+    """Best-of-n trains no sampled updates: its task (many runs, nothing to sample) is listed after a PPO task of
+    fewer runs; a run's folder still costs something (more runs, more cost)."""
+    env = {"id": "token_tree", "vocab": 3, "length": 3}
+    grid = {"base": {"env": env, "reward": {"model": "learned", "family": "linear"}, "train": {"updates": 50}},
+            "variants": [{"train.algo": "ppo"}, *({"train.algo": "bon", "bon.n": n} for n in (2, 4, 8))],
+            "seeds": 2}
+    tasks = pack_tasks(plan_sweep(grid, "grid").runs, tmp_path, workers=2, batch_size=8)
+    assert [(t.configs[0].train.algo, len(t)) for t in tasks] == [("ppo", 2), ("bon", 6)]
+    assert _task_cost(6, 0, 0) > _task_cost(2, 0, 0) > 0

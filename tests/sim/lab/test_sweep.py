@@ -381,3 +381,22 @@ def test_preset_run_ids_never_change():
         ids = [r.run_id for r in plan_sweep(grid, name, path.parent).runs]
         assert len(ids) == want["n_runs"] and ids[0] == want["first"], name
         assert hashlib.sha256(" ".join(ids).encode()).hexdigest() == want["sha256_of_ids"], name
+
+
+def test_excluded_runs_skip_the_env_and_trainer_checks(monkeypatch, capsys):
+    """A run excluded by keys known without its env (env.id, keys outside env) is dropped before the env's and
+    trainer's checks (the costly part of planning a grid that excludes most of its product); the plan is the one
+    of matching every run after them (forced by an exclude entry on another env key)."""
+    from sim.lab import dispatch
+
+    calls = []
+    real = dispatch.from_dict
+    monkeypatch.setattr(dispatch, "from_dict", lambda data, *a, **k: calls.append(1) or real(data, *a, **k))
+    plan = plan_sweep(GRID, "grid")
+    assert len(plan.runs) == 2 * 2 * 3 * 2 - 2 * 2  # kl.placement none at beta 0.5: 2 lrs x 2 seeds excluded
+    assert len(calls) == 1 + len(plan.runs)  # the base, then the runs kept
+    calls.clear()
+    late = plan_sweep({**GRID, "exclude": [*GRID["exclude"], {"env.rewards": [9, 9, 9]}]}, "grid")
+    assert len(calls) == 1 + 2 * 2 * 3 * 2  # every run checked, then matched
+    assert [(r.run_id, r.columns) for r in late.runs] == [(r.run_id, r.columns) for r in plan.runs]
+    assert "exclude[1]" in capsys.readouterr().err  # matched no run

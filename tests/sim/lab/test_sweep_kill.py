@@ -68,12 +68,26 @@ class Steps:
     def install(self, setattr_: Callable[[object, str, object], None]) -> None:
         real_mkstemp, real_write_bytes, real_replace = tempfile.mkstemp, Path.write_bytes, os.replace
         real_mkdir, real_pwrite, real_to_parquet = Path.mkdir, os.pwrite, pd.DataFrame.to_parquet
-        steps = self
+        real_open, real_write = os.open, os.write
+        steps, temp_fds = self, set()
 
         def mkstemp(*a, **k):
             fd, name = real_mkstemp(*a, **k)
             steps.step(f"create {Path(name).name}")
             return fd, name
+
+        def os_open(path, flags, *a, **k):
+            fd = real_open(path, flags, *a, **k)
+            if str(path).endswith(".tmp") and flags & os.O_CREAT:  # a temporary file made with os.open
+                temp_fds.add(fd)
+                steps.step(f"create {Path(path).name}")
+            return fd
+
+        def os_write(fd, data):
+            n = real_write(fd, data)
+            if fd in temp_fds:
+                steps.step("write a temporary file", lambda: os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) // 2))
+            return n
 
         def write_bytes(self, data):
             n = real_write_bytes(self, data)
@@ -103,6 +117,8 @@ class Steps:
         setattr_(tempfile, "mkstemp", mkstemp)
         setattr_(Path, "write_bytes", write_bytes)
         setattr_(os, "replace", replace)
+        setattr_(os, "open", os_open)
+        setattr_(os, "write", os_write)
         setattr_(Path, "mkdir", mkdir)
         setattr_(os, "pwrite", pwrite)
         setattr_(pd.DataFrame, "to_parquet", to_parquet)

@@ -56,3 +56,31 @@ def test_tables_with_other_columns_go_through_pandas(monkeypatch):
         got, want = keyed_table(df, cells), _reference(df, cells)
         assert got.equals(want) and got.schema.equals(want.schema, check_metadata=True)
     assert tables._SCHEMAS == {}
+
+
+@pytest.mark.parametrize("cells", CELLS)
+def test_empty_tables_are_made_once_per_layout(cells, monkeypatch):
+    """An empty table's cells do not depend on the keys' values: the first one of a layout is reused, and it is
+    the table pandas makes for any values of the same keys."""
+    monkeypatch.setattr(tables, "_EMPTY", {})
+    calls = []
+    through = tables._through_pandas
+    monkeypatch.setattr(tables, "_through_pandas", lambda df, front: calls.append(1) or through(df, front))
+    other = {k: (f"{v}x" if isinstance(v, str) else None) for k, v in cells.items()}  # other values, other kinds
+    for seed, keys in enumerate([cells, other, cells]):
+        df = _frame(0, seed)
+        got, want = keyed_table(df, keys), _reference(df, keys)
+        assert got.schema.equals(want.schema, check_metadata=True)
+        assert got.equals(want)
+    assert len(calls) == 1
+
+
+def test_string_key_columns_are_shared_and_bounded(monkeypatch):
+    monkeypatch.setattr(tables, "_SCHEMAS", {})
+    monkeypatch.setattr(tables, "_STRING_COLUMNS", {})
+    monkeypatch.setattr(tables, "_STRING_COLUMNS_MAX", 3)
+    for i in range(6):
+        cells = {"run_id": f"r{i}", "env.id": "bandit"}
+        df = _frame(4, i)
+        assert keyed_table(df, cells).equals(_reference(df, cells))
+        assert len(tables._STRING_COLUMNS) <= 3
