@@ -166,11 +166,11 @@ class PPOTrainer(DiscreteTrainer):
                               group=self.cfg.train.group, streams=lambda i: self.update_keys(update, i))
         if self.proxy is not None and self._by_steps and buf.steps is not None:  # a learned reward: the runs
             st = buf.steps  # train on their proxy (sim.algos.proxy), here of each step taken
-            st["reward"] = self.proxy.step_rewards(st["run"], st["idx"], self.dtype)
+            st["reward"] = self.proxy.step_rewards(st["row"], st["action"], self.dtype)
         elif self.proxy is not None:
             buf["reward"] = self.proxy.rewards(buf)
         if buf.steps is not None:  # every step taken is a valid sample
-            buf.run_steps = torch.bincount(buf.steps["run"], minlength=self.R)
+            buf.run_steps = buf.steps_per_run()
             self.env_steps += buf.run_steps
         else:
             self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)

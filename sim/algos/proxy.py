@@ -88,10 +88,10 @@ class ProxyReward:
         r = self._flat.gather(1, idx.reshape(idx.shape[0], -1)).view(idx.shape)
         return torch.where(valid, r, torch.zeros((), dtype=r.dtype, device=r.device)).to(buf["reward"].dtype)
 
-    def step_rewards(self, run: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
-        """The proxy rewards ``[n]`` in ``dtype`` of sampled steps (each step's ``run`` and ``idx`` = state·A +
-        action, ``[n]``): :meth:`rewards`' values at those steps, without the ``[R, N, H]`` buffers."""
-        return self._flat.reshape(-1).index_select(0, torch.add(idx, run, alpha=self._flat.shape[1])).to(dtype)
+    def step_rewards(self, row: Tensor, action: Tensor, dtype: torch.dtype) -> Tensor:
+        """The proxy rewards ``[n]`` in ``dtype`` of sampled steps (each step's ``row`` = run·S + state and
+        ``action``, ``[n]``): :meth:`rewards`' values at those steps, without the ``[R, N, H]`` buffers."""
+        return self._flat.reshape(-1).index_select(0, torch.add(action, row, alpha=self.table.shape[2])).to(dtype)
 
     def metrics(self, logp: Tensor, prob: Tensor, gold_return: Tensor, opt_key: tuple,
                 optimum: Callable[[], Tensor], beta: Tensor) -> dict[str, Tensor]:

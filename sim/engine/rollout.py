@@ -192,6 +192,15 @@ class Episodes(dict):
         eps.steps, eps.counts, eps.goings, eps.shape = _Joined(steps), counts, goings, shape
         return eps
 
+    def steps_per_run(self) -> Tensor:
+        """Steps taken per run ``[R]`` (int64) of episodes sampled over several steps: ``N`` times the steps
+        taken when no episode ended before the last one, else counted from the steps' runs."""
+        R, N, _ = self.shape
+        if self.counts[0] == R * N and all(going is None for going in self.goings[: len(self.counts) - 1]):
+            at = self.steps["at"]
+            return torch.full((R,), N * len(self.counts), dtype=torch.long, device=at.device)
+        return torch.bincount(self.steps["run"], minlength=R)
+
     def __missing__(self, key: str) -> Tensor:
         if self.steps is None or key not in DENSE_KEYS:
             raise KeyError(key)
