@@ -54,3 +54,15 @@ def test_successors_and_returns_to_go_shortcuts_equal_the_general_path(env: str)
     want = dense.flip(-1).cumsum(-1).flip(-1).reshape(-1).index_select(0, buf.steps["at"])
     adv, ret = gae_on_steps(x, None, buf.steps["done"], 1.0, counts, goings)
     assert torch.equal(adv, want) and torch.equal(ret, want)
+
+
+def test_the_steps_rewards_actions_and_ends_are_joined_and_cast_when_first_read():
+    trainer, buf = sampled("gridworld")
+    for key in ("reward", "action", "done"):  # still one tensor per step: a learned reward, say, replaces the env's
+        assert key not in buf.steps and len(buf.steps._parts[key]) == len(buf.counts) > 1
+    reward, action, done = buf.steps["reward"], buf.steps["action"], buf.steps["done"]
+    assert reward.dtype == trainer.dtype and action.dtype == torch.long and done.dtype == torch.bool
+    at = buf.steps["at"]
+    assert torch.equal(buf["reward"].reshape(-1).index_select(0, at), reward)
+    assert torch.equal(buf["action"].reshape(-1).index_select(0, at), action)
+    assert torch.equal(buf["done"].reshape(-1).index_select(0, at), done)
