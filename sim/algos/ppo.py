@@ -106,7 +106,7 @@ class PPOTrainer(DiscreteTrainer):
         self._aggs = {"": [c.train.loss_agg for c in configs],
                       "_kl": [c.kl.loss_agg or c.train.loss_agg for c in configs]}
         self._by_steps = (  # work on the sampled steps, not on [R, N, H] buffers (see _steps_update_inputs)
-            self.H > 1 and self.proxy is None and tr.policy == "tabular" and set(self._adv_runs) == {"gae"}
+            self.H > 1 and tr.policy == "tabular" and set(self._adv_runs) == {"gae"}
             and not tr.norm_adv and min(tr.minibatches, tr.batch * self.H) == 1
             and set(self._aggs[""] + self._aggs["_kl"]) == {"token-mean"}
             and ((self.baseline == "value" and tr.gamma * tr.gae_lambda == 1.0)
@@ -164,10 +164,13 @@ class PPOTrainer(DiscreteTrainer):
             tabs["learner"] = pi_t
         buf = sample_episodes(self.core, tabs["logp"], self.update_keys(update), self.cfg.train.batch, self.dtype,
                               group=self.cfg.train.group, streams=lambda i: self.update_keys(update, i))
-        if self.proxy is not None:  # a learned reward: the runs train on their proxy (sim.algos.proxy)
+        if self.proxy is not None and self._by_steps and buf.steps is not None:  # a learned reward: the runs
+            st = buf.steps  # train on their proxy (sim.algos.proxy), here of each step taken
+            st["reward"] = self.proxy.step_rewards(st["row"], st["action"], self.dtype)
+        elif self.proxy is not None:
             buf["reward"] = self.proxy.rewards(buf)
         if buf.steps is not None:  # every step taken is a valid sample
-            buf.run_steps = torch.bincount(buf.steps["run"], minlength=self.R)
+            buf.run_steps = buf.steps_per_run()
             self.env_steps += buf.run_steps
         else:
             self.env_steps += torch.count_nonzero(buf["valid"].reshape(self.R, -1), 1)

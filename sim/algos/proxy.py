@@ -7,8 +7,9 @@ discrete trainers need it:
 - ``mdp``: the env's MDP with the proxy as its reward, one table per run (``reward [R, S, A, K]``, no reward
   noise). The exact oracles of :mod:`envs.tabular` accept such a batched reward, so exact mode, the
   KL-regularized optimum (soft value iteration) and ``proxy_return`` use it as they use the gold MDP;
-- :meth:`ProxyReward.rewards`: the proxy rewards of sampled episodes. Episodes are sampled with the env's
-  own dynamics and their rewards replaced by the run's proxy of each step's (state, action);
+- :meth:`ProxyReward.rewards` (:meth:`ProxyReward.step_rewards` on compact steps): the proxy rewards of
+  sampled episodes. Episodes are sampled with the env's own dynamics and their rewards replaced by the run's
+  proxy of each step's (state, action);
 - :meth:`ProxyReward.metrics`: ``gold_return`` and ``proxy_return`` (exact expectations under the current
   policy), and ``opt_gold`` / ``opt_proxy``: the gold and proxy values of the KL-regularized optimum of the
   proxy for the current β, phase and reference (NaN for runs with β = 0);
@@ -86,6 +87,11 @@ class ProxyReward:
         idx, valid = buf["idx"], buf["valid"]
         r = self._flat.gather(1, idx.reshape(idx.shape[0], -1)).view(idx.shape)
         return torch.where(valid, r, torch.zeros((), dtype=r.dtype, device=r.device)).to(buf["reward"].dtype)
+
+    def step_rewards(self, row: Tensor, action: Tensor, dtype: torch.dtype) -> Tensor:
+        """The proxy rewards ``[n]`` in ``dtype`` of sampled steps (each step's ``row`` = run·S + state and
+        ``action``, ``[n]``): :meth:`rewards`' values at those steps, without the ``[R, N, H]`` buffers."""
+        return self._flat.reshape(-1).index_select(0, torch.add(action, row, alpha=self.table.shape[2])).to(dtype)
 
     def metrics(self, logp: Tensor, prob: Tensor, gold_return: Tensor, opt_key: tuple,
                 optimum: Callable[[], Tensor], beta: Tensor) -> dict[str, Tensor]:

@@ -100,7 +100,12 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
         counts.append(s.numel())
         if H == 1:  # (the buffers are this step's tensors: no episode goes on)
             break
-        going = nxt.ne(sink).nonzero().squeeze(1)
+        on = nxt.ne(sink)
+        if every and bool(on.all()):  # none has ended yet, nor now (cheaper than listing them)
+            goings.append(None)
+            state = nxt
+            continue
+        going = on.nonzero().squeeze(1)
         if going.numel() == 0:
             break
         if going.numel() == nxt.numel():  # none ended
@@ -118,13 +123,12 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
         buf = Episodes({k: v.view(R, N, 1) for k, v in one.items()})
         buf["valid"] = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
         return buf
-    taken["reward"] = [torch.cat(taken["reward"]).to(reward_dtype)]  # cast once, not per step
-    taken["action"] = [torch.cat(taken["action"]).long()]
-    taken["done"] = [torch.cat(taken["done"]) == sink]
+    # cast once, not per step, and only when read (a learned reward replaces the env's, say)
+    finish = {"reward": lambda x: x.to(reward_dtype), "action": lambda x: x.long(), "done": lambda x: x == sink}
     steps_t = torch.repeat_interleave(torch.arange(len(counts), device=dev),
                                       torch.tensor(counts, device=dev), output_size=sum(counts))
     taken["at"] = [torch.cat(taken["at"]) + steps_t]  # (run·N + n)·H + t
-    return Episodes.from_steps(taken, counts, goings, (R, N, H))
+    return Episodes.from_steps(taken, counts, goings, (R, N, H), finish)
 
 
 _COUNT_MAX = 17
@@ -148,15 +152,17 @@ def _episode_rows(R: int, S: int, N: int, H: int, dev: torch.device) -> Tensor:
 
 
 class _Joined(dict):
-    """Per-step tensors ``{key: [step tensors]}`` read as ``{key: all steps}``, each joined on first read."""
+    """Per-step tensors ``{key: [step tensors]}`` read as ``{key: all steps}``, each joined on first read (and
+    then passed through ``finish[key]``, where given)."""
 
-    def __init__(self, parts: dict[str, list[Tensor]]):
+    def __init__(self, parts: dict[str, list[Tensor]], finish: dict[str, Callable[[Tensor], Tensor]] | None = None):
         super().__init__()
-        self._parts = parts
+        self._parts, self._finish = parts, finish or {}
 
     def __missing__(self, key: str) -> Tensor:
         parts = self._parts[key]
-        self[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        self[key] = self._finish[key](x) if key in self._finish else x
         return self[key]
 
 
@@ -185,12 +191,22 @@ class Episodes(dict):
 
     @classmethod
     def from_steps(cls, steps: dict[str, list[Tensor]], counts: list[int], goings: list[Tensor | None],
-                   shape: tuple[int, int, int]) -> Episodes:
+                   shape: tuple[int, int, int], finish: dict[str, Callable[[Tensor], Tensor]] | None = None
+                   ) -> Episodes:
         """Episodes whose buffers are made from the steps (``steps``: each key's tensors, step by step, joined
-        when first read) when first read."""
+        when first read, then passed through ``finish[key]`` where given) when first read."""
         eps = cls()
-        eps.steps, eps.counts, eps.goings, eps.shape = _Joined(steps), counts, goings, shape
+        eps.steps, eps.counts, eps.goings, eps.shape = _Joined(steps, finish), counts, goings, shape
         return eps
+
+    def steps_per_run(self) -> Tensor:
+        """Steps taken per run ``[R]`` (int64) of episodes sampled over several steps: ``N`` times the steps
+        taken when no episode ended before the last one, else counted from the steps' runs."""
+        R, N, _ = self.shape
+        if self.counts[0] == R * N and all(going is None for going in self.goings[: len(self.counts) - 1]):
+            at = self.steps["at"]
+            return torch.full((R,), N * len(self.counts), dtype=torch.long, device=at.device)
+        return torch.bincount(self.steps["run"], minlength=R)
 
     def __missing__(self, key: str) -> Tensor:
         if self.steps is None or key not in DENSE_KEYS:

@@ -38,6 +38,9 @@ def successors(counts: list[int], goings: list[Tensor | None], device: torch.dev
     episode's last step. ``counts``/``goings`` as in :class:`~sim.engine.rollout.Episodes`."""
     off = offsets(counts)
     n = off[-1]
+    if all(going is None for going in goings[: len(counts) - 1]):  # no episode ends before the last step: the
+        # steps all have the same episodes, each sample's successor is one step's samples further on
+        return torch.arange(counts[0], n + counts[0], device=device).clamp_(max=n)
     succ = torch.full((n,), n, dtype=torch.long, device=device)
     preds = [torch.arange(off[t], off[t] + counts[t], device=device) if going is None else going + off[t]
              for t, going in enumerate(goings[: len(counts) - 1])]
@@ -46,16 +49,23 @@ def successors(counts: list[int], goings: list[Tensor | None], device: torch.dev
     return succ
 
 
-def returns_to_go(x: Tensor, counts: list[int], succ: Tensor) -> Tensor:
+def returns_to_go(x: Tensor, counts: list[int], succ: Tensor, goings: list[Tensor | None] | None = None
+                  ) -> Tensor:
     """Per-episode sums ``Σ_{t' ≥ t} x_t'`` of the samples ``x [n]``, accumulated from the episode's end in
     float64 and rounded to ``x``'s dtype: bitwise ``x``'s buffer ``[R, N, H]`` (zero after the end) flipped,
-    ``cumsum``-ed and flipped back, which accumulates a float32 row in float64."""
+    ``cumsum``-ed and flipped back, which accumulates a float32 row in float64. With ``goings`` (as in
+    :func:`successors`), a step none of whose episodes ends reads its successors as the next step's block."""
     off = offsets(counts)
     acc = torch.zeros(off[-1] + 1, dtype=torch.float64, device=x.device)  # the last slot stays 0: past the end
     x64 = x.to(torch.float64)
-    for t in range(len(counts) - 1, -1, -1):
+    last = len(counts) - 1
+    for t in range(last, -1, -1):
         a, b = off[t], off[t + 1]
-        torch.add(acc.index_select(0, succ[a:b]), x64[a:b], out=acc[a:b])  # 0 + x at an episode's last step
+        if goings is not None and t < last and goings[t] is None:  # the same episodes, in order, one step on
+            nxt = acc[b: b + (b - a)]
+        else:
+            nxt = acc.index_select(0, succ[a:b])
+        torch.add(nxt, x64[a:b], out=acc[a:b])  # 0 + x at an episode's last step
     return acc[:-1].to(x.dtype)
 
 
@@ -72,10 +82,10 @@ def gae_on_steps(shaped: Tensor, v: Tensor | None, done: Tensor, gamma: float, c
     succ = successors(counts, goings, shaped.device)
     if v is None:
         zero = torch.zeros_like(shaped)
-        ret = returns_to_go(shaped + gamma * zero * not_done - zero, counts, succ)
+        ret = returns_to_go(shaped + gamma * zero * not_done - zero, counts, succ, goings)
         return ret, ret
     next_v = torch.cat([v, torch.zeros(1, dtype=v.dtype, device=v.device)]).index_select(0, succ)
-    adv = returns_to_go(shaped + gamma * next_v * not_done - v, counts, succ)
+    adv = returns_to_go(shaped + gamma * next_v * not_done - v, counts, succ, goings)
     return adv, adv + v
 
 

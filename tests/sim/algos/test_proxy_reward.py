@@ -21,7 +21,7 @@ import envs
 from envs.best_of_n import best_of_n, episode_tree, kl_upper_bound
 from sim.engine import reward_model
 from sim.lab.cli import main
-from sim.lab.dispatch import resolve, train_batch
+from sim.lab.dispatch import make_trainer, resolve, train_batch
 
 V8 = [["kl.placement=none"], ["kl.placement=reward", "kl.estimator=k1"], ["kl.placement=reward", "kl.estimator=k2"],
       ["kl.placement=reward", "kl.estimator=k3"], ["kl.placement=loss", "kl.estimator=k1"],
@@ -72,6 +72,23 @@ def test_the_gold_reward_as_proxy_gives_todays_results(gold_as_proxy, case: str)
         assert lo.status["status"] == g.status["status"] and "reward_model" in lo.status
         rm = lo.extra["reward_model"]
         assert np.array_equal(rm["proxy"], rm["gold"])
+
+
+@pytest.mark.parametrize("env", [["env.id=token_tree", "env.reward=random"],
+                                 ["env.id=gridworld", "env.layout=open_5x5", "env.horizon=6"]])
+def test_a_learned_proxy_trains_on_the_steps_taken_as_on_the_buffers(env: list[str]):
+    """PPO on a learned proxy shapes and groups the sampled steps (no [R, N, H] buffers) where the gold reward
+    would, with the numbers of the buffers' path."""
+    base = [*env, "reward.model=learned", "reward.pairs=40", "kl.beta=0.3", "train.updates=3", "train.batch=16",
+            "log.trajectories=2"]
+    configs = [resolve(None, base + v + [f"seed={i}"]) for i, v in enumerate(V8)]
+    on_steps, on_buffers = make_trainer(configs), make_trainer(configs)
+    assert on_steps._by_steps
+    on_buffers._by_steps = False
+    for s, b in zip(on_steps.run(), on_buffers.run(), strict=True):
+        for name, frame in b.tables().items():
+            pd.testing.assert_frame_equal(s.tables()[name], frame, check_exact=True, obj=name)
+        assert {**s.status, "wall_time_s": 0} == {**b.status, "wall_time_s": 0}
 
 
 def test_opt_gold_and_proxy_are_the_returns_of_the_proxys_optimum():
