@@ -3,7 +3,9 @@
 A report spends most of its time laying out and writing figures (matplotlib is single-threaded), so
 :class:`FigureQueue` collects each figure as a job — the figure function, its arguments and the report entry
 list it belongs to — and :meth:`FigureQueue.draw` runs the jobs in ``workers`` processes forked from this one
-(they inherit the loaded tables and imported modules: nothing is pickled but the written paths). Every job
+(they inherit the loaded tables and imported modules: nothing is pickled but the written paths). Its two halves,
+:meth:`FigureQueue.start` and :meth:`FigureQueue.finish`, leave this process free in between: a report queues
+every figure, starts them, writes its tables while the processes draw, then waits. Every job
 writes the same files whichever process draws it; the entries keep their queue order, so ``index.md`` is
 the same as when the figures are drawn one after another in this process (``workers=1``, also what platforms
 without ``fork`` get). A figure that raises is reported, never fatal; a worker process that dies has its
@@ -95,27 +97,59 @@ def draw_order(jobs: list[FigureJob]) -> list[int]:
     return sorted(range(len(jobs)), key=lambda i: -jobs[i].cost)
 
 
+class Drawing:
+    """Figure jobs being drawn: :meth:`start` forks the drawing processes (default: one per core; 1 = none) and
+    hands them every job in :func:`draw_order`, then returns, so this process can do other work meanwhile;
+    :meth:`finish` waits for the results (in job order), drawing here whatever no process drew: every job when
+    there are no processes, the unfinished jobs of a process that died."""
+
+    def __init__(self, jobs: list[FigureJob]) -> None:
+        self.jobs = jobs
+        self._pool: ProcessPoolExecutor | None = None
+        self._futures: dict[Any, int] = {}
+
+    def start(self, workers: int | None = None) -> Drawing:
+        """Start drawing in ``workers`` forked processes (none: everything is drawn by :meth:`finish`)."""
+        global _JOBS
+        workers = min(available_cores() if workers is None else workers, len(self.jobs))
+        if workers <= 1 or not can_fork():
+            return self
+        _JOBS = self.jobs  # the processes are forked by the first submit: they read the jobs from their copy
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                         initializer=_init_worker)
+        try:
+            self._futures = {self._pool.submit(_draw_index, i): i for i in draw_order(self.jobs)}
+        except BaseException:
+            self.cancel()
+            raise
+        return self
+
+    def finish(self) -> list[FigureResult]:
+        """Every job's result, in job order (see the class docstring)."""
+        results: dict[int, FigureResult] = {}
+        if self._pool is not None:
+            try:
+                for fut in as_completed(self._futures):
+                    results[self._futures[fut]] = fut.result()
+            except BrokenProcessPool:
+                pass  # a worker died (e.g. out of memory): what it did not finish is drawn below
+            finally:
+                self.cancel()
+        return [results[i] if i in results else draw_one(job) for i, job in enumerate(self.jobs)]
+
+    def cancel(self) -> None:
+        """Stop the drawing processes (jobs not yet started are dropped); :meth:`finish` calls it."""
+        global _JOBS
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        _JOBS = []
+
+
 def draw_all(jobs: list[FigureJob], workers: int | None = None) -> list[FigureResult]:
     """Draw ``jobs`` in ``workers`` forked processes (default: one per core; 1 = in this process; started in
     :func:`draw_order`), results in job order."""
-    global _JOBS
-    workers = min(available_cores() if workers is None else workers, len(jobs))
-    if workers <= 1 or not can_fork():
-        return [draw_one(job) for job in jobs]
-    results: dict[int, FigureResult] = {}
-    _JOBS = jobs
-    try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_init_worker) as pool:
-            futures = {pool.submit(_draw_index, i): i for i in draw_order(jobs)}
-            try:
-                for fut in as_completed(futures):
-                    results[futures[fut]] = fut.result()
-            except BrokenProcessPool:
-                pass  # a worker died (e.g. out of memory): what it did not finish is drawn below
-    finally:
-        _JOBS = []
-    return [results[i] if i in results else draw_one(job) for i, job in enumerate(jobs)]
+    return Drawing(jobs).start(workers).finish()
 
 
 class FigureQueue:
@@ -125,6 +159,7 @@ class FigureQueue:
     def __init__(self) -> None:
         self.jobs: list[FigureJob] = []
         self._lists: list[list] = []
+        self._drawing: Drawing | None = None
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -132,8 +167,10 @@ class FigureQueue:
     def add(self, entries: list, sentence: str, name: str, fn: FigureFn, *args: Any, cost: float = 1.0,
             **kwargs: Any) -> None:
         """Queue ``fn(*args, **kwargs)``; once drawn, its ``(sentence, paths)`` takes this place in ``entries``
-        (nothing if it fails: its error is returned by :meth:`draw`, naming ``name``). ``cost``: its relative
-        drawing time (:attr:`FigureJob.cost`), not passed to ``fn``."""
+        (nothing if it fails: its error is returned by :meth:`draw` or :meth:`finish`, naming ``name``).
+        ``cost``: its relative drawing time (:attr:`FigureJob.cost`), not passed to ``fn``."""
+        if self._drawing is not None:
+            raise RuntimeError("a figure cannot be queued while the queue is being drawn")
         entries.append(_Pending(len(self.jobs), sentence))
         self.jobs.append(FigureJob(fn, args, kwargs, name, cost))
         if not any(e is entries for e in self._lists):
@@ -142,9 +179,31 @@ class FigureQueue:
     def draw(self, workers: int | None = None) -> list[str]:
         """Draw every queued figure (:func:`draw_all`), fill the entry lists in queue order and return the
         errors of the figures that could not be drawn, in queue order."""
-        results = draw_all(self.jobs, workers)
+        self.start(workers)
+        return self.finish()
+
+    def start(self, workers: int | None = None) -> None:
+        """Start drawing every queued figure in ``workers`` processes (:meth:`Drawing.start`) and return at once:
+        this process is free for other work (e.g. the report's tables) until :meth:`finish`. No figure may be
+        queued in between."""
+        if self._drawing is not None:
+            raise RuntimeError("the figures are already being drawn")
+        self._drawing = Drawing(self.jobs).start(workers)
+
+    def finish(self) -> list[str]:
+        """Wait for the figures started by :meth:`start` (or draw them here if it was not called), fill the
+        entry lists in queue order and return the errors of the figures that could not be drawn, in queue
+        order."""
+        drawing, self._drawing = self._drawing or Drawing(self.jobs), None
+        results = drawing.finish()
         for entries in self._lists:
             entries[:] = [(e.sentence, results[e.index].paths) if isinstance(e, _Pending) else e for e in entries
                           if not (isinstance(e, _Pending) and results[e.index].paths is None)]
         self.jobs, self._lists = [], []
         return [r.error for r in results if r.error is not None]
+
+    def cancel(self) -> None:
+        """Stop drawing (after an error in this process between :meth:`start` and :meth:`finish`)."""
+        if self._drawing is not None:
+            self._drawing.cancel()
+            self._drawing = None

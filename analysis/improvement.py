@@ -8,7 +8,7 @@ says how many pairs each value rests on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,16 +41,10 @@ def poi_table(per_run: pd.DataFrame, conditions: Sequence[str], score: str, lowe
         Columns ``conditions``…, ``variant``, ``n`` (the variant's seeds), ``n_baseline``, ``poi``, ``poi_lo``,
         ``poi_hi`` (95 % bootstrap over both variants' seeds); empty if the baseline is absent.
     """
-    frame = per_run[per_run[score].notna()]
-    conds = [c for c in conditions if c in frame and c != "variant"]
-    groups = frame.groupby(conds, observed=True, sort=True) if conds else [((), frame)]
+    conds = [c for c in conditions if c in per_run and c != "variant"]
     rows = []
-    for i, (key, g) in enumerate(groups):
-        key = key if isinstance(key, tuple) else (key,)
-        base = g.loc[g["variant"].astype(str) == baseline, score].to_numpy(float)
-        if base.size == 0:
-            continue
-        sign = -1.0 if lower_is_better else 1.0
+    sign = -1.0 if lower_is_better else 1.0
+    for i, key, g, base in _with_baseline(per_run, conds, score, baseline):
         for j, v in enumerate(dict.fromkeys(g["variant"].astype(str))):
             if v == baseline:
                 continue
@@ -60,6 +54,26 @@ def poi_table(per_run: pd.DataFrame, conditions: Sequence[str], score: str, lowe
                          "poi": est.point, "poi_lo": est.lo, "poi_hi": est.hi})
     cols = [*conds, "variant", "n", "n_baseline", "poi", "poi_lo", "poi_hi"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def _with_baseline(per_run: pd.DataFrame, conds: list[str], score: str,
+                   baseline: str) -> Iterator[tuple[int, tuple, pd.DataFrame, np.ndarray]]:
+    """``(group number, condition values, rows, the baseline's scores)`` of each condition (group of ``conds``)
+    of the runs with a ``score`` in which ``baseline`` has one."""
+    frame = per_run[per_run[score].notna()]
+    groups = frame.groupby(conds, observed=True, sort=True) if conds else [((), frame)]
+    for i, (key, g) in enumerate(groups):
+        base = g.loc[g["variant"].astype(str) == baseline, score].to_numpy(float)
+        if base.size:
+            yield i, key if isinstance(key, tuple) else (key,), g, base
+
+
+def has_poi(per_run: pd.DataFrame, conditions: Sequence[str], score: str, baseline: str = POI_BASELINE) -> bool:
+    """Whether :func:`poi_table` of these arguments has a row (a condition holds ``baseline`` and another
+    variant), without its bootstrap."""
+    conds = [c for c in conditions if c in per_run and c != "variant"]
+    return any((g["variant"].astype(str) != baseline).any() for _, _, g, _ in
+               _with_baseline(per_run, conds, score, baseline))
 
 
 def poi_markdown(table: pd.DataFrame, conditions: Sequence[str]) -> str:

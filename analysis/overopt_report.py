@@ -225,50 +225,87 @@ def write_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_bo
     With a ``queue`` (:class:`analysis.figure_pool.FigureQueue`, e.g. the whole report's) the figures are only
     queued there: ``figures`` holds their places and the queue's owner draws them and collects their errors;
     without one they are drawn before this returns."""
+    own = queue is None
+    queue = FigureQueue() if queue is None else queue
+    tables = queue_overopt(metrics, out, formats, n_boot, seed, figures, queue)
+    sec = tables.write()
+    if own and figures:
+        sec.errors += queue.draw()
+    return sec
+
+
+@dataclass
+class OveroptTables:
+    """The over-optimization section once its figures are queued (:func:`queue_overopt`): :meth:`write` computes
+    its tables (what the figures do not need) and returns the section."""
+
+    section: OveroptSection
+    points: pd.DataFrame
+    """:func:`analysis.overopt.frontier_points` of the metrics."""
+    points_fit: pd.DataFrame
+    """The same with ``variant`` as strings."""
+    fits: pd.DataFrame
+    conds: list[str]
+    out: Path
+    n_boot: int
+    seed: int
+
+    def write(self) -> OveroptSection:
+        """The peak, best-of-n and frontier tables: their CSVs into ``out`` and their Markdown into the
+        section (whose figure entries are filled when the queue is drawn)."""
+        points, fits, conds, n_boot, seed = self.points_fit, self.fits, self.conds, self.n_boot, self.seed
+        has_beta = "kl.beta" in self.points and self.points["kl.beta"].nunique() > 0
+        by = ["variant", *conds] + (["kl.beta"] if has_beta else [])
+        per_run = O.peak_per_run(self.points)
+        per_run["variant"] = per_run["variant"].astype(str)
+        is_bon = per_run["variant"] == O.BON
+        bon_by = ["variant", *conds] + (["bon.n"] if "bon.n" in per_run else [])
+        peaks = pd.concat([O.peak_table(per_run[~is_bon], by, n_boot, seed) if (~is_bon).any() else pd.DataFrame(),
+                           O.peak_table(per_run[is_bon], bon_by, n_boot, seed) if is_bon.any() else pd.DataFrame()],
+                          ignore_index=True)
+        if is_bon.any() and "kl.beta" in peaks:  # best-of-n has no β
+            peaks.loc[peaks["variant"] == O.BON, "kl.beta"] = np.nan
+        fit_by = ["variant", *conds]
+        bon_rows = O.bon_check(points, fits, fit_by, n_boot, seed) if (points["variant"] == O.BON).any() \
+            else pd.DataFrame()
+        grid_rows = []
+        for _key, g in (points.groupby(conds, observed=True) if conds else [((), points)]):
+            none = g[g["variant"] == O.NO_KL]
+            if none.empty:
+                continue
+            d_max = float(none.groupby("seed")["d"].max().median())
+            peak_d = float(np.median([r.loc[r["gold"].idxmax(), "d"]
+                                      for _, r in none.groupby("run_id", observed=True)]))
+            grid = sorted({round(q * d_max, 3) for q in FRONTIER_GRID_QUANTILES} | {round(peak_d, 3)})
+            grid_rows.append(O.frontier_comparison(g, conds, grid, n_boot, seed))
+        frontier = pd.concat(grid_rows, ignore_index=True) if grid_rows else pd.DataFrame()
+        if "bon.n" in peaks:
+            peaks["bon.n"] = peaks["bon.n"].astype("Int64")
+        for name, table in (("peaks", peaks), ("fits", fits), ("bon", bon_rows), ("frontier", frontier)):
+            table.to_csv(self.out / f"overopt_{name}.csv", index=False)
+        self.section.markdown += _markdown(peaks, fits, bon_rows, frontier, conds, has_beta, n_boot)
+        return self.section
+
+
+def queue_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_boot: int, seed: int, figures: bool,
+                  queue: FigureQueue) -> OveroptTables:
+    """The first half of :func:`write_overopt`: the frontier points and Gao fits, and the figures queued on
+    ``queue`` (when ``figures``); the tables the figures do not need are left to :meth:`OveroptTables.write`,
+    which may run while the queue is drawn."""
     sec = OveroptSection()
     points = O.frontier_points(metrics)
     conds = [c for c in condition_columns(points) if c != "kl.beta"]
     has_beta = "kl.beta" in points and points["kl.beta"].nunique() > 0
     by = ["variant", *conds] + (["kl.beta"] if has_beta else [])
-    per_run = O.peak_per_run(points)
-    per_run["variant"] = per_run["variant"].astype(str)
-    is_bon = per_run["variant"] == O.BON
-    bon_by = ["variant", *conds] + (["bon.n"] if "bon.n" in per_run else [])
-    peaks = pd.concat([O.peak_table(per_run[~is_bon], by, n_boot, seed) if (~is_bon).any() else pd.DataFrame(),
-                       O.peak_table(per_run[is_bon], bon_by, n_boot, seed) if is_bon.any() else pd.DataFrame()],
-                      ignore_index=True)
-    if is_bon.any() and "kl.beta" in peaks:  # best-of-n has no β
-        peaks.loc[peaks["variant"] == O.BON, "kl.beta"] = np.nan
     points_fit = points.copy()
     points_fit["variant"] = points_fit["variant"].astype(str)
     fit_by = ["variant", *conds]
     fits = pd.concat([O.gao_fits(points_fit[points_fit["variant"] != O.BON], by, n_boot=min(n_boot, 1000), seed=seed),
                       O.gao_fits(points_fit[points_fit["variant"] == O.BON], fit_by, n_boot=min(n_boot, 1000),
                                  seed=seed)], ignore_index=True)
-    bon_rows = O.bon_check(points_fit, fits, fit_by, n_boot, seed) if (points_fit["variant"] == O.BON).any() \
-        else pd.DataFrame()
-    grid_rows = []
-    for _key, g in (points_fit.groupby(conds, observed=True) if conds else [((), points_fit)]):
-        none = g[g["variant"] == O.NO_KL]
-        if none.empty:
-            continue
-        d_max = float(none.groupby("seed")["d"].max().median())
-        peak_d = float(np.median([r.loc[r["gold"].idxmax(), "d"] for _, r in none.groupby("run_id", observed=True)]))
-        grid = sorted({round(q * d_max, 3) for q in FRONTIER_GRID_QUANTILES} | {round(peak_d, 3)})
-        grid_rows.append(O.frontier_comparison(g, conds, grid, n_boot, seed))
-    frontier = pd.concat(grid_rows, ignore_index=True) if grid_rows else pd.DataFrame()
-    if "bon.n" in peaks:
-        peaks["bon.n"] = peaks["bon.n"].astype("Int64")
-    for name, table in (("peaks", peaks), ("fits", fits), ("bon", bon_rows), ("frontier", frontier)):
-        table.to_csv(out / f"overopt_{name}.csv", index=False)
-    sec.markdown += _markdown(peaks, fits, bon_rows, frontier, conds, has_beta, n_boot)
     if figures:
-        own = queue is None
-        queue = FigureQueue() if queue is None else queue
         _figures(sec, queue, points_fit, fits, conds, out, formats, n_boot, seed)
-        if own:
-            sec.errors += queue.draw()
-    return sec
+    return OveroptTables(sec, points, points_fit, fits, conds, out, n_boot, seed)
 
 
 def _markdown(peaks: pd.DataFrame, fits: pd.DataFrame, bon: pd.DataFrame, frontier: pd.DataFrame,

@@ -37,7 +37,7 @@ from analysis import metrics as M
 from analysis import overopt, plotting
 from analysis import policy_figures as P
 from analysis.figure_pool import FigureQueue
-from analysis.improvement import poi_score, poi_table
+from analysis.improvement import has_poi, poi_score, poi_table
 from analysis.loading import UNREADABLE, LoadError, Results, load
 from analysis.references import kl_references
 from analysis.report_index import index_markdown
@@ -116,7 +116,7 @@ class _Report:
         self._kept: list[list] = []  # entry lists whose section stays in index.md even without a figure
 
     def _figure(self, entries: list[tuple[str, list[Path]]], sentence: str, fn: Any, *args: Any, **kw: Any) -> None:
-        """Queue one figure (drawn by :meth:`draw`); a figure that cannot be drawn is reported in index.md, not
+        """Queue one figure (drawn by :meth:`finish`); a figure that cannot be drawn is reported in index.md, not
         raised."""
         kind = {F.plot_kl: "kl", F.plot_entropy: "entropy", F.plot_recovery: "recovery", F.plot_heatmap: "heatmap",
                 P.plot_final_policy: "policy", F.plot_estimators: "estimators", F.plot_dpo_beta: "dpo",
@@ -128,10 +128,10 @@ class _Report:
         name = next((Path(a).name for a in args if isinstance(a, str | Path)), getattr(fn, "__name__", "figure"))
         self.queue.add(entries, sentence, name, fn, *args, cost=DRAW_COST[kind], formats=self.formats, **kw)
 
-    def draw(self, workers: int | None) -> None:
-        """Draw every queued figure in ``workers`` processes (:mod:`analysis.figure_pool`); sections left without
-        a figure are dropped (but the per-condition curve sections, listed whatever they hold)."""
-        self.errors += self.queue.draw(workers)
+    def finish(self) -> None:
+        """Wait for (or draw) every queued figure (:meth:`analysis.figure_pool.FigureQueue.finish`); sections
+        left without a figure are dropped (but the per-condition curve sections, listed whatever they hold)."""
+        self.errors += self.queue.finish()
         self.sections = [(title, entries) for title, entries in self.sections
                          if entries or any(entries is k for k in self._kept)]
 
@@ -436,15 +436,9 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
         conds = [c for c in res.conditions if c != "variant" and c in per_run and
                  (c == "sweep" or per_run[c].nunique(dropna=False) > 1)]
         by = ["variant"] + conds
-        table = summary_table(per_run, by, n_boot, seed)
-        table.to_csv(out / "summary.csv", index=False)
-        (out / "summary.md").write_text(summary_markdown(table, by))
         score = poi_score(per_run)
-        if score is not None:
-            poi = poi_table(per_run, conds, score[0], score[1], n_boot=n_boot, seed=seed)
-            if not poi.empty:
-                poi.to_csv(out / "poi.csv", index=False)
-                rep.profile(per_run, score[0], conds)
+        if score is not None and has_poi(per_run, conds, score[0]):
+            rep.profile(per_run, score[0], conds)
         groups = list(plotting.split_conditions(metrics))
         for condition, m in groups[:max_conditions]:
             rep.curves(condition, m)
@@ -459,14 +453,29 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
     else:
         skipped = 0
     if frontier:
-        from analysis.overopt_report import write_overopt  # matplotlib figures, like the rest of this module
+        from analysis.overopt_report import queue_overopt  # matplotlib figures, like the rest of this module
 
-        section = write_overopt(everything, out, formats, n_boot, seed, figures="overopt" in rep.kinds,
-                                queue=rep.queue)
-        rep.extra_markdown, rep.errors = section.markdown, rep.errors + section.errors
-        if section.figures:
-            rep.sections.append(("Reward over-optimization", section.figures))
-    rep.draw(workers)
+        overopt_tables = queue_overopt(everything, out, formats, n_boot, seed, "overopt" in rep.kinds, rep.queue)
+    # every figure is queued: the drawing processes start on them while this process writes the tables
+    rep.queue.start(workers)
+    try:
+        if not metrics.empty:
+            table = summary_table(per_run, by, n_boot, seed)
+            table.to_csv(out / "summary.csv", index=False)
+            (out / "summary.md").write_text(summary_markdown(table, by))
+            if score is not None:
+                poi = poi_table(per_run, conds, score[0], score[1], n_boot=n_boot, seed=seed)
+                if not poi.empty:
+                    poi.to_csv(out / "poi.csv", index=False)
+        if frontier:
+            section = overopt_tables.write()
+            rep.extra_markdown, rep.errors = section.markdown, rep.errors + section.errors
+            if section.figures:
+                rep.sections.append(("Reward over-optimization", section.figures))
+    except BaseException:
+        rep.queue.cancel()
+        raise
+    rep.finish()
     index = out / "index.md"
     src = Path(path) if not many else Path(out)
     index.write_text(index_markdown(res, src, out, table, by, rep, skipped, max_conditions,

@@ -115,3 +115,64 @@ def test_the_pool_starts_the_costliest_figures_first(tmp_path: Path, monkeypatch
     assert submitted == [1, 3, 2, 0, 4]
     assert entries == [(f"figure {i}", [tmp_path / f"f{i}.txt"]) for i in range(5)]
     assert [(tmp_path / f"f{i}.txt").read_text() for i in range(5)] == [str(i) for i in range(5)]
+
+
+def _wait_for(path: Path) -> list[Path]:
+    """A figure that can only be drawn while its queue's owner goes on: it waits for the owner's file."""
+    import time
+
+    for _ in range(500):
+        if path.with_suffix(".go").exists():
+            return _write(path, "drawn meanwhile")
+        time.sleep(0.01)
+    raise TimeoutError("the queue's owner did not go on while the figure was drawn")
+
+
+@pytest.mark.skipif(not can_fork(), reason="workers are forked (Linux)")
+def test_figures_are_drawn_while_the_queue_owner_works(tmp_path: Path) -> None:
+    """``start`` returns while the processes draw (the owner writes the tables meanwhile); ``finish`` fills the
+    entries; nothing can be queued in between."""
+    queue = FigureQueue()
+    entries: list = []
+    queue.add(entries, "waits", "w", _wait_for, tmp_path / "w")
+    queue.add(entries, "plain", "p", _write, tmp_path / "p", "p")
+    queue.start(2)
+    with pytest.raises(RuntimeError, match="being drawn"):
+        queue.add(entries, "late", "l", _write, tmp_path / "l", "l")
+    (tmp_path / "w.go").write_text("")  # only now can the first figure be drawn
+    assert queue.finish() == []
+    assert entries == [("waits", [tmp_path / "w.txt"]), ("plain", [tmp_path / "p.txt"])]
+    assert (tmp_path / "w.txt").read_text() == "drawn meanwhile"
+
+
+def test_finish_without_start_draws_here(tmp_path: Path) -> None:
+    queue = FigureQueue()
+    entries: list = []
+    queue.add(entries, "one", "o", _write, tmp_path / "o", "boom")
+    queue.add(entries, "two", "t", _write, tmp_path / "t", "t")
+    assert queue.finish() == ["o: RuntimeError: no figure today"]
+    assert entries == [("two", [tmp_path / "t.txt"])]
+
+
+def test_the_report_tables_are_written_while_the_figures_are_drawn(bandit_sweep: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every figure is queued before the drawing starts; the summary and PoI tables come after."""
+    from analysis import report
+
+    events: list[str] = []
+    start, summary, poi = FigureQueue.start, report.summary_table, report.poi_table
+
+    def recording(name: str, fn):  # noqa: ANN001, ANN202
+        def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            events.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(FigureQueue, "start", recording("start", start))
+    monkeypatch.setattr(FigureQueue, "add", recording("add", FigureQueue.add))
+    monkeypatch.setattr(report, "summary_table", recording("summary", summary))
+    monkeypatch.setattr(report, "poi_table", recording("poi", poi))
+    out = write_report(bandit_sweep, tmp_path / "r", n_boot=50, max_conditions=1, formats=("png",), workers=1)
+    assert events[-3:] == ["start", "summary", "poi"] and "add" in events
+    assert any(p.name == "fig8_profile.png" for p in out.figures)  # queued before the PoI table is computed
+    assert (tmp_path / "r" / "poi.csv").is_file()

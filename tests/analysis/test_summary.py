@@ -90,3 +90,14 @@ def test_heatmap_uses_a_log_scale_when_values_span_decades(bandit_sweep: Path, t
     finally:
         mpl.figure.Figure.savefig = real
     assert seen["norm"] == "LogNorm" and "end of the reward phase" in seen["title"].replace("\n", " ")
+
+
+def test_has_poi_tells_whether_the_poi_table_has_rows() -> None:
+    from analysis.improvement import has_poi
+
+    per_run = pd.DataFrame({"variant": ["k1 in reward", "k1 in reward", "k3 in loss", "none"],
+                            "kl.beta": [0.1, 0.3, 0.1, 0.3], "tv_opt_final": [0.1, 0.2, 0.3, np.nan]})
+    for frame, conds in ((per_run, ["kl.beta"]), (per_run, []), (per_run.iloc[[0, 1, 3]], ["kl.beta"]),
+                         (per_run.iloc[[1, 2, 3]], ["kl.beta"]), (per_run.iloc[[2, 3]], [])):
+        table = poi_table(frame, conds, "tv_opt_final", n_boot=20)
+        assert has_poi(frame, conds, "tv_opt_final") == (not table.empty)
