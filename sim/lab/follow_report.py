@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from sim.lab.executors import fork_available
+from sim.lab.startup import startup_frozen
 
 _GO = b"g"
 """What the sweep writes to the child's pipe when the report should be written (anything else: exit)."""
@@ -44,7 +45,8 @@ def _child(read_fd: int, out: Path) -> int:
     """The forked child: import the report's modules, wait for the sweep's word, then write the report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the sweep, which then tells this child to exit
     try:
-        import analysis.report  # noqa: F401 - the preparation: pandas, matplotlib and the figure modules
+        with startup_frozen():  # kept until exit, and by the drawing processes forked from this one
+            import analysis.report  # noqa: F401 - the preparation: pandas, matplotlib and the figure modules
     except Exception:  # noqa: BLE001 - reported again, with its traceback, if the report is asked for
         pass
     with os.fdopen(read_fd, "rb") as pipe:

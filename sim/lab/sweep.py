@@ -57,6 +57,7 @@ from sim.lab.grid import (
 )
 from sim.lab.lock import LOCK_FILE, lock_holder, sweep_lock
 from sim.lab.progress import progress, use_bar
+from sim.lab.startup import startup_frozen
 
 if TYPE_CHECKING:  # imported where used, so `reflab sweep --help` and grid errors start without them
     import pandas as pd
@@ -245,7 +246,6 @@ def check_devices(plan: SweepPlan, executor: Executor) -> None:
 
 def _check_sweep_dir(out: Path, plan: SweepPlan) -> None:
     """Refuse a folder that is not empty and holds no sweep, or holds a sweep of other runs."""
-
     if not out.is_dir():
         return
     manifest = out / SWEEP_FILE
@@ -310,7 +310,6 @@ def run_sweep(plan: SweepPlan, out: Path, executor: Executor, progress_mode: str
     ``"auto"`` (memory-aware), or ``None`` for the grid's ``batch_size``. A task that fails as a whole marks
     its unfinished runs ``failed`` and the sweep goes on.
     """
-
     out = out.resolve()  # workers elsewhere (Ray, Slurm) need absolute run folders
     check_devices(plan, executor)
     _check_sweep_dir(out, plan)
@@ -495,10 +494,11 @@ def main(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     if args.max_runs < 1 or args.max_yaml_values < 1:
         raise UsageError("--max-runs and --max-yaml-values must be positive integers")
-    grid, path = load_grid(args.grid, args.max_yaml_values, "--max-yaml-values")
-    grid = apply_sets(grid, args.set, args.grid, path.parent, args.max_yaml_values, "--max-yaml-values")
-    plan = plan_sweep(grid, args.grid, path.parent, args.max_runs, args.max_yaml_values,
-                      ("--max-runs", "--max-yaml-values"))
+    with startup_frozen():  # planning imports torch, the trainers and pandas, kept until exit
+        grid, path = load_grid(args.grid, args.max_yaml_values, "--max-yaml-values")
+        grid = apply_sets(grid, args.set, args.grid, path.parent, args.max_yaml_values, "--max-yaml-values")
+        plan = plan_sweep(grid, args.grid, path.parent, args.max_runs, args.max_yaml_values,
+                          ("--max-runs", "--max-yaml-values"))
     batch_size = None
     if args.batch_size is not None:
         batch_size = parse_batch_size(_int_or_auto(args.batch_size), "--batch-size") or "auto"
