@@ -12,7 +12,6 @@ import os
 import platform
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,20 +68,6 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[str]:
-    """The path of a new empty temporary file in ``path``'s folder, which replaces ``path`` (``os.replace``) when
-    the block ends without an error and is removed when it raises."""
-    fd, tmp = _new_temp(path)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` (bytes or any buffer) to ``path`` via a temporary file in the same folder and ``os.replace``.
 
@@ -107,9 +92,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    """``df`` to Parquet at ``path`` atomically."""
-    with _atomic_file(path) as tmp:
-        df.to_parquet(tmp, index=False)
+    """``df`` to Parquet at ``path`` atomically (encoded in memory, then :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, df.to_parquet(index=False))
 
 
 def atomic_write_keyed(path: Path, df: pd.DataFrame, cells: dict[str, Any], metadata: dict[str, Any]) -> None:
