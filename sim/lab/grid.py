@@ -338,8 +338,7 @@ def _check_run_count(label: str, axes: dict[str, list], n_variants: int, n_seeds
 def _excluded(data: dict, exclude: list[dict]) -> int | None:
     """The index of the first ``exclude`` entry the (invalid, so unresolved) run config ``data`` matches, with
     every key it leaves out at its default; ``None`` if none."""
-    merged = deep_merge(default_dict(), data)
-    return next((i for i, entry in enumerate(exclude) if _matches(merged, entry)), None)
+    return _first_match(deep_merge(default_dict(), data), exclude)
 
 
 def _first_match(resolved: dict, exclude: list[dict]) -> int | None:
