@@ -246,6 +246,8 @@ class OveroptTables:
     """The same with ``variant`` as strings."""
     fits: pd.DataFrame
     conds: list[str]
+    by: list[str]
+    """The groups of the fits and of the peaks (``variant``, ``conds``, then ``kl.beta`` where it has values)."""
     out: Path
     n_boot: int
     seed: int
@@ -254,8 +256,8 @@ class OveroptTables:
         """The peak, best-of-n and frontier tables: their CSVs into ``out`` and their Markdown into the
         section (whose figure entries are filled when the queue is drawn)."""
         points, fits, conds, n_boot, seed = self.points_fit, self.fits, self.conds, self.n_boot, self.seed
-        has_beta = "kl.beta" in self.points and self.points["kl.beta"].nunique() > 0
-        by = ["variant", *conds] + (["kl.beta"] if has_beta else [])
+        by = self.by
+        has_beta = "kl.beta" in by
         per_run = O.peak_per_run(self.points)
         per_run["variant"] = per_run["variant"].astype(str)
         is_bon = per_run["variant"] == O.BON
@@ -305,7 +307,7 @@ def queue_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_bo
                                  seed=seed)], ignore_index=True)
     if figures:
         _figures(sec, queue, points_fit, fits, conds, out, formats, n_boot, seed)
-    return OveroptTables(sec, points, points_fit, fits, conds, out, n_boot, seed)
+    return OveroptTables(sec, points, points_fit, fits, conds, by, out, n_boot, seed)
 
 
 def _markdown(peaks: pd.DataFrame, fits: pd.DataFrame, bon: pd.DataFrame, frontier: pd.DataFrame,
