@@ -28,7 +28,16 @@ import pandas as pd
 from analysis import overopt as O
 from analysis.figure_pool import FigureQueue
 from analysis.loading import variant_order
-from analysis.plotting import FORMATS, PAGE_WIDTH, condition_columns, condition_label, new_figure, paper_style, save
+from analysis.plotting import (
+    FORMATS,
+    PAGE_WIDTH,
+    condition_columns,
+    condition_label,
+    new_figure,
+    paper_style,
+    pivot_runs,
+    save,
+)
 from analysis.plotting import variant_style as _variant_style
 from analysis.stats import bootstrap_curve
 
@@ -50,17 +59,11 @@ def wide_table(rows: pd.DataFrame, x_key: str, column: str) -> tuple[np.ndarray,
 
     The numbers and order of ``rows.pivot_table(index="run_id", columns=x_key, values=column, observed=True,
     aggfunc="first")``: rows whose ``x_key`` or ``column`` is NaN are left out (so are runs and xs left with no
-    value), and the first of duplicate (run, x) rows is kept; in numpy, as a figure needs dozens of them."""
-    codes = O.run_codes(rows)
-    x = rows[x_key].to_numpy(float)
-    v = rows[column].to_numpy(float)
-    keep = (codes >= 0) & ~np.isnan(x) & ~np.isnan(v)
-    runs, r_idx = np.unique(codes[keep], return_inverse=True)
-    xs, x_idx = np.unique(x[keep], return_inverse=True)
-    cells, first = np.unique(r_idx * len(xs) + x_idx, return_index=True)
-    out = np.full((len(runs), len(xs)), np.nan)
-    out.ravel()[cells] = v[keep][first]
-    return out, xs
+    value), and the first of duplicate (run, x) rows is kept: :func:`analysis.plotting.pivot_runs` without its
+    all-NaN columns."""
+    xs, wide = pivot_runs(rows, column, x_key)
+    kept = ~np.isnan(wide).all(axis=0)
+    return wide[:, kept], xs[kept]
 
 
 def _mean_curve(rows: pd.DataFrame, column: str, n_boot: int, seed: int) -> tuple[np.ndarray, ...]:
