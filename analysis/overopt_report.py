@@ -1,7 +1,7 @@
 """The over-optimization part of ``reflab report``: frontier figures, Gao et al. fits and the peak table.
 
-:func:`write_overopt` is called by :mod:`analysis.report` for sweeps whose runs log ``gold_return`` (a learned
-proxy reward or best-of-n). It writes, into the report folder,
+:func:`queue_overopt` and then :meth:`OveroptTables.write` are called by :mod:`analysis.report` for sweeps whose
+runs log ``gold_return`` (a learned proxy reward or best-of-n). They write, into the report folder,
 
 - ``figO1_frontier_<condition>``: per condition (env, proxy, …) and β, gold (left) and proxy (right) reward
   relative to π_ref against d = √KL: one line per variant (mean over seeds at each logged update, x = the mean
@@ -181,11 +181,11 @@ def plot_beta_frontier(points: pd.DataFrame, path: str | Path, *, title: str | N
 
 @dataclass
 class OveroptSection:
-    """What :func:`write_overopt` produced: index.md lines, figure entries ``(sentence, paths)``, errors."""
+    """The section :meth:`OveroptTables.write` returns: index.md lines and figure entries ``(sentence, paths)``
+    (their errors are the figure queue's)."""
 
     markdown: list[str] = field(default_factory=list)
     figures: list[tuple[str, list[Path]]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -218,23 +218,6 @@ def _slug(values: dict[str, Any]) -> str:
         name = {"kl.beta": "beta", "env.id": "env"}.get(k, k.replace(".", "-"))
         parts.append(f"{name}-{v:g}" if isinstance(v, float) else f"{name}-{v}")
     return "_".join(parts).replace("/", "-").replace(" ", "")
-
-
-def write_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_boot: int = 2000, seed: int = 0,
-                  figures: bool = True, queue: FigureQueue | None = None) -> OveroptSection:
-    """Tables, CSVs and figures of the over-optimization analysis of ``metrics`` into ``out`` (see the module
-    docstring). Figures that cannot be drawn are listed in ``errors``, never raised.
-
-    With a ``queue`` (:class:`analysis.figure_pool.FigureQueue`, e.g. the whole report's) the figures are only
-    queued there: ``figures`` holds their places and the queue's owner draws them and collects their errors;
-    without one they are drawn before this returns."""
-    own = queue is None
-    queue = FigureQueue() if queue is None else queue
-    tables = queue_overopt(metrics, out, formats, n_boot, seed, figures, queue)
-    sec = tables.write()
-    if own and figures:
-        sec.errors += queue.draw()
-    return sec
 
 
 @dataclass
@@ -294,9 +277,10 @@ class OveroptTables:
 
 def queue_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_boot: int, seed: int, figures: bool,
                   queue: FigureQueue) -> OveroptTables:
-    """The first half of :func:`write_overopt`: the frontier points and Gao fits, and the figures queued on
-    ``queue`` (when ``figures``); the tables the figures do not need are left to :meth:`OveroptTables.write`,
-    which may run while the queue is drawn."""
+    """Tables, CSVs and figures of the over-optimization analysis of ``metrics`` into ``out`` (see the module
+    docstring), first half: the frontier points and Gao fits, and the figures queued on ``queue`` (when
+    ``figures``; its owner draws them and collects their errors); the tables the figures do not need are left to
+    :meth:`OveroptTables.write`, which may run while the queue is drawn."""
     sec = OveroptSection()
     points = O.frontier_points(metrics)
     conds = [c for c in condition_columns(points) if c != "kl.beta"]
