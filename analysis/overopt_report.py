@@ -1,7 +1,7 @@
 """The over-optimization part of ``reflab report``: frontier figures, Gao et al. fits and the peak table.
 
-:func:`write_overopt` is called by :mod:`analysis.report` for sweeps whose runs log ``gold_return`` (a learned
-proxy reward or best-of-n). It writes, into the report folder,
+:func:`queue_overopt` and then :meth:`OveroptTables.write` are called by :mod:`analysis.report` for sweeps whose
+runs log ``gold_return`` (a learned proxy reward or best-of-n). They write, into the report folder,
 
 - ``figO1_frontier_<condition>``: per condition (env, proxy, …) and β, gold (left) and proxy (right) reward
   relative to π_ref against d = √KL: one line per variant (mean over seeds at each logged update, x = the mean
@@ -28,7 +28,16 @@ import pandas as pd
 from analysis import overopt as O
 from analysis.figure_pool import FigureQueue
 from analysis.loading import variant_order
-from analysis.plotting import FORMATS, PAGE_WIDTH, condition_columns, condition_label, new_figure, paper_style, save
+from analysis.plotting import (
+    FORMATS,
+    PAGE_WIDTH,
+    condition_columns,
+    condition_label,
+    new_figure,
+    paper_style,
+    pivot_runs,
+    save,
+)
 from analysis.plotting import variant_style as _variant_style
 from analysis.stats import bootstrap_curve
 
@@ -50,17 +59,11 @@ def wide_table(rows: pd.DataFrame, x_key: str, column: str) -> tuple[np.ndarray,
 
     The numbers and order of ``rows.pivot_table(index="run_id", columns=x_key, values=column, observed=True,
     aggfunc="first")``: rows whose ``x_key`` or ``column`` is NaN are left out (so are runs and xs left with no
-    value), and the first of duplicate (run, x) rows is kept; in numpy, as a figure needs dozens of them."""
-    codes = O.run_codes(rows)
-    x = rows[x_key].to_numpy(float)
-    v = rows[column].to_numpy(float)
-    keep = (codes >= 0) & ~np.isnan(x) & ~np.isnan(v)
-    runs, r_idx = np.unique(codes[keep], return_inverse=True)
-    xs, x_idx = np.unique(x[keep], return_inverse=True)
-    cells, first = np.unique(r_idx * len(xs) + x_idx, return_index=True)
-    out = np.full((len(runs), len(xs)), np.nan)
-    out.ravel()[cells] = v[keep][first]
-    return out, xs
+    value), and the first of duplicate (run, x) rows is kept: :func:`analysis.plotting.pivot_runs` without its
+    all-NaN columns."""
+    xs, wide = pivot_runs(rows, column, x_key)
+    kept = ~np.isnan(wide).all(axis=0)
+    return wide[:, kept], xs[kept]
 
 
 def _mean_curve(rows: pd.DataFrame, column: str, n_boot: int, seed: int) -> tuple[np.ndarray, ...]:
@@ -178,11 +181,11 @@ def plot_beta_frontier(points: pd.DataFrame, path: str | Path, *, title: str | N
 
 @dataclass
 class OveroptSection:
-    """What :func:`write_overopt` produced: index.md lines, figure entries ``(sentence, paths)``, errors."""
+    """The section :meth:`OveroptTables.write` returns: index.md lines and figure entries ``(sentence, paths)``
+    (their errors are the figure queue's)."""
 
     markdown: list[str] = field(default_factory=list)
     figures: list[tuple[str, list[Path]]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -217,23 +220,6 @@ def _slug(values: dict[str, Any]) -> str:
     return "_".join(parts).replace("/", "-").replace(" ", "")
 
 
-def write_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_boot: int = 2000, seed: int = 0,
-                  figures: bool = True, queue: FigureQueue | None = None) -> OveroptSection:
-    """Tables, CSVs and figures of the over-optimization analysis of ``metrics`` into ``out`` (see the module
-    docstring). Figures that cannot be drawn are listed in ``errors``, never raised.
-
-    With a ``queue`` (:class:`analysis.figure_pool.FigureQueue`, e.g. the whole report's) the figures are only
-    queued there: ``figures`` holds their places and the queue's owner draws them and collects their errors;
-    without one they are drawn before this returns."""
-    own = queue is None
-    queue = FigureQueue() if queue is None else queue
-    tables = queue_overopt(metrics, out, formats, n_boot, seed, figures, queue)
-    sec = tables.write()
-    if own and figures:
-        sec.errors += queue.draw()
-    return sec
-
-
 @dataclass
 class OveroptTables:
     """The over-optimization section once its figures are queued (:func:`queue_overopt`): :meth:`write` computes
@@ -246,6 +232,8 @@ class OveroptTables:
     """The same with ``variant`` as strings."""
     fits: pd.DataFrame
     conds: list[str]
+    by: list[str]
+    """The groups of the fits and of the peaks (``variant``, ``conds``, then ``kl.beta`` where it has values)."""
     out: Path
     n_boot: int
     seed: int
@@ -254,8 +242,8 @@ class OveroptTables:
         """The peak, best-of-n and frontier tables: their CSVs into ``out`` and their Markdown into the
         section (whose figure entries are filled when the queue is drawn)."""
         points, fits, conds, n_boot, seed = self.points_fit, self.fits, self.conds, self.n_boot, self.seed
-        has_beta = "kl.beta" in self.points and self.points["kl.beta"].nunique() > 0
-        by = ["variant", *conds] + (["kl.beta"] if has_beta else [])
+        by = self.by
+        has_beta = "kl.beta" in by
         per_run = O.peak_per_run(self.points)
         per_run["variant"] = per_run["variant"].astype(str)
         is_bon = per_run["variant"] == O.BON
@@ -289,9 +277,10 @@ class OveroptTables:
 
 def queue_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_boot: int, seed: int, figures: bool,
                   queue: FigureQueue) -> OveroptTables:
-    """The first half of :func:`write_overopt`: the frontier points and Gao fits, and the figures queued on
-    ``queue`` (when ``figures``); the tables the figures do not need are left to :meth:`OveroptTables.write`,
-    which may run while the queue is drawn."""
+    """Tables, CSVs and figures of the over-optimization analysis of ``metrics`` into ``out`` (see the module
+    docstring), first half: the frontier points and Gao fits, and the figures queued on ``queue`` (when
+    ``figures``; its owner draws them and collects their errors); the tables the figures do not need are left to
+    :meth:`OveroptTables.write`, which may run while the queue is drawn."""
     sec = OveroptSection()
     points = O.frontier_points(metrics)
     conds = [c for c in condition_columns(points) if c != "kl.beta"]
@@ -305,7 +294,7 @@ def queue_overopt(metrics: pd.DataFrame, out: Path, formats: Sequence[str], n_bo
                                  seed=seed)], ignore_index=True)
     if figures:
         _figures(sec, queue, points_fit, fits, conds, out, formats, n_boot, seed)
-    return OveroptTables(sec, points, points_fit, fits, conds, out, n_boot, seed)
+    return OveroptTables(sec, points, points_fit, fits, conds, by, out, n_boot, seed)
 
 
 def _markdown(peaks: pd.DataFrame, fits: pd.DataFrame, bon: pd.DataFrame, frontier: pd.DataFrame,

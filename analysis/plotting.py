@@ -352,13 +352,13 @@ def mark_off(ax: Axes, spans: list[tuple[float, float]], label: bool) -> None:
                     fontsize=5.5, color="0.3")
 
 
-def pivot_runs(rows: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+def pivot_runs(rows: pd.DataFrame, column: str, x: str = "update") -> tuple[np.ndarray, np.ndarray]:
     """``(updates [n_x], values [n_seeds, n_x])`` of one variant's runs (NaN where a run has no row): runs in
-    ``run_id`` order (category order if categorical), updates sorted, each cell the first non-missing value of
-    its run and update; runs without any value are left out (what ``pivot_table(..., aggfunc="first")``
-    gives, without its group-by machinery)."""
+    ``run_id`` order (category order if categorical), updates (the distinct values of ``x``) sorted, each cell
+    the first non-missing value of its run and update; runs without any value are left out (what
+    ``pivot_table(..., aggfunc="first")`` gives, without its group-by machinery)."""
     run_codes, _ = pd.factorize(rows["run_id"], sort=True)
-    upd_codes, updates = pd.factorize(rows["update"], sort=True)
+    upd_codes, updates = pd.factorize(rows[x], sort=True)
     values = rows[column].to_numpy(float)
     wide = np.full((int(run_codes.max()) + 1 if len(rows) else 0, len(updates)), np.nan)
     keep = ~np.isnan(values) & (run_codes >= 0) & (upd_codes >= 0)

@@ -469,7 +469,7 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
                     poi.to_csv(out / "poi.csv", index=False)
         if frontier:
             section = overopt_tables.write()
-            rep.extra_markdown, rep.errors = section.markdown, rep.errors + section.errors
+            rep.extra_markdown = section.markdown
             if section.figures:
                 rep.sections.append(("Reward over-optimization", section.figures))
     except BaseException:
