@@ -164,11 +164,12 @@ class PPOTrainer(DiscreteTrainer):
             tabs["learner"] = pi_t
         buf = sample_episodes(self.core, tabs["logp"], self.update_keys(update), self.cfg.train.batch, self.dtype,
                               group=self.cfg.train.group, streams=lambda i: self.update_keys(update, i))
-        if self.proxy is not None and self._by_steps and buf.steps is not None:  # a learned reward: the runs
-            st = buf.steps  # train on their proxy (sim.algos.proxy), here of each step taken
-            st["reward"] = self.proxy.step_rewards(st["row"], st["action"], self.dtype)
-        elif self.proxy is not None:
-            buf["reward"] = self.proxy.rewards(buf)
+        if self.proxy is not None:  # a learned reward: the runs train on their proxy (sim.algos.proxy), looked up
+            st = buf.steps  # at each step taken (the buffers, where read, are made from the steps)
+            if st is not None:
+                st["reward"] = self.proxy.step_rewards(st["row"], st["action"], self.dtype)
+            else:  # one-step episodes: the buffers themselves
+                buf["reward"] = self.proxy.rewards(buf)
         if buf.steps is not None:  # every step taken is a valid sample
             buf.run_steps = buf.steps_per_run()
             self.env_steps += buf.run_steps

@@ -7,9 +7,9 @@ discrete trainers need it:
 - ``mdp``: the env's MDP with the proxy as its reward, one table per run (``reward [R, S, A, K]``, no reward
   noise). The exact oracles of :mod:`envs.tabular` accept such a batched reward, so exact mode, the
   KL-regularized optimum (soft value iteration) and ``proxy_return`` use it as they use the gold MDP;
-- :meth:`ProxyReward.rewards` (:meth:`ProxyReward.step_rewards` on compact steps): the proxy rewards of
-  sampled episodes. Episodes are sampled with the env's own dynamics and their rewards replaced by the run's
-  proxy of each step's (state, action);
+- :meth:`ProxyReward.step_rewards` (:meth:`ProxyReward.rewards` on the buffers of one-step episodes): the
+  proxy rewards of sampled episodes. Episodes are sampled with the env's own dynamics and their rewards
+  replaced by the run's proxy of each step's (state, action);
 - :meth:`ProxyReward.metrics`: ``gold_return`` and ``proxy_return`` (exact expectations under the current
   policy), and ``opt_gold`` / ``opt_proxy``: the gold and proxy values of the KL-regularized optimum of the
   proxy for the current β, phase and reference (NaN for runs with β = 0);

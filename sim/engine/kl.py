@@ -95,20 +95,19 @@ class PreparedWeights:
     """:data:`Weights` over the columns (last axis) of action-major row tables ``[A, c]``, with what every
     evaluation on those columns reuses (:func:`prepare_weights`; e.g. every epoch of an update): where each
     weight is non-zero (``masks``: ``None`` where all are), and per estimator the window of columns that holds
-    its non-zero weights (``spans``, multiples of the padding; the weights and masks cut to it). An estimator
-    is evaluated on its window and its terms added at ``targets``, taken at ``cuts`` of the window: the
-    columns from its first to its last non-zero weight when all of those are non-zero (no mask needed), else
-    the whole window with a mask (``span_offs``: its complement, where the weight is zero; ``cut_weights``:
+    its non-zero weights (``spans``, multiples of the padding; the weights cut to it). An estimator is
+    evaluated on its window and its terms added at ``targets``, taken at ``cuts`` of the window: the columns
+    from its first to its last non-zero weight when all of those are non-zero (no mask needed), else the whole
+    window with its zero weights masked off (``span_offs``: where the window's weight is zero; ``cut_weights``:
     the window's weights at ``cuts``)."""
 
     weights: Weights
     masks: list[Tensor | None]
     spans: list[slice | None]
     span_weights: list[Tensor | None]
-    span_masks: list[Tensor | None]
+    span_offs: list[Tensor | None]
     targets: list[slice | None]
     cuts: list[slice | None]
-    span_offs: list[Tensor | None]
     cut_weights: list[Tensor | None]
 
 
@@ -117,7 +116,7 @@ def prepare_weights(weights: Weights, pad: int) -> PreparedWeights:
     ``pad``): the windows start and end on multiples of ``pad``, so vectorized kernels cover every column of
     a window as they cover the whole table."""
     masks = [_where_used(w) for w in weights]
-    prep: dict[str, list] = {k: [] for k in ("spans", "span_weights", "span_masks", "targets", "cuts")}
+    prep: dict[str, list] = {k: [] for k in ("spans", "span_weights", "span_offs", "targets", "cuts")}
     for w in weights:
         if w is None:
             for v in prep.values():
@@ -129,16 +128,15 @@ def prepare_weights(weights: Weights, pad: int) -> PreparedWeights:
         prep["spans"].append(slice(lo, hi))
         prep["span_weights"].append(w[..., lo:hi])
         if nz.numel() == last - first:  # every column from the first to the last non-zero weight
-            prep["span_masks"].append(None)
+            prep["span_offs"].append(None)
             prep["targets"].append(slice(first, last))
             prep["cuts"].append(slice(first - lo, last - lo))
         else:
-            prep["span_masks"].append(_where_used(w[..., lo:hi]))
+            prep["span_offs"].append(w[..., lo:hi] == 0)  # (some are: a zero lies between first and last)
             prep["targets"].append(slice(lo, hi))
             prep["cuts"].append(slice(0, hi - lo))
-    offs = [None if m is None else ~m for m in prep["span_masks"]]
     cut_weights = [None if w is None else w[..., c] for w, c in zip(prep["span_weights"], prep["cuts"], strict=True)]
-    return PreparedWeights(weights, masks, **prep, span_offs=offs, cut_weights=cut_weights)
+    return PreparedWeights(weights, masks, **prep, cut_weights=cut_weights)
 
 
 def weighted_estimate(logp: Tensor, ref_logp: Tensor, coef: Tensor | Weights | PreparedWeights,

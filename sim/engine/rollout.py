@@ -101,17 +101,13 @@ def sample_episodes(core: TabularCore, logp: Tensor, key: Tensor, n_episodes: in
         if H == 1:  # (the buffers are this step's tensors: no episode goes on)
             break
         on = nxt.ne(sink)
-        if every and bool(on.all()):  # none has ended yet, nor now (cheaper than listing them)
+        if bool(on.all()):  # none ended (cheaper than listing them)
             goings.append(None)
             state = nxt
             continue
         going = on.nonzero().squeeze(1)
         if going.numel() == 0:
             break
-        if going.numel() == nxt.numel():  # none ended
-            goings.append(None)
-            state = nxt
-            continue
         goings.append(going)
         every = False
         ep, state = ep.index_select(0, going), nxt.index_select(0, going)
