@@ -66,3 +66,23 @@ def declared_kinds(folder: Path) -> list[str] | None:
     if not isinstance(report, dict) or "figures" not in report:
         return None
     return checked_kinds(report["figures"], f"{folder / 'sweep.json'}: report.figures")
+
+
+def report_kinds(figures: Sequence[str] | None, folders: list[Path]) -> tuple[Sequence[str], str]:
+    """The figure kinds a report draws, and a sentence for index.md when they are the grid's choice.
+
+    ``figures`` given: those. Otherwise the kinds every folder's grid names in ``report.figures`` (their union),
+    or every kind if some folder's grid names none.
+    """
+    if figures is not None:
+        return figures, ""
+    declared = [declared_kinds(f) for f in folders]
+    if not declared or any(d is None for d in declared):
+        return FIGURE_CHOICES, ""
+    chosen = [k for k in FIGURE_CHOICES if any(k in d for d in declared if d is not None)]
+    if len(chosen) == len(FIGURE_CHOICES):
+        return chosen, ""
+    others = ", ".join(k for k in FIGURE_CHOICES if k not in chosen)
+    drawn = ", ".join(chosen) or "none (tables only)"
+    return chosen, (f"Figure kinds drawn: {drawn}, as the sweep's grid asks (`report.figures`); "
+                    f"`reflab report DIR --figures all` also draws {others} where the runs have them.")

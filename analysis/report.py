@@ -36,7 +36,7 @@ from analysis import figures as F
 from analysis import metrics as M
 from analysis import overopt, plotting
 from analysis import policy_figures as P
-from analysis.figure_kinds import FIGURE_CHOICES, KindsError, choices_text, declared_kinds, parse_kinds
+from analysis.figure_kinds import FIGURE_CHOICES, KindsError, choices_text, parse_kinds, report_kinds
 from analysis.figure_pool import FigureQueue
 from analysis.improvement import has_poi, poi_score, poi_table
 from analysis.loading import UNREADABLE, LoadError, Results, load
@@ -421,7 +421,7 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
     """
     t0 = time.perf_counter()
     many = not isinstance(path, str | Path)
-    figures, kinds_note = _figure_kinds(figures, [Path(p) for p in path] if many else [Path(path)])
+    figures, kinds_note = report_kinds(figures, [Path(p) for p in path] if many else [Path(path)])
     res = load(list(path) if many else path, labels=labels, pool=pool)
     if out is None and many:
         raise ValueError("a report of several folders needs an output folder (--out)")
@@ -492,26 +492,6 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
     bad = res.runs[res.runs["status"].astype(str) == UNREADABLE]
     unreadable = dict(zip(bad["run_id"].astype(str), bad["error"].astype(str), strict=True))
     return ReportOutput(index, len(res.runs), n_with, figures, unreadable)
-
-
-def _figure_kinds(figures: Sequence[str] | None, folders: list[Path]) -> tuple[Sequence[str], str]:
-    """The figure kinds a report draws, and a sentence for index.md when they are the grid's choice.
-
-    ``figures`` given: those. Otherwise the kinds every folder's grid names in ``report.figures`` (their union),
-    or every kind if some folder's grid names none.
-    """
-    if figures is not None:
-        return figures, ""
-    declared = [declared_kinds(f) for f in folders]
-    if not declared or any(d is None for d in declared):
-        return FIGURE_CHOICES, ""
-    chosen = [k for k in FIGURE_CHOICES if any(k in d for d in declared if d is not None)]
-    if len(chosen) == len(FIGURE_CHOICES):
-        return chosen, ""
-    others = ", ".join(k for k in FIGURE_CHOICES if k not in chosen)
-    drawn = ", ".join(chosen) or "none (tables only)"
-    return chosen, (f"Figure kinds drawn: {drawn}, as the sweep's grid asks (`report.figures`); "
-                    f"`reflab report DIR --figures all` also draws {others} where the runs have them.")
 
 
 def _usage_error(msg: str) -> int:
