@@ -25,16 +25,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from analysis import metrics, stats
-from analysis.loading import VARIANT_ORDER, Results, key_columns, load, variant_label
-
 __all__ = ["VARIANT_ORDER", "Results", "figures", "key_columns", "load", "metrics", "report", "stats",
            "variant_label"]
 
+_FROM_LOADING = ("VARIANT_ORDER", "Results", "key_columns", "load", "variant_label")
+"""Names taken from :mod:`analysis.loading` when first used."""
+
 
 def __getattr__(name: str) -> Any:
-    # figures and report import matplotlib/seaborn: only when used
-    if name in ("figures", "report", "gridworld", "policy_figures", "export", "references", "improvement",
-                "summary", "plotting"):
+    # everything on first use: pandas (loading, metrics, stats) and matplotlib (figures, report) are heavy, and
+    # light modules such as analysis.figure_kinds are imported where neither is wanted (a sweep's grid check)
+    if name in _FROM_LOADING:
+        return getattr(importlib.import_module("analysis.loading"), name)
+    if name in ("metrics", "stats", "figures", "report", "gridworld", "policy_figures", "export", "references",
+                "improvement", "summary", "plotting", "loading", "overopt"):
         return importlib.import_module(f"analysis.{name}")
     raise AttributeError(f"module 'analysis' has no attribute {name!r}")

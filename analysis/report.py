@@ -36,6 +36,7 @@ from analysis import figures as F
 from analysis import metrics as M
 from analysis import overopt, plotting
 from analysis import policy_figures as P
+from analysis.figure_kinds import FIGURE_CHOICES, KindsError, choices_text, parse_kinds, report_kinds
 from analysis.figure_pool import FigureQueue
 from analysis.improvement import has_poi, poi_score, poi_table
 from analysis.loading import UNREADABLE, LoadError, Results, load
@@ -51,10 +52,8 @@ from analysis.summary import (  # noqa: F401 (re-exported)
 )
 
 MAX_CONDITIONS = 8
-#: Figure kinds a report can draw (``--figures``).
-FIGURE_CHOICES = ("kl", "entropy", "recovery", "heatmap", "policy", "estimators", "dpo", "continuous", "profile",
-                  "length", "staleness", "overopt")
-#: Figure file prefixes and their titles in index.md.
+#: Figure kinds of a condition's curve section (:meth:`_Report.curves`).
+CURVE_KINDS = frozenset({"kl", "entropy", "recovery", "policy", "estimators", "continuous"})
 #: Typical drawing time of a figure of each kind (CPU seconds): the drawing processes start the longest first.
 DRAW_COST = {"kl": 0.4, "entropy": 0.37, "recovery": 0.28, "heatmap": 0.22, "policy": 0.4, "estimators": 0.3,
              "dpo": 0.3, "continuous": 0.4, "profile": 0.36, "length": 0.4, "staleness": 0.3}
@@ -112,6 +111,7 @@ class _Report:
         self.sections: list[tuple[str, list[tuple[str, list[Path]]]]] = []
         self.errors: list[str] = []
         self.extra_markdown: list[str] = []
+        self.kinds_note = ""  # index.md's sentence on figure kinds the sweep's grid chose (report.figures)
         self.queue = FigureQueue()
         self._kept: list[list] = []  # entry lists whose section stays in index.md even without a figure
 
@@ -136,6 +136,10 @@ class _Report:
                          if entries or any(entries is k for k in self._kept)]
 
     def curves(self, condition: dict[str, Any], m: pd.DataFrame) -> None:
+        """Queue the condition's curve and per-variant figures (a section of index.md); nothing when no kind of
+        them is drawn (:data:`CURVE_KINDS`), so that their inputs (policy, trajectories) are not even read."""
+        if not self.kinds & CURVE_KINDS:
+            return
         slug = _slug(condition)
         tag = f"_{slug}" if slug else ""
         label = plotting.condition_label(condition)
@@ -194,8 +198,7 @@ class _Report:
                      seeds_txt: str, switch: pd.Series, diffusion: bool) -> None:
         """The figures with a panel or bar per variant: final policy, estimators, continuous-action figures."""
         ids = _ids(m)
-        policy = self.res.policy
-        policy = _of_runs(policy, ids)
+        policy = _of_runs(self.res.policy, ids) if "policy" in self.kinds else pd.DataFrame()
         if not policy.empty:
             policy = _reward_end_policy(policy, m)
             first_id = str(m["run_id"].iloc[0])
@@ -219,7 +222,7 @@ class _Report:
                             "(diamonds).")
             self._figure(entries, sentence, P.plot_final_policy, policy, self.out / f"fig5_policy{tag}",
                          config=config, title=label or None)
-        traj = self.res.trajectories
+        traj = self.res.trajectories if "estimators" in self.kinds else pd.DataFrame()
         traj = _of_runs(traj, ids) if not traj.empty else traj
         unit = "single-episode" if not traj.empty else "batch-mean"
         m_est, left_out = m, ""
@@ -244,7 +247,7 @@ class _Report:
                          f"Gibbs optimum of the current phase (black dashed; {seeds_txt}).{off}",
                          P.plot_gaussian_trajectory, m, self.out / f"figG_trajectory{tag}", title=label or None,
                          n_boot=self.n_boot, seed=self.seed)
-        if not diffusion:
+        if not diffusion or "continuous" not in self.kinds:
             return
         self._figure(entries, f"Fraction of x_0 in the rewarded mixture component vs update ({seeds_txt}), against "
                      "the KL-optimal tilt of the current phase (black dashed; the reference once the reward is off) "
@@ -393,7 +396,7 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
                  formats: Sequence[str] = plotting.FORMATS,
                  collapse_threshold: float = M.COLLAPSE_ENTROPY, recovery_tol: float = M.RECOVERY_TOL,
                  n_boot: int = 2000, seed: int = 0, seeds: bool = False,
-                 max_conditions: int = MAX_CONDITIONS, figures: Sequence[str] = FIGURE_CHOICES,
+                 max_conditions: int = MAX_CONDITIONS, figures: Sequence[str] | None = None,
                  labels: Sequence[str] | None = None, pool: Sequence[str] = (),
                  workers: int | None = None) -> ReportOutput:
     """Write the report of the run or sweep folder ``path`` (see the module docstring).
@@ -410,18 +413,22 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
         n_boot, seed: bootstrap replicates and seed of every interval in the report.
         seeds: also draw each seed as a thin line in the curve figures.
         max_conditions: draw curve figures for at most this many conditions (the table covers all).
-        figures: the figure kinds to draw (a subset of :data:`FIGURE_CHOICES`; empty: tables only).
+        figures: the figure kinds to draw (a subset of :data:`FIGURE_CHOICES`; empty: tables only; default: the
+            kinds the sweep's grid names in ``report.figures`` — every sweep of a comparison: their union — else
+            every kind). :class:`analysis.figure_kinds.KindsError` if a ``sweep.json`` names something else.
         workers: processes drawing the figures (default: one per core; 1: in this process, one after another;
             :mod:`analysis.figure_pool`). The files and ``index.md`` are the same for any number.
     """
     t0 = time.perf_counter()
     many = not isinstance(path, str | Path)
+    figures, kinds_note = report_kinds(figures, [Path(p) for p in path] if many else [Path(path)])
     res = load(list(path) if many else path, labels=labels, pool=pool)
     if out is None and many:
         raise ValueError("a report of several folders needs an output folder (--out)")
     out = Path(out) if out is not None else Path(path) / "report"
     out.mkdir(parents=True, exist_ok=True)
     rep = _Report(res, out, formats, seeds, collapse_threshold, n_boot, seed, figures)
+    rep.kinds_note = kinds_note
     metrics = res.metrics
     # best-of-n trains nothing: its runs are in the over-optimization section only (analysis.overopt_report)
     frontier = overopt.has_frontier(metrics)
@@ -522,14 +529,13 @@ def main(args: argparse.Namespace) -> int:
         return _usage_error("--n-boot must be >= 0 and --max-conditions >= 1")
     if args.workers is not None and args.workers < 1:
         return _usage_error(f"--workers must be a positive integer; got {args.workers}")
-    kinds = [k.strip() for k in args.figures.split(",") if k.strip() and k.strip() != "none"]
-    if any(k not in FIGURE_CHOICES for k in kinds):
-        return _usage_error(f"--figures must be a comma-separated list of {', '.join(FIGURE_CHOICES)} (or none); "
-                            f"got {args.figures!r}")
+    kinds = None if args.figures is None else parse_kinds(args.figures.split(","))
+    if args.figures is not None and (kinds is None or not args.figures.strip()):
+        return _usage_error(f"--figures must be a comma-separated list of {choices_text()}; got {args.figures!r}")
     try:
         result = write_report(src, args.out, formats, args.collapse_threshold, args.recovery_tol, args.n_boot,
                               args.seed, args.seed_lines, args.max_conditions, kinds, labels, pool, args.workers)
-    except (FileNotFoundError, LoadError) as e:
+    except (FileNotFoundError, LoadError, KindsError) as e:
         return _usage_error(str(e))
     unreadable = ""
     if result.unreadable:
@@ -559,9 +565,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="config keys whose runs may be pooled as seeds of one condition (default: none: runs "
                         "that differ in any config value but the seed are never pooled)")
     p.add_argument("--formats", default="pdf,png", help="figure formats, comma-separated (default: pdf,png)")
-    p.add_argument("--figures", default=",".join(FIGURE_CHOICES),
-                   help=f"figure kinds to draw, comma-separated (default: all of {','.join(FIGURE_CHOICES)}; "
-                        "none: tables only)")
+    p.add_argument("--figures", default=None,
+                   help=f"figure kinds to draw, comma-separated, of {','.join(FIGURE_CHOICES)}; all: every kind; "
+                        "none: tables only (default: the kinds the sweep's grid names in report.figures, else all)")
     p.add_argument("--collapse-threshold", type=float, default=M.COLLAPSE_ENTROPY, metavar="NATS",
                    help=f"entropy below which a run counts as collapsed (default {M.COLLAPSE_ENTROPY:g})")
     p.add_argument("--recovery-tol", type=float, default=M.RECOVERY_TOL, metavar="NATS",

@@ -87,6 +87,8 @@ def index_markdown(res: Results, src: Path, out: Path, table: pd.DataFrame, by: 
                   "[poi.csv](poi.csv)", "", poi_markdown(poi, conds)]
     lines += rep.extra_markdown
     lines += ["## Figures", ""]
+    if rep.kinds_note:
+        lines += [rep.kinds_note, ""]
     for title, entries in rep.sections:
         lines += [f"### {title}", ""]
         for sentence, paths in entries:

@@ -10,6 +10,7 @@ A grid file::
     seeds: 10                                         # a count (0..n-1) or a list of seeds
     exclude: [{kl.placement: none, kl.beta: 0.5}]     # runs matching every key of an entry are dropped
     batch_size: auto                                  # or the max runs per task
+    report: {figures: [overopt, heatmap]}             # figure kinds `reflab report` draws by default
 
 Runs are ``axes`` product × ``variants`` × ``seeds`` − ``exclude``; each is validated
 (:func:`sim.lab.dispatch.from_dict`: the config and its trainer's checks) before anything is written, and its
@@ -48,7 +49,9 @@ from sim.config import (
 )
 from sim.lab.run_ids import run_id
 
-GRID_KEYS = ("base", "axes", "variants", "seeds", "exclude", "batch_size", "description")
+GRID_KEYS = ("base", "axes", "variants", "seeds", "exclude", "batch_size", "description", "report")
+#: Keys of a grid's ``report`` section: what ``reflab report`` on the sweep folder does by default.
+REPORT_KEYS = ("figures",)
 PRESET_DIR = Path(__file__).with_name("presets")
 #: Columns of index.parquet present in every sweep, after ``run_id``, ``status`` and ``seed``.
 ALWAYS_COLUMNS = ("env.id", "kl.placement", "kl.estimator", "kl.beta")
@@ -164,10 +167,13 @@ class SweepPlan:
     batch_size: int | None
     swept_keys: list[str]
     runs: list[PlannedRun]
+    report: dict = dataclasses.field(default_factory=dict)
+    """The grid's ``report`` section, checked (``{"figures": [kinds]}`` or empty)."""
 
     def manifest(self) -> dict:
-        """The content of ``sweep.json``: the grid as given and as resolved, and the run ids."""
-        return {
+        """The content of ``sweep.json``: the grid as given and as resolved, the run ids and, if the grid has one,
+        its ``report`` section (read by ``reflab report``)."""
+        manifest = {
             "format": 1,
             "grid_source": self.label,
             "grid": self.grid,
@@ -177,6 +183,9 @@ class SweepPlan:
             "n_runs": len(self.runs),
             "run_ids": [r.run_id for r in self.runs],
         }
+        if self.report:
+            manifest["report"] = self.report
+        return manifest
 
 
 def _config_keys() -> tuple[set[str], dict[str, set[str]]]:
@@ -412,6 +421,7 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int
         print(f"reflab: {label}: expanding and checking {n_planned} runs (about {n_planned // 1000 + 1} s)",
               file=sys.stderr)
     batch_size = parse_batch_size(grid.get("batch_size"), f"{label}: batch_size")
+    report = _parse_report(grid.get("report"), label)
 
     variant_keys = list(dict.fromkeys(k for v in variants for k in v))
     for key in ("seed", *variant_keys):
@@ -491,7 +501,25 @@ def plan_sweep(grid: dict, label: str, grid_dir: Path = Path("."), max_runs: int
     if not runs:
         raise ConfigError(f"{label}: the grid expands to no runs (everything is excluded)")
     return SweepPlan(label=label, grid=grid, base=base_cfg.to_dict(), axes=axes, variants=variants, seeds=seeds,
-                     exclude=exclude, batch_size=batch_size, swept_keys=swept_keys, runs=runs)
+                     exclude=exclude, batch_size=batch_size, swept_keys=swept_keys, runs=runs, report=report)
+
+
+def _parse_report(raw: Any, label: str) -> dict:
+    """A grid's ``report`` section, checked: ``{figures: [kinds]}`` (the kinds ``reflab report`` draws when not
+    given ``--figures``); empty if absent."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: report must be a mapping with keys {', '.join(REPORT_KEYS)}; got {raw!r}")
+    unknown = [k for k in raw if k not in REPORT_KEYS]
+    if unknown:
+        raise ConfigError(f"{label}: unknown report key {unknown[0]!r}; valid keys: {', '.join(REPORT_KEYS)}")
+    from analysis.figure_kinds import KindsError, checked_kinds  # names only: no pandas, no matplotlib
+
+    try:
+        return {"figures": checked_kinds(raw["figures"], f"{label}: report.figures")} if "figures" in raw else {}
+    except KindsError as e:
+        raise ConfigError(str(e)) from e
 
 
 def size_hint(env: dict) -> tuple[int, ...]:

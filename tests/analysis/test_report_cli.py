@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,41 @@ def test_report_without_results_still_writes_index(tmp_path: Path, broken_sweep:
     assert main(["report", str(empty), "--formats", "png"]) == 1
     assert "no run" in capsys.readouterr().err
     assert "No run has metrics" in (empty / "report" / "index.md").read_text()
+
+
+def _with_report_figures(sweep: Path, dest: Path, figures: object) -> Path:
+    """A copy of ``sweep`` whose ``sweep.json`` names ``figures`` in its grid's ``report`` section."""
+    shutil.copytree(sweep, dest)
+    spec = json.loads((dest / "sweep.json").read_text())
+    spec["report"] = {"figures": figures}
+    (dest / "sweep.json").write_text(json.dumps(spec))
+    return dest
+
+
+def test_report_draws_the_kinds_the_sweeps_grid_names(bandit_sweep: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    src = _with_report_figures(bandit_sweep, tmp_path / "sweep", ["heatmap"])
+    out = tmp_path / "chosen"
+    assert main(["report", str(src), "--out", str(out), "--formats", "png", "--n-boot", "20"]) == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names and all(n.startswith("fig4_heatmap_") for n in names)
+    index = (out / "index.md").read_text()
+    assert "Figure kinds drawn: heatmap, as the sweep's grid asks (`report.figures`)" in index
+    assert "`reflab report DIR --figures all` also draws kl, entropy" in index
+    assert "### β = 0.25" not in index  # no empty per-condition section for the curve figures not drawn
+    # --figures overrides the grid's choice; `all` is every kind
+    every = tmp_path / "every"
+    assert main(["report", str(src), "--out", str(every), "--formats", "png", "--n-boot", "20",
+                 "--max-conditions", "1", "--figures", "all"]) == 0
+    assert list(every.glob("fig1_kl_*.png")) and list(every.glob("fig5_policy_*.png"))
+    assert "Figure kinds drawn" not in (every / "index.md").read_text()
+    capsys.readouterr()
+    # a sweep.json naming something else: one line, nothing written
+    bad = _with_report_figures(bandit_sweep, tmp_path / "bad", ["kl", "pie"])
+    assert main(["report", str(bad), "--formats", "png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sweep.json: report.figures must be a list of figure kinds" in err[0], err
+    assert not (bad / "report").exists()
 
 
 def test_report_bad_input(tmp_path: Path, bandit_sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -105,6 +105,16 @@ def test_index_columns():
     assert df["kl.beta"].tolist() == [0.2, 0.2] and df["env.id"].tolist() == ["bandit", "bandit"]
 
 
+def test_report_section_goes_into_the_manifest_checked():
+    plan = plan_sweep({**GRID, "report": {"figures": ["overopt", "kl", "kl"]}}, "grid")
+    assert plan.manifest()["report"] == {"figures": ["kl", "overopt"]}  # in the report's order, once each
+    assert plan_sweep({**GRID, "report": {"figures": ["all"]}}, "grid").manifest()["report"]["figures"][-1] == \
+        "overopt"
+    assert plan_sweep({**GRID, "report": {"figures": ["none"]}}, "grid").manifest()["report"] == {"figures": []}
+    assert "report" not in plan_sweep(GRID, "grid").manifest()
+    assert [r.run_id for r in plan.runs] == [r.run_id for r in plan_sweep(GRID, "grid").runs]  # runs unchanged
+
+
 def test_example_preset_is_shipped_and_small():
     assert "example_grid" in available_presets()
     data, path = load_grid("example_grid")
@@ -153,6 +163,10 @@ MALFORMED = [
     ("axes: {kl.beta: [1\n", "not valid YAML"),
     ("- just a list", "must hold a mapping"),
     ("base: missing.yaml", "missing.yaml"),
+    ("report: {figures: [kl, pie]}", "report.figures must be a list of figure kinds (kl, entropy, recovery"),
+    ("report: {figures: kl}", "report.figures must be a list of figure kinds"),
+    ("report: {figure: [kl]}", "unknown report key 'figure'; valid keys: figures"),
+    ("report: [kl]", "report must be a mapping with keys figures"),
 ]
 
 
