@@ -177,7 +177,7 @@ def block_plans(g: dict[str, Tensor], memo: RunsMemo | None = None, beta: Tensor
     clip masks ``[2, A, c]`` (``passes``); the value loss's ``vf_coef·n_s`` (``vf_n_s``); and under ``full``
     the exact KL's gradient weights (per-row sample count × β) on the window of columns that holds them
     ``(window, weights, where they are zero, target, cut)`` as in :class:`~sim.engine.kl.PreparedWeights`.
-    The first block holds the loss gradient's row-major buffer ``[P, A]`` of all blocks (``gx``).
+    The first block holds the loss gradient's buffer ``[A, P]`` of all blocks (``gx``).
 
     With ``memo`` (and the runs' ``beta``, from which ``g["kl_weights"]`` was made), what depends on the
     columns' runs and β alone is taken from it while they stay the same."""
@@ -204,7 +204,7 @@ def block_plans(g: dict[str, Tensor], memo: RunsMemo | None = None, beta: Tensor
                 fwp = prepare_weights([fw], ROW_PAD)
                 plan["full"] = (fwp.spans[0], fwp.span_weights[0], fwp.span_offs[0], fwp.targets[0], fwp.cuts[0])
         plans.append(plan)
-    plans[0]["gx"] = g["count"].new_empty(g["count"].shape[::-1])  # the gradient's row-major buffer [P, A]
+    plans[0]["gx"] = g["count"].new_empty(g["count"].shape)  # the gradient's buffer [A, P]
     g["_blocks"] = plans  # type: ignore[assignment]
     return plans
 
