@@ -45,6 +45,7 @@ from sim.engine.rows import (
     block_plans,
     finite_rows,
     per_run_sum,
+    sampled_kl_sums,
     step_visits,
     take_valid,
     visited_rows,
@@ -140,11 +141,8 @@ class PPOTrainer(DiscreteTrainer):
         logs, adaptive = self._logs_at(update), bool(self.rt.adaptive.any())
         if not (logs or adaptive):
             return stats
-        count = vis["count"].to(torch.float64)
         ks = all_estimates(vis["old"], vis["ref"]).to(torch.float64)  # [A, P, 3]
-        kfull = vis["kfull"].to(torch.float64)
-        per_run = per_run_sum(torch.cat([count.unsqueeze(-1) * ks, count.unsqueeze(-1),
-                                         (count * kfull).unsqueeze(-1)], dim=-1), vis["rows"], R, self.S) / N
+        per_run = sampled_kl_sums(vis["count"], ks, vis["kfull"], vis["rows"], R, self.S) / N
         out = {"reward": (buf["reward"].to(torch.float64) * buf["valid"]).sum((1, 2)) / N,
                "kl_k1": per_run[:, 0], "kl_k2": per_run[:, 1], "kl_k3": per_run[:, 2],  # per-episode sums
                "kl_full_sampled": per_run[:, 4], "episode_length": per_run[:, 3], **stats}
