@@ -19,6 +19,7 @@ import envs
 from envs import tabular
 from sim.algos.discrete import DiscreteTrainer
 from sim.config import Config, ConfigError
+from sim.engine import policies
 from sim.engine.exact import exact_loss
 from sim.engine.kl import all_estimates, columns, full_kl, full_kl_slope, masked_product
 from sim.engine.loop import FINITE
@@ -44,6 +45,7 @@ from sim.engine.rows import (
     block_plans,
     finite_rows,
     per_run_sum,
+    sampled_kl_sums,
     step_visits,
     take_valid,
     visited_rows,
@@ -93,6 +95,8 @@ class PPOTrainer(DiscreteTrainer):
             self.trainable += list(vparams)
             for k in vparams:
                 self.params[k].requires_grad_(True)
+        if cfg.train.policy == "tabular" and cfg.train.mode == "sampled":  # rows gathered, gradients written by column
+            self.params["logits"] = policies.action_major_storage(self.params["logits"].detach()).requires_grad_(True)
         self._make_optimizer()
         self._grad_rows: Tensor | None = None  # the rows the gradient buffers were last written at
         self._memo = RunsMemo()  # KL weights of the visited rows' runs, while those and β stay the same
@@ -137,11 +141,8 @@ class PPOTrainer(DiscreteTrainer):
         logs, adaptive = self._logs_at(update), bool(self.rt.adaptive.any())
         if not (logs or adaptive):
             return stats
-        count = vis["count"].to(torch.float64)
         ks = all_estimates(vis["old"], vis["ref"]).to(torch.float64)  # [A, P, 3]
-        kfull = vis["kfull"].to(torch.float64)
-        per_run = per_run_sum(torch.cat([count.unsqueeze(-1) * ks, count.unsqueeze(-1),
-                                         (count * kfull).unsqueeze(-1)], dim=-1), vis["rows"], R, self.S) / N
+        per_run = sampled_kl_sums(vis["count"], ks, vis["kfull"], vis["rows"], R, self.S) / N
         out = {"reward": (buf["reward"].to(torch.float64) * buf["valid"]).sum((1, 2)) / N,
                "kl_k1": per_run[:, 0], "kl_k2": per_run[:, 1], "kl_k3": per_run[:, 2],  # per-episode sums
                "kl_full_sampled": per_run[:, 4], "episode_length": per_run[:, 3], **stats}
@@ -361,14 +362,13 @@ class PPOTrainer(DiscreteTrainer):
         loss is ``None`` when neither ``want_loss`` nor ``want_diag`` asks for it.
         """
         want_loss = want_loss or want_diag
-        rows, (A, P) = g["rows"], g["count"].shape
+        rows, P = g["rows"], g["count"].shape[1]
         M = rows.numel()
         x_all = self.policy.row_logits(self.params, rows, P)
         v_all = self._value_rows(rows, P) if self.baseline == "value" else None
-        # ∂/∂logits: an action-major view [A, P] of a row-major block [P, A], copied out along its flat axis
+        # ∂/∂logits, action-major [A, P], written column by column into the action-major gradient buffer
         plans = block_plans(g, self._memo, self.rt.beta, self.cfg.train.vf_coef)
-        gx_rows = plans[0]["gx"]  # (one buffer for every epoch of the update: each writes all its columns)
-        gx = gx_rows.t()
+        gx = plans[0]["gx"]  # (one buffer for every epoch of the update: each writes all its columns)
         gv = torch.empty_like(v_all) if v_all is not None else None
         loss = torch.zeros(self.R, dtype=self.dtype, device=self.device) if want_loss else None
         parts: list[dict[str, Tensor]] = []
@@ -395,10 +395,9 @@ class PPOTrainer(DiscreteTrainer):
             for buf in out.values():
                 buf.zero_()
             self._grad_rows = rows
-        if "_grad_index" not in g:  # the flat positions of the rows' entries, row-major (once per update)
-            g["_grad_index"] = (rows.unsqueeze(1) * A + torch.arange(A, device=rows.device)).view(-1)
-            g["_gx_flat"] = gx_rows[:M].view(-1)
-        self.opt.flat_grad_buffer("logits").index_copy_(0, g["_grad_index"], g["_gx_flat"])
+        grad_cols = policies.action_major_columns(out["logits"])  # (laid out as the logits: action-major)
+        assert grad_cols is not None, "tabular PPO keeps its logits action-major (PPOTrainer.__init__)"
+        grad_cols.index_copy_(1, rows, gx[:, :M])
         if gv is not None:
             out["v"].view(-1).index_copy_(0, rows, gv[:M])
         out[FINITE] = finite_rows(gx[:, :M], None if gv is None else gv[:M], g["run"], self.R)

@@ -38,21 +38,31 @@ class BatchedOptimizer:
         self._buf = {k: [torch.zeros(-(-p.numel() // _PAD) * _PAD, dtype=p.dtype, device=p.device)
                          for _ in range(4)] for k, p in params.items()}
         self._count = {k: torch.zeros((), dtype=torch.float32, device=p.device) for k, p in params.items()}
+        # each buffer's parameter-shaped view lays the elements out in the parameter's memory order (a dense
+        # parameter stored in another dimension order, e.g. action-major logits, then meets its step, gradient
+        # and moments element for element in memory)
+        self._strides = {k: torch.empty_like(p).stride() for k, p in params.items()}
         self._views: dict[str, tuple[Tensor, Tensor, int]] = {}
 
+    def _shaped(self, key: str, i: int) -> Tensor:
+        """Buffer ``i`` (gradient, first moment, second moment, step) of parameter ``key``, parameter-shaped and
+        laid out in the parameter's memory order."""
+        p = self.params[key]
+        return self._buf[key][i][: p.numel()].as_strided(p.shape, self._strides[key])
+
     def grad_buffer(self, key: str) -> Tensor:
-        """The optimizer's gradient buffer for parameter ``key`` (a parameter-shaped view): a caller may write
-        gradients into it and pass it to :meth:`step`, which then skips copying them."""
-        return self.flat_grad_buffer(key).view(self.params[key].shape)
+        """The optimizer's gradient buffer for parameter ``key`` (a parameter-shaped view, in the parameter's
+        memory order): a caller may write gradients into it and pass it to :meth:`step`, which then skips
+        copying them."""
+        return self._shaped(key, 0)
 
     def flat_grad_buffer(self, key: str) -> Tensor:
-        """:meth:`grad_buffer` flattened (a view of the parameter's elements)."""
+        """:meth:`grad_buffer` flattened in the parameter's memory order (a view of its elements)."""
         return self._buf[key][0][: self.params[key].numel()]
 
     def moments(self, key: str) -> tuple[Tensor, Tensor]:
         """Adam's first and second moment estimates of parameter ``key`` (views, parameter-shaped)."""
-        p = self.params[key]
-        return tuple(b[: p.numel()].view(p.shape) for b in self._buf[key][1:3])  # type: ignore[return-value]
+        return self._shaped(key, 1), self._shaped(key, 2)
 
     def _lr(self, p: Tensor) -> Tensor:
         return self.lr.view((-1,) + (1,) * (p.dim() - 1)).to(p.dtype)
@@ -68,7 +78,8 @@ class BatchedOptimizer:
         for k in keys:
             g_buf, _, _, d_buf = self._buf[k]
             if grads[k].data_ptr() != g_buf.data_ptr():
-                g_buf[: grads[k].numel()].copy_(grads[k].reshape(-1))
+                g = grads[k]
+                self._shaped(k, 0).copy_(g if g.shape == self.params[k].shape else g.reshape(self.params[k].shape))
             d_buf.zero_()
         bufs = [self._buf[k] for k in keys]
         steps = [self._count[k] for k in keys]
@@ -89,14 +100,15 @@ class BatchedOptimizer:
             if k not in self._views or self._views[k][2] != self.lr._version:
                 # the step buffer's parameter-shaped view and the per-run rates in the parameter's dtype, made
                 # again when ``lr`` changes (runs are frozen in place)
-                self._views[k] = (self._buf[k][3][: p.numel()].view(p.shape), self._lr(p), self.lr._version)
+                self._views[k] = (self._shaped(k, 3), self._lr(p), self.lr._version)
             d, lr, _ = self._views[k]
             p.addcmul_(lr, d)
 
 
 def grad_norm_per_run(grads: dict[str, Tensor]) -> Tensor:
-    """Joint L2 norm ``[R]`` of each run's gradients (leading dimension = runs)."""
-    return torch.stack([g.reshape(g.shape[0], -1).square().sum(-1) for g in grads.values()]).sum(0).sqrt()
+    """Joint L2 norm ``[R]`` of each run's gradients (leading dimension = runs), each run's squares summed in
+    the gradient's index order whatever its memory order (e.g. an action-major gradient buffer)."""
+    return torch.stack([g.contiguous().view(g.shape[0], -1).square().sum(-1) for g in grads.values()]).sum(0).sqrt()
 
 
 def clip_grad_norm_per_run(grads: dict[str, Tensor], max_norm: float) -> Tensor:

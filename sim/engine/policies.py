@@ -45,6 +45,20 @@ def gather_rows(table: Tensor, rows: Tensor, size: int) -> Tensor:
     return F.pad(x.t() if x.dim() == 2 else x, (0, size - rows.numel()))
 
 
+def action_major_storage(table: Tensor) -> Tensor:
+    """A copy of ``table [R, S, A]`` (the same shape and values) stored action-major: its memory is an
+    ``[A, R·S]`` table, whose columns :func:`action_major_columns` gives. Gathering visited rows as an
+    action-major table, or writing their gradients back, then copies whole columns instead of transposing."""
+    return table.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+
+
+def action_major_columns(table: Tensor) -> Tensor | None:
+    """The ``[A, R·S]`` view of a table ``[R, S, A]`` stored action-major (:func:`action_major_storage`),
+    else ``None``."""
+    am = table.permute(2, 0, 1)
+    return am.reshape(am.shape[0], -1) if am.is_contiguous() and table.shape[-1] > 1 else None
+
+
 _ADD_ROWS_FROM = 8
 """From this many actions :func:`sum_actions` adds the rows in one ``index_add_`` instead of one op per row."""
 
@@ -119,7 +133,11 @@ class TabularPolicy:
 
     def row_logits(self, params: Params, rows: Tensor, size: int) -> Tensor:
         """The logits of rows ``rows [M]`` (flat ``run·S + state``, ``M ≤ size``) as an action-major table
-        ``[A, size]``, zero past column ``M``."""
+        ``[A, size]``, zero past column ``M`` (gathered column by column from logits stored action-major,
+        :func:`action_major_storage`)."""
+        columns = action_major_columns(params["logits"])
+        if columns is not None:
+            return F.pad(columns.index_select(1, rows), (0, size - rows.numel()))
         return gather_rows(params["logits"].reshape(-1, self.n_actions), rows, size)
 
     def rows(self, params: Params, rows: Tensor, size: int) -> Tensor:

@@ -135,6 +135,26 @@ def per_run_sum(x: Tensor, rows: Tensor, n_runs: int, n_states: int) -> Tensor:
     return out.index_add_(0, rows // n_states, per_row)
 
 
+def sampled_kl_sums(count: Tensor, ks: Tensor, kfull: Tensor, rows: Tensor, n_runs: int, n_states: int) -> Tensor:
+    """Per-run sums ``[R, 5]`` (float64) over the samples of visited rows ``rows [M]``: of the sampled
+    estimators ``ks [A, P, 3]`` (float64), of the samples themselves and of their rows' exact KL ``kfull [P]``,
+    from the samples per entry ``count [A, P]`` (whole numbers): :func:`per_run_sum` of ``count·ks``, ``count``
+    and ``count·kfull``, bitwise. A row's sample count is summed in any order (whole numbers), and where ``kfull``
+    is finite float32 its ``count·kfull`` is one product instead of a sum over actions (whole numbers times
+    float32 values: every partial sum is exact in float64)."""
+    M = rows.numel()
+    count = count[:, :M].to(torch.float64)
+    per_row = torch.empty(M, 5, dtype=torch.float64, device=count.device)
+    per_row[:, :3] = sum_actions(count.unsqueeze(-1) * ks[:, :M])
+    kf = kfull[:M].to(torch.float64)
+    torch.sum(count, 0, out=per_row[:, 3])  # (whole numbers: exact in any order)
+    if kfull.dtype.itemsize <= 4 and bool(torch.isfinite(kf).all()):
+        torch.mul(per_row[:, 3], kf, out=per_row[:, 4])
+    else:  # float64 products round; 0·inf is NaN where an action went unsampled: summed over actions as written
+        per_row[:, 4] = sum_actions(count * kf)
+    return torch.zeros(n_runs, 5, dtype=torch.float64, device=count.device).index_add_(0, rows // n_states, per_row)
+
+
 def row_blocks(n_columns: int) -> list[slice]:
     """Columns ``0 … n_columns−1`` (a multiple of :data:`ROW_PAD`) in equal blocks of at most
     :data:`ROW_CHUNK` columns, each a multiple of :data:`ROW_PAD`."""
@@ -177,7 +197,7 @@ def block_plans(g: dict[str, Tensor], memo: RunsMemo | None = None, beta: Tensor
     clip masks ``[2, A, c]`` (``passes``); the value loss's ``vf_coef·n_s`` (``vf_n_s``); and under ``full``
     the exact KL's gradient weights (per-row sample count × β) on the window of columns that holds them
     ``(window, weights, where they are zero, target, cut)`` as in :class:`~sim.engine.kl.PreparedWeights`.
-    The first block holds the loss gradient's row-major buffer ``[P, A]`` of all blocks (``gx``).
+    The first block holds the loss gradient's buffer ``[A, P]`` of all blocks (``gx``).
 
     With ``memo`` (and the runs' ``beta``, from which ``g["kl_weights"]`` was made), what depends on the
     columns' runs and β alone is taken from it while they stay the same."""
@@ -204,7 +224,7 @@ def block_plans(g: dict[str, Tensor], memo: RunsMemo | None = None, beta: Tensor
                 fwp = prepare_weights([fw], ROW_PAD)
                 plan["full"] = (fwp.spans[0], fwp.span_weights[0], fwp.span_offs[0], fwp.targets[0], fwp.cuts[0])
         plans.append(plan)
-    plans[0]["gx"] = g["count"].new_empty(g["count"].shape[::-1])  # the gradient's row-major buffer [P, A]
+    plans[0]["gx"] = g["count"].new_empty(g["count"].shape)  # the gradient's buffer [A, P]
     g["_blocks"] = plans  # type: ignore[assignment]
     return plans
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sim.engine.optim
-from sim.engine.optim import BatchedOptimizer
+from sim.engine.optim import BatchedOptimizer, grad_norm_per_run
 
 OPT_SHAPES = {"a": (7, 13, 3), "b": (5, 1, 10), "c": (3, 33), "d": (9, 2, 2, 3)}
 N_RUNS, N_STEPS = 5, 20
@@ -118,3 +118,42 @@ def test_batched_adam_moments_are_parameter_shaped_views():
         torch.testing.assert_close(m, m_ref[k], rtol=0, atol=1e-12)
         torch.testing.assert_close(v, v_ref[k], rtol=0, atol=1e-12)
         assert torch.equal(early[k][0], m) and torch.equal(early[k][1], v)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_parameter_stored_in_another_dimension_order_steps_identically(kind):
+    """A dense parameter stored in another dimension order (as action-major logits: ``[R, …, A]`` laid out as
+    ``[A, R, …]``) keeps that layout and gets bitwise the updates of a contiguous one, whether the gradients are
+    passed in either layout or written into :meth:`BatchedOptimizer.grad_buffer`, which (like the moments) is
+    laid out as the parameter."""
+    p0, lr, grads = _opt_problem(torch.float32)
+    p0, grads = {"a": p0["a"]}, [{"a": g["a"]} for g in grads]
+    plain = {"a": p0["a"].clone()}
+    last_first = lambda x: x.movedim(-1, 0).contiguous().movedim(0, -1)  # noqa: E731  (memory [A, R, …])
+    permuted = {"a": last_first(p0["a"])}
+    written = {"a": permuted["a"].clone()}
+    opts = [BatchedOptimizer(p, lr.clone(), kind) for p in (plain, permuted, written)]
+    for step in grads:
+        opts[0].step(step)
+        opts[1].step({"a": last_first(step["a"])})
+        buf = opts[2].grad_buffer("a")
+        assert buf.stride() == written["a"].stride()
+        buf.copy_(step["a"])
+        opts[2].step({"a": buf})
+    for p in (permuted, written):
+        assert p["a"].stride() == permuted["a"].stride() != plain["a"].stride()
+        assert torch.equal(p["a"], plain["a"])
+    if kind == "adam":
+        for opt in opts[1:]:
+            assert all(torch.equal(x, y) for x, y in zip(opt.moments("a"), opts[0].moments("a"), strict=True))
+
+
+def test_grad_norm_per_run_does_not_depend_on_memory_order():
+    """Guards the gradient-norm diagnostic on gradients laid out action-major (one-state logits ``[R, 1, A]``,
+    whose memory ``[A, R]`` a reshape to ``[R, A]`` would only view, summing each run's squares across a
+    stride): bitwise the norm of the contiguous gradients."""
+    g = torch.Generator().manual_seed(3)
+    grads = {"logits": torch.randn(40, 1, 300, generator=g), "v": torch.randn(40, 1, generator=g)}
+    stored = {"logits": grads["logits"].movedim(-1, 0).contiguous().movedim(0, -1), "v": grads["v"]}
+    assert not stored["logits"].is_contiguous()
+    assert torch.equal(grad_norm_per_run(stored), grad_norm_per_run(grads))

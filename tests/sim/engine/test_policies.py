@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from sim.engine.policies import gather_rows, log_softmax_action_major
+from sim.engine.policies import (
+    TabularPolicy,
+    action_major_columns,
+    action_major_storage,
+    gather_rows,
+    log_softmax_action_major,
+)
 
 
 def _logits(n_actions: int, n_cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -93,3 +99,20 @@ def test_gather_rows_one_dimensional_table():
     (w * out).sum().backward()
     expected = torch.zeros(12, dtype=torch.float64).index_add_(0, idx, w[:4])
     assert torch.equal(table.grad, expected)
+
+
+def test_action_major_storage_rows_and_tables_as_row_major():
+    """Guards logits stored action-major (what tabular PPO keeps): the same ``[R, S, A]`` values whose memory
+    is the ``[A, R·S]`` columns :func:`action_major_columns` gives (``None`` for a row-major table); the policy's
+    visited rows and its whole table are bitwise those of the row-major logits."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 5, 4, generator=g)
+    stored = action_major_storage(logits)
+    assert torch.equal(stored, logits) and stored.shape == logits.shape
+    assert action_major_columns(logits) is None
+    cols = action_major_columns(stored)
+    assert cols is not None and cols.data_ptr() == stored.data_ptr()
+    assert torch.equal(cols, logits.reshape(-1, 4).t())
+    policy, rows = TabularPolicy(5, 4), torch.tensor([0, 3, 7, 14])
+    assert torch.equal(policy.row_logits({"logits": stored}, rows, 8), policy.row_logits({"logits": logits}, rows, 8))
+    assert torch.equal(policy.table({"logits": stored}), policy.table({"logits": logits}))
