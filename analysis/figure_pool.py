@@ -4,8 +4,10 @@ A report spends most of its time laying out and writing figures (matplotlib is s
 :class:`FigureQueue` collects each figure as a job — the figure function, its arguments and the report entry
 list it belongs to — and :meth:`FigureQueue.draw` runs the jobs in ``workers`` processes forked from this one
 (they inherit the loaded tables and imported modules: nothing is pickled but the written paths). Its two halves,
-:meth:`FigureQueue.start` and :meth:`FigureQueue.finish`, leave this process free in between: a report queues
-every figure, starts them, writes its tables while the processes draw, then waits. Every job
+:meth:`FigureQueue.start` and :meth:`FigureQueue.finish`, leave this process free in between: a report starts
+the processes as soon as its runs are loaded (``more=True``: they are forked with the first figure and draw each
+figure as it is queued, those queued later handed over pickled), goes on queueing, writes its tables while the
+processes draw, then waits. Every job
 writes the same files whichever process draws it; the entries keep their queue order, so ``index.md`` is
 the same as when the figures are drawn one after another in this process (``workers=1``, also what platforms
 without ``fork`` get). A figure that raises is reported, never fatal; a worker process that dies has its
@@ -104,14 +106,19 @@ class Drawing:
     there are no processes, the unfinished jobs of a process that died."""
 
     def __init__(self, jobs: list[FigureJob]) -> None:
-        self.jobs = jobs
+        self.jobs = list(jobs)
         self._pool: ProcessPoolExecutor | None = None
         self._futures: dict[Any, int] = {}
 
-    def start(self, workers: int | None = None) -> Drawing:
-        """Start drawing in ``workers`` forked processes (none: everything is drawn by :meth:`finish`)."""
+    def start(self, workers: int | None = None, more: bool = False) -> Drawing:
+        """Start drawing in ``workers`` forked processes (none: everything is drawn by :meth:`finish`).
+
+        ``more``: jobs will be added (:meth:`add`) while the processes draw, so as many are started as there are
+        ``workers`` whatever the number of jobs so far; they are forked when the first job is handed out."""
         global _JOBS
-        workers = min(available_cores() if workers is None else workers, len(self.jobs))
+        workers = available_cores() if workers is None else workers
+        if not more:
+            workers = min(workers, len(self.jobs))
         if workers <= 1 or not can_fork():
             return self
         _JOBS = self.jobs  # the processes are forked by the first submit: they read the jobs from their copy
@@ -123,6 +130,17 @@ class Drawing:
             self.cancel()
             raise
         return self
+
+    def add(self, job: FigureJob) -> None:
+        """Append ``job`` while the processes draw: it is handed to them after the jobs already given (pickled, as
+        it is not in the memory they were forked with); without processes it is drawn by :meth:`finish`."""
+        self.jobs.append(job)
+        if self._pool is not None:
+            try:
+                self._futures[self._pool.submit(draw_one, job)] = len(self.jobs) - 1
+            except BaseException:
+                self.cancel()
+                raise
 
     def finish(self) -> list[FigureResult]:
         """Every job's result, in job order (see the class docstring)."""
@@ -160,6 +178,7 @@ class FigureQueue:
         self.jobs: list[FigureJob] = []
         self._lists: list[list] = []
         self._drawing: Drawing | None = None
+        self._more = False
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -168,11 +187,15 @@ class FigureQueue:
             **kwargs: Any) -> None:
         """Queue ``fn(*args, **kwargs)``; once drawn, its ``(sentence, paths)`` takes this place in ``entries``
         (nothing if it fails: its error is returned by :meth:`draw` or :meth:`finish`, naming ``name``).
-        ``cost``: its relative drawing time (:attr:`FigureJob.cost`), not passed to ``fn``."""
-        if self._drawing is not None:
-            raise RuntimeError("a figure cannot be queued while the queue is being drawn")
+        ``cost``: its relative drawing time (:attr:`FigureJob.cost`), not passed to ``fn``. After
+        :meth:`start` (``more=True``) the figure is handed to the drawing processes at once."""
+        if self._drawing is not None and not self._more:
+            raise RuntimeError("a figure cannot be queued while the queue is being drawn (start it with more=True)")
         entries.append(_Pending(len(self.jobs), sentence))
-        self.jobs.append(FigureJob(fn, args, kwargs, name, cost))
+        job = FigureJob(fn, args, kwargs, name, cost)
+        self.jobs.append(job)
+        if self._drawing is not None:
+            self._drawing.add(job)
         if not any(e is entries for e in self._lists):
             self._lists.append(entries)
 
@@ -182,13 +205,14 @@ class FigureQueue:
         self.start(workers)
         return self.finish()
 
-    def start(self, workers: int | None = None) -> None:
+    def start(self, workers: int | None = None, more: bool = False) -> None:
         """Start drawing every queued figure in ``workers`` processes (:meth:`Drawing.start`) and return at once:
-        this process is free for other work (e.g. the report's tables) until :meth:`finish`. No figure may be
-        queued in between."""
+        this process is free for other work (e.g. the report's tables) until :meth:`finish`. ``more``: figures
+        queued in between are drawn too, handed out as they come (otherwise none may be queued)."""
         if self._drawing is not None:
             raise RuntimeError("the figures are already being drawn")
-        self._drawing = Drawing(self.jobs).start(workers)
+        self._drawing = Drawing(self.jobs).start(workers, more)
+        self._more = more
 
     def finish(self) -> list[str]:
         """Wait for the figures started by :meth:`start` (or draw them here if it was not called), fill the
@@ -199,7 +223,7 @@ class FigureQueue:
         for entries in self._lists:
             entries[:] = [(e.sentence, results[e.index].paths) if isinstance(e, _Pending) else e for e in entries
                           if not (isinstance(e, _Pending) and results[e.index].paths is None)]
-        self.jobs, self._lists = [], []
+        self.jobs, self._lists, self._more = [], [], False
         return [r.error for r in results if r.error is not None]
 
     def cancel(self) -> None:
@@ -207,3 +231,4 @@ class FigureQueue:
         if self._drawing is not None:
             self._drawing.cancel()
             self._drawing = None
+        self._more = False

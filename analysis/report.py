@@ -429,43 +429,44 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
     out.mkdir(parents=True, exist_ok=True)
     rep = _Report(res, out, formats, seeds, collapse_threshold, n_boot, seed, figures)
     rep.kinds_note = kinds_note
-    metrics = res.metrics
-    # best-of-n trains nothing: its runs are in the over-optimization section only (analysis.overopt_report)
-    frontier = overopt.has_frontier(metrics)
-    everything, metrics = metrics, metrics[metrics["variant"].astype(str) != overopt.BON] if frontier else metrics
-    by: list[str] = []
-    table = pd.DataFrame()
-    poi = pd.DataFrame()
-    if not metrics.empty:
-        per_run = M.run_summary(metrics, collapse_threshold, recovery_tol)
-        per_run.to_csv(out / "runs.csv", index=False)
-        # every condition of the load (a comparison's sweep first): runs of one row differ only in their seed
-        conds = [c for c in res.conditions if c != "variant" and c in per_run and
-                 (c == "sweep" or per_run[c].nunique(dropna=False) > 1)]
-        by = ["variant"] + conds
-        score = poi_score(per_run)
-        if score is not None and has_poi(per_run, conds, score[0]):
-            rep.profile(per_run, score[0], conds)
-        groups = list(plotting.split_conditions(metrics))
-        for condition, m in groups[:max_conditions]:
-            rep.curves(condition, m)
-        skipped = len(groups) - min(len(groups), max_conditions)
-        rep.lengths(metrics)
-        rep.staleness(per_run)
-        for condition, g, x in heatmap_frames(per_run, conds):
-            if g["variant"].nunique() * (g[x].nunique() if x in g else 1) >= 2:
-                rep.heatmaps(condition, g, x)
-            if g["variant"].astype(str).isin(plotting.PREFERENCE_VARIANTS).any() and x in g and g[x].nunique() >= 2:
-                rep.dpo_beta(condition, g, x)
-    else:
-        skipped = 0
-    if frontier:
-        from analysis.overopt_report import queue_overopt  # matplotlib figures, like the rest of this module
-
-        overopt_tables = queue_overopt(everything, out, formats, n_boot, seed, "overopt" in rep.kinds, rep.queue)
-    # every figure is queued: the drawing processes start on them while this process writes the tables
-    rep.queue.start(workers)
+    # the drawing processes start now and draw each figure as it is queued, while this process goes on queueing
+    # and then writes the tables
+    rep.queue.start(workers, more=True)
     try:
+        metrics = res.metrics
+        # best-of-n trains nothing: its runs are in the over-optimization section only (analysis.overopt_report)
+        frontier = overopt.has_frontier(metrics)
+        everything, metrics = metrics, metrics[metrics["variant"].astype(str) != overopt.BON] if frontier else metrics
+        by: list[str] = []
+        table = pd.DataFrame()
+        poi = pd.DataFrame()
+        if not metrics.empty:
+            per_run = M.run_summary(metrics, collapse_threshold, recovery_tol)
+            per_run.to_csv(out / "runs.csv", index=False)
+            # every condition of the load (a comparison's sweep first): runs of one row differ only in their seed
+            conds = [c for c in res.conditions if c != "variant" and c in per_run and
+                     (c == "sweep" or per_run[c].nunique(dropna=False) > 1)]
+            by = ["variant"] + conds
+            score = poi_score(per_run)
+            if score is not None and has_poi(per_run, conds, score[0]):
+                rep.profile(per_run, score[0], conds)
+            groups = list(plotting.split_conditions(metrics))
+            for condition, m in groups[:max_conditions]:
+                rep.curves(condition, m)
+            skipped = len(groups) - min(len(groups), max_conditions)
+            rep.lengths(metrics)
+            rep.staleness(per_run)
+            for condition, g, x in heatmap_frames(per_run, conds):
+                if g["variant"].nunique() * (g[x].nunique() if x in g else 1) >= 2:
+                    rep.heatmaps(condition, g, x)
+                if g["variant"].astype(str).isin(plotting.PREFERENCE_VARIANTS).any() and x in g and g[x].nunique() >= 2:
+                    rep.dpo_beta(condition, g, x)
+        else:
+            skipped = 0
+        if frontier:
+            from analysis.overopt_report import queue_overopt  # matplotlib figures, like the rest of this module
+
+            overopt_tables = queue_overopt(everything, out, formats, n_boot, seed, "overopt" in rep.kinds, rep.queue)
         if not metrics.empty:
             table = summary_table(per_run, by, n_boot, seed)
             table.to_csv(out / "summary.csv", index=False)

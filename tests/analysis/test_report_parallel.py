@@ -3,6 +3,7 @@ another in this process (:mod:`analysis.figure_pool`)."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -145,6 +146,30 @@ def test_figures_are_drawn_while_the_queue_owner_works(tmp_path: Path) -> None:
     assert (tmp_path / "w.txt").read_text() == "drawn meanwhile"
 
 
+def _write_pid(path: Path) -> list[Path]:
+    return _write(path, str(os.getpid()))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_figures_queued_after_start_with_more_are_drawn_as_they_come(tmp_path: Path, workers: int) -> None:
+    """``start(more=True)`` before anything is queued: the processes draw each figure as it is queued (handed
+    over pickled), a failing one is reported, and the entries keep their queue order whatever the workers."""
+    queue = FigureQueue()
+    first: list = []
+    second: list = []
+    queue.start(workers, more=True)
+    queue.add(first, "waits", "w", _wait_for, tmp_path / "w")  # drawn while this process goes on queueing
+    queue.add(second, "broken", "b", _write, tmp_path / "b", "boom")
+    for i in range(4):
+        queue.add(first if i % 2 else second, f"n{i}", f"n{i}", _write_pid, tmp_path / f"n{i}")
+    (tmp_path / "w.go").write_text("")
+    assert queue.finish() == ["b: RuntimeError: no figure today"]
+    assert first == [("waits", [tmp_path / "w.txt"]), ("n1", [tmp_path / "n1.txt"]), ("n3", [tmp_path / "n3.txt"])]
+    assert second == [("n0", [tmp_path / "n0.txt"]), ("n2", [tmp_path / "n2.txt"])]
+    pids = {(tmp_path / f"n{i}.txt").read_text() for i in range(4)}
+    assert (str(os.getpid()) in pids) == (workers == 1 or not can_fork())
+
+
 def test_finish_without_start_draws_here(tmp_path: Path) -> None:
     queue = FigureQueue()
     entries: list = []
@@ -156,7 +181,8 @@ def test_finish_without_start_draws_here(tmp_path: Path) -> None:
 
 def test_the_report_tables_are_written_while_the_figures_are_drawn(bandit_sweep: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every figure is queued before the drawing starts; the summary and PoI tables come after."""
+    """The drawing starts before the first figure is queued (each is drawn as it comes); the summary and PoI
+    tables come after the last."""
     from analysis import report
 
     events: list[str] = []
@@ -173,6 +199,7 @@ def test_the_report_tables_are_written_while_the_figures_are_drawn(bandit_sweep:
     monkeypatch.setattr(report, "summary_table", recording("summary", summary))
     monkeypatch.setattr(report, "poi_table", recording("poi", poi))
     out = write_report(bandit_sweep, tmp_path / "r", n_boot=50, max_conditions=1, formats=("png",), workers=1)
-    assert events[-3:] == ["start", "summary", "poi"] and "add" in events
+    assert events[0] == "start" and events[-2:] == ["summary", "poi"] and "add" in events
+    assert "start" not in events[1:] and events.index("summary") > max(i for i, e in enumerate(events) if e == "add")
     assert any(p.name == "fig8_profile.png" for p in out.figures)  # queued before the PoI table is computed
     assert (tmp_path / "r" / "poi.csv").is_file()
