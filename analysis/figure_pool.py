@@ -3,7 +3,8 @@
 A report spends most of its time laying out and writing figures (matplotlib is single-threaded), so
 :class:`FigureQueue` collects each figure as a job — the figure function, its arguments and the report entry
 list it belongs to — and :meth:`FigureQueue.draw` runs the jobs in ``workers`` processes forked from this one
-(they inherit the loaded tables and imported modules: nothing is pickled but the written paths). Its two halves,
+(they inherit the loaded tables and imported modules: nothing is pickled but the written paths, and the jobs
+queued after the processes started). Its two halves,
 :meth:`FigureQueue.start` and :meth:`FigureQueue.finish`, leave this process free in between: a report starts
 the processes as soon as its runs are loaded (``more=True``: they are forked with the first figure and draw each
 figure as it is queued, those queued later handed over pickled), goes on queueing, writes its tables while the
@@ -148,7 +149,10 @@ class Drawing:
         if self._pool is not None:
             try:
                 for fut in as_completed(self._futures):
-                    results[self._futures[fut]] = fut.result()
+                    if isinstance(fut.exception(), BrokenProcessPool):
+                        break
+                    if fut.exception() is None:  # else (a job that could not be pickled): drawn below
+                        results[self._futures[fut]] = fut.result()
             except BrokenProcessPool:
                 pass  # a worker died (e.g. out of memory): what it did not finish is drawn below
             finally:

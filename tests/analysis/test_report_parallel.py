@@ -170,6 +170,21 @@ def test_figures_queued_after_start_with_more_are_drawn_as_they_come(tmp_path: P
     assert (str(os.getpid()) in pids) == (workers == 1 or not can_fork())
 
 
+def test_a_late_figure_that_cannot_be_handed_over_is_drawn_here(tmp_path: Path) -> None:
+    """A figure queued after start whose arguments cannot be pickled is drawn by this process in finish()."""
+    queue = FigureQueue()
+    entries: list = []
+    queue.start(2, more=True)
+    queue.add(entries, "plain", "p", _write, tmp_path / "p", "p")
+    queue.add(entries, "unpicklable", "u", _write_lambda, tmp_path / "u", lambda: None)
+    assert queue.finish() == []
+    assert entries == [("plain", [tmp_path / "p.txt"]), ("unpicklable", [tmp_path / "u.txt"])]
+
+
+def _write_lambda(path: Path, fn: object) -> list[Path]:
+    return _write(path, "drawn here")
+
+
 def test_finish_without_start_draws_here(tmp_path: Path) -> None:
     queue = FigureQueue()
     entries: list = []
