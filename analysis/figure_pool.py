@@ -108,6 +108,8 @@ class Drawing:
 
     def __init__(self, jobs: list[FigureJob]) -> None:
         self.jobs = list(jobs)
+        self.more = False
+        """Whether jobs may be added while drawing (:meth:`start`'s ``more``)."""
         self._pool: ProcessPoolExecutor | None = None
         self._futures: dict[Any, int] = {}
 
@@ -117,6 +119,7 @@ class Drawing:
         ``more``: jobs will be added (:meth:`add`) while the processes draw, so as many are started as there are
         ``workers`` whatever the number of jobs so far; they are forked when the first job is handed out."""
         global _JOBS
+        self.more = more
         workers = available_cores() if workers is None else workers
         if not more:
             workers = min(workers, len(self.jobs))
@@ -149,12 +152,11 @@ class Drawing:
         if self._pool is not None:
             try:
                 for fut in as_completed(self._futures):
-                    if isinstance(fut.exception(), BrokenProcessPool):
-                        break
-                    if fut.exception() is None:  # else (a job that could not be pickled): drawn below
+                    error = fut.exception()
+                    if isinstance(error, BrokenProcessPool):
+                        break  # a worker died (e.g. out of memory): what it did not finish is drawn below
+                    if error is None:  # else a job that could not be handed over (not picklable): drawn below
                         results[self._futures[fut]] = fut.result()
-            except BrokenProcessPool:
-                pass  # a worker died (e.g. out of memory): what it did not finish is drawn below
             finally:
                 self.cancel()
         return [results[i] if i in results else draw_one(job) for i, job in enumerate(self.jobs)]
@@ -182,7 +184,6 @@ class FigureQueue:
         self.jobs: list[FigureJob] = []
         self._lists: list[list] = []
         self._drawing: Drawing | None = None
-        self._more = False
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -193,7 +194,7 @@ class FigureQueue:
         (nothing if it fails: its error is returned by :meth:`draw` or :meth:`finish`, naming ``name``).
         ``cost``: its relative drawing time (:attr:`FigureJob.cost`), not passed to ``fn``. After
         :meth:`start` (``more=True``) the figure is handed to the drawing processes at once."""
-        if self._drawing is not None and not self._more:
+        if self._drawing is not None and not self._drawing.more:
             raise RuntimeError("a figure cannot be queued while the queue is being drawn (start it with more=True)")
         entries.append(_Pending(len(self.jobs), sentence))
         job = FigureJob(fn, args, kwargs, name, cost)
@@ -216,7 +217,6 @@ class FigureQueue:
         if self._drawing is not None:
             raise RuntimeError("the figures are already being drawn")
         self._drawing = Drawing(self.jobs).start(workers, more)
-        self._more = more
 
     def finish(self) -> list[str]:
         """Wait for the figures started by :meth:`start` (or draw them here if it was not called), fill the
@@ -227,7 +227,7 @@ class FigureQueue:
         for entries in self._lists:
             entries[:] = [(e.sentence, results[e.index].paths) if isinstance(e, _Pending) else e for e in entries
                           if not (isinstance(e, _Pending) and results[e.index].paths is None)]
-        self.jobs, self._lists, self._more = [], [], False
+        self.jobs, self._lists = [], []
         return [r.error for r in results if r.error is not None]
 
     def cancel(self) -> None:
@@ -235,4 +235,3 @@ class FigureQueue:
         if self._drawing is not None:
             self._drawing.cancel()
             self._drawing = None
-        self._more = False

@@ -367,12 +367,12 @@ def _figures(sec: OveroptSection, queue: FigureQueue, points: pd.DataFrame, fits
                         "(mean over seeds per logged update, band = 95 % bootstrap interval; dots = final points), "
                         "best-of-n over n (black, markers) and Gao et al.'s fitted forms (dashed)"
                         + (f" — {condition_label(cond)}." if cond else "."))
-            queue.add(sec.figures, sentence, name.name, plot_frontier, rows, bon, fb, name, cost=0.5,
+            queue.add(sec.figures, sentence, name.name, plot_frontier, rows, bon, fb, name,
                       title=condition_label(cond) or None, n_boot=min(n_boot, 1000), seed=seed, formats=formats)
         if len(betas) > 1:
             name = out / ("figO2_beta" + (f"_{_slug(values)}" if values else ""))
             sentence = ("How β moves the stopping point along the frontier: per KL variant, gold reward minus π_ref's "
                         "against d for each β (light to dark = small to large β; dots = final points), over no KL "
                         "(grey) and best-of-n (black)" + (f" — {condition_label(values)}." if values else "."))
-            queue.add(sec.figures, sentence, name.name, plot_beta_frontier, g, name, cost=0.55,
+            queue.add(sec.figures, sentence, name.name, plot_beta_frontier, g, name,
                       title=condition_label(values) or None, seed=seed, formats=formats)

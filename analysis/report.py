@@ -54,9 +54,6 @@ from analysis.summary import (  # noqa: F401 (re-exported)
 MAX_CONDITIONS = 8
 #: Figure kinds of a condition's curve section (:meth:`_Report.curves`).
 CURVE_KINDS = frozenset({"kl", "entropy", "recovery", "policy", "estimators", "continuous"})
-#: Typical drawing time of a figure of each kind (CPU seconds): the drawing processes start the longest first.
-DRAW_COST = {"kl": 0.4, "entropy": 0.37, "recovery": 0.28, "heatmap": 0.22, "policy": 0.4, "estimators": 0.3,
-             "dpo": 0.3, "continuous": 0.4, "profile": 0.36, "length": 0.4, "staleness": 0.3}
 #: Diffusion chain: estimator figures leave out batches whose sampling policy's KL exceeds this (nats).
 DIFFUSION_ESTIMATOR_MAX_KL = 50.0
 
@@ -105,13 +102,13 @@ class _Report:
     """Collects figure entries and writes them; one instance per report."""
 
     def __init__(self, res: Results, out: Path, formats: Sequence[str], seeds: bool, collapse_threshold: float,
-                 n_boot: int, seed: int, kinds: Sequence[str] = FIGURE_CHOICES):
+                 n_boot: int, seed: int, kinds: Sequence[str] = FIGURE_CHOICES, kinds_note: str = ""):
         self.res, self.out, self.formats, self.kinds = res, out, tuple(formats), set(kinds)
         self.seeds, self.threshold, self.n_boot, self.seed = seeds, collapse_threshold, n_boot, seed
         self.sections: list[tuple[str, list[tuple[str, list[Path]]]]] = []
         self.errors: list[str] = []
         self.extra_markdown: list[str] = []
-        self.kinds_note = ""  # index.md's sentence on figure kinds the sweep's grid chose (report.figures)
+        self.kinds_note = kinds_note  # index.md's sentence on figure kinds the sweep's grid chose (report.figures)
         self.queue = FigureQueue()
         self._kept: list[list] = []  # entry lists whose section stays in index.md even without a figure
 
@@ -126,7 +123,7 @@ class _Report:
         if kind not in self.kinds:
             return
         name = next((Path(a).name for a in args if isinstance(a, str | Path)), getattr(fn, "__name__", "figure"))
-        self.queue.add(entries, sentence, name, fn, *args, cost=DRAW_COST[kind], formats=self.formats, **kw)
+        self.queue.add(entries, sentence, name, fn, *args, formats=self.formats, **kw)
 
     def finish(self) -> None:
         """Wait for (or draw) every queued figure (:meth:`analysis.figure_pool.FigureQueue.finish`); sections
@@ -427,8 +424,7 @@ def write_report(path: str | Path | Sequence[str | Path], out: str | Path | None
         raise ValueError("a report of several folders needs an output folder (--out)")
     out = Path(out) if out is not None else Path(path) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rep = _Report(res, out, formats, seeds, collapse_threshold, n_boot, seed, figures)
-    rep.kinds_note = kinds_note
+    rep = _Report(res, out, formats, seeds, collapse_threshold, n_boot, seed, figures, kinds_note)
     # the drawing processes start now and draw each figure as it is queued, while this process goes on queueing
     # and then writes the tables
     rep.queue.start(workers, more=True)

@@ -36,8 +36,6 @@ class BoNTrainer(DiscreteTrainer):
     """Exact best-of-n policies for a batch of runs (each with its ``bon.n`` and its proxy)."""
 
     sampled_updates = False
-    """No sampled updates: a sweep's task of best-of-n runs costs their folders' writes (:func:`sim.lab.sweep.
-    pack_tasks`)."""
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

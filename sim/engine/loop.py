@@ -55,6 +55,9 @@ class BatchTrainer:
     batches_runs: bool = True
     """Whether the runs of a batch are trained as one tensor program (``False``: one after the other, so a
     sweep gives each run its own task and its workers run them in parallel)."""
+    sampled_updates: bool = True
+    """Whether the trainer runs sampled updates (``False``, e.g. best-of-n: a sweep's task of its runs costs
+    their folders' writes, :func:`sim.lab.sweep.pack_tasks`)."""
 
     def __init__(self, configs: list[Config], device: torch.device):
         sigs = {batch_signature(c) for c in configs}

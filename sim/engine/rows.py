@@ -130,8 +130,13 @@ def per_run_sum(x: Tensor, rows: Tensor, n_runs: int, n_states: int) -> Tensor:
     """Per-run sums ``[R, C]`` of action-major row values ``x [A, P, C]`` of rows ``rows [M]`` (flat
     ``run·S + state``; columns past ``M`` are padding): each row's actions summed left to right, then a run's
     rows added one after the other in column order, so a run's sum does not depend on the other runs' rows."""
-    per_row = sum_actions(x[:, : rows.numel()])  # [M, C]
-    out = torch.zeros(n_runs, x.shape[-1], dtype=x.dtype, device=x.device)
+    return _add_rows_per_run(sum_actions(x[:, : rows.numel()]), rows, n_runs, n_states)
+
+
+def _add_rows_per_run(per_row: Tensor, rows: Tensor, n_runs: int, n_states: int) -> Tensor:
+    """Per-run sums ``[R, C]`` of per-row values ``per_row [M, C]`` of rows ``rows [M]``, a run's rows added one
+    after the other in column order."""
+    out = torch.zeros(n_runs, per_row.shape[-1], dtype=per_row.dtype, device=per_row.device)
     return out.index_add_(0, rows // n_states, per_row)
 
 
@@ -152,7 +157,7 @@ def sampled_kl_sums(count: Tensor, ks: Tensor, kfull: Tensor, rows: Tensor, n_ru
         torch.mul(per_row[:, 3], kf, out=per_row[:, 4])
     else:  # float64 products round; 0·inf is NaN where an action went unsampled: summed over actions as written
         per_row[:, 4] = sum_actions(count * kf)
-    return torch.zeros(n_runs, 5, dtype=torch.float64, device=count.device).index_add_(0, rows // n_states, per_row)
+    return _add_rows_per_run(per_row, rows, n_runs, n_states)
 
 
 def row_blocks(n_columns: int) -> list[slice]:

@@ -175,7 +175,7 @@ def pack_tasks(planned: Sequence[PlannedRun], sweep_dir: Path, workers: int, bat
         size = batch_size or auto_batch_size(len(planned), workers, estimate_run_bytes(cfg), task_budget)
         if not (cls := dispatch.trainer_class(cfg)).batches_runs:
             size = 1  # trained one run at a time (e.g. SB3): one task each, so workers run them in parallel
-        updates = cfg.train.total_updates if getattr(cls, "sampled_updates", True) else 0  # best-of-n: none
+        updates = cfg.train.total_updates if cls.sampled_updates else 0  # best-of-n: none
         chunks += [(_task_cost(len(c), updates and run_sampled_steps(cfg), updates), c)
                    for c in _split_even(group, size)]
     chunks.sort(key=lambda c: -c[0])  # stable: equal costs keep the grid's order
